@@ -1,0 +1,80 @@
+"""Fact editing in Hugging Face causal LMs: ROME, MEMIT, EMMET and AlphaEdit.
+
+PyTorch and transformers only (no Ray, no MLflow), usable from a notebook::
+
+    from editors import load_model, load_hparams, compute_deltas, apply_deltas
+    model, tok = load_model()                      # the embedded SmolLM2-135M
+    ...
+
+Each algorithm's ``compute_deltas(model, tok, requests, hparams, stats)`` returns the weight updates
+and leaves the model bit-identical; :func:`apply_deltas` writes them and returns what
+:func:`restore` needs to undo them exactly. :func:`run_schedule` runs batch / sequential-batch /
+sequential editing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import ModuleType
+from typing import Any
+
+from . import alphaedit, emmet, memit, rome
+from .common import EditResult, EditState, apply_deltas, restore
+from .config import ConfigError
+from .hparams import (
+    AlphaEditHParams,
+    EditHParams,
+    EMMETHParams,
+    MEMITHParams,
+    ROMEHParams,
+    check_algorithm,
+    load_hparams,
+)
+from .model import ModelRef, ModelSpec, load_model, smollm2_path, spec_for
+from .requests import EditRequest
+from .schedule import BatchEvent, ScheduleResult, run_schedule
+from .templates import TemplateCache
+
+#: algorithm name -> module with ``compute_deltas`` and ``update_state``.
+ALGORITHMS: dict[str, ModuleType] = {"rome": rome, "memit": memit, "emmet": emmet, "alphaedit": alphaedit}
+
+
+def compute_deltas(
+    algorithm: str,
+    model: Any,
+    tok: Any,
+    requests: Sequence[EditRequest | Mapping[str, Any]],
+    hparams: EditHParams,
+    stats: Mapping[int, Any] | None,
+    **kwargs: Any,
+) -> EditResult:
+    """Dispatch to ``editors.<algorithm>.compute_deltas`` (see there for the arguments)."""
+    alg = check_algorithm(algorithm)
+    return ALGORITHMS[alg].compute_deltas(model, tok, requests, hparams, stats, **kwargs)
+
+
+__all__ = [
+    "ALGORITHMS",
+    "AlphaEditHParams",
+    "BatchEvent",
+    "ConfigError",
+    "EMMETHParams",
+    "EditHParams",
+    "EditRequest",
+    "EditResult",
+    "EditState",
+    "MEMITHParams",
+    "ModelRef",
+    "ModelSpec",
+    "ROMEHParams",
+    "ScheduleResult",
+    "TemplateCache",
+    "apply_deltas",
+    "compute_deltas",
+    "load_hparams",
+    "load_model",
+    "restore",
+    "run_schedule",
+    "smollm2_path",
+    "spec_for",
+]

@@ -1,0 +1,248 @@
+"""What every algorithm shares: results, state across batches, weight apply/restore, and the
+MEMIT-style layer loop used by MEMIT, EMMET and AlphaEdit (ALGORITHMS.md §2 step 3).
+
+The compute step of every algorithm returns deltas and leaves the model bit-identical (the invariant
+of memit's ``execute_memit``); applying them is a separate step (:func:`apply_deltas`), undone exactly by
+:func:`restore`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .model import ModelSpec, get_module, model_device, weight
+from .requests import EditRequest
+from .targets import compute_keys, optimize_values, reprs_at_subject
+from .templates import TemplateGroups, flat
+
+
+@dataclass
+class EditState:
+    """What a sequence of batches carries from one batch to the next (reset for ``batch`` mode).
+
+    Attributes:
+        prev_keys: layer -> keys of earlier batches, [d_key, m] float32 (AlphaEdit's K_p; ENCORE's
+            ``add_prev_edits``).
+        projectors: layer -> AlphaEdit's null-space projector P [d_key, d_key] float64, computed once
+            from the statistics.
+        batches: number of batches applied so far.
+    """
+
+    prev_keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    projectors: dict[int, torch.Tensor] = field(default_factory=dict)
+    batches: int = 0
+
+    def add_keys(self, layer: int, keys: torch.Tensor) -> None:
+        old = self.prev_keys.get(layer)
+        self.prev_keys[layer] = keys if old is None else torch.cat([old, keys], dim=1)
+
+
+@dataclass
+class EditResult:
+    """The output of a compute step.
+
+    Attributes:
+        deltas: module name -> ΔW [d_out, d_in] float32, in ``nn.Linear`` orientation.
+        keys: layer -> K [d_key, n] used in that layer's solve.
+        values: v* [n, d_model] (block output for MEMIT-style, MLP output for ROME) — cacheable in
+            ``batch`` mode, where it depends only on (model, layer, request, value hparams).
+        info: per-layer solver records (method, condition estimate, fallback), value losses and
+            stage timings in seconds (``time_keys``, ``time_values``, ``time_solve``).
+    """
+
+    deltas: dict[str, torch.Tensor]
+    keys: dict[int, torch.Tensor]
+    values: torch.Tensor
+    info: dict[str, Any]
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued kernels so that wall-clock timings are honest on accelerators."""
+    if device.type != "cpu":
+        mod = getattr(torch, device.type, None)
+        if mod is not None and hasattr(mod, "synchronize"):
+            mod.synchronize(device)
+
+
+@contextlib.contextmanager
+def timed(info: dict[str, Any], key: str, device: torch.device) -> Iterator[None]:
+    """Add the wall time of the block to ``info[key]`` (seconds)."""
+    sync(device)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        sync(device)
+        info[key] = info.get(key, 0.0) + time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Apply and restore
+
+
+def apply_deltas(model: nn.Module, spec: ModelSpec, deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """W += ΔW for every module in ``deltas``; returns exact copies of the old weights for :func:`restore`."""
+    backup: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            w = get_module(model, name).weight
+            backup[name] = w.detach().clone()
+            d = delta.T if spec.weight_transposed else delta
+            w.add_(d.to(device=w.device, dtype=w.dtype))
+    return backup
+
+
+def restore(model: nn.Module, backup: Mapping[str, torch.Tensor]) -> None:
+    """Write the saved weights back (bit-identical to before :func:`apply_deltas`)."""
+    with torch.no_grad():
+        for name, w0 in backup.items():
+            get_module(model, name).weight.copy_(w0)
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Restore the named modules' weights exactly on exit, whatever happens inside."""
+    backup = {n: get_module(model, n).weight.detach().clone() for n in names}
+    try:
+        yield
+    finally:
+        restore(model, backup)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics checks
+
+
+def stats_matrix(stats: Mapping[int, Any] | None, spec: ModelSpec, layer: int, device: torch.device) -> torch.Tensor:
+    """C of ``layer`` from ``stats`` (a tensor or anything with ``.mom2``) as float64 on ``device``,
+    after checking that it exists, is square, finite, and as wide as the layer's keys."""
+    if stats is None or layer not in stats:
+        have = sorted(stats) if stats else []
+        raise ValueError(f"stats: no second-moment statistics for layer {layer} (have layers {have})")
+    c = stats[layer]
+    c = getattr(c, "mom2", c)
+    if not isinstance(c, torch.Tensor):
+        c = torch.as_tensor(c)
+    if c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise ValueError(f"stats: layer {layer} statistics must be square, got shape {tuple(c.shape)}")
+    if c.shape[0] != spec.d_key:
+        raise ValueError(
+            f"stats: layer {layer} statistics are {c.shape[0]}x{c.shape[1]} but the layer's keys are "
+            f"{spec.d_key}-wide: they were computed for another model; recompute them for this one"
+        )
+    c = c.to(device=device, dtype=torch.float64)
+    if not torch.isfinite(c).all():
+        raise ValueError(f"stats: layer {layer} statistics contain NaN or Inf")
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------
+# The MEMIT-style layer loop
+
+Solve = Callable[[int, torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
+
+
+def layered_update(
+    model: nn.Module,
+    tok: Any,
+    spec: ModelSpec,
+    requests: Sequence[EditRequest],
+    hp: Any,
+    templates: TemplateGroups,
+    solve: Solve,
+    values: torch.Tensor | None = None,
+) -> EditResult:
+    """MEMIT's update loop (memit_main.execute_memit), with the solve step supplied by the algorithm.
+
+    1. z_i at block L = layers[-1] (:func:`optimize_values`, ``at="block"``) unless ``values`` given.
+    2. For each layer l ascending: K_l = template-averaged keys on the current, partly edited model;
+       R = Z − (current block-L output at the bare prompt); residual R/(n_layers − i) goes to
+       ``solve(l, K_l, resid, info) -> ΔW_l`` (float64 in, [d_out, d_in] out), which is written into the
+       model at once so later layers see it.
+    3. The model is restored exactly at the end; the deltas are returned.
+    """
+    device = model_device(model)
+    info: dict[str, Any] = {"solver": {}}
+    z_layer = hp.layers[-1]
+    if values is None:
+        with timed(info, "time_values", device):
+            v = optimize_values(
+                model, tok, spec, z_layer, requests, flat(templates), hp, at="block", max_requests=hp.value_batch
+            )
+        values, info["value_loss"], info["value_steps"] = v.values, v.loss.tolist(), v.steps.tolist()
+    elif tuple(values.shape) != (len(requests), spec.d_model):
+        raise ValueError(f"values: expected shape {(len(requests), spec.d_model)}, got {tuple(values.shape)}")
+    zs = values.to(device=device, dtype=torch.float64)
+    deltas: dict[str, torch.Tensor] = {}
+    keys_used: dict[int, torch.Tensor] = {}
+    names = [spec.rewrite_name(layer) for layer in hp.layers]
+    with preserved(model, names):
+        for i, layer in enumerate(hp.layers):
+            with timed(info, "time_keys", device):
+                # One forward gives the keys at l (every template) and block L's output at the bare
+                # prompt (template "{}" comes first, and causality makes later tokens irrelevant).
+                rw, blk = spec.rewrite_name(layer), spec.block_name(z_layer)
+                reps = reprs_at_subject(model, tok, requests, flat(templates), [(rw, "in"), (blk, "out")])
+                sizes = [len(g) for g in templates]
+                keys = torch.stack([g.mean(1) for g in torch.split(reps[(rw, "in")], sizes, 1)]).mean(0).T
+                cur_z = reps[(blk, "out")][:, 0]
+            resid = (zs - cur_z.double()).T / (len(hp.layers) - i)  # [d_model, n]
+            layer_info: dict[str, Any] = {}
+            with timed(info, "time_solve", device):
+                delta = solve(layer, keys.double(), resid, layer_info)
+            info["solver"][layer] = layer_info
+            deltas[rw] = delta.float()
+            keys_used[layer] = keys.float().contiguous()
+            if i < len(hp.layers) - 1:  # later layers see this layer's update
+                with torch.no_grad():
+                    w = weight(model, spec, layer)
+                    w.add_(delta.to(w.dtype))
+    return EditResult(deltas=deltas, keys=keys_used, values=values, info=info)
+
+
+def keys_after_edit(
+    model: nn.Module, tok: Any, spec: ModelSpec, layers: Sequence[int], requests: Sequence[EditRequest], templates: TemplateGroups
+) -> dict[int, torch.Tensor]:
+    """Keys of ``requests`` recomputed on the (edited) model: AlphaEdit's cache update."""
+    return {layer: compute_keys(model, tok, spec, layer, requests, templates) for layer in layers}
+
+
+def prepare(
+    model: nn.Module,
+    tok: Any,
+    requests: Sequence[EditRequest | Mapping[str, Any]],
+    hp: Any,
+    stats: Mapping[int, Any] | None,
+    spec: ModelSpec | None,
+    templates: TemplateGroups | None,
+    need_stats: bool = True,
+) -> tuple[ModelSpec, list[EditRequest], dict[int, torch.Tensor], TemplateGroups]:
+    """Validate everything before any expensive work: spec, layers, requests, statistics; then the
+    context templates (generated, seeded, if not given)."""
+    from .model import spec_for
+    from .requests import as_request, validate_requests
+    from .templates import context_templates
+
+    spec = spec or spec_for(model)
+    for layer in hp.layers:
+        spec.check_layer(layer, "layers")
+    if hp.v_loss_layer is not None:
+        spec.check_layer(hp.v_loss_layer, "v_loss_layer")
+    reqs = [as_request(r) for r in requests]
+    if not reqs:
+        raise ValueError("requests: nothing to edit")
+    validate_requests(tok, reqs)
+    device = model_device(model)
+    covs = {layer: stats_matrix(stats, spec, layer, device) for layer in hp.layers} if need_stats else {}
+    if templates is None:
+        templates = context_templates(model, tok, hp.context_templates, hp.template_seed)
+    if not templates or not templates[0] or templates[0][0] != "{}":
+        raise ValueError("templates: the first template must be '{}'")
+    return spec, reqs, covs, templates

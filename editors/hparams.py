@@ -1,0 +1,158 @@
+"""Typed, frozen hyperparameters of every algorithm, and the shipped presets.
+
+One YAML file per (algorithm, model) under ``editors/hparams/<algorithm>/<preset>.yaml`` holds only the
+algorithm's knobs: module names come from :class:`editors.model.ModelSpec`, devices and paths from the
+caller. Unknown keys are rejected with the list of valid ones.
+
+Field names follow the reference hparams files (``mom2_update_weight``, ``emmet_lambda``, ``L2``...),
+so values can be copied from them; ALGORITHMS.md §6 lists the sources.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .config import ConfigError, from_dict, load_yaml, merge
+from .targets import ValueHParams
+
+PRESET_DIR = Path(__file__).parent / "hparams"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditHParams(ValueHParams):
+    """Fields every algorithm has (plus :class:`ValueHParams`, the target-value optimisation).
+
+    Attributes:
+        layers: edited layers (ROME and single-layer runs: one; MEMIT-style spreading: several,
+            ascending; the target value is computed at the last).
+        context_templates: "rome" (21 prefixes, plain mean), "memit" (``{}`` + 5 prefixes, two
+            groups) or "none".
+        template_seed: seed of the template generation (the reference does not seed it).
+        mom2_n_samples, mom2_dtype: statistics the caller should pass (provenance; the reference
+            computes them from this many Wikipedia texts in this dtype).
+        value_batch: requests per padded forward in the value optimisation (memory bound only).
+    """
+
+    layers: tuple[int, ...]
+    context_templates: Literal["rome", "memit", "none"] = "memit"
+    template_seed: int = 0
+    mom2_n_samples: int = 100_000
+    mom2_dtype: Literal["float32", "float64"] = "float32"
+    value_batch: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.layers:
+            raise ValueError("layers: at least one layer is needed")
+        if list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers: must be ascending and unique, got {list(self.layers)}")
+        if self.value_batch < 1:
+            raise ValueError("value_batch: must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ROMEHParams(EditHParams):
+    """ROME (Meng et al. 2022). ``consistent_keys`` = r-ROME (2403.07175): use the template-averaged
+    key k* in the residual and denominator too, instead of the bare-prompt key (the reference's
+    inconsistency that collapses sequential editing)."""
+
+    context_templates: Literal["rome", "memit", "none"] = "rome"
+    mom2_adjustment: bool = True
+    consistent_keys: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.layers) != 1:
+            raise ValueError(f"layers: ROME edits exactly one layer, got {list(self.layers)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MEMITHParams(EditHParams):
+    """MEMIT (Meng et al. 2023): λ = ``mom2_update_weight``; ENCORE's (2502.01636) options
+    ``add_prev_edits`` (earlier batches' keys join the preservation term) and
+    ``update_norm_lambda`` (a ridge on ΔW)."""
+
+    mom2_update_weight: float = 15_000.0
+    add_prev_edits: bool = False
+    update_norm_lambda: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mom2_update_weight <= 0:
+            raise ValueError("mom2_update_weight: must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EMMETHParams(MEMITHParams):
+    """EMMET (Gupta et al. 2024): ``emmet_lambda`` = μ, the ridge on D = Kᵀ(λC)⁻¹K, added only when
+    the batch has more than one request (as the reference does)."""
+
+    mom2_update_weight: float = 1.0
+    emmet_lambda: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.emmet_lambda < 0:
+            raise ValueError("emmet_lambda: must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlphaEditHParams(EditHParams):
+    """AlphaEdit (Fang et al. 2025): ``nullspace_threshold`` picks C's null space, ``L2`` = α."""
+
+    nullspace_threshold: float = 2e-2
+    L2: float = 10.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.nullspace_threshold <= 0:
+            raise ValueError("nullspace_threshold: must be > 0")
+        if self.L2 < 0:
+            raise ValueError("L2: must be >= 0")
+
+
+HPARAMS: dict[str, type[EditHParams]] = {
+    "rome": ROMEHParams,
+    "memit": MEMITHParams,
+    "emmet": EMMETHParams,
+    "alphaedit": AlphaEditHParams,
+}
+
+
+def check_algorithm(name: str) -> str:
+    """Lower-cased algorithm name, or a ConfigError naming ``algorithm`` and the valid choices."""
+    key = str(name).lower()
+    if key not in HPARAMS:
+        raise ConfigError(f"algorithm: unknown algorithm {name!r}; choose one of {sorted(HPARAMS)}")
+    return key
+
+
+def presets(algorithm: str) -> list[str]:
+    """Names of the shipped presets of ``algorithm``."""
+    return sorted(p.stem for p in (PRESET_DIR / check_algorithm(algorithm)).glob("*.yaml"))
+
+
+def load_hparams(
+    algorithm: str, preset: str | Path | dict[str, Any] | None = "smollm2-135m", **overrides: Any
+) -> EditHParams:
+    """Hyperparameters of ``algorithm`` from a shipped preset name, a YAML path or a dict, with
+    keyword overrides, e.g. ``load_hparams("memit", "llama3-8b", layers=[1], mom2_update_weight=5e4)``.
+    """
+    alg = check_algorithm(algorithm)
+    if preset is None:
+        data: dict[str, Any] = {}
+    elif isinstance(preset, dict):
+        data = dict(preset)
+    else:
+        path = Path(preset)
+        if not path.suffix:
+            path = PRESET_DIR / alg / f"{preset}.yaml"
+            if not path.is_file():
+                raise ConfigError(f"hparams: no preset {preset!r} for {alg}; shipped: {presets(alg)}")
+        data = load_yaml(path)
+    try:
+        return from_dict(HPARAMS[alg], merge(data, overrides))
+    except ValueError as e:
+        raise ConfigError(f"{alg} hparams: {e}") from None

@@ -1,0 +1,311 @@
+"""Keys and target values, shared by every algorithm (ALGORITHMS.md §1–2).
+
+- :func:`compute_keys`: k = input of the edited projection at the subject's last token, averaged over
+  context templates (within each group, then across groups).
+- :func:`optimize_values`: the target-value optimisation of ROME's ``compute_v`` / MEMIT's
+  ``compute_z``: a vector δ added at the subject's last token (to the block output for MEMIT-style
+  ``at="block"``, to the edited projection's output for ROME's ``at="rewrite"``) is trained with
+  NLL(target) + kl_factor·KL + v_weight_decay·‖δ‖/‖v_init‖², Adam, a norm clamp and an early stop.
+
+Unlike the reference, which optimises one request at a time, all requests of a batch are optimised
+together in one padded forward/backward per step. Requests never interact (each row of the batch
+belongs to one request, each δ_i reaches only its own rows, and Adam is elementwise), so the result
+per request equals the one-at-a-time optimisation; requests that reached the early-stop loss leave the
+batch. Model weights never require grad.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import ModelSpec, get_module, hooks, model_device, no_weight_grads, run_until
+from .requests import EditRequest, encode, fill, pad_id, pad_right, target_ids, token_at_char
+from .templates import TemplateGroups, flat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ValueHParams:
+    """The target-value optimisation's knobs (names as in the reference hparams files)."""
+
+    v_num_grad_steps: int = 25  # at most this many loss evaluations; steps - 1 Adam updates
+    v_lr: float = 0.5  # Adam learning rate
+    v_loss_layer: int | None = None  # block whose output is read out through ln_f + lm_head; None = last
+    v_weight_decay: float = 1e-3  # weight of ‖δ‖ / ‖v_init‖² (a norm, not squared, as in the code)
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖ after every step
+    kl_factor: float = 0.0625  # weight of KL on "{subject} is a" at the subject's last token
+    early_stop_loss: float = 5e-2  # stop a request once its loss is below this (reference: 5e-2)
+    kl_prompt: str = "{} is a"  # the "essence" prompt
+
+    def __post_init__(self) -> None:
+        if self.v_num_grad_steps < 1:
+            raise ValueError("v_num_grad_steps: must be >= 1")
+        if self.v_lr <= 0:
+            raise ValueError("v_lr: must be > 0")
+        if self.clamp_norm_factor <= 0:
+            raise ValueError("clamp_norm_factor: must be > 0")
+        if "{}" not in self.kl_prompt:
+            raise ValueError("kl_prompt: must hold '{}' for the subject")
+
+
+@dataclass
+class Values:
+    """Optimised target values for a batch of requests.
+
+    Attributes:
+        values: v* = v_init + δ, [n, d_model] float32 (on the model's device).
+        init: v_init, the unedited output at the subject's last token of the bare prompt, [n, d_model].
+        loss: each request's last evaluated loss, [n].
+        steps: number of loss evaluations each request used, [n].
+    """
+
+    values: torch.Tensor
+    init: torch.Tensor
+    loss: torch.Tensor
+    steps: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading representations at the subject's last token
+
+
+def _rows(tok: Any, requests: Sequence[EditRequest], templates: Sequence[str]) -> tuple[list, list]:
+    """Token ids and subject-last-token positions of ``template.format(prompt).format(subject)``."""
+    seqs, idxs = [], []
+    for r in requests:
+        for t in templates:
+            text, end = fill(t.replace("{}", r.template, 1), r.subject)
+            ids, _ = encode(tok, text)
+            seqs.append(ids)
+            idxs.append(token_at_char(tok, text, end))
+    return seqs, idxs
+
+
+@torch.no_grad()
+def reprs_at_subject(
+    model: nn.Module,
+    tok: Any,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    capture: Sequence[tuple[str, Literal["in", "out"]]],
+    *,
+    max_rows: int = 256,
+) -> dict[tuple[str, str], torch.Tensor]:
+    """Input/output of modules at the subject's last token, for every (request, template) row.
+
+    Returns ``{(module, "in"|"out"): [n_requests, n_templates, d]}``. The forward stops as soon as
+    everything is captured.
+    """
+    device = model_device(model)
+    seqs, idxs = _rows(tok, requests, templates)
+    ins = [n for n, k in capture if k == "in"]
+    outs = [n for n, k in capture if k == "out"]
+    parts: dict[tuple[str, str], list[torch.Tensor]] = {c: [] for c in capture}
+    for s in range(0, len(seqs), max_rows):
+        ids, mask = pad_right(seqs[s : s + max_rows], pad_id(tok), device)
+        pos = torch.tensor(idxs[s : s + max_rows], device=device)
+        rows = torch.arange(len(pos), device=device)
+        with hooks(model, inputs=ins, outputs=outs, stop_when_captured=True) as st:
+            run_until(model, input_ids=ids, attention_mask=mask)
+        for name, kind in capture:
+            parts[(name, kind)].append(st[f"{kind}:{name}"][rows, pos].float())
+    n, t = len(requests), len(templates)
+    return {c: torch.cat(v).reshape(n, t, -1) for c, v in parts.items()}
+
+
+def compute_keys(
+    model: nn.Module,
+    tok: Any,
+    spec: ModelSpec,
+    layer: int,
+    requests: Sequence[EditRequest],
+    templates: TemplateGroups,
+) -> torch.Tensor:
+    """Template-averaged keys at ``layer``: K [d_key, n] float32 (keys as columns).
+
+    Mean within each template group, then across groups (memit ``compute_ks``); for ROME's single
+    group of 21 templates that is the plain mean (rome ``compute_u``).
+    """
+    name = spec.rewrite_name(layer)
+    reps = reprs_at_subject(model, tok, requests, flat(templates), [(name, "in")])[(name, "in")]
+    sizes = [len(g) for g in templates]
+    groups = torch.split(reps, sizes, dim=1)
+    keys = torch.stack([g.mean(1) for g in groups], 0).mean(0)  # [n, d_key]
+    return keys.T.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Target-value optimisation
+
+
+def optimize_values(
+    model: nn.Module,
+    tok: Any,
+    spec: ModelSpec,
+    layer: int,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    hp: ValueHParams,
+    *,
+    at: Literal["block", "rewrite"] = "block",
+    max_requests: int = 32,
+) -> Values:
+    """Optimise v* for every request (ALGORITHMS.md §1 "Target value v*", §2 step 1).
+
+    Args:
+        layer: the layer where δ is added (MEMIT: the last edited layer; ROME: the edited layer).
+        templates: flat list of context templates; the first must be ``"{}"`` (v_init is read there).
+        at: ``"block"`` adds δ to the output of ``spec.block_module`` (MEMIT ``compute_z``),
+            ``"rewrite"`` to the output of the edited projection, i.e. the MLP output (ROME
+            ``compute_v``).
+        max_requests: requests per padded forward (bounds activation memory; results do not depend
+            on it).
+
+    Returns:
+        :class:`Values` with v* = v_init + δ for each request.
+    """
+    if not templates or templates[0] != "{}":
+        raise ValueError("templates: the first context template must be '{}' (v_init is read there)")
+    chunks = [
+        _optimize_chunk(model, tok, spec, layer, requests[s : s + max_requests], templates, hp, at)
+        for s in range(0, len(requests), max_requests)
+    ]
+    return Values(*(torch.cat([getattr(c, f) for c in chunks]) for f in ("values", "init", "loss", "steps")))
+
+
+def _optimize_chunk(
+    model: nn.Module,
+    tok: Any,
+    spec: ModelSpec,
+    layer: int,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    hp: ValueHParams,
+    at: str,
+) -> Values:
+    device = model_device(model)
+    loss_layer = spec.n_layers - 1 if hp.v_loss_layer is None else max(hp.v_loss_layer, layer)
+    n_req, n_tpl = len(requests), len(templates)
+    rows_per_req = n_tpl + 1  # rewriting prompts + the KL prompt
+
+    # Rows: every template with the target's tokens but the last appended (teacher forcing; ids are
+    # concatenated rather than re-tokenised from decoded text), then the KL prompt.
+    seqs, lookup, tgt_pos, tgt_ids, tgt_row = [], [], [], [], []
+    kl_pos = []
+    for i, r in enumerate(requests):
+        t_ids = target_ids(tok, r.target_new)
+        for t in templates:
+            text, end = fill(t.replace("{}", r.template, 1), r.subject)
+            ids, _ = encode(tok, text)
+            row = len(seqs)
+            seqs.append(ids + t_ids[:-1])
+            lookup.append(token_at_char(tok, text, end))
+            for j, tid in enumerate(t_ids):
+                tgt_row.append(row)
+                tgt_pos.append(len(ids) - 1 + j)  # the logit at p predicts token p + 1
+                tgt_ids.append(tid)
+        text, end = fill(hp.kl_prompt, r.subject)
+        seqs.append(encode(tok, text)[0])
+        lookup.append(token_at_char(tok, text, end))
+        kl_pos.append(lookup[-1])
+        del i
+    all_ids, all_mask = pad_right(seqs, pad_id(tok), device)
+    lookup_t = torch.tensor(lookup, device=device)
+    tgt_row_t = torch.tensor(tgt_row, device=device)
+    tgt_pos_t = torch.tensor(tgt_pos, device=device)
+    tgt_ids_t = torch.tensor(tgt_ids, device=device)
+    n_tgt = torch.tensor([len(target_ids(tok, r.target_new)) for r in requests], device=device)
+    req_of_row = torch.arange(n_req, device=device).repeat_interleave(rows_per_req)
+    is_kl_row = torch.zeros(len(seqs), dtype=torch.bool, device=device)
+    is_kl_row[rows_per_req - 1 :: rows_per_req] = True
+
+    edit_name = spec.block_name(layer) if at == "block" else spec.rewrite_name(layer)
+    loss_name = spec.block_name(loss_layer)
+    ln_f, lm_head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
+
+    delta = torch.zeros(n_req, spec.d_model, device=device, dtype=torch.float32, requires_grad=True)
+    m_adam = torch.zeros_like(delta)
+    v_adam = torch.zeros_like(delta)
+    b1, b2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam defaults, as in the reference
+    init = torch.zeros(n_req, spec.d_model, device=device)
+    have_init = False
+    kl_init: torch.Tensor | None = None  # log p_0 at each request's KL row, [n_req, vocab]
+    active = torch.ones(n_req, dtype=torch.bool, device=device)
+    last_loss = torch.zeros(n_req, device=device)
+    steps = torch.zeros(n_req, dtype=torch.long, device=device)
+
+    for it in range(hp.v_num_grad_steps):
+        act_req = active.nonzero().squeeze(1)
+        row_sel = active[req_of_row].nonzero().squeeze(1)  # rows of active requests
+        ids, mask = all_ids[row_sel], all_mask[row_sel]
+        sub_req = req_of_row[row_sel]  # request index of each selected row
+        sub_lookup = lookup_t[row_sel]
+        rows_local = torch.arange(len(row_sel), device=device)
+
+        def add_delta(out: torch.Tensor, sub_req=sub_req, sub_lookup=sub_lookup, rows_local=rows_local):
+            nonlocal have_init
+            if not have_init:  # v_init: unedited output at the bare prompt (template "{}", row 0)
+                first = rows_local[::rows_per_req]
+                init.copy_(out[first, sub_lookup[first]].detach().float())
+                have_init = True
+            add = torch.zeros_like(out, dtype=delta.dtype)
+            add = add.index_put((rows_local, sub_lookup), delta[sub_req])
+            return out + add.to(out.dtype)
+
+        with torch.enable_grad(), no_weight_grads(model):
+            with hooks(model, outputs=[loss_name], edit_output={edit_name: add_delta}, stop_after=loss_name) as st:
+                run_until(model, input_ids=ids, attention_mask=mask)
+            hidden = st[f"out:{loss_name}"]
+            # Map global row ids to positions in the selected sub-batch.
+            local_of = torch.full((len(seqs),), -1, dtype=torch.long, device=device)
+            local_of[row_sel] = rows_local
+            t_sel = local_of[tgt_row_t] >= 0
+            t_rows = local_of[tgt_row_t[t_sel]]
+            kl_rows_local = rows_local[is_kl_row[row_sel]]
+            kl_req = sub_req[is_kl_row[row_sel]]
+            h = torch.cat([hidden[t_rows, tgt_pos_t[t_sel]], hidden[kl_rows_local, sub_lookup[kl_rows_local]]])
+            logp = F.log_softmax(lm_head(ln_f(h)).float(), dim=-1)
+            n_t = int(t_sel.sum())
+            tok_logp = logp[:n_t].gather(1, tgt_ids_t[t_sel][:, None]).squeeze(1)
+            # NLL per row: −Σ log p(target) / #target tokens; per request: mean over its rewrite rows.
+            t_req = req_of_row[tgt_row_t[t_sel]]
+            nll = torch.zeros(n_req, device=device).index_add(0, t_req, -tok_logp)
+            nll = nll / n_tgt / n_tpl
+            kl_logp = logp[n_t:]
+            if kl_init is None:
+                kl_init = kl_logp.detach().clone()  # δ = 0 at the first step: the unedited p_0
+            # F.kl_div(init, cur, log_target=True) of the reference: Σ p_cur (log p_cur − log p_0).
+            kl = torch.zeros(n_req, device=device).index_add(
+                0, kl_req, (kl_logp.exp() * (kl_logp - kl_init[kl_req])).sum(1)
+            )
+            wd = hp.v_weight_decay * delta.norm(dim=1) / init.norm(dim=1).clamp_min(1e-12) ** 2
+            loss = nll + hp.kl_factor * kl + wd  # [n_req]; only active entries are meaningful
+        with torch.no_grad():
+            last_loss[act_req] = loss.detach()[act_req]
+            steps[act_req] += 1
+            done = active & (last_loss < hp.early_stop_loss)
+            active &= ~done
+            if it == hp.v_num_grad_steps - 1 or not bool(active.any()):
+                break
+        (grad,) = torch.autograd.grad(loss[active].sum(), delta)
+        with torch.no_grad():
+            t = it + 1  # every still-active request has taken exactly `it` steps before this one
+            m_adam[active] = b1 * m_adam[active] + (1 - b1) * grad[active]
+            v_adam[active] = b2 * v_adam[active] + (1 - b2) * grad[active] ** 2
+            denom = (v_adam[active].sqrt() / (1 - b2**t) ** 0.5) + eps
+            new = delta[active] - (hp.v_lr / (1 - b1**t)) * m_adam[active] / denom
+            max_norm = hp.clamp_norm_factor * init[active].norm(dim=1, keepdim=True)
+            norm = new.norm(dim=1, keepdim=True)
+            new = torch.where(norm > max_norm, new * max_norm / norm, new)
+            delta[active] = new
+    log.debug("values: layer %d, %d requests, loss %s", layer, n_req, last_loss.tolist())
+    values = (init + delta).detach()
+    return Values(values=values, init=init.clone(), loss=last_loss, steps=steps)
