@@ -87,7 +87,9 @@ def timed(info: dict[str, Any], key: str, device: torch.device) -> Iterator[None
 # Apply and restore
 
 
-def apply_deltas(model: nn.Module, spec: ModelSpec, deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def apply_deltas(
+    model: nn.Module, spec: ModelSpec, deltas: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """W += ΔW for every module in ``deltas``; returns exact copies of the old weights for :func:`restore`."""
     backup: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -120,7 +122,9 @@ def preserved(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
 # Statistics checks
 
 
-def stats_matrix(stats: Mapping[int, Any] | None, spec: ModelSpec, layer: int, device: torch.device) -> torch.Tensor:
+def stats_matrix(
+    stats: Mapping[int, Any] | None, spec: ModelSpec, layer: int, device: torch.device
+) -> torch.Tensor:
     """C of ``layer`` from ``stats`` (a tensor or anything with ``.mom2``) as float64 on ``device``,
     after checking that it exists, is square, finite, and as wide as the layer's keys."""
     if stats is None or layer not in stats:
@@ -174,7 +178,15 @@ def layered_update(
     if values is None:
         with timed(info, "time_values", device):
             v = optimize_values(
-                model, tok, spec, z_layer, requests, flat(templates), hp, at="block", max_requests=hp.value_batch
+                model,
+                tok,
+                spec,
+                z_layer,
+                requests,
+                flat(templates),
+                hp,
+                at="block",
+                max_requests=hp.value_batch,
             )
         values, info["value_loss"], info["value_steps"] = v.values, v.loss.tolist(), v.steps.tolist()
     elif tuple(values.shape) != (len(requests), spec.d_model):
@@ -208,7 +220,12 @@ def layered_update(
 
 
 def keys_after_edit(
-    model: nn.Module, tok: Any, spec: ModelSpec, layers: Sequence[int], requests: Sequence[EditRequest], templates: TemplateGroups
+    model: nn.Module,
+    tok: Any,
+    spec: ModelSpec,
+    layers: Sequence[int],
+    requests: Sequence[EditRequest],
+    templates: TemplateGroups,
 ) -> dict[int, torch.Tensor]:
     """Keys of ``requests`` recomputed on the (edited) model: AlphaEdit's cache update."""
     return {layer: compute_keys(model, tok, spec, layer, requests, templates) for layer in layers}

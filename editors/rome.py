@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import EditResult, EditState, preserved, prepare, timed
+from .common import EditResult, EditState, prepare, preserved, timed
 from .hparams import ROMEHParams
 from .model import ModelSpec, model_device, weight
 from .requests import EditRequest

@@ -1,0 +1,320 @@
+"""Second-moment statistics (editors/stats.py) and their corpus (editors/corpus.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from editors.corpus import CorpusSpec, corpus_identity, iter_texts, parse_hf_source
+from editors.model import spec_for
+from editors.stats import (
+    SecondMoment,
+    StatsKey,
+    StatsStore,
+    check_stats,
+    collect_second_moments,
+    get_or_compute,
+)
+from tests.conftest import WIKI, corpus_text
+
+MAX_TEXTS = 24
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    """A few dozen Wikipedia paragraphs (a few thousand tokens)."""
+    paras = [p.strip() for p in corpus_text(60_000).split("\n\n") if len(p.strip()) > 40]
+    return paras[:MAX_TEXTS]
+
+
+def reference_mom2(model, tok, spec, layer: int, texts: list[str], max_seq_len: int) -> torch.Tensor:
+    """F.T @ F / N in float64 from a plain pre-hook on the rewrite module, one full forward per text."""
+    feats = []
+    module = model.get_submodule(spec.rewrite_name(layer))
+    handle = module.register_forward_pre_hook(lambda m, args: feats.append(args[0][0].detach()))
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = tok(text, truncation=True, max_length=max_seq_len, return_tensors="pt")["input_ids"]
+                model(input_ids=ids)
+    finally:
+        handle.remove()
+    f = torch.cat(feats).double()
+    return f.T @ f / f.shape[0]
+
+
+def collect(model, tok, layers, texts, **kw):
+    kw.setdefault("progress", False)
+    return collect_second_moments(model, tok, spec_for(model), layers, texts, **kw)
+
+
+def test_one_pass_matches_per_layer_and_reference(model, tok, texts):
+    spec = spec_for(model)
+    both = collect(model, tok, [2, 0], texts, dtype=torch.float64)
+    assert sorted(both) == [0, 2]
+    for layer in (0, 2):
+        alone = collect(model, tok, [layer], texts, dtype=torch.float64)[layer]
+        assert both[layer].n_tokens == alone.n_tokens
+        torch.testing.assert_close(both[layer].mom2, alone.mom2, rtol=1e-10, atol=1e-12)
+        ref = reference_mom2(model, tok, spec, layer, texts, max_seq_len=256)
+        assert both[layer].mom2.shape == (spec.d_key, spec.d_key)
+        assert both[layer].mom2.dtype == torch.float64
+        torch.testing.assert_close(both[layer].mom2, ref, rtol=1e-5, atol=1e-7)
+    n_ref = sum(len(tok(t, truncation=True, max_length=256)["input_ids"]) for t in texts)
+    assert both[0].n_tokens == n_ref
+    assert not torch.allclose(both[0].mom2, both[2].mom2)
+
+
+def test_layers_above_the_deepest_are_not_run(model, tok, texts):
+    calls = [0] * 4
+    handles = [
+        block.register_forward_pre_hook(lambda m, a, _i=i: calls.__setitem__(_i, calls[_i] + 1))
+        for i, block in enumerate(model.model.layers)
+    ]
+    try:
+        collect(model, tok, [0, 1], texts[:6])
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls[0] == calls[1] > 0
+    assert calls[2] == calls[3] == 0
+    assert model.model.layers[1].mlp.down_proj._forward_pre_hooks == {}  # hooks removed
+
+
+def test_padding_is_excluded(model, tok, texts):
+    small = collect(model, tok, [1], texts, batch_tokens=64)[1]  # many short, padded batches
+    large = collect(model, tok, [1], texts, batch_tokens=1 << 20)[1]  # one batch, lots of padding
+    assert small.n_tokens == large.n_tokens
+    torch.testing.assert_close(small.mom2, large.mom2, rtol=1e-5, atol=1e-7)
+
+
+def test_max_tokens_is_exact_and_max_texts_caps(model, tok, texts):
+    capped = collect(model, tok, [0], texts, max_tokens=777)[0]
+    assert capped.n_tokens == 777
+    few = collect(model, tok, [0], texts, max_texts=3, max_seq_len=16)[0]
+    assert few.n_tokens == sum(len(tok(t)["input_ids"][:16]) for t in texts[:3])
+    # the cap keeps the first tokens of the stream: the reference over the cut texts agrees
+    spec = spec_for(model)
+    ids = [tok(t, truncation=True, max_length=256)["input_ids"] for t in texts]
+    cut, left = [], 777
+    for seq in ids:
+        cut.append(seq[:left])
+        left -= len(cut[-1])
+        if left == 0:
+            break
+    ref_texts = [tok.decode(c) for c in cut]
+    assert [tok(t)["input_ids"] for t in ref_texts] == cut  # byte-level BPE round trip
+    ref = reference_mom2(model, tok, spec, 0, ref_texts, max_seq_len=256)
+    torch.testing.assert_close(capped.mom2.double(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_model_is_bit_identical(model, tok, texts):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    collect(model, tok, [0, 3], texts[:8])
+    assert model.training and model.model.layers[0].training  # flags restored
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bos_tokenizer(tok_bos, texts):
+    from tests.conftest import make_model
+
+    model = make_model(len(tok_bos))
+    got = collect(model, tok_bos, [1], texts[:8], dtype=torch.float64)[1]
+    n_ref = sum(len(tok_bos(t, truncation=True, max_length=256)["input_ids"]) for t in texts[:8])
+    assert got.n_tokens == n_ref  # BOS keys counted
+    ref = reference_mom2(model, tok_bos, spec_for(model), 1, texts[:8], max_seq_len=256)
+    torch.testing.assert_close(got.mom2, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_float64_close_to_float32(model, tok, texts):
+    f32 = collect(model, tok, [2], texts, dtype="float32")[2]
+    f64 = collect(model, tok, [2], texts, dtype=torch.float64)[2]
+    assert f32.mom2.dtype == torch.float32 and f64.mom2.dtype == torch.float64
+    torch.testing.assert_close(f32.mom2.double(), f64.mom2, rtol=1e-4, atol=1e-6)
+
+
+def test_argument_validation(model, tok, texts):
+    with pytest.raises(ValueError, match="dtype"):
+        collect(model, tok, [0], texts, dtype=torch.float16)
+    with pytest.raises(ValueError, match="layers"):
+        collect(model, tok, [], texts)
+    with pytest.raises(ValueError, match="layers"):
+        collect(model, tok, [4], texts)
+    with pytest.raises(ValueError, match="max_tokens"):
+        collect(model, tok, [0], texts, max_tokens=0)
+    with pytest.raises(ValueError, match="corpus"):
+        collect(model, tok, [0], ["", ""])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Corpus
+
+
+@pytest.mark.skipif(not WIKI.is_file(), reason="../shared/data is missing")
+def test_iter_texts_wiki_docs():
+    docs = list(iter_texts(CorpusSpec(str(WIKI))))
+    assert len(docs) == 2349
+    assert all(d and d == d.strip() and "<doc" not in d and "</doc>" not in d for d in docs)
+    assert docs[0].startswith("2007 European Parliament election in Romania")
+    assert len(list(iter_texts(CorpusSpec(str(WIKI), max_texts=5)))) == 5
+
+
+def test_iter_texts_plain_and_folder(tmp_path: Path):
+    (tmp_path / "a.txt").write_text("first para\nline two\n\n\n  second para  \n\nthird\n", encoding="utf-8")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.utf8").write_text('<doc id="1" title="x">\nDoc one\n</doc>\n', encoding="utf-8")
+    (tmp_path / "ignored.json").write_text("{}", encoding="utf-8")
+    assert list(iter_texts(CorpusSpec(str(tmp_path / "a.txt")))) == [
+        "first para\nline two",
+        "second para",
+        "third",
+    ]
+    assert list(iter_texts(CorpusSpec(str(tmp_path)))) == [
+        "first para\nline two",
+        "second para",
+        "third",
+        "Doc one",
+    ]
+    shuffled = list(iter_texts(CorpusSpec(str(tmp_path), shuffle_seed=0)))
+    assert sorted(shuffled) == sorted(iter_texts(CorpusSpec(str(tmp_path))))
+
+    ident = corpus_identity(CorpusSpec(str(tmp_path)))
+    assert ident == corpus_identity(CorpusSpec(str(tmp_path), max_texts=2))
+    (tmp_path / "a.txt").write_text("changed\n", encoding="utf-8")
+    assert corpus_identity(CorpusSpec(str(tmp_path))) != ident
+    assert corpus_identity(CorpusSpec(str(tmp_path / "a.txt"))).startswith("file:")
+
+
+def test_missing_corpus_names_the_field(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=r"corpus\.source"):
+        list(iter_texts(CorpusSpec(str(tmp_path / "nope.txt"))))
+    with pytest.raises(FileNotFoundError, match=r"corpus\.source"):
+        corpus_identity(CorpusSpec(str(tmp_path / "nope")))
+    with pytest.raises(FileNotFoundError, match=r"corpus\.source"):
+        list(iter_texts(CorpusSpec(str(tmp_path))))  # empty folder
+    with pytest.raises(ValueError, match=r"corpus\.source"):
+        CorpusSpec("hf:")
+
+
+def test_hf_source_parsing_and_identity():
+    assert parse_hf_source("hf:wikimedia/wikipedia:20231101.en:train") == (
+        "wikimedia/wikipedia",
+        "20231101.en",
+        "train",
+    )
+    assert parse_hf_source("hf:ds") == ("ds", None, "train")
+    assert parse_hf_source("hf:ds::validation") == ("ds", None, "validation")
+    a = corpus_identity(CorpusSpec("hf:wikimedia/wikipedia:20231101.en:train"))
+    assert a.startswith("hf:wikimedia/wikipedia:20231101.en:train")
+    assert a != corpus_identity(CorpusSpec("hf:wikimedia/wikipedia:20231101.en:train", revision="abc"))
+    assert a != corpus_identity(CorpusSpec("hf:wikimedia/wikipedia:20231101.en:train", shuffle_seed=1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cache
+
+
+def make_key(**kw) -> StatsKey:
+    base = dict(model="dir:tiny:0123", layer=1, corpus="file:abcd", max_texts=None, max_tokens=5000)
+    base.update(max_seq_len=256, dtype="float32")
+    base.update(kw)
+    return StatsKey(**base)
+
+
+def test_stats_key_digest():
+    k = make_key()
+    assert len(k.digest()) == 24 and k.digest() == make_key().digest()
+    assert make_key(dtype=torch.float32) == k
+    assert json.loads(k.to_json())["max_tokens"] == 5000
+    for other in (
+        make_key(max_tokens=5001),
+        make_key(dtype="float64"),
+        make_key(layer=2),
+        make_key(module="x"),
+    ):
+        assert other.digest() != k.digest()
+    with pytest.raises(ValueError, match="dtype"):
+        make_key(dtype="float16")
+
+
+def test_store_round_trip_and_misses(tmp_path: Path):
+    store = StatsStore(tmp_path / "stats")
+    key = make_key()
+    m = torch.randn(48, 48)
+    sm = SecondMoment(m @ m.T, 1234)
+    assert store.get(key) is None and key not in store
+    path = store.put(key, sm)
+    assert path == store.path(key) and path.suffix == ".safetensors"
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp files left
+    assert path.read_bytes()[:2] != b"\x80\x02"  # not a pickle; safetensors header length comes first
+    got = store.get(key)
+    assert key in store
+    assert got is not None and got.n_tokens == 1234
+    assert got.mom2.dtype == torch.float32 and torch.equal(got.mom2, sm.mom2)
+    for other in (make_key(max_tokens=999), make_key(dtype="float64"), make_key(layer=2)):
+        assert store.get(other) is None and other not in store
+    with pytest.raises(ValueError, match="dtype"):
+        store.put(make_key(dtype="float64"), sm)
+
+
+def test_store_mismatched_or_corrupt_file_is_a_miss(tmp_path: Path, caplog):
+    store = StatsStore(tmp_path)
+    key, other = make_key(), make_key(layer=3)
+    # a file at key's path that records another key (a collision / stale file)
+    store.root.mkdir(exist_ok=True)
+    save_file(
+        {"mom2": torch.eye(48)},
+        str(store.path(key)),
+        metadata={"format": "editors.stats.v1", "key": other.to_json(), "n_tokens": "10"},
+    )
+    with caplog.at_level(logging.WARNING, logger="editors.stats"):
+        assert store.get(key) is None
+    assert "another key" in caplog.text
+    assert key not in store
+    store.path(key).write_bytes(b"not a safetensors file at all")
+    assert store.get(key) is None and key not in store
+    store.put(key, SecondMoment(torch.eye(48), 10))  # overwrites the corrupt file
+    assert store.get(key) is not None
+
+
+def test_get_or_compute_computes_missing_layers_once(tmp_path: Path, model, tok, texts):
+    store = StatsStore(tmp_path)
+    keys = {layer: make_key(layer=layer, max_tokens=500) for layer in (0, 1, 3)}
+    calls: list[list[int]] = []
+
+    def compute(layers: list[int]) -> dict[int, SecondMoment]:
+        calls.append(layers)
+        return collect(model, tok, layers, texts, max_tokens=500)
+
+    store.put(keys[1], collect(model, tok, [1], texts, max_tokens=500)[1])
+    first = get_or_compute(store, keys, compute)
+    assert calls == [[0, 3]]
+    assert list(first) == [0, 1, 3] and all(first[layer].n_tokens == 500 for layer in first)
+    second = get_or_compute(store, keys, compute)
+    assert calls == [[0, 3]]  # all cached now
+    for layer in keys:
+        assert torch.equal(second[layer].mom2, first[layer].mom2.cpu())
+
+
+def test_check_stats(model):
+    spec = spec_for(model)
+    ok = torch.eye(spec.d_key)
+    assert check_stats(SecondMoment(ok, 1), spec, 1) is ok
+    with pytest.raises(
+        ValueError, match=r"^cov: stats for layer 1 are 11x11 but the layer's keys are 48-wide"
+    ):
+        check_stats(torch.eye(11), spec, 1, field="cov")
+    with pytest.raises(ValueError, match=r"mom2.*square"):
+        check_stats(torch.zeros(48, 47), spec, 0, field="mom2")
+    bad = ok.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"stats.*NaN"):
+        check_stats(bad, spec, 0)
