@@ -104,7 +104,7 @@ def token_at_char(tok: Any, text: str, char_end: int) -> int:
     With a fast tokenizer this reads the offsets of the full text; otherwise it counts the tokens of
     the prefix (the reference code's method).
     """
-    ids, enc = encode(tok, text)
+    _ids, enc = encode(tok, text)
     if enc is not None:
         c = char_end - 1
         while c >= 0 and text[c].isspace():

@@ -134,7 +134,7 @@ def test_keys_are_the_projection_input_at_the_subject_last_token(model, tok_bos)
     h = model.model.layers[2].mlp.down_proj.register_forward_pre_hook(lambda m, a: feats.append(a[0]))
     per = []
     for tpl in ("{}", "Once upon a time. {}", "Because it rained. {}"):
-        text, end = fill(tpl.replace("{}", r.template), r.subject)
+        text, _end = fill(tpl.replace("{}", r.template), r.subject)
         enc = tok_bos(text, return_tensors="pt")
         model(**enc)
         ids = enc["input_ids"][0].tolist()
@@ -247,8 +247,10 @@ def test_schedule_restores_between_batches_in_batch_mode(mode, model, tok):
         w = weight(model, spec, 1)
         seen.append((ev.applied, w.clone(), ev.result.deltas[name].clone()))
 
-    out = run_schedule(model, tok, REQUESTS, "memit", hparams("memit", layers=[1]), random_stats(spec, [1]),
-                       batch_size=2, mode=mode, templates=TEMPLATES, callback=check, keep_deltas=True)  # fmt: skip
+    stats = random_stats(spec, [1])
+    hp = hparams("memit", layers=[1])
+    kw = {"templates": TEMPLATES, "callback": check, "keep_deltas": True}
+    out = run_schedule(model, tok, REQUESTS, "memit", hp, stats, batch_size=2, mode=mode, **kw)
     if mode == "batch":
         assert [a for a, _, _ in seen] == [2, 2]
         for _, w, d in seen:  # each batch sits on the unedited weights
