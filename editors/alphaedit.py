@@ -52,9 +52,15 @@ def compute_deltas(
 
 
 def update_state(
-    model: nn.Module, tok: Any, requests: Sequence[EditRequest], result: EditResult, hparams: Any,
-    state: EditState, spec: ModelSpec, templates: TemplateGroups,
-) -> None:  # fmt: skip
+    model: nn.Module,
+    tok: Any,
+    requests: Sequence[EditRequest],
+    result: EditResult,
+    hparams: Any,
+    state: EditState,
+    spec: ModelSpec,
+    templates: TemplateGroups,
+) -> None:
     """After a batch is applied: K_p += this batch's keys recomputed on the edited model."""
     for layer, keys in keys_after_edit(model, tok, spec, hparams.layers, requests, templates).items():
         state.add_keys(layer, keys)

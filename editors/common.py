@@ -87,9 +87,7 @@ def timed(info: dict[str, Any], key: str, device: torch.device) -> Iterator[None
 # Apply and restore
 
 
-def apply_deltas(
-    model: nn.Module, spec: ModelSpec, deltas: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
+def apply_deltas(model: nn.Module, spec: ModelSpec, deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """W += ΔW for every module in ``deltas``; returns exact copies of the old weights for :func:`restore`."""
     backup: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -122,29 +120,15 @@ def preserved(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
 # Statistics checks
 
 
-def stats_matrix(
-    stats: Mapping[int, Any] | None, spec: ModelSpec, layer: int, device: torch.device
-) -> torch.Tensor:
-    """C of ``layer`` from ``stats`` (a tensor or anything with ``.mom2``) as float64 on ``device``,
-    after checking that it exists, is square, finite, and as wide as the layer's keys."""
+def stats_matrix(stats: Mapping[int, Any] | None, spec: ModelSpec, layer: int, device: torch.device) -> torch.Tensor:
+    """C of ``layer`` from ``stats`` (a tensor or a :class:`editors.stats.SecondMoment`) as float64 on
+    ``device``, after :func:`editors.stats.check_stats` (square, finite, as wide as the layer's keys)."""
+    from .stats import check_stats
+
     if stats is None or layer not in stats:
         have = sorted(stats) if stats else []
         raise ValueError(f"stats: no second-moment statistics for layer {layer} (have layers {have})")
-    c = stats[layer]
-    c = getattr(c, "mom2", c)
-    if not isinstance(c, torch.Tensor):
-        c = torch.as_tensor(c)
-    if c.ndim != 2 or c.shape[0] != c.shape[1]:
-        raise ValueError(f"stats: layer {layer} statistics must be square, got shape {tuple(c.shape)}")
-    if c.shape[0] != spec.d_key:
-        raise ValueError(
-            f"stats: layer {layer} statistics are {c.shape[0]}x{c.shape[1]} but the layer's keys are "
-            f"{spec.d_key}-wide: they were computed for another model; recompute them for this one"
-        )
-    c = c.to(device=device, dtype=torch.float64)
-    if not torch.isfinite(c).all():
-        raise ValueError(f"stats: layer {layer} statistics contain NaN or Inf")
-    return c
+    return check_stats(stats[layer], spec, layer, "stats").to(device=device, dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------------

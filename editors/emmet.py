@@ -43,10 +43,15 @@ def compute_deltas(
         prev = state.prev_keys.get(layer) if hparams.add_prev_edits else None
         mu = hparams.emmet_lambda if keys.shape[1] > 1 else 0.0
         return emmet_delta(
-            keys, resid, covs[layer], hparams.mom2_update_weight, mu,
+            keys,
+            resid,
+            covs[layer],
+            hparams.mom2_update_weight,
+            mu,
             prev_keys=None if prev is None else prev.to(keys),
-            norm_lambda=hparams.update_norm_lambda, info=info,
-        )  # fmt: skip
+            norm_lambda=hparams.update_norm_lambda,
+            info=info,
+        )
 
     return layered_update(model, tok, spec, reqs, hparams, templates, solve, values)
 

@@ -46,18 +46,28 @@ def compute_deltas(
     def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor, info: dict[str, Any]) -> torch.Tensor:
         prev = state.prev_keys.get(layer) if hparams.add_prev_edits else None
         return memit_delta(
-            keys, resid, covs[layer], hparams.mom2_update_weight,
+            keys,
+            resid,
+            covs[layer],
+            hparams.mom2_update_weight,
             prev_keys=None if prev is None else prev.to(keys),
-            norm_lambda=hparams.update_norm_lambda, info=info,
-        )  # fmt: skip
+            norm_lambda=hparams.update_norm_lambda,
+            info=info,
+        )
 
     return layered_update(model, tok, spec, reqs, hparams, templates, solve, values)
 
 
 def update_state(
-    model: nn.Module, tok: Any, requests: Sequence[EditRequest], result: EditResult, hparams: Any,
-    state: EditState, spec: ModelSpec, templates: TemplateGroups,
-) -> None:  # fmt: skip
+    model: nn.Module,
+    tok: Any,
+    requests: Sequence[EditRequest],
+    result: EditResult,
+    hparams: Any,
+    state: EditState,
+    spec: ModelSpec,
+    templates: TemplateGroups,
+) -> None:
     """After a batch is applied in a sequential schedule: remember its keys (ENCORE keeps the keys used
     in the solve, i.e. computed before that layer's update)."""
     for layer, keys in result.keys.items():

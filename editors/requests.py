@@ -48,9 +48,7 @@ class EditRequest:
             return self.prompt
         i = self.prompt.find(self.subject)
         if not self.subject or i < 0:
-            raise RequestError(
-                f"{self.name}: subject {self.subject!r} not found in the prompt {self.prompt!r}"
-            )
+            raise RequestError(f"{self.name}: subject {self.subject!r} not found in the prompt {self.prompt!r}")
         return self.prompt[:i] + "{}" + self.prompt[i + len(self.subject) :]
 
 
@@ -115,9 +113,7 @@ def token_at_char(tok: Any, text: str, char_end: int) -> int:
     return len(tok(text[:char_end])["input_ids"]) - 1
 
 
-def pad_right(
-    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token lists: (input_ids [n, L], attention_mask [n, L]). Right padding keeps every
     position id equal to its index, so positions read from unpadded encodings stay valid."""
     n, length = len(seqs), max(len(s) for s in seqs)

@@ -94,8 +94,14 @@ def compute_deltas(
 
 
 def update_state(
-    model: nn.Module, tok: Any, requests: Sequence[EditRequest], result: EditResult, hparams: Any,
-    state: EditState, spec: ModelSpec, templates: TemplateGroups,
-) -> None:  # fmt: skip
+    model: nn.Module,
+    tok: Any,
+    requests: Sequence[EditRequest],
+    result: EditResult,
+    hparams: Any,
+    state: EditState,
+    spec: ModelSpec,
+    templates: TemplateGroups,
+) -> None:
     """ROME keeps no state across batches."""
     state.batches += 1

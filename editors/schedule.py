@@ -69,9 +69,7 @@ def check_schedule(n_requests: int, batch_size: int, mode: str) -> int:
         raise ValueError(f"mode: unknown schedule {mode!r}; choose one of {list(MODES)}")
     if mode == "sequential":
         if batch_size not in (1, None):
-            raise ValueError(
-                f"batch_size: the 'sequential' schedule edits one request at a time, got {batch_size}"
-            )
+            raise ValueError(f"batch_size: the 'sequential' schedule edits one request at a time, got {batch_size}")
         batch_size = 1
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")

@@ -145,9 +145,7 @@ def collect_second_moments(
                 keys = store.get(f"in:{name}")
                 if keys is None or keys.shape[-1] != spec.d_key:
                     got = "nothing" if keys is None else f"width {keys.shape[-1]}"
-                    raise ValueError(
-                        f"spec.rewrite_module: input of {name} has {got}, expected d_key={spec.d_key}"
-                    )
+                    raise ValueError(f"spec.rewrite_module: input of {name} has {got}, expected d_key={spec.d_key}")
                 feats = keys[keep].to(acc)  # [n, d_key]
                 sums[layer].addmm_(feats.T, feats)
             n = int(keep.sum())
@@ -165,9 +163,7 @@ def collect_second_moments(
     return {layer: SecondMoment(sums[layer].div_(n_tokens), n_tokens) for layer in layers}
 
 
-def check_stats(
-    stats: SecondMoment | torch.Tensor, spec: ModelSpec, layer: int, field: str = "stats"
-) -> torch.Tensor:
+def check_stats(stats: SecondMoment | torch.Tensor, spec: ModelSpec, layer: int, field: str = "stats") -> torch.Tensor:
     """The [d_key, d_key] matrix of ``stats``, after checking it fits ``spec`` at ``layer``.
 
     Raises:

@@ -261,9 +261,7 @@ def _optimize_chunk(
             return out + add.to(out.dtype)
 
         with torch.enable_grad(), no_weight_grads(model):
-            with hooks(
-                model, outputs=[loss_name], edit_output={edit_name: add_delta}, stop_after=loss_name
-            ) as st:
+            with hooks(model, outputs=[loss_name], edit_output={edit_name: add_delta}, stop_after=loss_name) as st:
                 run_until(model, input_ids=ids, attention_mask=mask)
             hidden = st[f"out:{loss_name}"]
             # Map global row ids to positions in the selected sub-batch.
@@ -273,9 +271,7 @@ def _optimize_chunk(
             t_rows = local_of[tgt_row_t[t_sel]]
             kl_rows_local = rows_local[is_kl_row[row_sel]]
             kl_req = sub_req[is_kl_row[row_sel]]
-            h = torch.cat(
-                [hidden[t_rows, tgt_pos_t[t_sel]], hidden[kl_rows_local, sub_lookup[kl_rows_local]]]
-            )
+            h = torch.cat([hidden[t_rows, tgt_pos_t[t_sel]], hidden[kl_rows_local, sub_lookup[kl_rows_local]]])
             logp = F.log_softmax(lm_head(ln_f(h)).float(), dim=-1)
             n_t = int(t_sel.sum())
             tok_logp = logp[:n_t].gather(1, tgt_ids_t[t_sel][:, None]).squeeze(1)

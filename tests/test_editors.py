@@ -61,9 +61,7 @@ def hparams(alg, **kw):
 def test_compute_leaves_every_weight_bit_identical(alg, model, tok):
     spec = spec_for(model)
     snap = snapshot(model)
-    res = compute_deltas(
-        alg, model, tok, REQUESTS[:3], hparams(alg), random_stats(spec, range(4)), templates=TEMPLATES
-    )
+    res = compute_deltas(alg, model, tok, REQUESTS[:3], hparams(alg), random_stats(spec, range(4)), templates=TEMPLATES)
     assert_identical(model, snap)
     assert res.deltas and all(torch.isfinite(d).all() for d in res.deltas.values())
     assert all(d.shape == (spec.d_model, spec.d_key) for d in res.deltas.values())
@@ -79,9 +77,7 @@ def test_apply_and_restore_are_exact(model, tok):
     )
     backup = apply_deltas(model, spec, res.deltas)
     w1 = weight(model, spec, 1)
-    assert torch.equal(
-        w1, snap["model.layers.1.mlp.down_proj.weight"] + res.deltas["model.layers.1.mlp.down_proj"]
-    )
+    assert torch.equal(w1, snap["model.layers.1.mlp.down_proj.weight"] + res.deltas["model.layers.1.mlp.down_proj"])
     restore(model, backup)
     assert_identical(model, snap)
 
@@ -95,9 +91,7 @@ def test_batched_value_optimisation_matches_one_at_a_time(bos, tok, tok_bos):
     spec = spec_for(model)
     tpl = ("{}", "Once upon a time. {}")
     # An early-stop threshold between the requests' losses: some stop early, some run to the end.
-    traj = optimize_values(
-        model, t, spec, 1, REQUESTS, tpl, ValueHParams(v_num_grad_steps=4, early_stop_loss=0)
-    )
+    traj = optimize_values(model, t, spec, 1, REQUESTS, tpl, ValueHParams(v_num_grad_steps=4, early_stop_loss=0))
     hp = ValueHParams(v_num_grad_steps=8, v_lr=0.5, early_stop_loss=float(traj.loss.median()))
     batched = optimize_values(model, t, spec, 1, REQUESTS, tpl, hp)
     for i, r in enumerate(REQUESTS):
@@ -198,9 +192,7 @@ def test_rome_reference_and_consistent_keys(model, tok):
     stats = random_stats(spec, [1])
     tpl = (("{}", "Once upon a time. {}", "Because it rained. {}"),)
     ref = compute_deltas("rome", model, tok, REQUESTS[:1], hparams("rome"), stats, templates=tpl)
-    con = compute_deltas(
-        "rome", model, tok, REQUESTS[:1], hparams("rome", consistent_keys=True), stats, templates=tpl
-    )
+    con = compute_deltas("rome", model, tok, REQUESTS[:1], hparams("rome", consistent_keys=True), stats, templates=tpl)
     name = spec.rewrite_name(1)
     reps = reprs_at_subject(model, tok, REQUESTS[:1], tpl[0], [(name, "in"), (name, "out")])
     k_all, out_all = reps[(name, "in")][0].double(), reps[(name, "out")][0].double()
@@ -229,8 +221,18 @@ def test_alphaedit_preserves_keys_outside_the_null_space_and_accumulates(model, 
     assert set(state.projectors) == {1, 2}
 
     events = []
-    out = run_schedule(model, tok, REQUESTS, "alphaedit", hp, stats, batch_size=2, mode="sequential-batch",
-                       templates=TEMPLATES, callback=events.append)  # fmt: skip
+    out = run_schedule(
+        model,
+        tok,
+        REQUESTS,
+        "alphaedit",
+        hp,
+        stats,
+        batch_size=2,
+        mode="sequential-batch",
+        templates=TEMPLATES,
+        callback=events.append,
+    )
     assert [e.applied for e in events] == [2, 4]
     out.restore(model)
 
@@ -316,9 +318,7 @@ def test_bad_inputs_name_the_field(model, tok):
     with pytest.raises(ConfigError, match="algorithm"):
         compute_deltas("mend", model, tok, REQUESTS, hparams("memit", layers=[1]), stats)
     with pytest.raises(ValueError, match="layers"):
-        compute_deltas(
-            "memit", model, tok, REQUESTS, hparams("memit", layers=[7]), stats, templates=TEMPLATES
-        )
+        compute_deltas("memit", model, tok, REQUESTS, hparams("memit", layers=[7]), stats, templates=TEMPLATES)
     with pytest.raises(RequestError, match="subject"):
         bad = [EditRequest("The tower is in", "Eiffel", "Rome", case_id=9)]
         compute_deltas("memit", model, tok, bad, hparams("memit", layers=[1]), stats, templates=TEMPLATES)
@@ -327,9 +327,7 @@ def test_bad_inputs_name_the_field(model, tok):
         compute_deltas("memit", model, tok, bad, hparams("memit", layers=[1]), stats, templates=TEMPLATES)
     wrong = {1: torch.eye(spec.d_key + 4)}
     with pytest.raises(ValueError, match=r"stats: .*another model"):
-        compute_deltas(
-            "memit", model, tok, REQUESTS, hparams("memit", layers=[1]), wrong, templates=TEMPLATES
-        )
+        compute_deltas("memit", model, tok, REQUESTS, hparams("memit", layers=[1]), wrong, templates=TEMPLATES)
     with pytest.raises(ValueError, match="stats: no second-moment"):
         compute_deltas("memit", model, tok, REQUESTS, hparams("memit", layers=[1]), {}, templates=TEMPLATES)
     nan = {1: torch.full((spec.d_key, spec.d_key), float("nan"))}
@@ -338,18 +336,14 @@ def test_bad_inputs_name_the_field(model, tok):
     with pytest.raises(ValueError, match="batch_size"):
         run_schedule(model, tok, REQUESTS, "memit", hparams("memit", layers=[1]), stats, batch_size=5)
     with pytest.raises(ValueError, match="mode"):
-        run_schedule(
-            model, tok, REQUESTS, "memit", hparams("memit", layers=[1]), stats, batch_size=1, mode="online"
-        )
+        run_schedule(model, tok, REQUESTS, "memit", hparams("memit", layers=[1]), stats, batch_size=1, mode="online")
 
 
 def test_non_finite_solve_is_an_error(model, tok):
     spec = spec_for(model)
     stats = {1: torch.full((spec.d_key, spec.d_key), 1e308, dtype=torch.float64)}
     with pytest.raises((NonFiniteSolveError, ValueError)):
-        compute_deltas(
-            "memit", model, tok, REQUESTS[:1], hparams("memit", layers=[1]), stats, templates=TEMPLATES
-        )
+        compute_deltas("memit", model, tok, REQUESTS[:1], hparams("memit", layers=[1]), stats, templates=TEMPLATES)
 
 
 def test_hparams_are_strict_typed_and_presets_load():
@@ -384,12 +378,17 @@ def tiny_gpt2(vocab):
 def test_gpt2_conv1d_is_handled_transposed(tok):
     model = tiny_gpt2(len(tok))
     spec = spec_for(model)
-    assert (
-        spec.weight_transposed and spec.d_key == 128 and spec.rewrite_name(1) == "transformer.h.1.mlp.c_proj"
-    )
+    assert spec.weight_transposed and spec.d_key == 128 and spec.rewrite_name(1) == "transformer.h.1.mlp.c_proj"
     snap = snapshot(model)
-    res = compute_deltas("emmet", model, tok, REQUESTS[:2], hparams("emmet", emmet_lambda=0.0),
-                         random_stats(spec, [1]), templates=TEMPLATES)  # fmt: skip
+    res = compute_deltas(
+        "emmet",
+        model,
+        tok,
+        REQUESTS[:2],
+        hparams("emmet", emmet_lambda=0.0),
+        random_stats(spec, [1]),
+        templates=TEMPLATES,
+    )
     assert_identical(model, snap)
     name = spec.rewrite_name(1)
     backup = apply_deltas(model, spec, res.deltas)
@@ -408,8 +407,14 @@ def test_spec_for_other_llama_family_and_unknown(tok):
         Qwen2ForCausalLM,
     )
 
-    small = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
-             "num_attention_heads": 2, "num_key_value_heads": 1}  # fmt: skip
+    small = {
+        "vocab_size": 64,
+        "hidden_size": 16,
+        "intermediate_size": 24,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
     for cfg_cls, model_cls in ((MistralConfig, MistralForCausalLM), (Qwen2Config, Qwen2ForCausalLM)):
         spec = spec_for(model_cls(cfg_cls(**small)))
         assert (spec.n_layers, spec.d_model, spec.d_key) == (2, 16, 24)

@@ -308,9 +308,7 @@ def test_check_stats(model):
     spec = spec_for(model)
     ok = torch.eye(spec.d_key)
     assert check_stats(SecondMoment(ok, 1), spec, 1) is ok
-    with pytest.raises(
-        ValueError, match=r"^cov: stats for layer 1 are 11x11 but the layer's keys are 48-wide"
-    ):
+    with pytest.raises(ValueError, match=r"^cov: stats for layer 1 are 11x11 but the layer's keys are 48-wide"):
         check_stats(torch.eye(11), spec, 1, field="cov")
     with pytest.raises(ValueError, match=r"mom2.*square"):
         check_stats(torch.zeros(48, 47), spec, 0, field="mom2")

@@ -1,0 +1,123 @@
+"""Metrics against hand-computed values on a tiny bigram model with known logits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import hmean as scipy_hmean
+from torch import nn
+
+from editors.model import ModelSpec
+from sweep.data import Record
+from sweep.metrics import aggregate, hmean, ngram_entropy, score_records, target_scores
+
+
+class Bigram(nn.Module):
+    """logits at position p = L[:, token_p]: a model whose every output is known in closed form."""
+
+    def __init__(self, vocab: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(vocab, vocab, generator=g) * 3  # L[next, prev]
+        self.embed = nn.Embedding(vocab, vocab)
+        self.embed.weight.data = torch.eye(vocab)
+        self.norm = nn.Identity()
+        self.head = nn.Linear(vocab, vocab, bias=False)
+        self.head.weight.data = self.table.clone()
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return self.head(self.norm(self.embed(input_ids)))
+
+
+SPEC = ModelSpec("x.{}", "x.{}", "norm", "head", 1, 1, 1)
+
+
+def expected_nll(model, tok, prompt, target):
+    p = tok(prompt)["input_ids"]
+    t = tok(" " + target, add_special_tokens=False)["input_ids"]
+    logp = torch.log_softmax(model.table, dim=0)  # column = distribution after a token
+    prev = [p[-1], *t[:-1]]
+    nll = [-float(logp[t_j, prev_j]) for t_j, prev_j in zip(t, prev)]
+    argmax_ok = all(int(model.table[:, prev_j].argmax()) == t_j for t_j, prev_j in zip(t, prev))
+    return sum(nll) / len(nll), argmax_ok, len(t)
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_target_scores_match_hand_computation(bos, tok, tok_bos):
+    t = tok_bos if bos else tok
+    model = Bigram(len(t))
+    pairs = [
+        ("The Eiffel Tower is in", "Paris"),
+        ("The mother tongue of Danielle Darrieux is", "French language"),
+        ("Rome", "Italy"),
+    ]
+    nll, acc = target_scores(model, t, SPEC, pairs, batch_size=2)
+    for i, (p, target) in enumerate(pairs):
+        want, ok, _n_tok = expected_nll(model, t, p, target)
+        assert nll[i].item() == pytest.approx(want, rel=1e-5)
+        assert bool(acc[i]) == ok
+    assert expected_nll(model, t, *pairs[1])[2] > 1  # a multi-token target is covered
+
+
+def test_target_scores_acc_is_true_for_the_argmax_continuation(tok_bos):
+    model = Bigram(len(tok_bos), seed=1)
+    prompt = "The Eiffel Tower is in"
+    prev = tok_bos(prompt)["input_ids"][-1]
+    (best,) = tok_bos(" Paris", add_special_tokens=False)["input_ids"][:1]
+    model.head.weight.data[best, prev] = model.table[:, prev].max() + 5  # make " Paris"'s first token the argmax
+    model.table = model.head.weight.data
+    target = tok_bos.decode([best])[1:]
+    nll, acc = target_scores(model, tok_bos, SPEC, [(prompt, target), (prompt, "Rome")])
+    assert bool(acc[0]) and not bool(acc[1])
+    assert nll[0] < nll[1]
+
+
+def test_record_metrics_and_aggregate_by_hand(tok):
+    model = Bigram(len(tok), seed=2)
+    rec = Record(
+        case_id=5,
+        prompt="{} is in",
+        subject="The tower",
+        target_new="Rome",
+        target_true="Paris",
+        paraphrase_prompts=("Where is the tower? In", "The tower stands in"),
+        neighborhood_prompts=("The Louvre is in", "Notre Dame is in", "The Seine is in"),
+        neighborhood_answer="Paris",
+    )
+    (s,) = score_records(model, tok, SPEC, [rec])
+
+    def pr(prompt, target):
+        return math.exp(-expected_nll(model, tok, prompt, target)[0])
+
+    rw = "The tower is in"
+    assert s.es == float(pr(rw, "Rome") > pr(rw, "Paris"))
+    assert s.em == pytest.approx(pr(rw, "Rome") - pr(rw, "Paris"), rel=1e-5, abs=1e-9)
+    ps = [pr(p, "Rome") > pr(p, "Paris") for p in rec.paraphrase_prompts]
+    assert s.ps == pytest.approx(np.mean(ps))
+    ns = [pr(p, "Paris") > pr(p, "Rome") for p in rec.neighborhood_prompts]
+    assert s.ns == pytest.approx(np.mean(ns))
+    nm = [pr(p, "Paris") - pr(p, "Rome") for p in rec.neighborhood_prompts]
+    assert s.nm == pytest.approx(np.mean(nm), rel=1e-5, abs=1e-9)
+
+    agg = aggregate([s, s])
+    assert agg["es"] == pytest.approx(100 * s.es)
+    vals = [agg["es"], agg["ps"], agg["ns"]]
+    assert agg["s"] == pytest.approx(scipy_hmean(vals) if min(vals) > 0 else 0.0)
+
+
+def test_hmean_against_scipy():
+    for vals in ([90.0, 80.0, 70.0], [100.0, 98.05, 85.61], [50.0, 1.0, 99.0]):
+        assert hmean(vals) == pytest.approx(scipy_hmean(vals))
+    assert hmean([100.0, 0.0, 50.0]) == 0.0
+    # The paper's Table 1 MEMIT row: ES 100, PS 98.05, NS 85.61 -> S 94.10.
+    assert hmean([100.0, 98.05, 85.61]) == pytest.approx(94.10, abs=0.01)
+
+
+def test_ngram_entropy_by_hand():
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))  # bigrams (a b) x2, (b a) x1
+    h3 = 1.0  # trigrams (a b a), (b a b)
+    assert ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * h3) / 2)
+    assert ngram_entropy("same same same same") == 0.0

@@ -1,0 +1,121 @@
+"""One trial end to end on a tiny random Llama saved to a local folder (the real loading code)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sweep.trial import load_config, main, run_trial
+from tests.conftest import corpus_text, make_model
+from tests.test_data import rome_record
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tok_bos):
+    """A tiny Llama + BOS-adding tokenizer saved with save_pretrained, a corpus file, a dataset file."""
+    d = tmp_path_factory.mktemp("tiny")
+    make_model(len(tok_bos)).save_pretrained(d / "model")
+    tok_bos.save_pretrained(d / "model")
+    (d / "corpus.txt").write_text(corpus_text(60_000))
+    recs = []
+    for i, (subj, new, true) in enumerate(
+        [
+            ("Danielle Darrieux", "English", "French"),
+            ("Toko Yasuda", "piano", "guitar"),
+            ("Rome", "Berlin", "Italy"),
+            ("The Eiffel Tower", "London", "Paris"),
+        ]
+    ):
+        r = rome_record(i)
+        r["requested_rewrite"].update(subject=subj, target_new={"str": new}, target_true={"str": true})
+        recs.append(r)
+    (d / "cf.json").write_text(json.dumps(recs))
+    return d
+
+
+def overrides(d, **kw):
+    base = {
+        "model.source": str(d / "model"),
+        "model.device": "cpu",
+        "dataset.source": str(d / "cf.json"),
+        "stats.corpus": str(d / "corpus.txt"),
+        "stats.max_tokens": 3000,
+        "stats.store": str(d / "stats"),
+        "n_edits": 4,
+        "batch_size": 2,
+        "hparams": "smollm2-135m",
+        "layers": "[1]",
+        "hp.v_num_grad_steps": 4,
+        "hp.context_templates": "none",
+        "scoring.ppl": "true",
+        "scoring.ppl_offset": 0,
+        "scoring.ppl_texts": 2,
+        "scoring.ppl_max_len": 64,
+    }
+    base.update(kw)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def test_batch_trial_shares_stats_and_values(tiny_dir):
+    cfg = load_config(None, overrides(tiny_dir, **{"stats.store": str(tiny_dir / "stats-batch")}))
+    cache: dict = {}
+    first = run_trial(cfg, values_cache=cache, progress=False)
+    m = first["metrics"]
+    assert set(m) == {"pre", "at_edit", "final"}
+    assert {"es", "ps", "ns", "s", "em", "pm", "nm", "ppl"} <= set(m["pre"])
+    assert m["final"] == m["at_edit"]  # batch mode: each batch's model is its final model
+    assert first["work"] == {"stats_computed": 1, "stats_reused": 0, "values_optimised": 4, "values_reused": 0}
+    assert [c["edits"] for c in first["curves"]] == [2, 4] and [c["applied"] for c in first["curves"]] == [2, 2]
+    assert len(first["per_record"]) == 4 and "final_es" in first["per_record"][0]
+    assert first["versions"]["model"].startswith("dir:") and first["timings"]["total"] > 0
+    assert len(cache) == 4
+    # A second trial (another batch size) reuses the statistics from the store and the values.
+    cfg2 = load_config(None, overrides(tiny_dir, batch_size=4, **{"stats.store": str(tiny_dir / "stats-batch")}))
+    second = run_trial(cfg2, values_cache=cache, progress=False)
+    assert second["work"] == {"stats_computed": 0, "stats_reused": 1, "values_optimised": 0, "values_reused": 4}
+    assert second["metrics"]["pre"] == first["metrics"]["pre"]
+
+
+def test_sequential_trial_reports_both_and_restores_the_model(tiny_dir, tok_bos):
+    from editors import load_model
+
+    model, tok = load_model(str(tiny_dir / "model"))
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = load_config(None, overrides(tiny_dir, mode="sequential-batch"))
+    res = run_trial(cfg, model=model, tok=tok, progress=False)
+    assert [c["applied"] for c in res["curves"]] == [2, 4]
+    assert set(res["metrics"]["final"]) >= {"es", "ps", "ns", "s", "ppl"}
+    assert res["update_norms"]["final_weight_change"]["model.layers.1.mlp.down_proj"] > 0
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_cli_writes_the_result(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main([*overrides(tiny_dir, algorithm="emmet"), "--out", str(out), "--quiet"]) == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["algorithm"] == "emmet" and res["hparams"]["layers"] == [1]
+    assert {"config", "metrics", "per_record", "curves", "timings", "memory", "work", "versions"} <= set(res)
+    assert "pre" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 5}, "batch_size"),
+        ({"algorithm": "mend"}, "algorithm"),
+        ({"colour": "red"}, "colour"),
+        ({"hp.mom2_update_wieght": 1}, "mom2_update_wieght"),
+        ({"layers": "[99]"}, "layers"),
+        ({"mode": "online"}, "mode"),
+        ({"dataset.source": "/nope.json"}, "dataset.source"),
+    ],
+)
+def test_bad_configs_fail_with_one_line_and_no_file(bad, field, tiny_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main([*overrides(tiny_dir, **bad), "--out", str(out), "--quiet"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0], err
+    assert not out.exists()
