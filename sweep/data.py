@@ -262,6 +262,8 @@ def select(
     if case_ids is not None and sample_file is not None:
         raise DatasetError("dataset.case_ids: give case_ids or sample_file, not both")
     if sample_file is not None:
+        if sample_file.startswith(("http://", "https://")):
+            sample_file = str(fetch(sample_file))
         try:
             samples = json.loads(Path(sample_file).read_text())
         except (OSError, json.JSONDecodeError) as e:

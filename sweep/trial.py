@@ -1,7 +1,7 @@
 """One trial end to end: (model, algorithm, layers, batch size, schedule, n_edits, hparams) -> one result.
 
     python -m sweep.trial                                   # the demo: SmolLM2, MEMIT, 8 demo facts
-    python -m sweep.trial --config sweep/configs/trial-demo.yaml algorithm=emmet batch_size=4 --out r.json
+    python -m sweep.trial --config sweep/configs/trial/demo.yaml algorithm=emmet batch_size=4 --out r.json
 
 Works without Ray and MLflow. Scoring follows ALGORITHMS.md §4: every fact on the unedited model
 ("pre"), each batch's facts right after their own batch ("at_edit", the reference code's protocol) and

@@ -99,3 +99,36 @@ def smollm2():
         return load_model(None)
     except FileNotFoundError as e:  # pragma: no cover - the README's set-up installs it
         pytest.fail(str(e))
+
+
+def write_tiny_assets(d: Path, tok) -> Path:
+    """A tiny Llama + tokenizer saved with save_pretrained (``d/model``), a corpus text file and a
+    4-record ROME-format CounterFact file (``d/cf.json``), for trials and sweeps on real loading code."""
+    import json
+
+    make_model(len(tok)).save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    (d / "corpus.txt").write_text(corpus_text(60_000))
+    facts = [
+        ("Danielle Darrieux", "English", "French"),
+        ("Toko Yasuda", "piano", "guitar"),
+        ("Rome", "Berlin", "Italy"),
+        ("The Eiffel Tower", "London", "Paris"),
+    ]
+    recs = []
+    for i, (subj, new, true) in enumerate(facts):
+        recs.append(
+            {
+                "case_id": i,
+                "requested_rewrite": {
+                    "prompt": "The mother tongue of {} is",
+                    "subject": subj,
+                    "target_new": {"str": new},
+                    "target_true": {"str": true},
+                },
+                "paraphrase_prompts": [f"{subj} spoke the language", f"{subj}'s tongue is"],
+                "neighborhood_prompts": ["Michel Rocard is a native speaker of", "Robert Schuman, speaker of"],
+            }
+        )
+    (d / "cf.json").write_text(json.dumps(recs))
+    return d

@@ -8,31 +8,13 @@ import pytest
 import torch
 
 from sweep.trial import load_config, main, run_trial
-from tests.conftest import corpus_text, make_model
-from tests.test_data import rome_record
+from tests.conftest import write_tiny_assets
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tok_bos):
     """A tiny Llama + BOS-adding tokenizer saved with save_pretrained, a corpus file, a dataset file."""
-    d = tmp_path_factory.mktemp("tiny")
-    make_model(len(tok_bos)).save_pretrained(d / "model")
-    tok_bos.save_pretrained(d / "model")
-    (d / "corpus.txt").write_text(corpus_text(60_000))
-    recs = []
-    for i, (subj, new, true) in enumerate(
-        [
-            ("Danielle Darrieux", "English", "French"),
-            ("Toko Yasuda", "piano", "guitar"),
-            ("Rome", "Berlin", "Italy"),
-            ("The Eiffel Tower", "London", "Paris"),
-        ]
-    ):
-        r = rome_record(i)
-        r["requested_rewrite"].update(subject=subj, target_new={"str": new}, target_true={"str": true})
-        recs.append(r)
-    (d / "cf.json").write_text(json.dumps(recs))
-    return d
+    return write_tiny_assets(tmp_path_factory.mktemp("tiny"), tok_bos)
 
 
 def overrides(d, **kw):

@@ -1,0 +1,350 @@
+"""Run a whole sweep on Ray Tune, with shared statistics and values, tracked in MLflow.
+
+    python -m sweep.launch --config sweep/configs/demo.yaml --local          # laptop / CI: local Ray
+    python -m sweep.launch --config sweep/configs/paper-batch.yaml --local --num-gpus 1
+    python -m sweep.launch --config sweep/configs/paper-batch.yaml           # on a cluster (address=auto)
+    python -m sweep.launch --config ... --dry-run                            # the plan, no model loaded
+    python -m sweep.launch --config ... --resume                             # continue a stopped sweep
+
+Before any trial starts, the launcher computes the statistics missing from the store (one pass per
+model over every layer the sweep needs, as one task on a GPU worker) and, for ``batch``-mode trials,
+every target value once per (model, layer, fact, value hyperparameters). Both are put in the object
+store once; trials receive references (no per-trial copy; same-node reads are zero-copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from editors.config import ConfigError, to_dict
+
+from .plan import Plan, SweepConfig, format_plan, load_sweep, make_plan, sweep_id
+from .trial import trial_hparams, write_json_atomic
+
+log = logging.getLogger("sweep.launch")
+
+#: Environment variables forwarded to the Ray workers.
+PASSTHROUGH = ("HF_TOKEN", "HF_HOME", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", "MODEL_EDITING_CACHE")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared values on disk (so a restarted sweep does not optimise them again)
+
+
+def values_path(store: str, group: str) -> Path:
+    return Path(store) / f"{hashlib.sha256(group.encode()).hexdigest()[:24]}.safetensors"
+
+
+def load_values(store: str, group: str, case_ids: list[int]) -> np.ndarray | None:
+    from safetensors import safe_open
+
+    path = values_path(store, group)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+        if meta.get("group") != group:
+            return None
+        have = json.loads(meta.get("case_ids", "[]"))
+        if have[: len(case_ids)] != case_ids:
+            return None
+        return f.get_tensor("values")[: len(case_ids)]
+
+
+def save_values(store: str, group: str, case_ids: list[int], values: np.ndarray) -> None:
+    import tempfile
+
+    from safetensors.numpy import save_file
+
+    path = values_path(store, group)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(
+            {"values": np.ascontiguousarray(values)}, tmp, metadata={"group": group, "case_ids": json.dumps(case_ids)}
+        )
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def init_ray(args: argparse.Namespace) -> None:
+    import ray
+
+    env_vars = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TOKENIZERS_PARALLELISM": "false"}
+    # Secrets and locations travel from the launching shell to every worker, never through a file.
+    env_vars.update({k: os.environ[k] for k in PASSTHROUGH if k in os.environ})
+    env = {"env_vars": env_vars}
+    if args.local:
+        # address="local" always starts a fresh instance (a stale /tmp/ray session would otherwise be joined)
+        ray.init(
+            address="local",
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            include_dashboard=False,
+            runtime_env=env,
+            log_to_driver=args.verbose,
+        )
+    else:
+        ray.init(address=args.address, runtime_env=env, log_to_driver=args.verbose)
+
+
+def prepass(cfg: SweepConfig, plan: Plan) -> tuple[dict, dict, dict[str, Any]]:
+    """Statistics and batch-mode values, computed once, put in the object store once.
+
+    Returns (stats_refs: group -> {layer: ref}, values_refs: group -> (case_ids, ref), work counters).
+    """
+    import ray
+
+    from . import worker
+    from .data import load_counterfact, select
+
+    gpu = cfg.resources.prepass_gpu if cfg.resources.prepass_gpu is not None else cfg.resources.gpu
+    opts = {"num_cpus": cfg.resources.cpu, "num_gpus": gpu, "max_retries": cfg.retries}
+    work = {
+        "stats_layers_computed": 0,
+        "stats_layers_cached": 0,
+        "stats_passes": 0,
+        "values_optimised": 0,
+        "values_cached": 0,
+    }
+    stats_refs: dict[str, dict[int, Any]] = {}
+    pending = []
+    for group, g in plan.stats.items():
+        layers = g["layers"]
+        refs = (
+            ray.remote(worker.stats_task)
+            .options(num_returns=len(layers) + 1, **opts)
+            .remote(to_dict(g["trial"]), layers)
+        )
+        stats_refs[group] = dict(zip(layers, refs[:-1]))
+        pending.append(refs[-1])
+    values_refs: dict[str, tuple[list[int], Any]] = {}
+    value_jobs = []
+    for group, g in plan.values.items():
+        t = g["trial"]
+        recs = select(
+            load_counterfact(t.dataset.source, t.dataset.sha256),
+            n=g["n_facts"],
+            case_ids=t.dataset.case_ids,
+            sample_file=t.dataset.sample_file,
+            sample=t.dataset.sample,
+            unique_subjects_seed=t.dataset.unique_subjects_seed,
+        )
+        ids = [r.case_id for r in recs]
+        cached = load_values(cfg.values_store, group, ids)
+        if cached is not None:
+            values_refs[group] = (ids, ray.put(cached))
+            work["values_cached"] += len(ids)
+            continue
+        chunks = [ids[i : i + cfg.values_chunk] for i in range(0, len(ids), cfg.values_chunk)]
+        refs = [ray.remote(worker.values_task).options(**opts).remote(to_dict(t), ch) for ch in chunks]
+        value_jobs.append((group, ids, refs))
+    t0 = time.perf_counter()
+    for computed in ray.get(pending):
+        work["stats_passes"] += 1 if computed else 0
+        work["stats_layers_computed"] += len(computed)
+    work["stats_layers_cached"] = sum(len(g["layers"]) for g in plan.stats.values()) - work["stats_layers_computed"]
+    for group, ids, refs in value_jobs:
+        arr = np.concatenate(ray.get(refs))
+        save_values(cfg.values_store, group, ids, arr)
+        values_refs[group] = (ids, ray.put(arr))
+        work["values_optimised"] += len(ids)
+    work["prepass_s"] = time.perf_counter() - t0
+    log.info("shared work: %s", work)
+    return stats_refs, values_refs, work
+
+
+def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    """Start (or resume) the sweep; returns a summary with the parent run id and work counters."""
+    from ray import tune
+
+    from . import tracking, worker
+
+    t_start = time.perf_counter()
+    sid = sweep_id(cfg)
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    c = tracking.client(uri)
+    exp = tracking.experiment_id(c, cfg.mlflow.experiment)
+    parent, reused = tracking.start_parent(c, exp, cfg.name, sid, args.resume)
+    if not reused:
+        c.log_batch(
+            parent,
+            params=[
+                _param(k, v)
+                for k, v in {
+                    "sweep": cfg.name,
+                    "trials": len(plan.trials),
+                    "grid": json.dumps(cfg.grid),
+                    "models": json.dumps(sorted({t.model.source or "smollm2-135m (embedded)" for t in plan.trials})),
+                }.items()
+            ],
+        )
+        c.log_dict(parent, to_dict(cfg), "sweep.yaml")
+        c.log_dict(
+            parent,
+            {"summary": plan.summary(), "trials": [to_dict(t) for t in plan.trials], "estimates": plan.estimates},
+            "plan.json",
+        )
+    done = tracking.trial_runs(c, exp, parent)
+    init_ray(args)
+    todo = [k for k in plan.keys if k not in done]
+    if args.resume and not todo:
+        log.info("every trial of %s is already in MLflow: nothing to run", cfg.name)
+        work = {"stats_layers_computed": 0, "values_optimised": 0, "trials_run": 0}
+        c.set_terminated(parent, "FINISHED")
+        return {
+            "parent_run_id": parent,
+            "work": work,
+            "trials": len(plan.trials),
+            "errors": 0,
+            "tracking_uri": uri,
+            "wall_s": time.perf_counter() - t_start,
+        }
+    stats_refs, values_refs, work = prepass(cfg, plan)
+    c.log_dict(
+        parent,
+        {
+            g: {
+                "layers": v["layers"],
+                "cached_before": v["cached"],
+                "model": to_dict(v["trial"].model),
+                "stats": to_dict(v["trial"].stats),
+            }
+            for g, v in plan.stats.items()
+        },
+        "statistics.json",
+    )
+
+    trials = {k: to_dict(t) for k, t in zip(plan.keys, plan.trials)}
+    points = [
+        {
+            "key": k,
+            "algorithm": t.algorithm,
+            "layers": list(trial_hparams(t).layers),
+            "batch_size": t.batch_size,
+            "mode": t.mode,
+            **{f"hp.{a}": b for a, b in t.hp.items()},
+        }
+        for k, t in zip(plan.keys, plan.trials)
+        if k in todo
+    ]
+    fn = tune.with_parameters(worker.trainable, stats_refs=stats_refs, values_refs=values_refs, trials=trials)
+    fn = tune.with_resources(fn, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+    storage = str(Path(cfg.storage).resolve())
+    name = f"{cfg.name}-{sid}"
+    callback = tracking.make_callback(uri, exp, parent, sid)
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=storage,
+        callbacks=[callback],
+        verbose=1 if args.verbose else 0,
+        failure_config=tune.FailureConfig(max_failures=cfg.retries),
+    )
+    path = os.path.join(storage, name)
+    if args.resume and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=fn, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            fn,
+            param_space={"point": tune.grid_search(points)},
+            run_config=run_config,
+            tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=cfg.resources.max_concurrent),
+        )
+    grid = tuner.fit()
+    errors = grid.num_errors
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        p = (r.config or {}).get("point", {})
+        rows.append(
+            (
+                p.get("algorithm"),
+                p.get("layers"),
+                p.get("batch_size"),
+                p.get("mode"),
+                m.get("final.s"),
+                m.get("at_edit.s"),
+            )
+        )
+    work["trials_run"] = len(rows)
+    wall = time.perf_counter() - t_start
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    c.log_batch(
+        parent,
+        metrics=[Metric(f"work.{k}", float(v), now, 0) for k, v in work.items()]
+        + [Metric("wall_s", wall, now, 0), Metric("errors", float(errors), now, 0)],
+    )
+    c.set_terminated(parent, "FINISHED" if errors == 0 else "FAILED")
+    print(f"\n{'algorithm':<10} {'layers':<8} {'B':>5} {'mode':<17} {'S final':>8} {'S at edit':>9}")
+    for a, ly, b, mo, sf, sa in sorted(rows, key=lambda r: str(r)):
+        print(f"{a!s:<10} {ly!s:<8} {b!s:>5} {mo!s:<17} {_fmt(sf):>8} {_fmt(sa):>9}")
+    print(f"\nsweep {cfg.name}: {len(rows)} trials run, {errors} failed, {wall:.0f}s; shared work {work}")
+    print(f"MLflow: {uri} (experiment {cfg.mlflow.experiment!r}, parent run {parent})")
+    print(f"  view:   mlflow ui --backend-store-uri {uri}")
+    print(f"  report: python -m sweep.report --sweep {cfg.name} --tracking-uri {uri}")
+    return {
+        "parent_run_id": parent,
+        "work": work,
+        "trials": len(rows),
+        "errors": errors,
+        "tracking_uri": uri,
+        "wall_s": wall,
+    }
+
+
+def _param(k: str, v: Any):
+    from mlflow.entities import Param
+
+    return Param(k, str(v)[:6000])
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.2f}" if isinstance(x, (int, float)) else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sweep.launch", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="sweep YAML (sweep/configs/*.yaml)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. base.n_edits=64 retries=2")
+    ap.add_argument("--local", action="store_true", help="start a local Ray instead of joining a cluster")
+    ap.add_argument("--address", default="auto", help="Ray address to join (default: auto)")
+    ap.add_argument("--num-gpus", type=float, default=None, help="GPUs of the local Ray (fake ones are fine)")
+    ap.add_argument("--num-cpus", type=float, default=None)
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit; no model is loaded")
+    ap.add_argument("--resume", action="store_true", help="continue a stopped sweep; finished trials are kept")
+    ap.add_argument("--verbose", action="store_true", help="Tune's progress tables and worker logs")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = load_sweep(args.config, args.overrides)
+        plan = make_plan(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(cfg, plan))
+    if args.dry_run:
+        return 0
+    summary = run(cfg, plan, args)
+    write_json_atomic(Path(cfg.storage) / f"{cfg.name}-{sweep_id(cfg)}-summary.json", summary)
+    return 0 if summary["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The sweep on local Ray with a tiny random Llama: sharing, MLflow, resume, dry runs, failures, nodes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+
+from sweep import launch  # noqa: E402
+from sweep.plan import expand, load_sweep, make_plan  # noqa: E402
+from tests.conftest import write_tiny_assets  # noqa: E402
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "sweep" / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tok_bos):
+    return write_tiny_assets(tmp_path_factory.mktemp("sweep"), tok_bos)
+
+
+def sweep_yaml(d: Path, name: str, grid: dict, **extra) -> Path:
+    cfg = {
+        "name": name,
+        "base": {
+            "hparams": "smollm2-135m",
+            "n_edits": 4,
+            "model": {"source": str(d / "model"), "device": "cpu"},
+            "dataset": {"source": str(d / "cf.json")},
+            "stats": {"corpus": str(d / "corpus.txt"), "max_tokens": 3000, "store": str(d / name / "stats")},
+            "hp": {"v_num_grad_steps": 3, "context_templates": "none"},
+            "scoring": {"ppl": True, "ppl_offset": 0, "ppl_texts": 2, "ppl_max_len": 64},
+        },
+        "grid": grid,
+        "resources": {"cpu": 1, "gpu": 0},
+        "mlflow": {"tracking_uri": f"sqlite:///{d / name / 'mlflow.db'}", "experiment": "test"},
+        "storage": str(d / name / "ray"),
+        "values_store": str(d / name / "values"),
+        "retries": 1,
+        **extra,
+    }
+    path = d / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def children(d: Path, name: str, parent: str):
+    c = mlflow.tracking.MlflowClient(f"sqlite:///{d / name / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("test")
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    parents = c.search_runs([exp.experiment_id], filter_string="tags.`sweep.role` = 'parent'")
+    return runs, parents, c
+
+
+@pytest.fixture()
+def local_ray():
+    yield
+    ray.shutdown()
+
+
+def test_sweep_shares_work_tracks_in_mlflow_and_resumes(assets, local_ray, monkeypatch, capsys):
+    grid = {"algorithm": ["memit", "emmet"], "layers": [[1], [2]], "batch_size": [2, 4], "mode": ["batch"]}
+    path = sweep_yaml(assets, "grid8", grid)
+    args = ["--config", str(path), "--local", "--num-cpus", "2"]
+    cfg = load_sweep(str(path))
+    plan = make_plan(cfg)
+    summary = launch.run(cfg, plan, launch_args(args))
+    assert summary["errors"] == 0 and summary["trials"] == 8
+    work = summary["work"]
+    # statistics once per (model, layer, corpus settings): both layers in one pass; values once per (layer, fact)
+    assert work["stats_passes"] == 1 and work["stats_layers_computed"] == 2
+    assert work["values_optimised"] == 2 * 4  # two value layers x four facts, shared by MEMIT and EMMET
+    runs, parents, c = children(assets, "grid8", summary["parent_run_id"])
+    assert len(parents) == 1 and len(runs) == 8
+    seen = set()
+    for r in runs:
+        p, m = r.data.params, r.data.metrics
+        assert r.info.status == "FINISHED"
+        assert {"algorithm", "layers", "layer", "batch_size", "mode", "n_edits", "model", "hp.v_lr"} <= set(p)
+        assert {"pre.es", "at_edit.s", "final.ns", "time.values", "memory.cpu_rss_peak_mb", "pre.ppl"} <= set(m)
+        assert m["work.stats_computed"] == 0 and m["work.stats_reused"] == 1
+        assert m["work.values_optimised"] == 0 and m["work.values_reused"] == 4
+        hist = c.get_metric_history(r.info.run_id, "curve.at_edit_s")
+        assert sorted(h.step for h in hist) == ([2, 4] if p["batch_size"] == "2" else [4])
+        arts = {a.path for a in c.list_artifacts(r.info.run_id)}
+        assert {"config.yaml", "per_record.csv", "trial.json"} <= arts
+        seen.add((p["algorithm"], p["layers"], p["batch_size"]))
+    assert len(seen) == 8
+    ray.shutdown()
+
+    # A second launch with --resume runs nothing new and logs no new run.
+    again = launch.run(cfg, make_plan(cfg), launch_args([*args, "--resume"]))
+    assert again["work"]["trials_run"] == 0 and again["work"]["stats_layers_computed"] == 0
+    assert again["parent_run_id"] == summary["parent_run_id"]
+    runs2, parents2, _ = children(assets, "grid8", summary["parent_run_id"])
+    assert len(runs2) == 8 and len(parents2) == 1
+
+
+def launch_args(argv):
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config")
+    ap.add_argument("--local", action="store_true")
+    ap.add_argument("--address", default="auto")
+    ap.add_argument("--num-gpus", type=float, default=None)
+    ap.add_argument("--num-cpus", type=float, default=None)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--verbose", action="store_true")
+    return ap.parse_args(argv)
+
+
+def test_killed_trial_is_retried_and_reported_once(assets, local_ray, monkeypatch, tmp_path):
+    from sweep.worker import CHAOS_ENV
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(CHAOS_ENV, str(marker))
+    grid = {"algorithm": ["memit"], "layers": [[1]], "batch_size": [2, 4], "mode": ["batch"]}
+    path = sweep_yaml(assets, "chaos", grid)
+    cfg = load_sweep(str(path))
+    summary = launch.run(cfg, make_plan(cfg), launch_args(["--local", "--num-cpus", "2"]))
+    assert marker.exists(), "a worker process should have been killed mid-trial"
+    assert summary["errors"] == 0
+    runs, _, _ = children(assets, "chaos", summary["parent_run_id"])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.data.tags["trial.key"] for r in runs}) == 2
+
+
+def test_two_node_cluster_reads_shared_statistics(assets, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    try:
+        grid = {"algorithm": ["memit", "emmet"], "layers": [[1]], "batch_size": [2, 4], "mode": ["batch"]}
+        path = sweep_yaml(assets, "twonode", grid)
+        cfg = load_sweep(str(path))
+        summary = launch.run(cfg, make_plan(cfg), launch_args(["--address", cluster.address]))
+        assert summary["errors"] == 0
+        runs, _, c = children(assets, "twonode", summary["parent_run_id"])
+        results = [
+            json.loads(
+                c.download_artifacts(r.info.run_id, "trial.json", str(tmp_path))
+                and Path(tmp_path, "trial.json").read_text()
+            )
+            for r in runs
+        ]
+        used = {res["node"] for res in results}
+        assert used == {n.node_id for n in nodes}, "trials should run on both worker nodes"
+        assert all(res["work"]["stats_reused"] == 1 and res["work"]["stats_computed"] == 0 for res in results)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_dry_runs(path, capsys):
+    assert launch.main(["--config", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "trials" in out and "statistics" in out
+
+
+def test_bad_sweep_config_names_the_field(assets, capsys):
+    path = sweep_yaml(assets, "bad", {"algorithm": ["memit", "mend"], "batch_size": [2]})
+    assert launch.main(["--config", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "algorithm" in err and "mend" in err
+    cfg = load_sweep(str(sweep_yaml(assets, "ok", {"batch_size": [2, 4]})))
+    assert len(expand(cfg)) == 2
