@@ -364,10 +364,10 @@ def hooks(
             h.remove()
 
 
-def run_until(model: nn.Module, **batch: torch.Tensor) -> Any:
+def run_until(model: nn.Module, use_cache: bool = False, **batch: Any) -> Any:
     """Run ``model(**batch)``; a :class:`StopForward` from a hook ends it early and returns None."""
     try:
-        return model(**batch, use_cache=False)
+        return model(**batch, use_cache=use_cache)
     except StopForward:
         return None
 

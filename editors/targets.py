@@ -157,6 +157,7 @@ def optimize_values(
     *,
     at: Literal["block", "rewrite"] = "block",
     max_requests: int = 32,
+    reuse_prefix: bool = True,
 ) -> Values:
     """Optimise v* for every request (ALGORITHMS.md §1 "Target value v*", §2 step 1).
 
@@ -168,6 +169,9 @@ def optimize_values(
             ``compute_v``).
         max_requests: requests per padded forward (bounds activation memory; results do not depend
             on it).
+        reuse_prefix: δ enters at the subject's last token, so every token before it has the same
+            keys and values at every step: compute them once (a KV cache of each row's prefix) and run
+            only the rest of each prompt per step. Same result (tested), less work.
 
     Returns:
         :class:`Values` with v* = v_init + δ for each request.
@@ -175,7 +179,7 @@ def optimize_values(
     if not templates or templates[0] != "{}":
         raise ValueError("templates: the first context template must be '{}' (v_init is read there)")
     chunks = [
-        _optimize_chunk(model, tok, spec, layer, requests[s : s + max_requests], templates, hp, at)
+        _optimize_chunk(model, tok, spec, layer, requests[s : s + max_requests], templates, hp, at, reuse_prefix)
         for s in range(0, len(requests), max_requests)
     ]
     return Values(*(torch.cat([getattr(c, f) for c in chunks]) for f in ("values", "init", "loss", "steps")))
@@ -190,6 +194,7 @@ def _optimize_chunk(
     templates: Sequence[str],
     hp: ValueHParams,
     at: str,
+    reuse_prefix: bool = True,
 ) -> Values:
     device = model_device(model)
     loss_layer = spec.n_layers - 1 if hp.v_loss_layer is None else max(hp.v_loss_layer, layer)
@@ -217,7 +222,19 @@ def _optimize_chunk(
         lookup.append(token_at_char(tok, text, end))
         kl_pos.append(lookup[-1])
         del i
+    loss_name = spec.block_name(loss_layer)
+    prefix = _prefix_cache(model, spec, seqs, lookup, pad_id(tok), loss_name) if reuse_prefix else None
+    pos_all = None
+    if prefix is not None:  # each row from its lookup token on; the prefix comes from the cache
+        plen = prefix.lengths
+        seqs = [sq[lk:] for sq, lk in zip(seqs, lookup)]
+        tgt_pos = [p - lookup[r] for p, r in zip(tgt_pos, tgt_row)]
+        lookup = [0] * len(seqs)
     all_ids, all_mask = pad_right(seqs, pad_id(tok), device)
+    if prefix is not None:
+        pos_all = plen[:, None] + torch.arange(all_ids.shape[1], device=device)[None]
+        valid = torch.arange(prefix.width, device=device)[None] < plen[:, None]
+        all_mask = torch.cat([valid.long(), all_mask], dim=1)
     lookup_t = torch.tensor(lookup, device=device)
     tgt_row_t = torch.tensor(tgt_row, device=device)
     tgt_pos_t = torch.tensor(tgt_pos, device=device)
@@ -228,7 +245,6 @@ def _optimize_chunk(
     is_kl_row[rows_per_req - 1 :: rows_per_req] = True
 
     edit_name = spec.block_name(layer) if at == "block" else spec.rewrite_name(layer)
-    loss_name = spec.block_name(loss_layer)
     ln_f, lm_head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
 
     delta = torch.zeros(n_req, spec.d_model, device=device, dtype=torch.float32, requires_grad=True)
@@ -261,8 +277,12 @@ def _optimize_chunk(
             return out + add.to(out.dtype)
 
         with torch.enable_grad(), no_weight_grads(model):
+            batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+            if prefix is not None:
+                batch.update(position_ids=pos_all[row_sel], use_cache=True)
+                batch[cache_kwarg(model)] = prefix.cache(row_sel)
             with hooks(model, outputs=[loss_name], edit_output={edit_name: add_delta}, stop_after=loss_name) as st:
-                run_until(model, input_ids=ids, attention_mask=mask)
+                run_until(model, **batch)
             hidden = st[f"out:{loss_name}"]
             # Map global row ids to positions in the selected sub-batch.
             local_of = torch.full((len(seqs),), -1, dtype=torch.long, device=device)
@@ -309,3 +329,64 @@ def _optimize_chunk(
     log.debug("values: layer %d, %d requests, loss %s", layer, n_req, last_loss.tolist())
     values = (init + delta).detach()
     return Values(values=values, init=init.clone(), loss=last_loss, steps=steps)
+
+
+@dataclass
+class _Prefix:
+    """Keys/values of every row's tokens before its lookup token, per layer up to the loss layer.
+
+    Rows are right-padded to ``width`` with no attention mask in the prefix pass: a real token never
+    attends to a later pad (causal attention), so its keys and values are exact, and no query row is
+    fully masked (which would turn pad states into NaN). The pads are masked out in the step passes.
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    lengths: torch.Tensor  # [rows] prefix length = lookup index
+    width: int
+
+    def cache(self, rows: torch.Tensor) -> Any:
+        """A fresh cache holding the selected rows' prefixes (the step pass appends to it)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(self.kv):
+            cache.update(k[rows], v[rows], i)
+        return cache
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward argument that takes a KV cache: ``cache`` in recent transformers, else
+    ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def _prefix_cache(
+    model: nn.Module, spec: ModelSpec, seqs: list[list[int]], lookup: list[int], pad: int, last: str
+) -> _Prefix | None:
+    """Run every row's prefix once (up to block ``last``) and keep its KV cache; None if no row has a
+    prefix or the model's cache cannot be read (then the full rows run at every step)."""
+    width = max(lookup)
+    if width == 0:
+        return None
+    try:
+        from transformers import DynamicCache
+    except ImportError:  # pragma: no cover - transformers always has it
+        return None
+    device = model_device(model)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    for i, (sq, lk) in enumerate(zip(seqs, lookup)):
+        ids[i, :lk] = torch.tensor(sq[:lk], dtype=torch.long)
+    cache = DynamicCache()
+    with hooks(model, stop_after=last):
+        run_until(model, use_cache=True, input_ids=ids.to(device), **{cache_kwarg(model): cache})
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # pragma: no cover - older transformers
+        kv = list(zip(cache.key_cache, cache.value_cache))
+    else:
+        kv = [(layer.keys, layer.values) for layer in layers]
+    if not kv or any(k is None or k.shape[-2] != width for k, _ in kv):
+        return None
+    return _Prefix(kv=kv, lengths=torch.tensor(lookup, device=device), width=width)

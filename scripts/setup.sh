@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install this project and what it needs, on a fresh machine.
-#   bash scripts/setup.sh          # the package, the embedded model and text, test tools
-#   bash scripts/setup.sh cluster  # also `datasets`, Ray and MLflow extras for sweeps on a cluster
+#   bash scripts/setup.sh          # the package with Ray Tune + MLflow, the embedded model and text, test tools
+#   bash scripts/setup.sh cluster  # also `datasets` (Wikipedia statistics from the hub)
 # On a machine without torch this installs the CPU build torch==2.13.0 first (a plain `torch`
 # requirement would pull a multi-GB CUDA build); a machine that already has torch keeps it.
 set -euo pipefail

@@ -252,7 +252,7 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
         name=name,
         storage_path=storage,
         callbacks=[callback],
-        verbose=1 if args.verbose else 0,
+        verbose=0 if args.quiet else 1,
         failure_config=tune.FailureConfig(max_failures=cfg.retries),
     )
     path = os.path.join(storage, name)
@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-cpus", type=float, default=None)
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit; no model is loaded")
     ap.add_argument("--resume", action="store_true", help="continue a stopped sweep; finished trials are kept")
-    ap.add_argument("--verbose", action="store_true", help="Tune's progress tables and worker logs")
+    ap.add_argument("--verbose", action="store_true", help="forward the workers' logs to this console")
+    ap.add_argument("--quiet", action="store_true", help="no Tune progress table")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:

@@ -130,8 +130,11 @@ def trainable(
     model, tok = cached_model(cfg.model)
     stats = None
     group = stats_refs.get(stats_group(cfg))
+    zero_copy = None
     if group is not None:
-        stats = {layer: _as_tensor(ray.get(group[layer])) for layer in hp.layers}
+        arrays = {layer: ray.get(group[layer]) for layer in hp.layers}
+        zero_copy = all(not a.flags.writeable and not a.flags.owndata for a in arrays.values())
+        stats = {layer: _as_tensor(a) for layer, a in arrays.items()}
     values_cache = None
     vg = values_refs.get(values_group(cfg))
     if vg is not None:
@@ -162,6 +165,7 @@ def trainable(
     result["trial_key"] = key
     result["node"] = ray.get_runtime_context().get_node_id()
     result["pid"] = os.getpid()
+    result["stats_zero_copy"] = zero_copy  # a read-only view of the object store, not a per-trial copy
     final = {f"{stage}.{k}": v for stage, m in result["metrics"].items() for k, v in m.items()}
     with tempfile.TemporaryDirectory() as d:
         Path(d, "result.json").write_text(json.dumps(result, default=str))

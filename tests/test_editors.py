@@ -425,3 +425,26 @@ def test_spec_for_other_llama_family_and_unknown(tok):
     model.config.model_type = "falcon"
     with pytest.raises(ModelSpecError, match="ModelSpec"):
         spec_for(model)
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_prefix_reuse_gives_the_same_values(bos, tok, tok_bos):
+    """Caching every row's tokens before the lookup token changes nothing, including rows whose subject
+    is the very first token (an empty prefix) and rows of different lengths."""
+    from tests.conftest import make_model
+
+    t = tok_bos if bos else tok
+    model = make_model(len(t), seed=5)
+    spec = spec_for(model)
+    reqs = [*REQUESTS, EditRequest("{} is a letter of", "A", "Greek", case_id=9)]
+    assert t("A is a letter of")["input_ids"][: 2 if bos else 1][-1] == t("A", add_special_tokens=False)["input_ids"][0]
+    hp = ValueHParams(v_num_grad_steps=6, early_stop_loss=6.0)
+    tpl = ("{}", "Once upon a time. {}", "I. {}")
+    full = optimize_values(model, t, spec, 2, reqs, tpl, hp, reuse_prefix=False)
+    cached = optimize_values(model, t, spec, 2, reqs, tpl, hp, reuse_prefix=True)
+    torch.testing.assert_close(cached.values, full.values, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached.loss, full.loss, rtol=1e-5, atol=1e-6)
+    assert cached.steps.tolist() == full.steps.tolist()
+    rome_full = optimize_values(model, t, spec, 1, reqs[:2], tpl, hp, at="rewrite", reuse_prefix=False)
+    rome_cached = optimize_values(model, t, spec, 1, reqs[:2], tpl, hp, at="rewrite")
+    torch.testing.assert_close(rome_cached.values, rome_full.values, rtol=1e-5, atol=1e-6)

@@ -111,6 +111,7 @@ def launch_args(argv):
     ap.add_argument("--num-cpus", type=float, default=None)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
 
 
@@ -152,6 +153,7 @@ def test_two_node_cluster_reads_shared_statistics(assets, tmp_path):
         used = {res["node"] for res in results}
         assert used == {n.node_id for n in nodes}, "trials should run on both worker nodes"
         assert all(res["work"]["stats_reused"] == 1 and res["work"]["stats_computed"] == 0 for res in results)
+        assert all(res["stats_zero_copy"] for res in results)  # read-only views of each node's object store
     finally:
         ray.shutdown()
         cluster.shutdown()
