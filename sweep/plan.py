@@ -20,7 +20,7 @@ from typing import Any
 from editors.config import ConfigError, from_dict, load_yaml, merge, parse_overrides, to_dict
 from editors.model import ModelRef, n_layers_of
 
-from .trial import TrialConfig, parse_config, stats_keys, trial_hparams
+from .trial import TrialConfig, parse_config, stats_keys, trial_hparams, values_shareable
 
 #: Shapes of models a dry run may be asked about without network access to their config.
 KNOWN_SHAPES = {
@@ -192,12 +192,6 @@ def needs_stats(t: TrialConfig) -> bool:
     return not (t.algorithm == "rome" and not getattr(hp, "mom2_adjustment", True))
 
 
-def shares_values(t: TrialConfig) -> bool:
-    """Batch-mode values depend only on (model, layer, fact, value hparams); ROME with B > 1 edits one
-    request on top of the previous ones inside a batch, so only its single edits share."""
-    return t.mode == "batch" and not (t.algorithm == "rome" and t.batch_size > 1)
-
-
 def stats_group(t: TrialConfig) -> str:
     """Trials in one group share one statistics pass (same model and statistics settings)."""
     s = t.stats
@@ -262,7 +256,7 @@ def make_plan(cfg: SweepConfig) -> Plan:
         if needs_stats(t) and cfg.share_stats:
             g = stats.setdefault(stats_group(t), {"trial": t, "layers": set(), "cached": []})
             g["layers"].update(hp.layers)
-        if shares_values(t) and cfg.share_values:
+        if values_shareable(t) and cfg.share_values:
             g = values.setdefault(values_group(t), {"trial": t, "n_facts": t.n_edits, "uses": 0})
             g["n_facts"] = max(g["n_facts"], t.n_edits)
             g["uses"] += t.n_edits

@@ -178,6 +178,13 @@ def compute_stats(
     )
 
 
+def values_shareable(cfg: TrialConfig) -> bool:
+    """Target values can be shared across trials only in ``batch`` mode (otherwise they depend on the
+    earlier batches' edits), and for ROME only for single edits (ROME edits a batch's requests one on
+    top of the other)."""
+    return cfg.mode == "batch" and not (cfg.algorithm == "rome" and cfg.batch_size > 1)
+
+
 def value_key(cfg: TrialConfig, hp: EditHParams, model_id: str, case_id: int) -> str:
     """Cache key of a batch-mode target value: it depends on the model, the value layer and site,
     the value hyperparameters and the templates' style/seed — not on the batch size or the solver,
@@ -362,7 +369,7 @@ def run_trial(
 
     # Values shared across trials (batch mode only: otherwise values depend on earlier edits).
     def provide(b: int, chunk: list) -> torch.Tensor | None:
-        if values_cache is None or cfg.mode != "batch":
+        if values_cache is None or not values_shareable(cfg):
             return None
         keys = [value_key(cfg, hp, model_id, r.case_id) for r in chunk]
         if all(k in values_cache for k in keys):
@@ -385,7 +392,7 @@ def run_trial(
             stage[k] += info.get(f"time_{k}", 0.0)
         if "value_loss" in info:
             work["values_optimised"] += len(ev.requests)
-            if values_cache is not None and cfg.mode == "batch":
+            if values_cache is not None and values_shareable(cfg):
                 for r, v in zip(ev.requests, ev.result.values):
                     values_cache[value_key(cfg, hp, model_id, r.case_id)] = v.detach().cpu()
         for layer_info in info.get("solver", {}).values():
