@@ -286,7 +286,7 @@ def load_model(
         source: hub id, local folder, path of a ``.gguf`` file, or None for the embedded SmolLM2.
         gguf_file: GGUF file name inside ``source`` (a folder or hub repo).
         revision: hub revision (commit, tag or branch).
-        dtype, device: chosen by the caller ("bfloat16", "cuda:0", ...).
+        dtype, device: chosen by the caller (a dtype name such as "bfloat16", any torch device string).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -40,16 +40,23 @@ _MODELS: dict[tuple, tuple[Any, Any]] = {}  # per worker process: (source, gguf,
 
 def cached_model(mc: ModelConfig) -> tuple[Any, Any]:
     """The model and tokenizer of ``mc``, loaded once per process."""
+    return _cached_model(mc)[:2]
+
+
+def _cached_model(mc: ModelConfig) -> tuple[Any, Any, float]:
+    """(model, tokenizer, seconds this call spent loading: 0 when the process had it already)."""
+    import time
+
     from editors import load_model
 
     device = resolve_device(mc.device)
     key = (mc.source, mc.gguf_file, mc.revision, mc.dtype, device)
-    if key not in _MODELS:
-        _MODELS.clear()  # one model per worker: a new model replaces the old one
-        _MODELS[key] = load_model(
-            mc.source, gguf_file=mc.gguf_file, revision=mc.revision, dtype=mc.dtype, device=device
-        )
-    return _MODELS[key]
+    if key in _MODELS:
+        return (*_MODELS[key], 0.0)
+    _MODELS.clear()  # one model per worker: a new model replaces the old one
+    t = time.perf_counter()
+    _MODELS[key] = load_model(mc.source, gguf_file=mc.gguf_file, revision=mc.revision, dtype=mc.dtype, device=device)
+    return (*_MODELS[key], time.perf_counter() - t)
 
 
 def model_identity(mc: ModelConfig) -> str:
@@ -127,7 +134,7 @@ def trainable(
     key = config["point"]["key"]
     cfg: TrialConfig = parse_config(trials[key])
     hp = trial_hparams(cfg)
-    model, tok = cached_model(cfg.model)
+    model, tok, load_s = _cached_model(cfg.model)
     stats = None
     group = stats_refs.get(stats_group(cfg))
     zero_copy = None
@@ -163,6 +170,7 @@ def trainable(
         cfg, model=model, tok=tok, stats=stats, values_cache=values_cache, on_batch=on_batch, progress=False
     )
     result["trial_key"] = key
+    result["timings"]["load"] = load_s  # 0 when an earlier trial of this worker loaded the model
     result["node"] = ray.get_runtime_context().get_node_id()
     result["pid"] = os.getpid()
     result["stats_zero_copy"] = zero_copy  # a read-only view of the object store, not a per-trial copy
