@@ -248,11 +248,25 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
     storage = str(Path(cfg.storage).resolve())
     name = f"{cfg.name}-{sid}"
     callback = tracking.make_callback(uri, exp, parent, sid)
+    # A compact progress table (trial, algorithm, layers, B, mode | edits so far, S/ES/PS/NS at edit) instead
+    # of the new output engine's box per result; CLIReporter is honoured only with RAY_AIR_NEW_OUTPUT=0.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    reporter = tune.CLIReporter(
+        parameter_columns={
+            "point/algorithm": "algorithm",
+            "point/layers": "layers",
+            "point/batch_size": "B",
+            "point/mode": "mode",
+        },
+        metric_columns={"edits": "edits", "s": "S", "es": "ES", "ps": "PS", "ns": "NS"},
+        max_report_frequency=30,
+    )
     run_config = tune.RunConfig(
         name=name,
         storage_path=storage,
         callbacks=[callback],
         verbose=0 if args.quiet else 1,
+        progress_reporter=reporter,
         failure_config=tune.FailureConfig(max_failures=cfg.retries),
     )
     path = os.path.join(storage, name)

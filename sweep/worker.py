@@ -178,7 +178,7 @@ def trainable(
     with tempfile.TemporaryDirectory() as d:
         Path(d, "result.json").write_text(json.dumps(result, default=str))
         tune.report(
-            {"edits": cfg.n_edits, "s": result["metrics"]["final"]["s"], "done_trial": 1, **final},
+            {"edits": cfg.n_edits, **{m: result["metrics"]["final"][m] for m in ("s", "es", "ps", "ns")}, **final},
             checkpoint=tune.Checkpoint.from_directory(d),
         )
     if torch.cuda.is_available():
