@@ -203,10 +203,10 @@ def _optimize_chunk(
 
     # Rows: every template with the target's tokens but the last appended (teacher forcing; ids are
     # concatenated rather than re-tokenised from decoded text), then the KL prompt.
-    seqs, lookup, tgt_pos, tgt_ids, tgt_row = [], [], [], [], []
-    kl_pos = []
-    for i, r in enumerate(requests):
+    seqs, lookup, tgt_pos, tgt_ids, tgt_row, n_tgt_list = [], [], [], [], [], []
+    for r in requests:
         t_ids = target_ids(tok, r.target_new)
+        n_tgt_list.append(len(t_ids))
         for t in templates:
             text, end = fill(t.replace("{}", r.template, 1), r.subject)
             ids, _ = encode(tok, text)
@@ -220,8 +220,6 @@ def _optimize_chunk(
         text, end = fill(hp.kl_prompt, r.subject)
         seqs.append(encode(tok, text)[0])
         lookup.append(token_at_char(tok, text, end))
-        kl_pos.append(lookup[-1])
-        del i
     loss_name = spec.block_name(loss_layer)
     prefix = _prefix_cache(model, spec, seqs, lookup, pad_id(tok), loss_name) if reuse_prefix else None
     pos_all = None
@@ -239,7 +237,7 @@ def _optimize_chunk(
     tgt_row_t = torch.tensor(tgt_row, device=device)
     tgt_pos_t = torch.tensor(tgt_pos, device=device)
     tgt_ids_t = torch.tensor(tgt_ids, device=device)
-    n_tgt = torch.tensor([len(target_ids(tok, r.target_new)) for r in requests], device=device)
+    n_tgt = torch.tensor(n_tgt_list, device=device)
     req_of_row = torch.arange(n_req, device=device).repeat_interleave(rows_per_req)
     is_kl_row = torch.zeros(len(seqs), dtype=torch.bool, device=device)
     is_kl_row[rows_per_req - 1 :: rows_per_req] = True
