@@ -260,7 +260,13 @@ def make_plan(cfg: SweepConfig) -> Plan:
             g = values.setdefault(values_group(t), {"trial": t, "n_facts": t.n_edits, "uses": 0})
             g["n_facts"] = max(g["n_facts"], t.n_edits)
             g["uses"] += t.n_edits
-        estimates.append(estimate(t, shape, cfg.estimate.tflops))
+        shared = values_shareable(t) and cfg.share_values
+        estimates.append(estimate(t, shape, cfg.estimate.tflops, values_shared=shared))
+    for g in values.values():
+        t = g["trial"]
+        g["seconds"] = value_seconds(
+            t, model_shape(t.model.source, t.model.gguf_file, t.model.revision), cfg.estimate.tflops, g["n_facts"]
+        )
     for g in stats.values():
         g["layers"] = sorted(g["layers"])
         t = g["trial"]
@@ -271,29 +277,34 @@ def make_plan(cfg: SweepConfig) -> Plan:
     return Plan(trials, [trial_key(t) for t in trials], stats, values, estimates)
 
 
-def estimate(t: TrialConfig, shape: Shape, tflops: float) -> dict[str, float]:
+def value_seconds(t: TrialConfig, shape: Shape, tflops: float, n_facts: int) -> float:
+    """Time of the target-value optimisation of ``n_facts`` facts: 6 · params · tokens per step (forward +
+    backward) × steps, with ~12 tokens per prompt after the cached prefix."""
+    hp = trial_hparams(t)
+    n_prompts = {"rome": 21, "memit": 6, "none": 1}[hp.context_templates] + 1
+    return 6 * shape.params * n_facts * n_prompts * 12 * hp.v_num_grad_steps / (tflops * 1e12)
+
+
+def estimate(t: TrialConfig, shape: Shape, tflops: float, values_shared: bool = False) -> dict[str, float]:
     """Rough GPU memory (GB) and time (s) of a trial, from shapes alone.
 
-    Memory: weights in the model dtype + C of each edited layer (fp32) and its fp64 solve copy +
-    the value optimisation's activations (rows × tokens × layers above the edit × ~(14·d + 3·dk) values
-    in the model dtype). Time: value optimisation ≈ 6 · params · tokens per step (forward + backward)
-    × steps at ``tflops``, plus scoring forwards.
+    Memory: weights in the model dtype + C of each edited layer (fp32) and its fp64 solve copy + the value
+    optimisation's saved activations (rows × ~12 tokens after the cached prefix × layers above the edit
+    × ~(10·d + 4·dk) values in the model dtype). Time: the value optimisation (none when the sweep shares
+    the values) plus the scoring forwards (2 · params per token; pre, at edit and, in sequential modes,
+    final).
     """
     hp = trial_hparams(t)
     bytes_w = 2 if t.model.dtype in ("bfloat16", "bf16", "float16", "fp16") else 4
     n_prompts = {"rome": 21, "memit": 6, "none": 1}[hp.context_templates] + 1
     rows = min(t.batch_size, hp.value_batch) * n_prompts
-    tokens = 24
     above = shape.n_layers - hp.layers[-1]
-    act = rows * tokens * above * (14 * shape.d_model + 3 * shape.d_key) * bytes_w
+    act = rows * 12 * above * (10 * shape.d_model + 4 * shape.d_key) * bytes_w
     stats_mem = len(hp.layers) * shape.d_key**2 * (4 + 8)
     mem = shape.params * bytes_w + stats_mem + act
-    value_flops = 6 * shape.params * (t.n_edits * n_prompts * tokens) * hp.v_num_grad_steps
-    score_flops = (
-        2 * shape.params * t.n_edits * 15 * 2 * tokens * (2 if t.mode == "batch" else 3)
-    )  # pre + at_edit (+ final)
-    seconds = (value_flops + score_flops) / (tflops * 1e12)
-    return {"gpu_memory_gb": mem / 1e9, "time_s": seconds, "value_steps": float(hp.v_num_grad_steps)}
+    values = 0.0 if values_shared else value_seconds(t, shape, tflops, t.n_edits)
+    score = 2 * shape.params * t.n_edits * 13 * 2 * 20 * (2 if t.mode == "batch" else 3) / (tflops * 1e12)
+    return {"gpu_memory_gb": mem / 1e9, "time_s": values + score, "value_steps": float(hp.v_num_grad_steps)}
 
 
 def format_plan(cfg: SweepConfig, plan: Plan) -> str:
@@ -316,9 +327,9 @@ def format_plan(cfg: SweepConfig, plan: Plan) -> str:
         f"target values: {s['values_to_optimise_shared']} optimisations shared across trials "
         f"(instead of {s['values_without_sharing']} without sharing)"
     )
-    total = sum(e["time_s"] for e in plan.estimates)
+    total = sum(e["time_s"] for e in plan.estimates) + sum(g["seconds"] for g in plan.values.values())
     lines.append(
         f"estimated trial time: {total / 3600:.2f} GPU-hours at {cfg.estimate.tflops:g} TFLOP/s sustained "
-        f"(rough; statistics not included)"
+        f"(rough; shared values included, statistics not)"
     )
     return "\n".join(lines)
