@@ -31,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from editors.model import ModelSpec, hooks, model_device, parse_dtype, run_until
+from editors.requests import pad_id, pad_right
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def collect_second_moments(
         raise ValueError(f"batch_tokens: must be a positive integer, got {batch_tokens!r}")
     seq_len = max_seq_len or default_max_seq_len(model)
     device = model_device(model)
-    pad_id = _pad_id(tok)
+    pad = pad_id(tok)
     names = {layer: spec.rewrite_name(layer) for layer in layers}
     sums = {layer: torch.zeros(spec.d_key, spec.d_key, dtype=acc, device=device) for layer in layers}
     n_tokens = 0
@@ -137,7 +138,7 @@ def collect_second_moments(
         tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="mom2", disable=not progress) as bar,
     ):
         for batch in _batches(stream, batch_tokens):
-            input_ids, mask = _pad(batch, pad_id, device)
+            input_ids, mask = pad_right(batch, pad, device)
             store.clear()
             run_until(model, input_ids=input_ids, attention_mask=mask)
             keep = mask.bool()
@@ -200,14 +201,6 @@ def _check_layers(spec: ModelSpec, layers: Sequence[int]) -> list[int]:
     return sorted(set(layers))
 
 
-def _pad_id(tok: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tok, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0  # masked out; with causal attention right padding never reaches the real tokens
-
-
 def _token_stream(
     tok: Any, texts: Iterable[str], seq_len: int, max_texts: int | None, max_tokens: int | None
 ) -> Iterator[list[int]]:
@@ -255,17 +248,6 @@ def _pack(seqs: list[list[int]], batch_tokens: int) -> Iterator[list[list[int]]]
         batch.append(ids)
     if batch:
         yield batch
-
-
-def _pad(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask``, both [B, T] int64 on ``device``."""
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, ids in enumerate(batch):
-        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[i, : len(ids)] = 1
-    return input_ids.to(device), mask.to(device)
 
 
 @contextlib.contextmanager
