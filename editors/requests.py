@@ -96,21 +96,27 @@ def encode(tok: Any, text: str) -> tuple[list[int], Any]:
     return list(enc["input_ids"]), (enc if getattr(enc, "_encodings", None) else None)
 
 
-def token_at_char(tok: Any, text: str, char_end: int) -> int:
-    """Index of the token that holds character ``char_end - 1`` of ``text`` in ``tok(text)``.
+def encode_at(tok: Any, text: str, char_end: int) -> tuple[list[int], int]:
+    """Token ids of ``text`` (as :func:`encode`) and the index of the token that holds character
+    ``char_end - 1``, from one tokenisation.
 
-    With a fast tokenizer this reads the offsets of the full text; otherwise it counts the tokens of
-    the prefix (the reference code's method).
+    With a fast tokenizer the index comes from the offsets of the full text; otherwise it counts the
+    tokens of the prefix (the reference code's method).
     """
-    _ids, enc = encode(tok, text)
+    ids, enc = encode(tok, text)
     if enc is not None:
         c = char_end - 1
         while c >= 0 and text[c].isspace():
             c -= 1
         idx = enc.char_to_token(max(c, 0))
         if idx is not None:
-            return idx
-    return len(tok(text[:char_end])["input_ids"]) - 1
+            return ids, idx
+    return ids, len(tok(text[:char_end])["input_ids"]) - 1
+
+
+def token_at_char(tok: Any, text: str, char_end: int) -> int:
+    """Index of the token that holds character ``char_end - 1`` of ``text`` in ``tok(text)``."""
+    return encode_at(tok, text, char_end)[1]
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import ModelSpec, get_module, hooks, model_device, no_weight_grads, run_until
-from .requests import EditRequest, encode, fill, pad_id, pad_right, target_ids, token_at_char
+from .requests import EditRequest, encode_at, fill, pad_id, pad_right, target_ids
 from .templates import TemplateGroups, flat
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,9 @@ def _rows(tok: Any, requests: Sequence[EditRequest], templates: Sequence[str]) -
     for r in requests:
         for t in templates:
             text, end = fill(t.replace("{}", r.template, 1), r.subject)
-            ids, _ = encode(tok, text)
+            ids, idx = encode_at(tok, text, end)
             seqs.append(ids)
-            idxs.append(token_at_char(tok, text, end))
+            idxs.append(idx)
     return seqs, idxs
 
 
@@ -209,17 +209,18 @@ def _optimize_chunk(
         n_tgt_list.append(len(t_ids))
         for t in templates:
             text, end = fill(t.replace("{}", r.template, 1), r.subject)
-            ids, _ = encode(tok, text)
+            ids, idx = encode_at(tok, text, end)
             row = len(seqs)
             seqs.append(ids + t_ids[:-1])
-            lookup.append(token_at_char(tok, text, end))
+            lookup.append(idx)
             for j, tid in enumerate(t_ids):
                 tgt_row.append(row)
                 tgt_pos.append(len(ids) - 1 + j)  # the logit at p predicts token p + 1
                 tgt_ids.append(tid)
         text, end = fill(hp.kl_prompt, r.subject)
-        seqs.append(encode(tok, text)[0])
-        lookup.append(token_at_char(tok, text, end))
+        ids, idx = encode_at(tok, text, end)
+        seqs.append(ids)
+        lookup.append(idx)
     loss_name = spec.block_name(loss_layer)
     prefix = _prefix_cache(model, spec, seqs, lookup, pad_id(tok), loss_name) if reuse_prefix else None
     pos_all = None
