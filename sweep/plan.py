@@ -20,7 +20,7 @@ from typing import Any
 from editors.config import ConfigError, from_dict, load_yaml, merge, parse_overrides, to_dict
 from editors.model import ModelRef, n_layers_of
 
-from .trial import TrialConfig, parse_config, stats_keys, trial_hparams, values_shareable
+from .trial import TrialConfig, needs_stats, parse_config, stats_keys, trial_hparams, values_shareable
 
 #: Shapes of models a dry run may be asked about without network access to their config.
 KNOWN_SHAPES = {
@@ -185,11 +185,6 @@ def model_shape(source: str | None, gguf_file: str | None, revision: str | None)
     tied = getattr(c, "tie_word_embeddings", False)
     params = v * d * (1 if tied else 2) + n * (attn + 3 * d * dk)
     return Shape(n, d, dk, v, params)
-
-
-def needs_stats(t: TrialConfig) -> bool:
-    hp = trial_hparams(t)
-    return not (t.algorithm == "rome" and not getattr(hp, "mom2_adjustment", True))
 
 
 def stats_group(t: TrialConfig) -> str:

@@ -142,6 +142,12 @@ def trial_hparams(cfg: TrialConfig) -> EditHParams:
         raise ConfigError(f"hp.{e}" if not str(e).startswith(("hparams", "algorithm")) else str(e)) from None
 
 
+def needs_stats(cfg: TrialConfig, hp: EditHParams | None = None) -> bool:
+    """Every algorithm needs the statistics except ROME with ``mom2_adjustment: false`` (C = I)."""
+    hp = hp or trial_hparams(cfg)
+    return not (cfg.algorithm == "rome" and not getattr(hp, "mom2_adjustment", True))
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -293,7 +299,7 @@ def run_trial(
         torch.cuda.reset_peak_memory_stats()
 
     # Statistics.
-    need_stats = not (cfg.algorithm == "rome" and not getattr(hp, "mom2_adjustment", True))
+    need_stats = needs_stats(cfg, hp)
     t = time.perf_counter()
     if need_stats and stats is None:
         layers = list(hp.layers)
