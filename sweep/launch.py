@@ -103,6 +103,10 @@ def init_ray(args: argparse.Namespace) -> None:
         ray.init(address=args.address, runtime_env=env, log_to_driver=args.verbose)
 
 
+def _chunks(ids: list[int], size: int) -> list[list[int]]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
 def prepass(cfg: SweepConfig, plan: Plan) -> tuple[dict, dict, dict[str, Any]]:
     """Statistics and batch-mode values, computed once, put in the object store once.
 
@@ -151,13 +155,37 @@ def prepass(cfg: SweepConfig, plan: Plan) -> tuple[dict, dict, dict[str, Any]]:
             values_refs[group] = (ids, ray.put(cached))
             work["values_cached"] += len(ids)
             continue
-        chunks = [ids[i : i + cfg.values_chunk] for i in range(0, len(ids), cfg.values_chunk)]
-        refs = [ray.remote(worker.values_task).options(**opts).remote(to_dict(t), ch) for ch in chunks]
+        refs = [
+            ray.remote(worker.values_task).options(**opts).remote(to_dict(t), ch)
+            for ch in _chunks(ids, cfg.values_chunk)
+        ]
         value_jobs.append((group, ids, refs))
     t0 = time.perf_counter()
-    for computed in ray.get(pending):
-        work["stats_passes"] += 1 if computed else 0
-        work["stats_layers_computed"] += len(computed)
+    n_values = sum(len(ids) for _, ids, _ in value_jobs)
+    chunk_size = {
+        ref: len(ch) for (_, ids, refs) in value_jobs for ref, ch in zip(refs, _chunks(ids, cfg.values_chunk))
+    }
+    log.info(
+        "pre-pass: %d statistics pass(es), %d target values in %d task(s) (%d cached)",
+        len(pending),
+        n_values,
+        len(chunk_size),
+        work["values_cached"],
+    )
+    # Wait on everything at once so that progress is logged as tasks finish, in any order.
+    left = pending + list(chunk_size)
+    done_values = 0
+    while left:
+        ready, left = ray.wait(left, num_returns=1)
+        ref = ready[0]
+        if ref in chunk_size:
+            done_values += chunk_size[ref]
+            log.info("pre-pass: %d/%d target values (%.0f s)", done_values, n_values, time.perf_counter() - t0)
+        else:
+            computed = ray.get(ref)
+            work["stats_passes"] += 1 if computed else 0
+            work["stats_layers_computed"] += len(computed)
+            log.info("pre-pass: statistics of layers %s computed (%.0f s)", computed, time.perf_counter() - t0)
     work["stats_layers_cached"] = sum(len(g["layers"]) for g in plan.stats.values()) - work["stats_layers_computed"]
     for group, ids, refs in value_jobs:
         arr = np.concatenate(ray.get(refs))
