@@ -46,6 +46,7 @@ def values_path(store: str, group: str) -> Path:
 
 
 def load_values(store: str, group: str, case_ids: list[int]) -> np.ndarray | None:
+    """The stored values of the longest prefix of ``case_ids`` the store holds for ``group`` (None: none)."""
     from safetensors import safe_open
 
     path = values_path(store, group)
@@ -56,9 +57,10 @@ def load_values(store: str, group: str, case_ids: list[int]) -> np.ndarray | Non
         if meta.get("group") != group:
             return None
         have = json.loads(meta.get("case_ids", "[]"))
-        if have[: len(case_ids)] != case_ids:
-            return None
-        return f.get_tensor("values")[: len(case_ids)]
+        n = 0  # the longest common prefix: a study that grows from 50 to 256 facts reuses the first 50
+        while n < min(len(have), len(case_ids)) and have[n] == case_ids[n]:
+            n += 1
+        return f.get_tensor("values")[:n] if n else None
 
 
 def save_values(store: str, group: str, case_ids: list[int], values: np.ndarray) -> None:
@@ -151,19 +153,22 @@ def prepass(cfg: SweepConfig, plan: Plan) -> tuple[dict, dict, dict[str, Any]]:
         )
         ids = [r.case_id for r in recs]
         cached = load_values(cfg.values_store, group, ids)
-        if cached is not None:
+        n_have = 0 if cached is None else len(cached)
+        work["values_cached"] += n_have
+        if n_have == len(ids):
             values_refs[group] = (ids, ray.put(cached))
-            work["values_cached"] += len(ids)
             continue
         refs = [
             ray.remote(worker.values_task).options(**opts).remote(to_dict(t), ch)
-            for ch in _chunks(ids, cfg.values_chunk)
+            for ch in _chunks(ids[n_have:], cfg.values_chunk)
         ]
-        value_jobs.append((group, ids, refs))
+        value_jobs.append((group, ids, cached, refs))
     t0 = time.perf_counter()
-    n_values = sum(len(ids) for _, ids, _ in value_jobs)
+    n_values = sum(len(ids) - (0 if have is None else len(have)) for _, ids, have, _ in value_jobs)
     chunk_size = {
-        ref: len(ch) for (_, ids, refs) in value_jobs for ref, ch in zip(refs, _chunks(ids, cfg.values_chunk))
+        ref: len(ch)
+        for (_, ids, have, refs) in value_jobs
+        for ref, ch in zip(refs, _chunks(ids[0 if have is None else len(have) :], cfg.values_chunk))
     }
     log.info(
         "pre-pass: %d statistics pass(es), %d target values in %d task(s) (%d cached)",
@@ -187,11 +192,11 @@ def prepass(cfg: SweepConfig, plan: Plan) -> tuple[dict, dict, dict[str, Any]]:
             work["stats_layers_computed"] += len(computed)
             log.info("pre-pass: statistics of layers %s computed (%.0f s)", computed, time.perf_counter() - t0)
     work["stats_layers_cached"] = sum(len(g["layers"]) for g in plan.stats.values()) - work["stats_layers_computed"]
-    for group, ids, refs in value_jobs:
-        arr = np.concatenate(ray.get(refs))
+    for group, ids, have, refs in value_jobs:
+        arr = np.concatenate(([] if have is None else [have]) + ray.get(refs))
         save_values(cfg.values_store, group, ids, arr)
         values_refs[group] = (ids, ray.put(arr))
-        work["values_optimised"] += len(ids)
+        work["values_optimised"] += len(ids) - (0 if have is None else len(have))
     work["prepass_s"] = time.perf_counter() - t0
     log.info("shared work: %s", work)
     return stats_refs, values_refs, work

@@ -173,3 +173,16 @@ def test_bad_sweep_config_names_the_field(assets, capsys):
     assert "algorithm" in err and "mend" in err
     cfg = load_sweep(str(sweep_yaml(assets, "ok", {"batch_size": [2, 4]})))
     assert len(expand(cfg)) == 2
+
+
+def test_values_store_serves_the_longest_stored_prefix(tmp_path):
+    """A study that grows from 3 to 5 facts reuses the first 3 values; another order or group reuses none."""
+    import numpy as np
+
+    vals = np.arange(3 * 4, dtype=np.float32).reshape(3, 4)
+    launch.save_values(str(tmp_path), "g1", [7, 8, 9], vals)
+    np.testing.assert_array_equal(launch.load_values(str(tmp_path), "g1", [7, 8, 9, 10, 11]), vals)
+    np.testing.assert_array_equal(launch.load_values(str(tmp_path), "g1", [7, 8]), vals[:2])
+    np.testing.assert_array_equal(launch.load_values(str(tmp_path), "g1", [7, 5, 9]), vals[:1])
+    assert launch.load_values(str(tmp_path), "g1", [8, 7]) is None
+    assert launch.load_values(str(tmp_path), "g2", [7, 8, 9]) is None
