@@ -57,6 +57,7 @@ CONFIGS: dict[str, tuple[str, int, int]] = {
 # The preset fields the reference runner maps onto its own hyperparameter classes.
 SHARED_HP = (
     "v_num_grad_steps",
+    "v_loss_layer",
     "v_lr",
     "v_weight_decay",
     "clamp_norm_factor",
@@ -220,8 +221,8 @@ def ref_spec(spec: dict[str, Any], ours: dict[str, Any], records: Path) -> dict[
         "model_dir": str(REF_MODEL),
         "algorithm": spec["algorithm"],
         "layers": [spec["layer"]],
-        "hparams": {k: hp[k] for k in keys}
-        | {"v_loss_layer": hp["v_loss_layer"] if hp["v_loss_layer"] is not None else 29},
+        # v_loss_layer None (ours: the last layer) is left to the runner, which defaults to the model's last block.
+        "hparams": {k: hp[k] for k in keys if k != "v_loss_layer" or hp[k] is not None},
         "early_stop": not spec["steps"],
         "context_templates": ours["templates"],
         "records": str(records),
