@@ -11,7 +11,10 @@ Reproduces the figures of arXiv 2405.00664 from the trial runs (children of the 
 - ``sequential``: sequential-batch and sequential modes, at edit (solid) and final (dashed) vs batch
   size (Figs. 4-5);
 - ``timings``: the time.* stages of every trial as stacked bars, with peak memory in the table;
-- ``curves``: the per-batch curves of the sequential trials (at-edit S and update norm vs edits).
+- ``curves``: the per-batch curves of the sequential trials (at-edit S and update norm vs edits);
+- ``hparam_<name>``: one per numeric ``hp.*`` swept within an algorithm (MEMIT's λ, EMMET's μ, ...), ES/PS/
+  NS/S and held-out perplexity vs its value (log axis), one line per setting swept over it: the λ tuning
+  of the paper's App. A.1 (Tables 3-4).
 
 One line per algorithm, and per value of anything else that varies within it (an ``hp.*`` such as λ,
 ``n_edits``, the edited layers), so no point averages different settings; repeated trials of the same
@@ -47,14 +50,16 @@ SCORES = ("es", "ps", "ns", "s", "em", "pm", "nm", "es_acc", "ps_acc", "ns_acc",
 TIME_STAGES = tuple(f"time.{s}" for s in ("load", "statistics", "keys", "values", "solve", "score"))
 TIMINGS = (*TIME_STAGES, "time.total")
 MEMORY = ("memory.cpu_rss_peak_mb", "memory.gpu_peak_mb")
-METRIC_COLUMNS = tuple(f"{st}.{m}" for st in STAGES for m in SCORES) + TIMINGS + MEMORY
+#: mean Frobenius norm of each batch's update (summed over the edited layers)
+UPDATE_NORM = "update_norm.mean"
+METRIC_COLUMNS = (*(f"{st}.{m}" for st in STAGES for m in SCORES), UPDATE_NORM, *TIMINGS, *MEMORY)
 CURVES = ("curve.at_edit_es", "curve.at_edit_ps", "curve.at_edit_ns", "curve.at_edit_s", "curve.update_norm")
 PARAMS = ("algorithm", "layers", "layer", "batch_size", "mode", "n_edits", "model", "hparams")
 INT_PARAMS = ("layer", "batch_size", "n_edits")
 ALGORITHM_ORDER = ("rome", "memit", "emmet", "alphaedit")
 SEQUENTIAL_MODES = ("sequential-batch", "sequential")
 #: optional columns added to the section tables when any trial of the section has them
-EXTRA_COLUMNS = ("at_edit.ge", "final.ge", "pre.ppl", "final.ppl")
+EXTRA_COLUMNS = ("at_edit.ge", "final.ge", "pre.ppl", "final.ppl", UPDATE_NORM)
 LABELS = {"s": "S (score)", "es": "ES (efficacy)", "ps": "PS (paraphrase)", "ns": "NS (neighbourhood)"}
 #: every file a report may write, per section (files of a skipped section are removed from --out)
 SECTION_FILES = {
@@ -66,6 +71,10 @@ SECTION_FILES = {
     "curves": ("curves.csv", "fig_curves.png"),
     "report": ("report.md",),
 }
+#: the files of the per-hyperparameter sections (``hparam_<name>``); stale ones are removed from --out
+HPARAM_FILES = ("hparam_*.csv", "hparam_*.md", "fig_hparam_*.png")
+#: settings that make separate lines in a hyperparameter figure
+HPARAM_DIMS = ("mode", "batch_size", "layers", "n_edits", "model", "hparams")
 _RUN_ID = re.compile(r"^[0-9a-zA-Z_-]+$")
 
 
@@ -354,13 +363,26 @@ def _label_value(v: Any) -> str:
 
 
 def aggregate_series(
-    df: pd.DataFrame, x: str, metrics: Sequence[str], section: str, keep_main_layers: bool = False
+    df: pd.DataFrame,
+    x: str,
+    metrics: Sequence[str],
+    section: str,
+    keep_main_layers: bool = False,
+    extra_dims: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Mean of ``metrics`` per (algorithm, varying settings, x): columns algorithm, series, dims, x, n_trials, metrics.
 
-    ``series`` names the line: the algorithm plus ``name=value`` for every setting that varies within it.
+    ``series`` names the line: the algorithm plus ``name=value`` for every setting that varies within it
+    (model, hparams, n_edits, layers, every ``hp.*``, and ``extra_dims``).
     """
-    candidates = ["model", "hparams", "n_edits", "layers", *sorted(c for c in df.columns if c.startswith("hp."))]
+    candidates = [
+        *extra_dims,
+        "model",
+        "hparams",
+        "n_edits",
+        "layers",
+        *sorted(c for c in df.columns if c.startswith("hp.")),
+    ]
     parts = []
     all_dims: list[str] = []
     order = {a: i for i, a in enumerate(ALGORITHM_ORDER)}
@@ -427,9 +449,13 @@ def _colors(series: Sequence[str]) -> dict[str, Any]:
 
 
 def _panels(n: int, title: str) -> tuple[Figure, list[Axes]]:
-    """A 2x2 grid (n <= 4) of axes on a fresh figure."""
-    fig = Figure(figsize=(11, 8), layout="constrained")
-    axes = list(fig.subplots(2, 2).flat)[:n]
+    """A 2x2 grid (n <= 4), else 2x3 (n <= 6), of axes on a fresh figure; unused cells are removed."""
+    cols = 2 if n <= 4 else 3
+    fig = Figure(figsize=(5.5 * cols, 8), layout="constrained")
+    grid = list(fig.subplots(2, cols).flat)
+    axes = grid[:n]
+    for ax in grid[n:]:
+        ax.remove()
     fig.suptitle(title)
     return fig, axes
 
@@ -447,10 +473,34 @@ def _int_ticks(ax: Axes, values: Sequence[float], log2: bool) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
 
 
+def _hparam_axis(ax: Axes, values: Sequence[float]) -> None:
+    """A hyperparameter's x axis: log10 when the positive values span 10x or more (symlog when 0 is among
+    them), linear otherwise; ticks at the values present."""
+    xs = sorted({float(v) for v in values if not pd.isna(v)})
+    pos = [v for v in xs if v > 0]
+    if len(pos) >= 2 and pos[-1] / pos[0] >= 10 and min(xs) >= 0:
+        if xs[0] == 0:
+            ax.set_xscale("symlog", linthresh=pos[0])
+        else:
+            ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(NullLocator())
+    if len(xs) <= 16:
+        ax.xaxis.set_major_locator(FixedLocator(xs))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+
+
 def series_figure(
-    table: pd.DataFrame, x: str, panels: Sequence[tuple[str, Sequence[tuple[str, str]]]], title: str, log2: bool
+    table: pd.DataFrame,
+    x: str,
+    panels: Sequence[tuple[str, Sequence[tuple[str, str]]]],
+    title: str,
+    log2: bool,
+    hparam_axis: bool = False,
 ) -> Figure:
-    """Panels of metric vs ``x``, one colour per series; each panel lists (column, linestyle) pairs."""
+    """Panels of metric vs ``x``, one colour per series; each panel lists (column, linestyle) pairs.
+
+    The x axis is log2 (batch sizes), linear integers (layers), or a hyperparameter's (``hparam_axis``).
+    """
     fig, axes = _panels(len(panels), title)
     series = list(dict.fromkeys(table["series"]))
     colors = _colors(series)
@@ -464,9 +514,12 @@ def series_figure(
                 name = s if len(lines) == 1 else f"{s} ({stage})"
                 ax.plot(d[x].astype(float), d[col], style, color=colors[s], marker="o", ms=4, label=name)
         ax.set_title(label)
-        ax.set_xlabel("batch size" if x == "batch_size" else x)
+        ax.set_xlabel("batch size" if x == "batch_size" else x.removeprefix("hp."))
         ax.grid(alpha=0.3)
-        _int_ticks(ax, table[x], log2)
+        if hparam_axis:
+            _hparam_axis(ax, table[x])
+        else:
+            _int_ticks(ax, table[x], log2)
     if axes:
         handles, labels = axes[0].get_legend_handles_labels()
         if handles:
@@ -559,6 +612,58 @@ def sequential_section(trials: pd.DataFrame, out: Path) -> Section | None:
             panels.append((LABELS[m], lines))
     fig = series_figure(table, "batch_size", panels, sec.title, log2=True)
     sec.paths["fig_sequential.png"] = write_figure(out / "fig_sequential.png", fig)
+    return sec
+
+
+def swept_hparams(trials: pd.DataFrame) -> list[str]:
+    """The numeric ``hp.*`` columns that take two or more values within one (algorithm, hparams preset).
+
+    A value that differs only between algorithms or presets (MEMIT's λ vs EMMET's) is not a sweep.
+    """
+    found = []
+    for col in sorted(c for c in trials.columns if c.startswith("hp.")):
+        vals = pd.to_numeric(trials[col], errors="coerce")
+        if vals.notna().sum() < 2:
+            continue
+        sub = trials.assign(_v=vals)[vals.notna()]
+        if (sub.groupby(["algorithm", "hparams"], dropna=False)["_v"].nunique() >= 2).any():
+            found.append(col)
+    return found
+
+
+def hparam_section(trials: pd.DataFrame, col: str, out: Path) -> Section | None:
+    """arXiv 2405.00664 App. A.1 (Tables 3-4): ES/PS/NS/S and perplexity vs one swept ``hp.*`` (e.g. λ).
+
+    One line per algorithm and setting (mode, batch size, layers, other hyperparameters) that has two or
+    more values of ``col``; one-off settings are left out. At edit solid; in sequential modes also final
+    (dashed). Writes ``hparam_<name>.csv``/``.md`` and ``fig_hparam_<name>.png``.
+    """
+    name = col.removeprefix("hp.")
+    stem = "hparam_" + re.sub(r"[^\w.-]+", "_", name)
+    sec = Section(stem, f"{name} sweep (at edit solid, final dashed)")
+    sel = trials.assign(**{col: pd.to_numeric(trials[col], errors="coerce")})
+    sel = sel[sel[col].notna()]
+    others = [c for c in sel.columns if c.startswith("hp.") and c != col]
+    keys = ["algorithm", *(d for d in HPARAM_DIMS if d in sel.columns), *others]
+    setting = sel[keys].astype(str).agg("|".join, axis=1)
+    sel = sel[sel.groupby(setting)[col].transform("nunique") >= 2]
+    stages = ("at_edit", "final") if sel["mode"].isin(SEQUENTIAL_MODES).any() else ("at_edit",)
+    core = _present(sel, [f"{st}.{m}" for m in ("es", "ps", "ns", "s") for st in stages])
+    if sel.empty or not core:
+        return None
+    metrics = [*core, *(c for c in _present(sel, EXTRA_COLUMNS) if c not in core)]
+    dims = [d for d in ("mode", "batch_size") if d in sel.columns]
+    table = aggregate_series(sel, col, metrics, sec.name, extra_dims=dims)
+    _write_table(out, stem, table, sec)
+    panels = []
+    for m in ("es", "ps", "ns", "s"):
+        lines = [(c, style) for c, style in ((f"at_edit.{m}", "-"), (f"final.{m}", "--")) if c in core]
+        if lines:
+            panels.append((LABELS[m], lines))
+    if "final.ppl" in metrics:
+        panels.append(("held-out perplexity (after editing)", [("final.ppl", "-")]))
+    fig = series_figure(table, col, panels, sec.title, log2=False, hparam_axis=True)
+    sec.paths[f"fig_{stem}.png"] = write_figure(out / f"fig_{stem}.png", fig)
     return sec
 
 
@@ -693,11 +798,21 @@ def build_report(client: Any, sweep: Sweep, out: Path) -> tuple[dict[str, Path],
         "timings": timings_section(finished, out),
         "curves": curves_section(curves_frame(client, finished_runs, finished), out),
     }
+    for col in swept_hparams(finished):
+        sec = hparam_section(finished, col, out)
+        if sec is not None:
+            sections[sec.name] = sec
+    current = {p for sec in sections.values() if sec is not None for p in sec.paths}
+    for pattern in HPARAM_FILES:
+        for stale in out.glob(pattern):
+            if stale.name not in current:
+                log.info("removing %s from an earlier report", stale)
+                stale.unlink()
     written = []
     for name, sec in sections.items():
         if sec is None:
             log.info("%s: no trials for this section, skipped", name)
-            for f in SECTION_FILES[name]:
+            for f in SECTION_FILES.get(name, ()):
                 stale = out / f
                 if stale.is_file():
                     log.info("removing %s from an earlier report", stale)

@@ -31,6 +31,9 @@ EXPECTED = (
     "fig_timings.png",
     "curves.csv",
     "fig_curves.png",
+    "hparam_emmet_lambda.csv",
+    "hparam_emmet_lambda.md",
+    "fig_hparam_emmet_lambda.png",
     "report.md",
 )
 
@@ -92,7 +95,7 @@ def _stage_metrics(at_edit: dict[str, float], final: dict[str, float] | None = N
     m.update({f"pre.{k}": 1.0 for k in at_edit})
     m.update({"pre.ppl": 20.0, "final.ppl": 21.5})
     m.update({f"time.{s}": 0.5 for s in ("load", "statistics", "keys", "values", "solve", "score")})
-    m.update({"time.total": 4.0, "memory.cpu_rss_peak_mb": 900.0})
+    m.update({"time.total": 4.0, "memory.cpu_rss_peak_mb": 900.0, "update_norm.mean": at_edit["es"] / 100})
     return m
 
 
@@ -208,6 +211,34 @@ def test_sequential_and_timings(report: tuple[dict[str, Path], Path, str]) -> No
     curves = pd.read_csv(report[1] / "curves.csv")
     s2 = curves[(curves["key"] == "curve.at_edit_s") & (curves["batch_size"] == 2) & (curves["algorithm"] == "emmet")]
     assert list(s2["step"]) == [2, 4, 6, 8] and list(s2["value"]) == [88, 86, 84, 82]
+
+
+def test_hparam_sweep(report: tuple[dict[str, Path], Path, str]) -> None:
+    """EMMET's μ at B 4 and 8 (two values each) is a sweep; the one-off μ = 0.1 settings (layer search,
+    B 2, sequential) and the constant λ are not."""
+    paths, out, _ = report
+    assert not [p for p in paths if "mom2_update_weight" in p]
+    table = pd.read_csv(out / "hparam_emmet_lambda.csv")
+    assert set(table["series"]) == {"emmet, batch_size=4", "emmet, batch_size=8"}
+    assert sorted(table["hp.emmet_lambda"].unique()) == [0.1, 1.0] and set(table["n_trials"]) == {1}
+    for bs in (4, 8):
+        for lam, shrink in ((0.1, 1.0), (1.0, 0.5)):
+            row = table[(table["batch_size"] == bs) & (table["hp.emmet_lambda"] == lam)].iloc[0]
+            want = _batch_scores("emmet", bs, shrink)
+            for m in ("es", "ps", "ns", "s"):
+                assert row[f"at_edit.{m}"] == pytest.approx(want[m])
+    assert "final.es" not in table.columns  # batch mode: at edit only
+    assert table["update_norm.mean"].tolist() == pytest.approx((table["at_edit.es"] / 100).tolist())
+    assert "![hparam_emmet_lambda](fig_hparam_emmet_lambda.png)" in (out / "report.md").read_text()
+
+
+def test_stale_hparam_files_removed(sweep_store: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "hparam_old_knob.csv").write_text("x\n")
+    (out / "fig_hparam_old_knob.png").write_bytes(PNG)
+    main(["--tracking-uri", sweep_store["uri"], "--sweep", "other", "--out", str(out), "--quiet"])
+    assert not list(out.glob("*hparam_*")) and (out / "runs.csv").is_file()
 
 
 def test_cli_prints_best_layers(report: tuple[dict[str, Path], Path, str]) -> None:
