@@ -171,7 +171,7 @@ def prepass(cfg: SweepConfig, plan: Plan) -> tuple[dict, dict, dict[str, Any]]:
         for ref, ch in zip(refs, _chunks(ids[0 if have is None else len(have) :], cfg.values_chunk))
     }
     log.info(
-        "pre-pass: %d statistics pass(es), %d target values in %d task(s) (%d cached)",
+        "pre-pass: %d statistics task(s), %d target values in %d task(s) (%d cached)",
         len(pending),
         n_values,
         len(chunk_size),
@@ -190,7 +190,11 @@ def prepass(cfg: SweepConfig, plan: Plan) -> tuple[dict, dict, dict[str, Any]]:
             computed = ray.get(ref)
             work["stats_passes"] += 1 if computed else 0
             work["stats_layers_computed"] += len(computed)
-            log.info("pre-pass: statistics of layers %s computed (%.0f s)", computed, time.perf_counter() - t0)
+            log.info(
+                "pre-pass: statistics ready (layers computed: %s; the rest read from the store) (%.0f s)",
+                computed or "none",
+                time.perf_counter() - t0,
+            )
     work["stats_layers_cached"] = sum(len(g["layers"]) for g in plan.stats.values()) - work["stats_layers_computed"]
     for group, ids, have, refs in value_jobs:
         arr = np.concatenate(([] if have is None else [have]) + ray.get(refs))

@@ -68,15 +68,19 @@ def stats_task(trial: dict[str, Any], layers: list[int]) -> list[Any]:
     the rest in ONE pass. Returns one float32/64 numpy array per layer, then the list of layers that
     were computed (so the driver can count)."""
     cfg = parse_config(trial)
-    model, tok = cached_model(cfg.model)
+
+    def compute(missing_layers: list[int]) -> dict[int, Any]:
+        model, tok = cached_model(cfg.model)  # loaded only when something is missing from the store
+        return compute_stats(cfg, model, tok, missing_layers, False)
+
     if cfg.stats.store:
         keys = stats_keys(cfg, layers, model_identity(cfg.model))
         store = StatsStore(cfg.stats.store)
         missing = [layer for layer in layers if keys[layer] not in store]
-        got = get_or_compute(store, keys, lambda ls: compute_stats(cfg, model, tok, ls, False))
+        got = get_or_compute(store, keys, compute)
     else:
         missing = list(layers)
-        got = compute_stats(cfg, model, tok, layers, False)
+        got = compute(layers)
     return [got[layer].mom2.cpu().numpy() for layer in layers] + [missing]
 
 

@@ -186,3 +186,27 @@ def test_values_store_serves_the_longest_stored_prefix(tmp_path):
     np.testing.assert_array_equal(launch.load_values(str(tmp_path), "g1", [7, 5, 9]), vals[:1])
     assert launch.load_values(str(tmp_path), "g1", [8, 7]) is None
     assert launch.load_values(str(tmp_path), "g2", [7, 8, 9]) is None
+
+
+def test_stats_task_reads_the_store_without_loading_the_model(assets, monkeypatch, tmp_path):
+    from sweep import worker
+
+    trial = {
+        "algorithm": "memit",
+        "hparams": "smollm2-135m",
+        "layers": [1],
+        "n_edits": 2,
+        "batch_size": 2,
+        "model": {"source": str(assets / "model"), "device": "cpu"},
+        "dataset": {"source": str(assets / "cf.json")},
+        "stats": {"corpus": str(assets / "corpus.txt"), "max_tokens": 500, "store": str(tmp_path / "stats")},
+    }
+    loads = []
+    real = worker.cached_model
+    monkeypatch.setattr(worker, "cached_model", lambda mc: loads.append(mc) or real(mc))
+    first = worker.stats_task(trial, [1, 2])
+    assert first[-1] == [1, 2] and len(loads) == 1  # computed in one pass: the model was needed
+    again = worker.stats_task(trial, [1, 2])
+    assert again[-1] == [] and len(loads) == 1  # all in the store: read from disk, no model load
+    for a, b in zip(first[:-1], again[:-1]):
+        assert a.shape == b.shape and (a == b).all()
