@@ -742,7 +742,13 @@ def curves_section(curves: pd.DataFrame, out: Path) -> Section | None:
             if r.empty:
                 continue
             alg, bs = r["algorithm"].iloc[0], r["batch_size"].iloc[0]
-            ax.plot(r["step"], r["value"], styles[i % len(styles)], color=colors[alg], label=f"{alg} B{bs}")
+            marker = "o" if len(r) <= 4 else None  # a one-batch run is a single point: show it
+            ax.plot(
+                r["step"], r["value"], styles[i % len(styles)], color=colors[alg], marker=marker, label=f"{alg} B{bs}"
+            )
+        positive = d["value"][d["value"] > 0]
+        if key == "curve.update_norm" and len(positive) and positive.max() / positive.min() > 100:
+            ax.set_yscale("log")  # norms of a collapsing run are orders of magnitude above the rest
         ax.set_title(key.removeprefix("curve."))
         ax.set_xlabel("edits applied")
         ax.grid(alpha=0.3)
