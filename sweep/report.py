@@ -6,8 +6,10 @@
 Reproduces the figures of arXiv 2405.00664 from the trial runs (children of the sweep's parent run):
 
 - ``layer_search``: batch mode at batch size 1 (else the smallest batch size of each algorithm),
-  S/ES/PS/NS at edit vs the (first) edited layer (paper Fig. 1), and the layer maximising S;
-- ``batch``: batch mode, ES/PS/NS/S vs batch size (Figs. 2-3; in batch mode final = at_edit);
+  S/ES/PS/NS at edit vs the (first) edited layer (paper Fig. 1), and the layer maximising S (only
+  when two or more layers were edited);
+- ``batch``: batch mode, ES/PS/NS/S vs batch size (Figs. 2-3; in batch mode final = at_edit; only when
+  a setting has two or more batch sizes);
 - ``sequential``: sequential-batch and sequential modes, at edit (solid) and final (dashed) vs batch
   size (Figs. 4-5);
 - ``timings``: the time.* stages of every trial as stacked bars, with peak memory in the table;
@@ -553,6 +555,8 @@ def layer_search_section(trials: pd.DataFrame, out: Path) -> tuple[Section | Non
     if not picked:
         return None, {}
     sel = pd.concat(picked)
+    if sel["layer"].nunique() < 2:  # one layer (a batch or λ sweep's batch-size-1 trials) is no layer search
+        return None, {}
     core = [c for m in ("s", "es", "ps", "ns") if (c := _stage_metric(sel, m, ("at_edit", "final")))]
     if not core:
         log.info("layer_search: the batch-mode trials have no at_edit metrics")
@@ -586,8 +590,9 @@ def batch_section(trials: pd.DataFrame, out: Path) -> Section | None:
         return None
     metrics = [*core, *(c for c in _present(sel, EXTRA_COLUMNS) if c not in core)]
     table = aggregate_series(sel, "batch_size", metrics, "batch", keep_main_layers=True)
-    if table["batch_size"].nunique() < 2:
-        log.info("batch: one batch size only (%s)", ", ".join(map(str, table["batch_size"].unique())))
+    if table.groupby("series")["batch_size"].nunique().max() < 2:  # no line, e.g. a λ sweep at one batch size
+        log.info("batch: no setting has two batch sizes (%s)", ", ".join(map(str, table["batch_size"].unique())))
+        return None
     _write_table(out, "batch", table, sec)
     panels = [(LABELS[c.split(".")[1]], [(c, "-")]) for c in core]
     fig = series_figure(table, "batch_size", panels, sec.title, log2=True)
@@ -640,7 +645,7 @@ def hparam_section(trials: pd.DataFrame, col: str, out: Path) -> Section | None:
     """
     name = col.removeprefix("hp.")
     stem = "hparam_" + re.sub(r"[^\w.-]+", "_", name)
-    sec = Section(stem, f"{name} sweep (at edit solid, final dashed)")
+    sec = Section(stem, f"{name} sweep")
     sel = trials.assign(**{col: pd.to_numeric(trials[col], errors="coerce")})
     sel = sel[sel[col].notna()]
     others = [c for c in sel.columns if c.startswith("hp.") and c != col]
@@ -648,6 +653,7 @@ def hparam_section(trials: pd.DataFrame, col: str, out: Path) -> Section | None:
     setting = sel[keys].astype(str).agg("|".join, axis=1)
     sel = sel[sel.groupby(setting)[col].transform("nunique") >= 2]
     stages = ("at_edit", "final") if sel["mode"].isin(SEQUENTIAL_MODES).any() else ("at_edit",)
+    sec.title += " (at edit solid, final dashed)" if len(stages) == 2 else " (at edit)"
     core = _present(sel, [f"{st}.{m}" for m in ("es", "ps", "ns", "s") for st in stages])
     if sel.empty or not core:
         return None
@@ -662,6 +668,8 @@ def hparam_section(trials: pd.DataFrame, col: str, out: Path) -> Section | None:
             panels.append((LABELS[m], lines))
     if "final.ppl" in metrics:
         panels.append(("held-out perplexity (after editing)", [("final.ppl", "-")]))
+    if UPDATE_NORM in metrics:
+        panels.append(("update norm ‖Δ‖ (mean per batch)", [(UPDATE_NORM, "-")]))
     fig = series_figure(table, col, panels, sec.title, log2=False, hparam_axis=True)
     sec.paths[f"fig_{stem}.png"] = write_figure(out / f"fig_{stem}.png", fig)
     return sec

@@ -239,6 +239,8 @@ def test_stale_hparam_files_removed(sweep_store: dict[str, Any], tmp_path: Path)
     (out / "fig_hparam_old_knob.png").write_bytes(PNG)
     main(["--tracking-uri", sweep_store["uri"], "--sweep", "other", "--out", str(out), "--quiet"])
     assert not list(out.glob("*hparam_*")) and (out / "runs.csv").is_file()
+    # one trial at one layer and one batch size: neither a layer search nor a batch-size line
+    assert not (out / "layer_search.csv").exists() and not (out / "batch.csv").exists()
 
 
 def test_cli_prints_best_layers(report: tuple[dict[str, Path], Path, str]) -> None:
