@@ -59,6 +59,14 @@ def default_max_seq_len(model: nn.Module) -> int:
     return min(int(limit), MAX_SEQ_LEN_CAP) if limit else MAX_SEQ_LEN_CAP
 
 
+def default_batch_tokens(device: torch.device | str) -> int:
+    """Padded tokens per forward pass when the caller does not say: 1,024 on a CPU, 8,192 on an
+    accelerator. On CPUs small batches are faster (SmolLM2, 2 cores, one layer: 5,300 tok/s at 1,024 vs
+    2,600 at 8,192; all 30 layers 1.6x faster at 2,048): the working set stays in cache and there is
+    little padding. GPUs want the large batches."""
+    return 1024 if torch.device(device).type == "cpu" else 8192
+
+
 def accumulation_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """``"float32"``/``"float64"`` (or the torch dtypes) -> the torch dtype; anything else is a ValueError
     naming ``dtype`` (float16/bfloat16 sums lose the small directions of C, EasyEdit #436)."""
@@ -81,7 +89,7 @@ def collect_second_moments(
     max_texts: int | None = None,
     max_tokens: int | None = None,
     max_seq_len: int | None = None,
-    batch_tokens: int = 8192,
+    batch_tokens: int | None = None,
     dtype: str | torch.dtype = torch.float32,
     progress: bool = True,
 ) -> dict[int, SecondMoment]:
@@ -105,7 +113,9 @@ def collect_second_moments(
             (the text where the budget runs out is cut, which leaves its earlier keys unchanged since
             attention is causal), so ``n_tokens == max_tokens`` whenever the corpus is long enough.
         max_seq_len: truncation length; default :func:`default_max_seq_len` (min(max positions, 2048)).
-        batch_tokens: padded tokens per forward pass (batch size × padded length).
+        batch_tokens: padded tokens per forward pass (batch size × padded length); default
+            :func:`default_batch_tokens` of the model's device. The result does not depend on it (up to
+            float rounding).
         dtype: accumulation dtype, float32 or float64.
         progress: show a tqdm bar over tokens.
 
@@ -121,10 +131,13 @@ def collect_second_moments(
     for name, value in (("max_texts", max_texts), ("max_tokens", max_tokens), ("max_seq_len", max_seq_len)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name}: must be a positive integer or None, got {value!r}")
-    if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
-        raise ValueError(f"batch_tokens: must be a positive integer, got {batch_tokens!r}")
+    if batch_tokens is not None and (
+        isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1
+    ):
+        raise ValueError(f"batch_tokens: must be a positive integer or None, got {batch_tokens!r}")
     seq_len = max_seq_len or default_max_seq_len(model)
     device = model_device(model)
+    batch_tokens = batch_tokens or default_batch_tokens(device)
     pad = pad_id(tok)
     names = {layer: spec.rewrite_name(layer) for layer in layers}
     sums = {layer: torch.zeros(spec.d_key, spec.d_key, dtype=acc, device=device) for layer in layers}
@@ -418,6 +431,7 @@ __all__ = [
     "accumulation_dtype",
     "check_stats",
     "collect_second_moments",
+    "default_batch_tokens",
     "default_max_seq_len",
     "get_or_compute",
 ]

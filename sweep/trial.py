@@ -72,7 +72,7 @@ class StatsConfig:
     max_tokens: int | None = 100_000  # keys averaged into C (the reference: 100k whole articles)
     max_texts: int | None = None
     dtype: Literal["float32", "float64"] = "float32"
-    batch_tokens: int = 8192  # padded tokens per forward pass
+    batch_tokens: int | None = None  # padded tokens per forward pass (None: 1024 on CPU, 8192 on GPU)
     store: str | None = ".cache/stats"  # disk cache folder (None: keep in memory only)
 
 

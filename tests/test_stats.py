@@ -93,6 +93,18 @@ def test_padding_is_excluded(model, tok, texts):
     torch.testing.assert_close(small.mom2, large.mom2, rtol=1e-5, atol=1e-7)
 
 
+def test_default_batch_tokens_by_device(model, tok, texts):
+    from editors.stats import default_batch_tokens
+
+    assert default_batch_tokens("cpu") == 1024 and default_batch_tokens(torch.device("cuda", 0)) == 8192
+    default = collect(model, tok, [1], texts)[1]  # the tiny model is on the CPU: 1,024 tokens per pass
+    explicit = collect(model, tok, [1], texts, batch_tokens=1024)[1]
+    assert default.n_tokens == explicit.n_tokens
+    torch.testing.assert_close(default.mom2, explicit.mom2, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="batch_tokens"):
+        collect(model, tok, [1], texts, batch_tokens=0)
+
+
 def test_max_tokens_is_exact_and_max_texts_caps(model, tok, texts):
     capped = collect(model, tok, [0], texts, max_tokens=777)[0]
     assert capped.n_tokens == 777
