@@ -100,6 +100,14 @@ def test_emmet_is_the_minimum_preservation_cost_solution():
         assert np.trace(other @ c.numpy() @ other.T) > cost
 
 
+def test_emmet_with_ridge_is_memit_with_lambda_times_mu():
+    # Push-through identity: Kᵀ(λμC + KKᵀ)⁻¹ = (μI + Kᵀ(λC)⁻¹K)⁻¹Kᵀ(λC)⁻¹, so EMMET's μ is MEMIT's λ
+    # (times EMMET's own λ); the SmolLM2 μ sweep reproduces MEMIT's λ sweep metric for metric.
+    c, k, r = spd(D_IN, 0), rand(D_IN, 5, seed=1), rand(D_OUT, 5, seed=2)
+    for lam, mu in ((1.0, 100.0), (3.0, 0.5), (1e3, 1e-2)):
+        torch.testing.assert_close(emmet_delta(k, r, c, lam, mu), memit_delta(k, r, c, lam * mu), rtol=1e-8, atol=1e-10)
+
+
 def test_rome_equals_emmet_with_one_request():
     c, k, r = spd(D_IN, 0), rand(D_IN, seed=1), rand(D_OUT, seed=2)
     torch.testing.assert_close(rome_delta(k, r, c), emmet_delta(k[:, None], r[:, None], c, 5.0, 0.0))
