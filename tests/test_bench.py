@@ -68,3 +68,29 @@ def test_compare_and_table_by_hand():
     assert "2.20 / 9.00" in row and "**4.1x**" in row and "4.0x" in row and "1000 / 2000" in row
     with pytest.raises(ValueError, match="not a fraction"):
         run.fraction(50.0)
+
+
+def test_stats_table_by_hand_and_its_own_markers(tmp_path, monkeypatch):
+    results = {
+        "date": "2026-01-01",
+        "layer": 2,
+        "machine": {"cpu": "x", "cores": 2, "threads": 2, "torch": "t", "transformers": "v"},
+        "stats": {
+            "ours": {
+                "one": {"tokens": 8192, "tokens_per_s": 5000.0},
+                "all": {"layers": 30, "seconds": 20.0},
+                "peak_rss_mb": 1500.0,
+            },
+            "reference": {"one": {"tokens_per_s": 2500.0}, "all_seconds": 400.0, "all_note": "n", "peak_rss_mb": 900.0},
+        },
+    }
+    table = run.fmt_stats(results)
+    assert "| layer 2 alone, tokens/s | 5000 | 2500 | **2.0x** |" in table
+    assert "**20.0x**" in table and "| peak RSS MB | 1500 | 900 | |" in table
+    monkeypatch.setattr(run, "RESULTS", tmp_path / "RESULTS.md")
+    body = f"intro\n{run.BEGIN}\nedits\n{run.END}\nmid\n{run.STATS_BEGIN}\nold\n{run.STATS_END}\nend\n"
+    run.RESULTS.write_text(body)
+    run.write_results(table, run.STATS_BEGIN, run.STATS_END)  # --stats-only: the edit tables stay
+    text = run.RESULTS.read_text()
+    assert f"{run.BEGIN}\nedits\n{run.END}\nmid\n" in text and "old" not in text and "**2.0x**" in text
+    assert text.endswith(f"{run.STATS_END}\nend\n")
