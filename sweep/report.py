@@ -15,8 +15,8 @@ Reproduces the figures of arXiv 2405.00664 from the trial runs (children of the 
 - ``timings``: the time.* stages of every trial as stacked bars, with peak memory in the table;
 - ``curves``: the per-batch curves of the sequential trials (at-edit S and update norm vs edits);
 - ``hparam_<name>``: one per numeric ``hp.*`` swept within an algorithm (MEMIT's λ, EMMET's μ, ...), ES/PS/
-  NS/S and held-out perplexity vs its value (log axis), one line per setting swept over it: the λ tuning
-  of the paper's App. A.1 (Tables 3-4).
+  NS/S, held-out perplexity and update norm vs its value (log axis), one line per setting swept over it:
+  the λ tuning of the paper's App. A.1 (Tables 3-4).
 
 One line per algorithm, and per value of anything else that varies within it (an ``hp.*`` such as λ,
 ``n_edits``, the edited layers), so no point averages different settings; repeated trials of the same
