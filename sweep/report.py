@@ -555,6 +555,8 @@ def layer_search_section(trials: pd.DataFrame, out: Path) -> tuple[Section | Non
     if not picked:
         return None, {}
     sel = pd.concat(picked)
+    sizes = sorted({int(b) for b in sel["batch_size"]})
+    sec.title = f"Layer search (batch mode, batch size {'/'.join(map(str, sizes))}, at edit)"
     if sel["layer"].nunique() < 2:  # one layer (a batch or λ sweep's batch-size-1 trials) is no layer search
         return None, {}
     core = [c for m in ("s", "es", "ps", "ns") if (c := _stage_metric(sel, m, ("at_edit", "final")))]
