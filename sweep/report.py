@@ -63,7 +63,7 @@ SEQUENTIAL_MODES = ("sequential-batch", "sequential")
 #: optional columns added to the section tables when any trial of the section has them
 EXTRA_COLUMNS = ("at_edit.ge", "final.ge", "pre.ppl", "final.ppl", UPDATE_NORM)
 LABELS = {"s": "S (score)", "es": "ES (efficacy)", "ps": "PS (paraphrase)", "ns": "NS (neighbourhood)"}
-#: every file a report may write, per section (files of a skipped section are removed from --out)
+#: every file a report may write, per section (files not written this time are removed from --out)
 SECTION_FILES = {
     "runs": ("runs.csv",),
     "layer_search": ("layer_search.csv", "layer_search.md", "fig_layer_search.png"),
@@ -818,24 +818,19 @@ def build_report(client: Any, sweep: Sweep, out: Path) -> tuple[dict[str, Path],
         sec = hparam_section(finished, col, out)
         if sec is not None:
             sections[sec.name] = sec
-    current = {p for sec in sections.values() if sec is not None for p in sec.paths}
-    for pattern in HPARAM_FILES:
+    for name, sec in sections.items():
+        if sec is None:
+            log.info("%s: no trials for this section, skipped", name)
+    written = [sec for sec in sections.values() if sec is not None]
+    for sec in written:
+        paths.update(sec.paths)
+    # Every report file this run did not write is left from an earlier report of another shape: remove it.
+    current = {*paths, "report.md"}
+    for pattern in (*(f for files in SECTION_FILES.values() for f in files), *HPARAM_FILES):
         for stale in out.glob(pattern):
             if stale.name not in current:
                 log.info("removing %s from an earlier report", stale)
                 stale.unlink()
-    written = []
-    for name, sec in sections.items():
-        if sec is None:
-            log.info("%s: no trials for this section, skipped", name)
-            for f in SECTION_FILES.get(name, ()):
-                stale = out / f
-                if stale.is_file():
-                    log.info("removing %s from an earlier report", stale)
-                    stale.unlink()
-            continue
-        paths.update(sec.paths)
-        written.append(sec)
     best_lines = [
         f"{alg}: layer {layer} (S {s:.2f}{'' if series == alg else f'; {series}'})"
         for alg, (layer, s, series) in best.items()

@@ -237,6 +237,7 @@ def test_stale_hparam_files_removed(sweep_store: dict[str, Any], tmp_path: Path)
     out.mkdir()
     (out / "hparam_old_knob.csv").write_text("x\n")
     (out / "fig_hparam_old_knob.png").write_bytes(PNG)
+    (out / "batch.csv").write_text("x\n")  # a fixed section's file from an earlier report
     main(["--tracking-uri", sweep_store["uri"], "--sweep", "other", "--out", str(out), "--quiet"])
     assert not list(out.glob("*hparam_*")) and (out / "runs.csv").is_file()
     # one trial at one layer and one batch size: neither a layer search nor a batch-size line
