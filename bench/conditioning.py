@@ -11,9 +11,9 @@ prints D's condition number and the eigenvalues of its scale-free form Dn = diag
 those pairs share the subject's last token (the token whose MLP input is the key). AlphaEdit
 (arXiv 2410.02355) moves only the part P k of each key inside C's null space (eigenvalues below
 ``--threshold``): printed are that space's dimension and the mean of ‖P k‖/‖k‖ over the edited keys.
-The statistics come
-from the study's store (``.cache/stats``; computed once if missing), the keys from the same facts,
-layer and templates as the sweep; the model is not edited. CPU, about a minute for 256 facts.
+The statistics come from the study's store (``.cache/stats``; computed once if missing), the keys from
+the same facts, layer and templates as the sweep; the model is not edited. CPU, about a minute for 256
+facts.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-
-log = logging.getLogger("bench.conditioning")
 
 
 def trial_config(layer: int, n: int, facts: str, store: str, max_tokens: int) -> dict[str, Any]:
