@@ -95,8 +95,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     from editors.targets import compute_keys
     from editors.templates import context_templates
     from sweep.data import load_counterfact, select
-    from sweep.trial import compute_stats, parse_config, stats_keys, trial_hparams
-    from sweep.worker import model_identity
+    from sweep.prepass import compute_stats
+    from sweep.shared import model_identity, stats_keys
+    from sweep.trial import parse_config, trial_hparams
 
     cfg = parse_config(trial_config(args.layer, sizes[-1], args.facts, args.store, args.stats_tokens))
     hp = trial_hparams(cfg)

@@ -107,8 +107,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from editors.stats import StatsStore
-    from sweep.trial import parse_config, run_trial, stats_keys
-    from sweep.worker import model_identity
+    from sweep.shared import model_identity, stats_keys
+    from sweep.trial import parse_config, run_trial
 
     torch.set_num_threads(spec["threads"])
     cfg = parse_config(trial_config(spec))
@@ -118,7 +118,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     stats_file = StatsStore(cfg.stats.store).path(key)
     t = res["timings"]
     return {
-        "timings": {k: t.get(k, 0.0) for k in ("load", "statistics", "keys", "values", "solve", "score")},
+        "timings": {k: t.get(k, 0.0) for k in ("load", "shared", "keys", "values", "solve", "score")},
         "n_edits": spec["n_edits"],
         "per_record": [
             {"case_id": r["case_id"], **{m: r[f"at_edit_{m}"] for m in ("es", "ps", "ns")}} for r in res["per_record"]

@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from . import alphaedit, emmet, memit, rome
-from .common import EditResult, EditState, apply_deltas, restore
+from .common import AlgorithmTraits, EditResult, EditState, apply_deltas, restore
 from .config import ConfigError
 from .hparams import (
     AlphaEditHParams,
@@ -39,6 +39,11 @@ from .templates import TemplateCache
 ALGORITHMS: dict[str, ModuleType] = {"rome": rome, "memit": memit, "emmet": emmet, "alphaedit": alphaedit}
 
 
+def traits(algorithm: str) -> AlgorithmTraits:
+    """What ``algorithm`` declares of itself (value site, statistics, sharing of values)."""
+    return ALGORITHMS[check_algorithm(algorithm)].TRAITS
+
+
 def compute_deltas(
     algorithm: str,
     model: Any,
@@ -55,6 +60,7 @@ def compute_deltas(
 
 __all__ = [
     "ALGORITHMS",
+    "AlgorithmTraits",
     "AlphaEditHParams",
     "BatchEvent",
     "ConfigError",
@@ -77,4 +83,5 @@ __all__ = [
     "run_schedule",
     "smollm2_path",
     "spec_for",
+    "traits",
 ]

@@ -14,12 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import EditResult, EditState, keys_after_edit, layered_update, prepare
+from .common import AlgorithmTraits, EditResult, EditState, keys_after_edit, layered_update, prepare
 from .hparams import AlphaEditHParams
 from .model import ModelSpec
 from .requests import EditRequest
 from .solvers import alphaedit_delta, null_space_projector
 from .templates import TemplateGroups
+
+TRAITS = AlgorithmTraits("alphaedit")
 
 
 def compute_deltas(

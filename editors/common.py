@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -21,6 +21,37 @@ from .model import ModelSpec, get_module, model_device, weight
 from .requests import EditRequest
 from .targets import compute_keys, optimize_values, reprs_at_subject
 from .templates import TemplateGroups, flat
+
+
+@dataclass(frozen=True)
+class AlgorithmTraits:
+    """What a caller that shares work across trials must know of an algorithm, declared once by the
+    algorithm's own module (``TRAITS``) instead of being re-derived from its name.
+
+    Attributes:
+        name: the algorithm's name.
+        value_site: where v* is optimised: ``"block"`` (the block output, MEMIT-style: MEMIT, EMMET,
+            AlphaEdit share values) or ``"rewrite"`` (the edited projection's output: ROME's v*).
+        sequential_within_batch: the requests of one batch are edited one on top of the other (ROME),
+            so their values depend on the batch's earlier requests.
+        stats_switch: the boolean hyperparameter that turns the statistics off (ROME's
+            ``mom2_adjustment``: C = I), or None when they are always needed.
+    """
+
+    name: str
+    value_site: Literal["block", "rewrite"] = "block"
+    sequential_within_batch: bool = False
+    stats_switch: str | None = None
+
+    def needs_stats(self, hparams: Any) -> bool:
+        """Whether a run with ``hparams`` needs the second moments C."""
+        return self.stats_switch is None or bool(getattr(hparams, self.stats_switch, True))
+
+    def values_shareable(self, mode: str, batch_size: int) -> bool:
+        """Whether each request's v* depends only on the unedited model (so trials can share it):
+        ``batch`` mode only (otherwise earlier batches' edits are in the model), and for an algorithm
+        that edits a batch's requests one after another, only single-request batches."""
+        return mode == "batch" and not (self.sequential_within_batch and batch_size > 1)
 
 
 @dataclass

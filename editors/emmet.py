@@ -14,13 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import EditResult, EditState, layered_update, prepare
+from .common import AlgorithmTraits, EditResult, EditState, layered_update, prepare
 from .hparams import EMMETHParams
 from .memit import update_state
 from .model import ModelSpec
 from .requests import EditRequest
 from .solvers import emmet_delta
 from .templates import TemplateGroups
+
+TRAITS = AlgorithmTraits("emmet")
 
 
 def compute_deltas(

@@ -13,12 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import EditResult, EditState, layered_update, prepare
+from .common import AlgorithmTraits, EditResult, EditState, layered_update, prepare
 from .hparams import MEMITHParams
 from .model import ModelSpec
 from .requests import EditRequest
 from .solvers import memit_delta
 from .templates import TemplateGroups
+
+TRAITS = AlgorithmTraits("memit")
 
 
 def compute_deltas(

@@ -5,19 +5,20 @@ projection (``spec.rewrite_name(layer)``, the MLP's down projection): the uncent
 ROME/MEMIT/EMMET/AlphaEdit call "mom2" or "cov" (see ``docs/ALGORITHMS.md`` §1). One forward pass per
 token batch collects every requested layer at once and stops after the deepest one.
 
-Cached results are ``<root>/<digest>.safetensors`` files (never pickles) whose metadata holds the full
-:class:`StatsKey`, so a hash collision or a stale file is detected and treated as a miss.
+With ``tolerance`` the pass stops once C has converged for editing: see :func:`collect_second_moments`
+and ``docs/ALGORITHMS.md`` §1.
+
+Cached results live in an :class:`editors.store.Store` (``<root>/<digest>.safetensors``, never pickles)
+whose metadata holds the full :class:`StatsKey`, so a hash collision or a stale file is detected and
+treated as a miss.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,29 +26,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
 from editors.model import ModelSpec, hooks, model_device, parse_dtype, run_until
 from editors.requests import pad_id, pad_right
+from editors.store import Store, key_digest, key_json
 
 log = logging.getLogger(__name__)
 
 MAX_SEQ_LEN_CAP = 2048
-STATS_FORMAT = "editors.stats.v1"
+STATS_FORMAT = "editors.stats.v2"
 _ACC_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _TOKENIZE_CHUNK = 64  # texts tokenised per call (fast tokenizers batch in Rust)
 _BUFFER_BATCHES = 16  # sequences are sorted by length within a buffer of this many batches' tokens
 
 
+#: Held-out probe keys of the convergence check, and the growth of the token count between checks.
+PROBE_TOKENS = 512
+CHECK_GROWTH = 1.25
+
+
 @dataclass(frozen=True, eq=False)
 class SecondMoment:
-    """``mom2``: [d_key, d_key] = (1/N) Σ k kᵀ; ``n_tokens``: N, the number of keys averaged."""
+    """``mom2``: [d_key, d_key] = (1/N) Σ k kᵀ; ``n_tokens``: N, the number of keys averaged.
+
+    With a convergence tolerance: ``converged`` says whether the pass stopped on it (False: the corpus
+    or ``max_tokens`` ran out first) and ``history`` holds ``(tokens, relative change)`` at each check.
+    """
 
     mom2: torch.Tensor
     n_tokens: int
+    converged: bool | None = None
+    history: tuple[tuple[int, float], ...] = ()
 
 
 def default_max_seq_len(model: nn.Module) -> int:
@@ -91,6 +102,8 @@ def collect_second_moments(
     max_seq_len: int | None = None,
     batch_tokens: int | None = None,
     dtype: str | torch.dtype = torch.float32,
+    tolerance: float | None = None,
+    probe_tokens: int = PROBE_TOKENS,
     progress: bool = True,
 ) -> dict[int, SecondMoment]:
     """Second moments of the edited projection's input at ``layers``, in one pass over ``texts``.
@@ -117,6 +130,15 @@ def collect_second_moments(
             :func:`default_batch_tokens` of the model's device. The result does not depend on it (up to
             float rounding).
         dtype: accumulation dtype, float32 or float64.
+        tolerance: stop once C has converged for editing (None: read up to the caps). The first
+            ``probe_tokens`` keys of the stream are held out as probes P [d_key, m] (not in C); each
+            time the token count has grown by :data:`CHECK_GROWTH` (from 2·d_key on), X = (C + εI)⁻¹P
+            is solved (ε = 1e-6·tr(C)/d_key) and the pass stops when ‖X − X_prev‖_F / ‖X‖_F is below
+            ``tolerance`` at every layer. The measure follows the edit, not C: every solver applies C⁻¹
+            to keys (MEMIT's ΔW = R Kᵀ(λC + KKᵀ)⁻¹ ≈ R Kᵀ C⁻¹/λ for small batches), and C⁻¹ weights
+            the small-variance directions, which converge last, where a norm of C would follow the
+            large ones (docs/ALGORITHMS.md §1).
+        probe_tokens: number of held-out probe keys (with ``tolerance`` only).
         progress: show a tqdm bar over tokens.
 
     Returns:
@@ -135,6 +157,8 @@ def collect_second_moments(
         isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1
     ):
         raise ValueError(f"batch_tokens: must be a positive integer or None, got {batch_tokens!r}")
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
+        raise ValueError(f"tolerance: must be a number in (0, 1) or None, got {tolerance!r}")
     seq_len = max_seq_len or default_max_seq_len(model)
     device = model_device(model)
     batch_tokens = batch_tokens or default_batch_tokens(device)
@@ -142,6 +166,7 @@ def collect_second_moments(
     names = {layer: spec.rewrite_name(layer) for layer in layers}
     sums = {layer: torch.zeros(spec.d_key, spec.d_key, dtype=acc, device=device) for layer in layers}
     n_tokens = 0
+    check = _Convergence(layers, spec.d_key, tolerance, probe_tokens) if tolerance is not None else None
     start = time.perf_counter()
     stream = _token_stream(tok, texts, seq_len, max_texts, max_tokens)
     with (
@@ -161,10 +186,15 @@ def collect_second_moments(
                     got = "nothing" if keys is None else f"width {keys.shape[-1]}"
                     raise ValueError(f"spec.rewrite_module: input of {name} has {got}, expected d_key={spec.d_key}")
                 feats = keys[keep].to(acc)  # [n, d_key]
-                sums[layer].addmm_(feats.T, feats)
-            n = int(keep.sum())
+                if check is not None:
+                    feats = check.hold_out(layer, feats)
+                if len(feats):
+                    sums[layer].addmm_(feats.T, feats)
+            n = len(feats)
             n_tokens += n
             bar.update(n)
+            if check is not None and check.due(n_tokens) and check.converged(sums, n_tokens):
+                break
     if n_tokens == 0:
         raise ValueError("corpus: no tokens were read (the corpus is empty or yields only empty texts)")
     log.info(
@@ -174,7 +204,57 @@ def collect_second_moments(
         time.perf_counter() - start,
         _ACC_DTYPES[acc],
     )
+    if check is not None:
+        hist = tuple(check.history)
+        return {layer: SecondMoment(sums[layer].div_(n_tokens), n_tokens, check.done, hist) for layer in layers}
     return {layer: SecondMoment(sums[layer].div_(n_tokens), n_tokens) for layer in layers}
+
+
+class _Convergence:
+    """The stopping rule of ``collect_second_moments(tolerance=...)``: held-out probe keys per layer,
+    and the relative change of (C + εI)⁻¹P between checks."""
+
+    def __init__(self, layers: list[int], d_key: int, tolerance: float, probe_tokens: int) -> None:
+        if isinstance(probe_tokens, bool) or not isinstance(probe_tokens, int) or probe_tokens < 1:
+            raise ValueError(f"probe_tokens: must be a positive integer, got {probe_tokens!r}")
+        self.tol = tolerance
+        self.m = probe_tokens
+        self.probes: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        self.have = dict.fromkeys(layers, 0)
+        self.prev: dict[int, torch.Tensor] = {}
+        self.next_check = 2 * d_key
+        self.history: list[tuple[int, float]] = []
+        self.done = False
+
+    def hold_out(self, layer: int, feats: torch.Tensor) -> torch.Tensor:
+        """Keep the first probe keys of the stream out of C; return the keys to accumulate."""
+        need = self.m - self.have[layer]
+        if need <= 0:
+            return feats
+        self.probes[layer].append(feats[:need])
+        self.have[layer] += len(feats[:need])
+        return feats[need:]
+
+    def due(self, n_tokens: int) -> bool:
+        return n_tokens >= self.next_check and all(h >= self.m for h in self.have.values())
+
+    def converged(self, sums: Mapping[int, torch.Tensor], n_tokens: int) -> bool:
+        self.next_check = int(n_tokens * CHECK_GROWTH) + 1
+        change = 0.0
+        for layer, s in sums.items():
+            c = s.double() / n_tokens
+            d = c.shape[0]
+            c.diagonal().add_(1e-6 * float(c.diagonal().sum()) / d)
+            p = torch.cat(self.probes[layer]).to(c).T  # [d_key, m]
+            x = torch.cholesky_solve(p, torch.linalg.cholesky(c))
+            old = self.prev.get(layer)
+            change = max(change, float("inf") if old is None else float((x - old).norm() / x.norm()))
+            self.prev[layer] = x.float()
+            del c
+        self.history.append((n_tokens, change))
+        log.info("statistics at %d tokens: relative change of C⁻¹P %.2e (tolerance %.1e)", n_tokens, change, self.tol)
+        self.done = change < self.tol
+        return self.done
 
 
 def check_stats(stats: SecondMoment | torch.Tensor, spec: ModelSpec, layer: int, field: str = "stats") -> torch.Tensor:
@@ -291,6 +371,8 @@ class StatsKey:
         max_seq_len: the truncation length used (None: the model's default).
         dtype: accumulation dtype, ``"float32"`` or ``"float64"`` (a torch dtype is converted).
         module: the rewrite module's name, for hand-written specs (None: the default layout).
+        model_dtype: the weights' dtype during the pass (None: not recorded, e.g. float32 notebooks).
+        tolerance: the convergence tolerance of the pass (None: read up to the caps).
     """
 
     model: str
@@ -301,60 +383,56 @@ class StatsKey:
     max_seq_len: int | None
     dtype: str
     module: str | None = None
+    model_dtype: str | None = None
+    tolerance: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", _ACC_DTYPES[accumulation_dtype(self.dtype)])
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, no spaces)."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        return key_json(self)
 
     def digest(self) -> str:
         """First 24 hex digits of the sha256 of :meth:`to_json`."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:24]
+        return key_digest(self)
 
 
 class StatsStore:
-    """A folder of cached second moments, one ``<digest>.safetensors`` file per :class:`StatsKey`."""
+    """A folder of cached second moments, one ``<digest>.safetensors`` file per :class:`StatsKey`
+    (an :class:`editors.store.Store`: atomic writes, the key checked on read)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        self._store = Store(self.root, STATS_FORMAT)
 
     def path(self, key: StatsKey) -> Path:
-        return self.root / f"{key.digest()}.safetensors"
+        return self._store.path(key)
 
     def __contains__(self, key: object) -> bool:
-        if not isinstance(key, StatsKey):
-            return False
-        try:
-            with safe_open(self.path(key), framework="pt") as f:
-                return self._matches(f.metadata(), key)
-        except (OSError, SafetensorError, ValueError):
-            return False
+        return isinstance(key, StatsKey) and self._store.has(key)
 
     def get(self, key: StatsKey, device: str | torch.device | None = None) -> SecondMoment | None:
         """The cached statistics (on CPU, or on ``device``), or None on a miss. A file whose stored key
-        differs from ``key`` or that cannot be read is a miss, with a warning."""
-        path = self.path(key)
-        if not path.is_file():
+        differs from ``key``, that cannot be read or whose matrix is malformed is a miss, with a
+        warning."""
+        got = self._store.get_tensors(key)
+        if got is None:
             return None
+        tensors, meta = got
+        mom2 = tensors.get("mom2")
         try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                if not self._matches(meta, key):
-                    log.warning("stats cache %s holds another key; ignoring it", path)
-                    return None
-                mom2 = f.get_tensor("mom2")
             n_tokens = int(meta["n_tokens"])
-        except (OSError, SafetensorError, ValueError, KeyError) as e:
-            log.warning("stats cache %s is unreadable (%s); ignoring it", path, e)
+            history = tuple((int(n), float(c)) for n, c in json.loads(meta.get("history", "[]")))
+        except (KeyError, ValueError, TypeError):
+            n_tokens, history = 0, ()
+        if mom2 is None or mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1] or n_tokens < 1:
+            log.warning("stats cache %s holds a malformed matrix; ignoring it", self.path(key))
             return None
-        if mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1] or n_tokens < 1:
-            log.warning("stats cache %s holds a malformed matrix; ignoring it", path)
-            return None
+        converged = {"true": True, "false": False}.get(meta.get("converged", ""))
         if device is not None:
             mom2 = mom2.to(device)
-        return SecondMoment(mom2, n_tokens)
+        return SecondMoment(mom2, n_tokens, converged, history)
 
     def put(self, key: StatsKey, sm: SecondMoment) -> Path:
         """Write ``sm`` under ``key`` atomically (temp file in the same folder, then ``os.replace``)."""
@@ -362,29 +440,12 @@ class StatsStore:
             raise ValueError(f"dtype: the key says {key.dtype} but the statistics are {sm.mom2.dtype}")
         if sm.n_tokens < 1:
             raise ValueError(f"n_tokens: must be positive, got {sm.n_tokens}")
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.path(key)
-        meta = {"format": STATS_FORMAT, "key": key.to_json(), "n_tokens": str(int(sm.n_tokens))}
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.stem}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"mom2": sm.mom2.detach().cpu().contiguous()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        meta = {"n_tokens": int(sm.n_tokens), "history": json.dumps([list(h) for h in sm.history])}
+        if sm.converged is not None:
+            meta["converged"] = "true" if sm.converged else "false"
+        path = self._store.put_tensors(key, {"mom2": sm.mom2}, meta)
         log.info("cached layer %d statistics (%d tokens) at %s", key.layer, sm.n_tokens, path)
         return path
-
-    @staticmethod
-    def _matches(meta: Mapping[str, str] | None, key: StatsKey) -> bool:
-        if not meta or meta.get("format") != STATS_FORMAT:
-            return False
-        try:
-            return json.loads(meta.get("key", "")) == json.loads(key.to_json())
-        except json.JSONDecodeError:
-            return False
 
 
 def get_or_compute(

@@ -28,6 +28,9 @@ from .model import model_device
 TemplateGroups = tuple[tuple[str, ...], ...]
 Style = Literal["rome", "memit", "none"]
 
+#: Number of templates of each style (prompts per request in the key average and the value optimisation).
+N_TEMPLATES: dict[str, int] = {"rome": 21, "memit": 6, "none": 1}
+
 
 def generate_texts(
     model: nn.Module, tok: Any, prompts: Sequence[str], n_per_prompt: int, max_len: int, seed: int

@@ -6,16 +6,15 @@
     python -m sweep.launch --config ... --dry-run                            # the plan, no model loaded
     python -m sweep.launch --config ... --resume                             # continue a stopped sweep
 
-Before any trial starts, the launcher computes the statistics missing from the store (one pass per
-model over every layer the sweep needs, as one task on a GPU worker) and, for ``batch``-mode trials,
-every target value once per (model, layer, fact, value hyperparameters). Both are put in the object
-store once; trials receive references (no per-trial copy; same-node reads are zero-copy).
+Before any trial starts, the pre-pass (:mod:`sweep.prepass`) computes the shared work the stores lack:
+statistics in passes that fit a worker's memory, batch-mode target values and pre-edit scores once per
+fact, each stored as it finishes and put in the object store once; trials receive references (no
+per-trial copy; same-node reads are zero-copy).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -24,64 +23,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from editors.config import ConfigError, to_dict
+from editors.store import write_json_atomic
 
 from .plan import Plan, SweepConfig, format_plan, load_sweep, make_plan, sweep_id
-from .trial import trial_hparams, write_json_atomic
+from .prepass import run_prepass
+from .trial import trial_hparams
 
 log = logging.getLogger("sweep.launch")
 
 #: Environment variables forwarded to the Ray workers.
 PASSTHROUGH = ("HF_TOKEN", "HF_HOME", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", "MODEL_EDITING_CACHE")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Shared values on disk (so a restarted sweep does not optimise them again)
-
-
-def values_path(store: str, group: str) -> Path:
-    return Path(store) / f"{hashlib.sha256(group.encode()).hexdigest()[:24]}.safetensors"
-
-
-def load_values(store: str, group: str, case_ids: list[int]) -> np.ndarray | None:
-    """The stored values of the longest prefix of ``case_ids`` the store holds for ``group`` (None: none)."""
-    from safetensors import safe_open
-
-    path = values_path(store, group)
-    if not path.is_file():
-        return None
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
-        if meta.get("group") != group:
-            return None
-        have = json.loads(meta.get("case_ids", "[]"))
-        n = 0  # the longest common prefix: a study that grows from 50 to 256 facts reuses the first 50
-        while n < min(len(have), len(case_ids)) and have[n] == case_ids[n]:
-            n += 1
-        return f.get_tensor("values")[:n] if n else None
-
-
-def save_values(store: str, group: str, case_ids: list[int], values: np.ndarray) -> None:
-    import tempfile
-
-    from safetensors.numpy import save_file
-
-    path = values_path(store, group)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(
-            {"values": np.ascontiguousarray(values)}, tmp, metadata={"group": group, "case_ids": json.dumps(case_ids)}
-        )
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-# ----------------------------------------------------------------------------------------------------
 
 
 def init_ray(args: argparse.Namespace) -> None:
@@ -103,107 +55,6 @@ def init_ray(args: argparse.Namespace) -> None:
         )
     else:
         ray.init(address=args.address, runtime_env=env, log_to_driver=args.verbose)
-
-
-def _chunks(ids: list[int], size: int) -> list[list[int]]:
-    return [ids[i : i + size] for i in range(0, len(ids), size)]
-
-
-def prepass(cfg: SweepConfig, plan: Plan) -> tuple[dict, dict, dict[str, Any]]:
-    """Statistics and batch-mode values, computed once, put in the object store once.
-
-    Returns (stats_refs: group -> {layer: ref}, values_refs: group -> (case_ids, ref), work counters).
-    """
-    import ray
-
-    from . import worker
-    from .data import load_counterfact, select
-
-    gpu = cfg.resources.prepass_gpu if cfg.resources.prepass_gpu is not None else cfg.resources.gpu
-    opts = {"num_cpus": cfg.resources.cpu, "num_gpus": gpu, "max_retries": cfg.retries}
-    work = {
-        "stats_layers_computed": 0,
-        "stats_layers_cached": 0,
-        "stats_passes": 0,
-        "values_optimised": 0,
-        "values_cached": 0,
-    }
-    stats_refs: dict[str, dict[int, Any]] = {}
-    pending = []
-    for group, g in plan.stats.items():
-        layers = g["layers"]
-        refs = (
-            ray.remote(worker.stats_task)
-            .options(num_returns=len(layers) + 1, **opts)
-            .remote(to_dict(g["trial"]), layers)
-        )
-        stats_refs[group] = dict(zip(layers, refs[:-1]))
-        pending.append(refs[-1])
-    values_refs: dict[str, tuple[list[int], Any]] = {}
-    value_jobs = []
-    for group, g in plan.values.items():
-        t = g["trial"]
-        recs = select(
-            load_counterfact(t.dataset.source, t.dataset.sha256),
-            n=g["n_facts"],
-            case_ids=t.dataset.case_ids,
-            sample_file=t.dataset.sample_file,
-            sample=t.dataset.sample,
-            unique_subjects_seed=t.dataset.unique_subjects_seed,
-        )
-        ids = [r.case_id for r in recs]
-        cached = load_values(cfg.values_store, group, ids)
-        n_have = 0 if cached is None else len(cached)
-        work["values_cached"] += n_have
-        if n_have == len(ids):
-            values_refs[group] = (ids, ray.put(cached))
-            continue
-        refs = [
-            ray.remote(worker.values_task).options(**opts).remote(to_dict(t), ch)
-            for ch in _chunks(ids[n_have:], cfg.values_chunk)
-        ]
-        value_jobs.append((group, ids, cached, refs))
-    t0 = time.perf_counter()
-    n_values = sum(len(ids) - (0 if have is None else len(have)) for _, ids, have, _ in value_jobs)
-    chunk_size = {
-        ref: len(ch)
-        for (_, ids, have, refs) in value_jobs
-        for ref, ch in zip(refs, _chunks(ids[0 if have is None else len(have) :], cfg.values_chunk))
-    }
-    log.info(
-        "pre-pass: %d statistics task(s), %d target values in %d task(s) (%d cached)",
-        len(pending),
-        n_values,
-        len(chunk_size),
-        work["values_cached"],
-    )
-    # Wait on everything at once so that progress is logged as tasks finish, in any order.
-    left = pending + list(chunk_size)
-    done_values = 0
-    while left:
-        ready, left = ray.wait(left, num_returns=1)
-        ref = ready[0]
-        if ref in chunk_size:
-            done_values += chunk_size[ref]
-            log.info("pre-pass: %d/%d target values (%.0f s)", done_values, n_values, time.perf_counter() - t0)
-        else:
-            computed = ray.get(ref)
-            work["stats_passes"] += 1 if computed else 0
-            work["stats_layers_computed"] += len(computed)
-            log.info(
-                "pre-pass: statistics ready (layers computed: %s; the rest read from the store) (%.0f s)",
-                computed or "none",
-                time.perf_counter() - t0,
-            )
-    work["stats_layers_cached"] = sum(len(g["layers"]) for g in plan.stats.values()) - work["stats_layers_computed"]
-    for group, ids, have, refs in value_jobs:
-        arr = np.concatenate(([] if have is None else [have]) + ray.get(refs))
-        save_values(cfg.values_store, group, ids, arr)
-        values_refs[group] = (ids, ray.put(arr))
-        work["values_optimised"] += len(ids) - (0 if have is None else len(have))
-    work["prepass_s"] = time.perf_counter() - t0
-    log.info("shared work: %s", work)
-    return stats_refs, values_refs, work
 
 
 def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
@@ -252,17 +103,27 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
             "tracking_uri": uri,
             "wall_s": time.perf_counter() - t_start,
         }
-    stats_refs, values_refs, work = prepass(cfg, plan)
+    shared = plan.shared
+    if len(todo) < len(plan.keys):  # resumed: the shared work of the trials still to run, stores re-read
+        from .prepass import plan_shared
+
+        left = [(k, t) for k, t in zip(plan.keys, plan.trials) if k in todo]
+        shared = plan_shared(cfg, [t for _, t in left], [k for k, _ in left])
+    refs, work = run_prepass(cfg, shared)
     c.log_dict(
         parent,
         {
-            g: {
-                "layers": v["layers"],
-                "cached_before": v["cached"],
-                "model": to_dict(v["trial"].model),
-                "stats": to_dict(v["trial"].stats),
-            }
-            for g, v in plan.stats.items()
+            "passes": [
+                {
+                    "layers": list(p.layers),
+                    "read_from_store": p.read_only,
+                    "memory_gb": p.memory_gb,
+                    "model": to_dict(p.trial.model),
+                    "stats": to_dict(p.trial.stats),
+                }
+                for p in shared.passes
+            ],
+            "budget_gb": shared.budget_gb,
         },
         "statistics.json",
     )
@@ -280,7 +141,7 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
         for k, t in zip(plan.keys, plan.trials)
         if k in todo
     ]
-    fn = tune.with_parameters(worker.trainable, stats_refs=stats_refs, values_refs=values_refs, trials=trials)
+    fn = tune.with_parameters(worker.trainable, refs=refs, trials=trials)
     fn = tune.with_resources(fn, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     storage = str(Path(cfg.storage).resolve())
     name = f"{cfg.name}-{sid}"
@@ -386,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_sweep(args.config, args.overrides)
-        plan = make_plan(cfg)
+        plan = make_plan(cfg, dry_run=args.dry_run)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -218,3 +218,14 @@ def perplexity(model: nn.Module, tok: Any, spec: ModelSpec, texts: Sequence[str]
         total += float(-logp.gather(1, x[0, 1:, None]).sum())
         count += len(ids) - 1
     return math.exp(total / count) if count else float("nan")
+
+
+def heldout_perplexity(
+    model: nn.Module, tok: Any, spec: ModelSpec, corpus: str, offset: int, n_texts: int, max_len: int
+) -> float:
+    """:func:`perplexity` on texts ``offset .. offset + n_texts`` of ``corpus`` (the statistics read the
+    first texts, so a slice further on is held out)."""
+    from editors.corpus import CorpusSpec, iter_texts
+
+    texts = [x for i, x in zip(range(offset + n_texts), iter_texts(CorpusSpec(corpus))) if i >= offset]
+    return perplexity(model, tok, spec, texts, max_len=max_len)

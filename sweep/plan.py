@@ -3,9 +3,8 @@
 A sweep config (``sweep/configs/*.yaml``) holds a ``base`` trial config (see :mod:`sweep.trial`) and a
 ``grid`` of dotted keys to lists of values (``algorithm``, ``layers``, ``batch_size``, ``mode``, any
 ``hp.<name>``...). The plan expands the grid, validates every trial config before anything starts, and
-works out the shared work: the statistics each model needs (one pass over all its layers) and, in
-``batch`` mode, the target values each (model, value layer, value hyperparameters) group needs, once
-per fact for the whole sweep.
+hands the shared work to :func:`sweep.prepass.plan_shared` (statistics passes under a memory budget,
+target values and pre-edit scores once per fact), and estimates what it will cost.
 """
 
 from __future__ import annotations
@@ -14,13 +13,18 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from editors import traits
 from editors.config import ConfigError, from_dict, load_yaml, merge, parse_overrides, to_dict
-from editors.model import ModelRef, n_layers_of
+from editors.model import n_layers_of
+from editors.templates import N_TEMPLATES
 
-from .trial import TrialConfig, needs_stats, parse_config, stats_keys, trial_hparams, values_shareable
+from .prepass import SharedPlan, plan_shared, score_seconds, value_seconds
+from .shared import stats_dtype
+from .trial import TrialConfig, parse_config, trial_hparams
 
 #: Shapes of models a dry run may be asked about without network access to their config.
 KNOWN_SHAPES = {
@@ -47,6 +51,7 @@ class ResourcesConfig:
     gpu: float = 0.0  # per trial; fractions share a card (small models only: Ray does not split VRAM)
     max_concurrent: int | None = None
     prepass_gpu: float | None = None  # GPUs of the statistics/values tasks (default: same as a trial)
+    gpu_memory_gb: float | None = None  # a worker's device memory for statistics passes (None: the driver's GPU)
 
 
 @dataclass(frozen=True)
@@ -66,9 +71,11 @@ class SweepConfig:
     retries: int = 1  # a failed trial is retried this many times
     storage: str = ".cache/ray_results"  # Tune's storage_path (S3/NFS on a multi-node cluster)
     values_store: str = ".cache/values"  # disk cache of shared target values
+    scores_store: str = ".cache/scores"  # disk cache of pre-edit scores and perplexities
     share_stats: bool = True  # compute statistics once before the trials (off: each trial computes)
     share_values: bool = True  # compute batch-mode values once for the sweep (off: each trial does)
-    values_chunk: int = 256  # facts per value-precompute task
+    share_scores: bool = True  # score the unedited model once per fact for the sweep (off: each trial does)
+    values_chunk: int = 256  # facts per value / pre-score task (each stored as it finishes)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
 
 
@@ -96,7 +103,7 @@ def load_sweep(path: str, overrides: list[str] = ()) -> SweepConfig:
     paths of the base trial become absolute."""
     data = merge(load_yaml(path), parse_overrides(overrides))
     data["base"] = _absolute(data.get("base") or {})
-    for k in ("storage", "values_store"):
+    for k in ("storage", "values_store", "scores_store"):
         if isinstance(data.get(k), str) and "://" not in data[k]:
             from pathlib import Path
 
@@ -109,6 +116,10 @@ def load_sweep(path: str, overrides: list[str] = ()) -> SweepConfig:
             raise ConfigError(f"grid.{key}: expected a non-empty list of values")
     if cfg.retries < 0:
         raise ConfigError("retries: must be >= 0")
+    if cfg.values_chunk < 1:
+        raise ConfigError(f"values_chunk: must be >= 1, got {cfg.values_chunk}")
+    if cfg.resources.gpu_memory_gb is not None and cfg.resources.gpu_memory_gb <= 0:
+        raise ConfigError(f"resources.gpu_memory_gb: must be > 0, got {cfg.resources.gpu_memory_gb}")
     return cfg
 
 
@@ -187,119 +198,81 @@ def model_shape(source: str | None, gguf_file: str | None, revision: str | None)
     return Shape(n, d, dk, v, params)
 
 
-def stats_group(t: TrialConfig) -> str:
-    """Trials in one group share one statistics pass (same model and statistics settings)."""
-    s = t.stats
-    return json.dumps([to_dict(t.model), s.corpus, s.max_tokens, s.max_texts, s.dtype, s.store], sort_keys=True)
-
-
-def values_group(t: TrialConfig) -> str:
-    """Trials in one group share target values: model, value site and layer, value hparams, templates,
-    dataset selection (values are per fact, so the group holds the union of its trials' facts)."""
-    from editors.targets import ValueHParams
-
-    hp = trial_hparams(t)
-    vh = {k: getattr(hp, k) for k in ValueHParams.__dataclass_fields__}
-    site = "rewrite" if t.algorithm == "rome" else "block"
-    return json.dumps(
-        [to_dict(t.model), site, hp.layers[-1], vh, hp.context_templates, hp.template_seed, to_dict(t.dataset)],
-        sort_keys=True,
-        default=str,
-    )
-
-
 @dataclass
 class Plan:
     trials: list[TrialConfig]
     keys: list[str]
-    stats: dict[str, dict[str, Any]]  # group -> {"trial": TrialConfig, "layers": [...], "cached": [...]}
-    values: dict[str, dict[str, Any]]  # group -> {"trial": TrialConfig, "n_facts": int, "uses": int}
+    shared: SharedPlan
     estimates: list[dict[str, float]]
+    shared_seconds: dict[str, float]  # "statistics", "values", "scores": estimated pre-pass time
 
     def summary(self) -> dict[str, Any]:
-        n_stats = sum(len(g["layers"]) for g in self.stats.values())
-        n_cached = sum(len(g["cached"]) for g in self.stats.values())
-        v_once = sum(g["n_facts"] for g in self.values.values())
-        v_naive = sum(g["uses"] for g in self.values.values())
-        return {
-            "trials": len(self.trials),
-            "statistics_layers": n_stats,
-            "statistics_to_compute": n_stats - n_cached,
-            "statistics_cached": n_cached,
-            "values_to_optimise_shared": v_once,
-            "values_without_sharing": v_naive,
-        }
+        return {"trials": len(self.trials), **self.shared.counts()}
 
 
-def make_plan(cfg: SweepConfig) -> Plan:
-    """Expand, validate against the models' shapes, and count the shared work (no model is loaded)."""
+def make_plan(cfg: SweepConfig, dry_run: bool = False) -> Plan:
+    """Expand, validate against the models' shapes, and plan the shared work (no model is loaded;
+    ``dry_run``: see :func:`sweep.prepass.plan_shared`)."""
     from editors.model import check_layer
-    from editors.stats import StatsStore
 
     trials = expand(cfg)
-    stats: dict[str, dict[str, Any]] = {}
-    values: dict[str, dict[str, Any]] = {}
-    estimates = []
+    keys = [trial_key(t) for t in trials]
     for t in trials:
         shape = model_shape(t.model.source, t.model.gguf_file, t.model.revision)
-        hp = trial_hparams(t)
-        for layer in hp.layers:
+        for layer in trial_hparams(t).layers:
             try:
                 check_layer(layer, shape.n_layers, "layers")
             except ValueError as e:
-                raise ConfigError(f"trial {t.algorithm} {list(hp.layers)}: {e}") from None
-        if needs_stats(t) and cfg.share_stats:
-            g = stats.setdefault(stats_group(t), {"trial": t, "layers": set(), "cached": []})
-            g["layers"].update(hp.layers)
-        if values_shareable(t) and cfg.share_values:
-            g = values.setdefault(values_group(t), {"trial": t, "n_facts": t.n_edits, "uses": 0})
-            g["n_facts"] = max(g["n_facts"], t.n_edits)
-            g["uses"] += t.n_edits
-        shared = values_shareable(t) and cfg.share_values
-        estimates.append(estimate(t, shape, cfg.estimate.tflops, values_shared=shared))
-    for g in values.values():
-        t = g["trial"]
-        g["seconds"] = value_seconds(
-            t, model_shape(t.model.source, t.model.gguf_file, t.model.revision), cfg.estimate.tflops, g["n_facts"]
-        )
-    for g in stats.values():
-        g["layers"] = sorted(g["layers"])
-        t = g["trial"]
-        if t.stats.store:
-            keys = stats_keys(t, g["layers"], ModelRef(t.model.source, t.model.gguf_file, t.model.revision).identity())
-            store = StatsStore(t.stats.store)
-            g["cached"] = [layer for layer, k in keys.items() if k in store]
-    return Plan(trials, [trial_key(t) for t in trials], stats, values, estimates)
+                raise ConfigError(f"trial {t.algorithm} {list(trial_hparams(t).layers)}: {e}") from None
+    shared = plan_shared(cfg, trials, keys, dry_run)
+    tflops = cfg.estimate.tflops
+    estimates = [
+        estimate(t, model_shape(t.model.source, t.model.gguf_file, t.model.revision), tflops, shared.needs[k])
+        for k, t in zip(keys, trials)
+    ]
+    seconds = {"statistics": sum(p.seconds for p in shared.passes if not p.read_only)}
+    seconds["values"] = sum(
+        value_seconds(j.trial, _shape(j.trial), tflops, len(j.missing())) for j in shared.values.values()
+    )
+    seconds["scores"] = sum(score_seconds(_shape(j.trial), len(j.missing()), tflops) for j in shared.scores.values())
+    return Plan(trials, keys, shared, estimates, seconds)
 
 
-def value_seconds(t: TrialConfig, shape: Shape, tflops: float, n_facts: int) -> float:
-    """Time of the target-value optimisation of ``n_facts`` facts: 6 · params · tokens per step (forward +
-    backward) × steps, with ~12 tokens per prompt after the cached prefix."""
-    hp = trial_hparams(t)
-    n_prompts = {"rome": 21, "memit": 6, "none": 1}[hp.context_templates] + 1
-    return 6 * shape.params * n_facts * n_prompts * 12 * hp.v_num_grad_steps / (tflops * 1e12)
+def _shape(t: TrialConfig) -> Shape:
+    return model_shape(t.model.source, t.model.gguf_file, t.model.revision)
 
 
-def estimate(t: TrialConfig, shape: Shape, tflops: float, values_shared: bool = False) -> dict[str, float]:
+def estimate(t: TrialConfig, shape: Shape, tflops: float, needs: Any = None) -> dict[str, float]:
     """Rough GPU memory (GB) and time (s) of a trial, from shapes alone.
 
     Memory: weights in the model dtype + C of each edited layer (fp32) and its fp64 solve copy + the value
     optimisation's saved activations (rows × ~12 tokens after the cached prefix × layers above the edit
     × ~(10·d + 4·dk) values in the model dtype). Time: the value optimisation (none when the sweep shares
-    the values) plus the scoring forwards (2 · params per token; pre, at edit and, in sequential modes,
-    final).
+    the values) plus the scoring forwards (at edit and, in sequential modes, final; pre-edit scores
+    only when the sweep does not share them).
     """
     hp = trial_hparams(t)
     bytes_w = 2 if t.model.dtype in ("bfloat16", "bf16", "float16", "fp16") else 4
-    n_prompts = {"rome": 21, "memit": 6, "none": 1}[hp.context_templates] + 1
+    n_prompts = N_TEMPLATES[hp.context_templates] + 1
     rows = min(t.batch_size, hp.value_batch) * n_prompts
     above = shape.n_layers - hp.layers[-1]
     act = rows * 12 * above * (10 * shape.d_model + 4 * shape.d_key) * bytes_w
-    stats_mem = len(hp.layers) * shape.d_key**2 * (4 + 8)
+    stats_mem = len(hp.layers) * shape.d_key**2 * (4 + 8) if traits(t.algorithm).needs_stats(hp) else 0
     mem = shape.params * bytes_w + stats_mem + act
+    values_shared = needs is not None and needs.values is not None
+    scores_shared = needs is not None and needs.scores is not None
     values = 0.0 if values_shared else value_seconds(t, shape, tflops, t.n_edits)
-    score = 2 * shape.params * t.n_edits * 13 * 2 * 20 * (2 if t.mode == "batch" else 3) / (tflops * 1e12)
+    rounds = (1 if t.mode == "batch" else 2) + (1 if t.scoring.pre and not scores_shared else 0)
+    score = score_seconds(shape, t.n_edits, tflops) * rounds
     return {"gpu_memory_gb": mem / 1e9, "time_s": values + score, "value_steps": float(hp.v_num_grad_steps)}
+
+
+def _fmt_s(x: float) -> str:
+    if math.isnan(x):
+        return "?"
+    if x < 10:
+        return f"{x:.1f} s"
+    return f"{x / 3600:.2f} h" if x >= 3600 else f"{x:.0f} s"
 
 
 def format_plan(cfg: SweepConfig, plan: Plan) -> str:
@@ -314,17 +287,42 @@ def format_plan(cfg: SweepConfig, plan: Plan) -> str:
             f"{i:>3} {t.algorithm:<10} {list(trial_hparams(t).layers)!s:<10} {t.batch_size:>5} "
             f"{t.mode:<17} {t.n_edits:>5} {e['gpu_memory_gb']:>7.1f} {e['time_s']:>8.0f}  {hp}"
         )
+    sh = plan.shared
+    budget = f"{sh.budget_gb:g} GB per worker" if sh.budget_gb is not None else "no memory budget set"
     lines.append(
-        f"statistics: {s['statistics_layers']} layer(s), {s['statistics_to_compute']} to compute, "
-        f"{s['statistics_cached']} cached"
+        f"statistics: {s['statistics_layers']} layer(s), {s['statistics_to_compute']} to compute in "
+        f"{s['statistics_passes']} pass(es), {s['statistics_cached']} cached ({budget})"
     )
+    for p in sh.passes:
+        if p.read_only:
+            lines.append(f"  read from the store: layers {list(p.layers)}")
+        else:
+            tok = p.trial.stats.max_tokens or (p.trial.stats.max_texts and f"{p.trial.stats.max_texts} texts")
+            lines.append(
+                f"  pass: layers {_span(p.layers)} ({len(p.layers)}), {p.memory_gb:.1f} GB, "
+                f"~{_fmt_s(p.seconds)} ({tok or 'whole corpus'}, weights {stats_dtype(p.trial)})"
+            )
     lines.append(
-        f"target values: {s['values_to_optimise_shared']} optimisations shared across trials "
+        f"target values: {s['values_to_optimise_shared']} to optimise, {s['values_cached']} stored "
         f"(instead of {s['values_without_sharing']} without sharing)"
     )
-    total = sum(e["time_s"] for e in plan.estimates) + sum(g["seconds"] for g in plan.values.values())
     lines.append(
-        f"estimated trial time: {total / 3600:.2f} GPU-hours at {cfg.estimate.tflops:g} TFLOP/s sustained "
-        f"(rough; shared values included, statistics not)"
+        f"pre-edit scores: {s['scores_to_compute']} facts to score, {s['scores_cached']} stored "
+        f"(instead of {s['scores_without_sharing']} without sharing)"
+    )
+    trials_s = sum(e["time_s"] for e in plan.estimates)
+    sec = plan.shared_seconds
+    total = trials_s + sec["statistics"] + sec["values"] + sec["scores"]
+    lines.append(
+        f"estimated time at {cfg.estimate.tflops:g} TFLOP/s sustained (rough): statistics {_fmt_s(sec['statistics'])}, "
+        f"values {_fmt_s(sec['values'])}, pre-edit scores {_fmt_s(sec['scores'])}, trials {_fmt_s(trials_s)}; "
+        f"total {_fmt_s(total)} of device time"
     )
     return "\n".join(lines)
+
+
+def _span(layers: tuple[int, ...]) -> str:
+    ls = list(layers)
+    if len(ls) > 2 and ls == list(range(ls[0], ls[-1] + 1)):
+        return f"{ls[0]}-{ls[-1]}"
+    return str(ls)

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 DEFAULT_EXPERIMENT = "model-editing"
 STAGES = ("pre", "at_edit", "final")
 SCORES = ("es", "ps", "ns", "s", "em", "pm", "nm", "es_acc", "ps_acc", "ns_acc", "ge", "ppl")
-TIME_STAGES = tuple(f"time.{s}" for s in ("load", "statistics", "keys", "values", "solve", "score"))
+TIME_STAGES = tuple(f"time.{s}" for s in ("load", "shared", "statistics", "keys", "values", "solve", "score"))
 TIMINGS = (*TIME_STAGES, "time.total")
 MEMORY = ("memory.cpu_rss_peak_mb", "memory.gpu_peak_mb")
 #: mean Frobenius norm of each batch's update (summed over the edited layers)

@@ -6,43 +6,42 @@
 Works without Ray and MLflow. Scoring follows ALGORITHMS.md §4: every fact on the unedited model
 ("pre"), each batch's facts right after their own batch ("at_edit", the reference code's protocol) and
 every fact on the final model ("final", AlphaEdit's protocol; in ``batch`` mode each batch is edited
-on the unedited weights, so final = at_edit). Statistics and target values come from caches the caller
-provides (the sweep shares them across trials); when absent the trial computes them itself.
+on the unedited weights, so final = at_edit). The shared inputs (statistics, batch-mode target values,
+pre-edit scores) come from the sweep's pre-pass (:mod:`sweep.prepass`); a trial run alone computes them
+through the same functions. The stages: :func:`load_records` -> :func:`load_for_trial` -> shared inputs
+-> :func:`edit_and_score` (the schedule, each batch scored right after it) -> final scoring -> result.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
-import json
 import logging
-import os
 import resource
 import sys
-import tempfile
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from editors import ModelRef, load_hparams, load_model, run_schedule, spec_for
+from editors import load_hparams, load_model, run_schedule, spec_for, traits
 from editors.common import sync
 from editors.config import ConfigError, from_dict, load_yaml, merge, parse_overrides, to_dict
-from editors.corpus import EMBEDDED_WIKI, CorpusSpec, corpus_identity, iter_texts
+from editors.corpus import EMBEDDED_WIKI
 from editors.hparams import EditHParams, check_algorithm
-from editors.model import check_layer, model_config, n_layers_of, parse_dtype
+from editors.model import ModelSpec, check_layer, model_config, model_device, n_layers_of, parse_dtype
 from editors.requests import validate_requests
 from editors.schedule import MODES, BatchEvent, check_schedule
-from editors.stats import SecondMoment, StatsKey, StatsStore, collect_second_moments, get_or_compute
-from editors.templates import TemplateCache
+from editors.stats import accumulation_dtype
+from editors.store import write_json_atomic
+from editors.templates import TemplateCache, TemplateGroups
 
 from .data import Record, load_counterfact, select
-from .metrics import METRICS, aggregate, generation_entropy, perplexity, score_records
+from .metrics import METRICS, RecordScores, aggregate, generation_entropy, heldout_perplexity, score_records
+from .prepass import fill_scores, local_inputs, local_stats
+from .shared import TrialInputs, model_identity, record_digest, request_digest
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +73,8 @@ class StatsConfig:
     dtype: Literal["float32", "float64"] = "float32"
     batch_tokens: int | None = None  # padded tokens per forward pass (None: 1024 on CPU, 8192 on GPU)
     store: str | None = ".cache/stats"  # disk cache folder (None: keep in memory only)
+    tolerance: float | None = None  # stop once C⁻¹ of held-out keys changes less than this (None: read to the caps)
+    model_dtype: str | None = None  # weights' dtype during the pass (None: model.dtype); bfloat16 halves it
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,22 @@ def parse_config(data: dict[str, Any]) -> TrialConfig:
     except ValueError as e:
         raise ConfigError(str(e).replace("number of requests", "n_edits")) from None
     parse_dtype(cfg.model.dtype)
+    s = cfg.stats
+    for name in ("max_tokens", "max_texts", "batch_tokens"):
+        v = getattr(s, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"stats.{name}: must be >= 1 or null, got {v}")
+    if s.tolerance is not None and not 0 < s.tolerance < 1:
+        raise ConfigError(f"stats.tolerance: must be in (0, 1) or null, got {s.tolerance}")
+    if s.model_dtype is not None:
+        try:
+            parse_dtype(s.model_dtype)
+        except ValueError:
+            raise ConfigError(f"stats.model_dtype: unknown dtype {s.model_dtype!r}") from None
+    try:
+        accumulation_dtype(s.dtype)
+    except ValueError as e:
+        raise ConfigError(f"stats.{e}") from None
     return cfg
 
 
@@ -143,72 +160,14 @@ def trial_hparams(cfg: TrialConfig) -> EditHParams:
 
 
 def needs_stats(cfg: TrialConfig, hp: EditHParams | None = None) -> bool:
-    """Every algorithm needs the statistics except ROME with ``mom2_adjustment: false`` (C = I)."""
-    hp = hp or trial_hparams(cfg)
-    return not (cfg.algorithm == "rome" and not getattr(hp, "mom2_adjustment", True))
+    """Whether the trial's algorithm needs the statistics (as its ``TRAITS`` declare)."""
+    return traits(cfg.algorithm).needs_stats(hp or trial_hparams(cfg))
 
 
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-# ----------------------------------------------------------------------------------------------------
-# Caches the sweep shares (the trial computes what they lack)
-
-
-def stats_keys(cfg: TrialConfig, layers: list[int], model_id: str) -> dict[int, StatsKey]:
-    corpus = corpus_identity(CorpusSpec(cfg.stats.corpus, max_texts=cfg.stats.max_texts))
-    return {
-        layer: StatsKey(model_id, layer, corpus, cfg.stats.max_texts, cfg.stats.max_tokens, None, cfg.stats.dtype)
-        for layer in layers
-    }
-
-
-def compute_stats(
-    cfg: TrialConfig, model: Any, tok: Any, layers: list[int], progress: bool = True
-) -> dict[int, SecondMoment]:
-    """The statistics of ``layers`` in one pass over the configured corpus."""
-    texts = iter_texts(CorpusSpec(cfg.stats.corpus, max_texts=cfg.stats.max_texts))
-    return collect_second_moments(
-        model,
-        tok,
-        spec_for(model),
-        layers,
-        texts,
-        max_tokens=cfg.stats.max_tokens,
-        batch_tokens=cfg.stats.batch_tokens,
-        dtype=cfg.stats.dtype,
-        progress=progress,
-    )
-
-
-def values_shareable(cfg: TrialConfig) -> bool:
-    """Target values can be shared across trials only in ``batch`` mode (otherwise they depend on the
-    earlier batches' edits), and for ROME only for single edits (ROME edits a batch's requests one on
-    top of the other)."""
-    return cfg.mode == "batch" and not (cfg.algorithm == "rome" and cfg.batch_size > 1)
-
-
-def value_key(cfg: TrialConfig, hp: EditHParams, model_id: str, case_id: int) -> str:
-    """Cache key of a batch-mode target value: it depends on the model, the value layer and site,
-    the value hyperparameters and the templates' style/seed — not on the batch size or the solver,
-    so MEMIT, EMMET and AlphaEdit trials share it (ROME's v* sits at the MLP output: its own key)."""
-    site = "rewrite" if cfg.algorithm == "rome" else "block"
-    from editors.targets import ValueHParams
-
-    vh = {f.name: getattr(hp, f.name) for f in dataclasses.fields(ValueHParams)}
-    blob = json.dumps(
-        [model_id, site, hp.layers[-1], vh, hp.context_templates, hp.template_seed, case_id],
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-
-# ----------------------------------------------------------------------------------------------------
-# The trial
 
 
 def peak_memory_mb(device: str) -> dict[str, float]:
@@ -233,185 +192,164 @@ def versions(model_id: str) -> dict[str, str]:
     }
 
 
-def run_trial(
-    cfg: TrialConfig,
-    *,
-    model: Any = None,
-    tok: Any = None,
-    stats: dict[int, Any] | None = None,
-    stats_provider: Callable[[list[int]], dict[int, Any]] | None = None,
-    values_cache: MutableMapping[str, torch.Tensor] | None = None,
-    templates: TemplateCache | None = None,
-    on_batch: Callable[[dict[str, Any]], None] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Run one trial and return its result (see the module docstring and README for the fields).
+# ----------------------------------------------------------------------------------------------------
+# The trial's stages: data -> model -> shared inputs -> schedule with per-batch scoring -> final -> result
 
-    Args:
-        model, tok: a loaded model to reuse (its edited weights are restored exactly at the end).
-        stats: layer -> C to use as given; ``stats_provider(layers)`` is asked otherwise; failing both,
-            the trial uses the disk store of ``cfg.stats.store`` and computes what is missing.
-        values_cache: shared target values (batch mode), keyed by :func:`value_key`.
-        on_batch: called with each batch's curve point (a sweep reports it as an intermediate result).
-    """
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    work = {"stats_computed": 0, "stats_reused": 0, "values_optimised": 0, "values_reused": 0}
-    hp = trial_hparams(cfg)
-    torch.manual_seed(cfg.seed)
 
-    # Data first: a bad record fails before any model work.
-    records = select(
-        load_counterfact(cfg.dataset.source, cfg.dataset.sha256),
+def load_records(cfg: TrialConfig) -> list[Record]:
+    """The trial's facts, in the sweep's fixed order (a bad record fails before any model work)."""
+    d = cfg.dataset
+    return select(
+        load_counterfact(d.source, d.sha256),
         n=cfg.n_edits,
-        case_ids=cfg.dataset.case_ids,
-        sample_file=cfg.dataset.sample_file,
-        sample=cfg.dataset.sample,
-        unique_subjects_seed=cfg.dataset.unique_subjects_seed,
+        case_ids=d.case_ids,
+        sample_file=d.sample_file,
+        sample=d.sample,
+        unique_subjects_seed=d.unique_subjects_seed,
     )
-    ref = ModelRef(cfg.model.source, cfg.model.gguf_file, cfg.model.revision)
-    model_id = ref.identity()
-    device = resolve_device(cfg.model.device)
-    if model is None:  # validate layers against the config before loading the weights
+
+
+def load_for_trial(cfg: TrialConfig, hp: EditHParams, model: Any, tok: Any) -> tuple[Any, Any, ModelSpec, float]:
+    """(model, tokenizer, spec, seconds spent loading): the given model, or the configured one loaded
+    after its layers are checked against its config (so a bad layer costs no weights)."""
+    t = time.perf_counter()
+    if model is None:
         n_layers = n_layers_of(
             model_config(cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision)
         )
         for layer in hp.layers:
             check_layer(layer, n_layers, "layers")
-    t = time.perf_counter()
-    if model is None:
         model, tok = load_model(
             cfg.model.source,
             gguf_file=cfg.model.gguf_file,
             revision=cfg.model.revision,
             dtype=cfg.model.dtype,
-            device=device,
+            device=resolve_device(cfg.model.device),
         )
-        timings["load"] = time.perf_counter() - t
-    else:
-        timings["load"] = 0.0
+    load_s = time.perf_counter() - t
     spec = spec_for(model)
     for layer in hp.layers:
         spec.check_layer(layer, "layers")
-    requests = [r.request() for r in records]
-    validate_requests(tok, requests)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    return model, tok, spec, load_s
 
-    # Statistics.
-    need_stats = needs_stats(cfg, hp)
-    t = time.perf_counter()
-    if need_stats and stats is None:
-        layers = list(hp.layers)
-        if stats_provider is not None:
-            stats = stats_provider(layers)
-            work["stats_reused"] += len(layers)
-        elif cfg.stats.store:
-            store = StatsStore(cfg.stats.store)
-            keys = stats_keys(cfg, layers, model_id)
-            missing = [layer for layer in layers if keys[layer] not in store]
-            got = get_or_compute(store, keys, lambda ls: compute_stats(cfg, model, tok, ls, progress), model.device)
-            stats = {layer: sm.mom2 for layer, sm in got.items()}
-            work["stats_computed"] += len(missing)
-            work["stats_reused"] += len(layers) - len(missing)
-        else:
-            stats = {layer: sm.mom2 for layer, sm in compute_stats(cfg, model, tok, layers, progress).items()}
-            work["stats_computed"] += len(layers)
-    elif stats is not None:
-        work["stats_reused"] += len(hp.layers)
-    timings["statistics"] = time.perf_counter() - t
 
-    templates = templates or TemplateCache()
-    tpl = templates.get(model, tok, hp.context_templates, hp.template_seed)
-    score_time = 0.0
+class Scorer:
+    """CounterFact scoring of the model as it is now (with generation entropy when configured), timed."""
 
-    def score(recs: list[Record]) -> tuple[list, dict[str, float]]:
-        nonlocal score_time
-        sync(model.device)
+    def __init__(self, cfg: TrialConfig, model: Any, tok: Any, spec: ModelSpec) -> None:
+        self.cfg, self.model, self.tok, self.spec = cfg, model, tok, spec
+        self.seconds = 0.0
+
+    def __call__(self, recs: list[Record]) -> tuple[list[RecordScores], dict[str, float]]:
+        sc = self.cfg.scoring
+        sync(self.model.device)
         t0 = time.perf_counter()
-        per = score_records(model, tok, spec, recs, batch_size=cfg.scoring.batch_size)
+        per = score_records(self.model, self.tok, self.spec, recs, batch_size=sc.batch_size)
         out = aggregate(per)
-        if cfg.scoring.generation:
-            out["ge"] = generation_entropy(
-                model,
-                tok,
-                gen_prompts(recs),
-                max_len=cfg.scoring.generation_max_len,
-                strip_prompt=cfg.scoring.generation_strip_prompt,
-                seed=cfg.seed,
-            )
-        sync(model.device)
-        score_time += time.perf_counter() - t0
+        if sc.generation:
+            out["ge"] = self.generation_entropy(recs)
+        sync(self.model.device)
+        self.seconds += time.perf_counter() - t0
         return per, out
 
-    def gen_prompts(recs: list[Record]) -> list[str]:
-        k = cfg.scoring.generation_per_record
+    def generation_entropy(self, recs: list[Record]) -> float:
+        sc = self.cfg.scoring
         src = [
             (r.generation_prompts or r.paraphrase_prompts)
-            if cfg.scoring.generation_prompts == "generation"
+            if sc.generation_prompts == "generation"
             else r.paraphrase_prompts
             for r in recs
         ]
-        return [p for ps in src for p in ps[:k]]
+        prompts = [p for ps in src for p in ps[: sc.generation_per_record]]
+        return generation_entropy(
+            self.model,
+            self.tok,
+            prompts,
+            max_len=sc.generation_max_len,
+            strip_prompt=sc.generation_strip_prompt,
+            seed=self.cfg.seed,
+        )
 
-    def ppl() -> float:
-        texts = iter_texts(CorpusSpec(cfg.stats.corpus))
-        sl = [
-            x
-            for i, x in zip(range(cfg.scoring.ppl_offset + cfg.scoring.ppl_texts), texts)
-            if i >= cfg.scoring.ppl_offset
-        ]
-        return perplexity(model, tok, spec, sl, max_len=cfg.scoring.ppl_max_len)
+    def ppl(self) -> float:
+        t0 = time.perf_counter()
+        sc = self.cfg.scoring
+        value = heldout_perplexity(
+            self.model, self.tok, self.spec, self.cfg.stats.corpus, sc.ppl_offset, sc.ppl_texts, sc.ppl_max_len
+        )
+        self.seconds += time.perf_counter() - t0
+        return value
 
-    result_metrics: dict[str, dict[str, float]] = {}
-    per_record: dict[int, dict[str, Any]] = {r.case_id: {"case_id": r.case_id} for r in records}
-    if cfg.scoring.pre:
-        per, agg = score(records)
-        if cfg.scoring.ppl:
-            agg["ppl"] = ppl()
-        result_metrics["pre"] = agg
-        for s in per:
-            per_record[s.case_id].update({f"pre_{m}": getattr(s, m) for m in METRICS if m != "s"})
 
-    # Values shared across trials (batch mode only: otherwise values depend on earlier edits).
-    def provide(b: int, chunk: list) -> torch.Tensor | None:
-        if values_cache is None or not values_shareable(cfg):
-            return None
-        keys = [value_key(cfg, hp, model_id, r.case_id) for r in chunk]
-        if all(k in values_cache for k in keys):
-            work["values_reused"] += len(chunk)
-            return torch.stack([torch.as_tensor(values_cache[k]) for k in keys]).to(model.device)
-        return None
+def pre_scores(
+    cfg: TrialConfig, records: list[Record], inputs: TrialInputs, scorer: Scorer
+) -> tuple[list[RecordScores], dict[str, float]]:
+    """The unedited model's scores of ``records`` from the shared inputs (GE, which samples over the
+    trial's own prompts, is computed here)."""
+    per = [RecordScores(case_id=r.case_id, **inputs.pre_scores[record_digest(r)]) for r in records]
+    agg = aggregate(per)
+    if cfg.scoring.generation:
+        agg["ge"] = scorer.generation_entropy(records)
+    if cfg.scoring.ppl and inputs.pre_ppl is not None:
+        agg["ppl"] = inputs.pre_ppl
+    return per, agg
 
-    at_edit_scores: list = []
-    at_edit_ge: list[tuple[int, float]] = []
-    curves: list[dict[str, Any]] = []
-    stage = {"keys": 0.0, "values": 0.0, "solve": 0.0}
-    solver_fallbacks = 0
-    batches = (cfg.n_edits + cfg.batch_size - 1) // cfg.batch_size
+
+@dataclass
+class BatchLog:
+    """What the schedule's callback gathers: at-edit scores, curve points, stage times, fallbacks."""
+
+    scores: list[RecordScores] = field(default_factory=list)
+    ge: list[tuple[int, float]] = field(default_factory=list)
+    curves: list[dict[str, Any]] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=lambda: {"keys": 0.0, "values": 0.0, "solve": 0.0})
+    values_optimised: int = 0
+    solver_fallbacks: int = 0
     ppl_at_edit: float | None = None
 
+
+def edit_and_score(
+    cfg: TrialConfig,
+    hp: EditHParams,
+    model: Any,
+    tok: Any,
+    spec: ModelSpec,
+    records: list[Record],
+    inputs: TrialInputs,
+    scorer: Scorer,
+    templates: TemplateGroups,
+    t_start: float,
+    on_batch: Callable[[dict[str, Any]], None] | None,
+) -> tuple[BatchLog, Any]:
+    """Run the schedule, scoring each batch's facts right after their batch (the reference's protocol);
+    returns the log and the schedule's result (the model is left edited in sequential modes)."""
+    log_ = BatchLog()
+    n_batches = (cfg.n_edits + cfg.batch_size - 1) // cfg.batch_size
+    shareable = traits(cfg.algorithm).values_shareable(cfg.mode, cfg.batch_size)
+
+    def provide(b: int, chunk: list) -> torch.Tensor | None:
+        digests = [request_digest(r) for r in chunk]
+        if not shareable or not all(d in inputs.values for d in digests):
+            return None
+        inputs.counts["values_reused"] = inputs.counts.get("values_reused", 0) + len(chunk)
+        return torch.stack([torch.as_tensor(inputs.values[d]) for d in digests]).to(model.device)
+
     def callback(ev: BatchEvent) -> None:
-        nonlocal solver_fallbacks, ppl_at_edit
         info = ev.result.info
-        for k in stage:
-            stage[k] += info.get(f"time_{k}", 0.0)
+        for k in log_.stages:
+            log_.stages[k] += info.get(f"time_{k}", 0.0)
         if "value_loss" in info:
-            work["values_optimised"] += len(ev.requests)
-            if values_cache is not None and values_shareable(cfg):
-                for r, v in zip(ev.requests, ev.result.values):
-                    values_cache[value_key(cfg, hp, model_id, r.case_id)] = v.detach().cpu()
+            log_.values_optimised += len(ev.requests)
         for layer_info in info.get("solver", {}).values():
             for rec in layer_info if isinstance(layer_info, list) else [layer_info]:
-                solver_fallbacks += bool(rec.get("fallback"))
+                log_.solver_fallbacks += bool(rec.get("fallback"))
         recs = records[ev.index * cfg.batch_size : ev.index * cfg.batch_size + len(ev.requests)]
-        per, agg = score(recs)
-        at_edit_scores.extend(per)
+        per, agg = scorer(recs)
+        log_.scores.extend(per)
         if "ge" in agg:
-            at_edit_ge.append((len(recs), agg["ge"]))
-        if cfg.scoring.ppl and cfg.mode == "batch" and ev.index == batches - 1:
-            ppl_at_edit = ppl()  # batch mode: the last batch's model stands for all of them
-        so_far = aggregate(at_edit_scores)
+            log_.ge.append((len(recs), agg["ge"]))
+        if cfg.scoring.ppl and cfg.mode == "batch" and ev.index == n_batches - 1:
+            log_.ppl_at_edit = scorer.ppl()  # batch mode: the last batch's model stands for all of them
+        so_far = aggregate(log_.scores)
         point = {
             "batch": ev.index,
             "edits": ev.index * cfg.batch_size + len(ev.requests),
@@ -421,88 +359,136 @@ def run_trial(
             **{f"at_edit_{m}": so_far[m] for m in ("es", "ps", "ns", "s")},
             **{f"batch_{m}": agg[m] for m in ("es", "ps", "ns", "s")},
         }
-        curves.append(point)
+        log_.curves.append(point)
         if on_batch is not None:
             on_batch(point)
 
     sched = run_schedule(
         model,
         tok,
-        requests,
+        [r.request() for r in records],
         cfg.algorithm,
         hp,
-        stats,
+        inputs.stats,
         batch_size=cfg.batch_size,
         mode=cfg.mode,
         callback=callback,
         spec=spec,
-        templates=tpl,
+        templates=templates,
         values=provide,
         restore_at_end=False,
     )
+    return log_, sched
+
+
+def run_trial(
+    cfg: TrialConfig,
+    *,
+    model: Any = None,
+    tok: Any = None,
+    inputs: TrialInputs | None = None,
+    templates: TemplateCache | None = None,
+    on_batch: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run one trial and return its result (see the module docstring and README for the fields).
+
+    Args:
+        model, tok: a loaded model to reuse (its edited weights are restored exactly at the end).
+        inputs: the shared work a sweep hands over (:mod:`sweep.prepass`); without it the trial
+            computes it (:func:`sweep.prepass.local_inputs`: statistics through ``cfg.stats.store``,
+            pre-edit scores), and pre-edit scores it lacks are computed here too.
+        on_batch: called with each batch's curve point (a sweep reports it as an intermediate result).
+    """
+    t_start = time.perf_counter()
+    hp = trial_hparams(cfg)
+    torch.manual_seed(cfg.seed)
+    records = load_records(cfg)
+    model, tok, spec, load_s = load_for_trial(cfg, hp, model, tok)
+    validate_requests(tok, [r.request() for r in records])
+    device = str(model_device(model))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    t = time.perf_counter()
+    need_stats = needs_stats(cfg, hp)
+    if inputs is None:
+        inputs = local_inputs(cfg, model, tok, records, need_stats, progress)
+    else:
+        if need_stats and inputs.stats is None:  # a sweep with share_stats off
+            local_stats(cfg, model, tok, inputs, progress)
+        if cfg.scoring.pre:
+            inputs.counts["scores_reused"] = sum(record_digest(r) in inputs.pre_scores for r in records)
+            fill_scores(cfg, model, tok, records, inputs)
+    shared_s = time.perf_counter() - t
+
+    scorer = Scorer(cfg, model, tok, spec)
+    result_metrics: dict[str, dict[str, float]] = {}
+    per_record: dict[int, dict[str, Any]] = {r.case_id: {"case_id": r.case_id} for r in records}
+    if cfg.scoring.pre:
+        per, result_metrics["pre"] = pre_scores(cfg, records, inputs, scorer)
+        _merge(per_record, "pre", per)
+
+    tpl = (templates or TemplateCache()).get(model, tok, hp.context_templates, hp.template_seed)
+    log_, sched = edit_and_score(cfg, hp, model, tok, spec, records, inputs, scorer, tpl, t_start, on_batch)
+    norms: dict[str, float] = {}
     try:
-        at_edit = aggregate(at_edit_scores)
-        if at_edit_ge:
-            at_edit["ge"] = sum(n * g for n, g in at_edit_ge) / sum(n for n, _ in at_edit_ge)
-        if ppl_at_edit is not None:
-            at_edit["ppl"] = ppl_at_edit
-        for s in at_edit_scores:
-            per_record[s.case_id].update({f"at_edit_{m}": getattr(s, m) for m in METRICS if m != "s"})
+        at_edit = aggregate(log_.scores)
+        if log_.ge:
+            at_edit["ge"] = sum(n * g for n, g in log_.ge) / sum(n for n, _ in log_.ge)
+        if log_.ppl_at_edit is not None:
+            at_edit["ppl"] = log_.ppl_at_edit
+        _merge(per_record, "at_edit", log_.scores)
         if cfg.mode == "batch":
-            final = dict(at_edit)  # each batch on the unedited model: its at-edit model is its final one
-            final_scores = at_edit_scores
+            final, final_scores = dict(at_edit), log_.scores  # each batch on the unedited model
         else:
-            final_scores, final = score(records)
+            final_scores, final = scorer(records)
             if cfg.scoring.ppl:
-                final["ppl"] = ppl()
+                final["ppl"] = scorer.ppl()
             norms = {
                 n: float((model.get_submodule(n).weight.double() - w0.double()).norm())
                 for n, w0 in sched.original.items()
             }
-        for s in final_scores:
-            per_record[s.case_id].update({f"final_{m}": getattr(s, m) for m in METRICS if m != "s"})
+        _merge(per_record, "final", final_scores)
     finally:
         sched.restore(model)  # a reused model goes back to its unedited weights, bit-identical
     result_metrics["at_edit"] = at_edit
     result_metrics["final"] = final
-    timings.update({k: v for k, v in stage.items()})
-    timings["score"] = score_time
+    c = inputs.counts
+    work = {
+        "stats_computed": c.get("stats_computed", 0),
+        "stats_reused": c.get("stats_reused", 0),
+        "values_optimised": log_.values_optimised,
+        "values_reused": c.get("values_reused", 0),
+        "scores_computed": c.get("scores_computed", 0),
+        "scores_reused": c.get("scores_reused", 0),
+    }
+    timings = {"load": load_s, "shared": shared_s, **log_.stages, "score": scorer.seconds}
     timings["total"] = time.perf_counter() - t_start
     return {
         "config": to_dict(cfg),
         "hparams": to_dict(hp),
         "metrics": result_metrics,
         "per_record": list(per_record.values()),
-        "curves": curves,
-        "update_norms": {
-            "per_batch": [c["update_norm"] for c in curves],
-            "final_weight_change": norms if cfg.mode != "batch" else {},
-        },
-        "solver_fallbacks": solver_fallbacks,
+        "curves": log_.curves,
+        "update_norms": {"per_batch": [p["update_norm"] for p in log_.curves], "final_weight_change": norms},
+        "solver_fallbacks": log_.solver_fallbacks,
+        "stats_tokens": {str(k): v for k, v in inputs.stats_tokens.items()},
         "timings": timings,
         "memory": peak_memory_mb(device),
         "work": work,
-        "versions": versions(model_id),
+        "versions": versions(model_identity(cfg.model)),
         "templates": [list(g) for g in tpl],
     }
 
 
+def _merge(per_record: dict[int, dict[str, Any]], stage: str, scores: list[RecordScores]) -> None:
+    for s in scores:
+        per_record[s.case_id].update({f"{stage}_{m}": getattr(s, m) for m in METRICS if m != "s"})
+
+
 # ----------------------------------------------------------------------------------------------------
 # CLI
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -74,6 +74,7 @@ def test_sweep_shares_work_tracks_in_mlflow_and_resumes(assets, local_ray, monke
     # statistics once per (model, layer, corpus settings): both layers in one pass; values once per (layer, fact)
     assert work["stats_passes"] == 1 and work["stats_layers_computed"] == 2
     assert work["values_optimised"] == 2 * 4  # two value layers x four facts, shared by MEMIT and EMMET
+    assert work["scores_computed"] == 4  # the unedited model scored once per fact for all 8 trials
     runs, parents, c = children(assets, "grid8", summary["parent_run_id"])
     assert len(parents) == 1 and len(runs) == 8
     seen = set()
@@ -84,6 +85,7 @@ def test_sweep_shares_work_tracks_in_mlflow_and_resumes(assets, local_ray, monke
         assert {"pre.es", "at_edit.s", "final.ns", "time.values", "memory.cpu_rss_peak_mb", "pre.ppl"} <= set(m)
         assert m["work.stats_computed"] == 0 and m["work.stats_reused"] == 1
         assert m["work.values_optimised"] == 0 and m["work.values_reused"] == 4
+        assert m["work.scores_computed"] == 0 and m["work.scores_reused"] == 4
         hist = c.get_metric_history(r.info.run_id, "curve.at_edit_s")
         assert sorted(h.step for h in hist) == ([2, 4] if p["batch_size"] == "2" else [4])
         arts = {a.path for a in c.list_artifacts(r.info.run_id)}
@@ -175,21 +177,8 @@ def test_bad_sweep_config_names_the_field(assets, capsys):
     assert len(expand(cfg)) == 2
 
 
-def test_values_store_serves_the_longest_stored_prefix(tmp_path):
-    """A study that grows from 3 to 5 facts reuses the first 3 values; another order or group reuses none."""
-    import numpy as np
-
-    vals = np.arange(3 * 4, dtype=np.float32).reshape(3, 4)
-    launch.save_values(str(tmp_path), "g1", [7, 8, 9], vals)
-    np.testing.assert_array_equal(launch.load_values(str(tmp_path), "g1", [7, 8, 9, 10, 11]), vals)
-    np.testing.assert_array_equal(launch.load_values(str(tmp_path), "g1", [7, 8]), vals[:2])
-    np.testing.assert_array_equal(launch.load_values(str(tmp_path), "g1", [7, 5, 9]), vals[:1])
-    assert launch.load_values(str(tmp_path), "g1", [8, 7]) is None
-    assert launch.load_values(str(tmp_path), "g2", [7, 8, 9]) is None
-
-
 def test_stats_task_reads_the_store_without_loading_the_model(assets, monkeypatch, tmp_path):
-    from sweep import worker
+    from sweep import prepass, worker
 
     trial = {
         "algorithm": "memit",
@@ -203,10 +192,11 @@ def test_stats_task_reads_the_store_without_loading_the_model(assets, monkeypatc
     }
     loads = []
     real = worker.cached_model
-    monkeypatch.setattr(worker, "cached_model", lambda mc: loads.append(mc) or real(mc))
-    first = worker.stats_task(trial, [1, 2])
-    assert first[-1] == [1, 2] and len(loads) == 1  # computed in one pass: the model was needed
-    again = worker.stats_task(trial, [1, 2])
-    assert again[-1] == [] and len(loads) == 1  # all in the store: read from disk, no model load
+    monkeypatch.setattr(worker, "cached_model", lambda mc, dtype=None: loads.append(mc) or real(mc, dtype))
+    first = prepass.stats_pass_task(trial, [1, 2])
+    assert first[-1]["computed"] == [1, 2] and len(loads) == 1  # computed in one pass: the model was needed
+    assert first[-1]["tokens"] == {1: 500, 2: 500}
+    again = prepass.stats_pass_task(trial, [1, 2])
+    assert again[-1]["computed"] == [] and len(loads) == 1  # all in the store: read from disk, no model load
     for a, b in zip(first[:-1], again[:-1]):
         assert a.shape == b.shape and (a == b).all()

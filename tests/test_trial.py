@@ -40,24 +40,53 @@ def overrides(d, **kw):
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def test_batch_trial_shares_stats_and_values(tiny_dir):
+def test_batch_trial_alone_and_with_handed_inputs(tiny_dir):
+    """Alone, a trial computes its statistics (through the store), values and pre-scores; handed the
+    same work as a sweep's pre-pass would (sweep.prepass functions), it computes none of it and gets
+    the same metrics."""
+    from editors import load_model
+    from sweep.prepass import compute_values, local_inputs
+    from sweep.shared import request_digest
+    from sweep.trial import load_records
+
     cfg = load_config(None, overrides(tiny_dir, **{"stats.store": str(tiny_dir / "stats-batch")}))
-    cache: dict = {}
-    first = run_trial(cfg, values_cache=cache, progress=False)
+    first = run_trial(cfg, progress=False)
     m = first["metrics"]
     assert set(m) == {"pre", "at_edit", "final"}
     assert {"es", "ps", "ns", "s", "em", "pm", "nm", "ppl"} <= set(m["pre"])
     assert m["final"] == m["at_edit"]  # batch mode: each batch's model is its final model
-    assert first["work"] == {"stats_computed": 1, "stats_reused": 0, "values_optimised": 4, "values_reused": 0}
+    assert first["work"] == {
+        "stats_computed": 1,
+        "stats_reused": 0,
+        "values_optimised": 4,
+        "values_reused": 0,
+        "scores_computed": 4,
+        "scores_reused": 0,
+    }
+    assert first["stats_tokens"] == {"1": 3000}
     assert [c["edits"] for c in first["curves"]] == [2, 4] and [c["applied"] for c in first["curves"]] == [2, 2]
     assert len(first["per_record"]) == 4 and "final_es" in first["per_record"][0]
     assert first["versions"]["model"].startswith("dir:") and first["timings"]["total"] > 0
-    assert len(cache) == 4
-    # A second trial (another batch size) reuses the statistics from the store and the values.
-    cfg2 = load_config(None, overrides(tiny_dir, batch_size=4, **{"stats.store": str(tiny_dir / "stats-batch")}))
-    second = run_trial(cfg2, values_cache=cache, progress=False)
-    assert second["work"] == {"stats_computed": 0, "stats_reused": 1, "values_optimised": 0, "values_reused": 4}
+
+    model, tok = load_model(str(tiny_dir / "model"))
+    records = load_records(cfg)
+    inputs = local_inputs(cfg, model, tok, records, need_stats=True, progress=False)
+    assert inputs.counts == {"stats_computed": 0, "stats_reused": 1, "scores_computed": 4}
+    v = compute_values(cfg, model, tok, records)
+    inputs.values = {request_digest(r.request()): v[i] for i, r in enumerate(records)}
+    inputs.counts = {"stats_reused": 1}
+    second = run_trial(cfg, model=model, tok=tok, inputs=inputs, progress=False)
+    assert second["work"] == {
+        "stats_computed": 0,
+        "stats_reused": 1,
+        "values_optimised": 0,
+        "values_reused": 4,
+        "scores_computed": 0,
+        "scores_reused": 4,
+    }
     assert second["metrics"]["pre"] == first["metrics"]["pre"]
+    for k in ("es", "ps", "ns"):
+        assert second["metrics"]["at_edit"][k] == first["metrics"]["at_edit"][k]
 
 
 def test_sequential_trial_reports_both_and_restores_the_model(tiny_dir, tok_bos):

@@ -1,0 +1,187 @@
+"""Content-keyed files: the project's one atomic writer and one store for every cache.
+
+Every cache of the project (second moments here in ``editors``; target values and pre-edit scores in
+``sweep``) is a :class:`Store`: a folder of files named by the sha256 of a frozen key dataclass, whose
+metadata holds the key's full canonical JSON, so a file of another key (a hash collision, a file copied
+by hand, a format change) is a miss, never a wrong answer. Payloads are safetensors (tensors) or JSON,
+never pickles. Every write goes through :func:`atomic_write`: a temp file in the target's folder, then
+``os.replace``, so a reader sees the old file or the new one, never a torn one, and a process killed
+mid-write leaves at most a hidden ``.*.tmp`` file, which readers never open.
+
+An entry can hold several *parts* (``<digest>/<part>.<ext>``): a store of per-fact results written
+chunk by chunk as the work finishes, so that a killed run keeps every chunk it finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+
+_WARNED: set[str] = set()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temp file next to ``path``, then rename it onto ``path``.
+
+    Raises whatever ``write`` raises, after removing the temp file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, indent: int | None = 1) -> Path:
+    """JSON (``default=str`` for paths and numpy scalars) written through :func:`atomic_write`."""
+    return write_text_atomic(path, json.dumps(data, indent=indent, default=str))
+
+
+def key_json(key: Any) -> str:
+    """Canonical JSON of a dataclass key (sorted keys, no spaces)."""
+    return json.dumps(dataclasses.asdict(key), sort_keys=True, separators=(",", ":"), default=str)
+
+
+def key_digest(key: Any, n: int = 24) -> str:
+    """First ``n`` hex digits of the sha256 of :func:`key_json`."""
+    return hashlib.sha256(key_json(key).encode()).hexdigest()[:n]
+
+
+def _warn_once(path: Path, why: str) -> None:
+    if str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        log.warning("cache file %s %s; ignoring it (it will be recomputed)", path, why)
+
+
+class Store:
+    """A folder of content-keyed entries; ``fmt`` names the payload format and is checked on read.
+
+    Args:
+        root: the folder (created on the first write).
+        fmt: a format tag such as ``"editors.stats.v2"``; files of another tag are misses.
+    """
+
+    def __init__(self, root: str | os.PathLike, fmt: str) -> None:
+        self.root = Path(root)
+        self.fmt = fmt
+
+    def path(self, key: Any, part: str | None = None, ext: str = "safetensors") -> Path:
+        digest = key_digest(key)
+        return self.root / digest / f"{part}.{ext}" if part is not None else self.root / f"{digest}.{ext}"
+
+    def _meta(self, key: Any, meta: Mapping[str, str] | None) -> dict[str, str]:
+        return {"format": self.fmt, "key": key_json(key), **{k: str(v) for k, v in (meta or {}).items()}}
+
+    def _matches(self, meta: Mapping[str, str] | None, key: Any) -> bool:
+        if not meta or meta.get("format") != self.fmt:
+            return False
+        try:
+            return json.loads(meta.get("key", "")) == json.loads(key_json(key))
+        except json.JSONDecodeError:
+            return False
+
+    # -- tensors ---------------------------------------------------------------------------------
+
+    def put_tensors(
+        self,
+        key: Any,
+        tensors: Mapping[str, torch.Tensor],
+        meta: Mapping[str, Any] | None = None,
+        part: str | None = None,
+    ) -> Path:
+        """Write ``tensors`` (moved to CPU, made contiguous) with ``meta`` under ``key`` atomically."""
+        payload = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        return atomic_write(self.path(key, part), lambda p: save_file(payload, str(p), metadata=self._meta(key, meta)))
+
+    def get_tensors(self, key: Any, part: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """(tensors, metadata) of ``key``, or None when absent, unreadable, truncated or of another key
+        (the last three are reported once, as a warning)."""
+        path = self.path(key, part)
+        return self._read_tensors(path, key) if path.is_file() else None
+
+    def _read_tensors(self, path: Path, key: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                if not self._matches(meta, key):
+                    _warn_once(path, "holds another key or format")
+                    return None
+                return {k: f.get_tensor(k) for k in f.keys()}, meta
+        except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+            _warn_once(path, f"is unreadable ({e})")
+            return None
+
+    def has(self, key: Any, part: str | None = None) -> bool:
+        """Whether a readable entry of ``key`` exists (reads the header only)."""
+        path = self.path(key, part)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return self._matches(f.metadata(), key)
+        except (OSError, SafetensorError, ValueError, RuntimeError):
+            return False
+
+    # -- JSON --------------------------------------------------------------------------------------
+
+    def put_json(self, key: Any, data: Any, part: str | None = None) -> Path:
+        doc = {"format": self.fmt, "key": json.loads(key_json(key)), "data": data}
+        return write_json_atomic(self.path(key, part, "json"), doc, indent=None)
+
+    def get_json(self, key: Any, part: str | None = None) -> Any | None:
+        path = self.path(key, part, "json")
+        return self._read_json(path, key) if path.is_file() else None
+
+    def _read_json(self, path: Path, key: Any) -> Any | None:
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            _warn_once(path, f"is unreadable ({e})")
+            return None
+        if not isinstance(doc, dict) or doc.get("format") != self.fmt or doc.get("key") != json.loads(key_json(key)):
+            _warn_once(path, "holds another key or format")
+            return None
+        return doc.get("data")
+
+    # -- parts -------------------------------------------------------------------------------------
+
+    def iter_parts(self, key: Any, ext: str = "safetensors") -> Iterator[Any]:
+        """Every readable part of ``key``: ``(tensors, meta)`` for safetensors, the data for JSON."""
+        folder = self.root / key_digest(key)
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.glob(f"[!.]*.{ext}")):
+            got = self._read_tensors(path, key) if ext == "safetensors" else self._read_json(path, key)
+            if got is not None:
+                yield got
+
+
+def part_name(items: list[str]) -> str:
+    """A part's file name from the fact digests it holds (the same chunk always lands in one file)."""
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+
+
+__all__ = ["Store", "atomic_write", "key_digest", "key_json", "part_name", "write_json_atomic", "write_text_atomic"]

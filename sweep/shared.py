@@ -1,0 +1,272 @@
+"""The work trials share: what each result is keyed on, where it is stored, and what a trial is handed.
+
+Three results are the same in many trials of a sweep and are computed once by :mod:`sweep.prepass`:
+
+- **second moments** C of one layer: :class:`editors.stats.StatsKey` (model, layer, corpus, caps,
+  accumulation dtype, weights dtype, convergence tolerance) in an :class:`editors.stats.StatsStore`;
+- **target values** v* of batch-mode trials, per fact: :class:`ValuesKey` (model, value site and layer,
+  value hyperparameters, context templates) in a :class:`ValuesStore`;
+- **pre-edit scores**, per fact: :class:`ScoresKey` (model, scoring settings) in a :class:`ScoresStore`,
+  and the unedited model's held-out perplexity under a :class:`PplKey`.
+
+Every key is built from content, never from a path: the model is ``ModelRef.identity()`` (a fingerprint
+of its weight and tokenizer files) plus the weights' dtype; a corpus is ``corpus_identity`` (a content
+hash); a fact is the sha256 of the text fields its result depends on (:func:`request_digest`,
+:func:`record_digest`), so weights re-saved to the same folder miss everywhere and a CounterFact file
+changed in place misses for exactly the records that changed. Per-fact stores are written one chunk
+(a part) at a time as the work finishes, so a killed sweep keeps every chunk it finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from editors import traits
+from editors.corpus import CorpusSpec, corpus_identity
+from editors.model import ModelRef
+from editors.requests import EditRequest
+from editors.stats import StatsKey
+from editors.store import Store, part_name
+from editors.targets import ValueHParams
+
+if TYPE_CHECKING:
+    from editors.hparams import EditHParams
+
+    from .data import Record
+    from .metrics import RecordScores
+    from .trial import ModelConfig, TrialConfig
+
+VALUES_FORMAT = "sweep.values.v2"
+SCORES_FORMAT = "sweep.scores.v1"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Keys
+
+
+def model_identity(mc: ModelConfig) -> str:
+    """The weights' content identity of ``mc`` (see ``ModelRef.identity``)."""
+    return ModelRef(mc.source, mc.gguf_file, mc.revision).identity()
+
+
+def stats_dtype(cfg: TrialConfig) -> str:
+    """The weights' dtype of the statistics pass: ``stats.model_dtype``, else the model's."""
+    return cfg.stats.model_dtype or cfg.model.dtype
+
+
+def stats_keys(cfg: TrialConfig, layers: Iterable[int], model_id: str) -> dict[int, StatsKey]:
+    """The statistics key of each of ``layers`` for the trial's model and ``stats`` settings."""
+    s = cfg.stats
+    corpus = corpus_identity(CorpusSpec(s.corpus, max_texts=s.max_texts))
+    return {
+        layer: StatsKey(
+            model_id,
+            layer,
+            corpus,
+            s.max_texts,
+            s.max_tokens,
+            None,
+            s.dtype,
+            model_dtype=stats_dtype(cfg),
+            tolerance=s.tolerance,
+        )
+        for layer in layers
+    }
+
+
+@dataclass(frozen=True)
+class ValuesKey:
+    """What a batch-mode target value depends on besides its fact: not the batch size nor the solver,
+    so MEMIT, EMMET and AlphaEdit trials share it; ROME's v* sits at another site and has its own."""
+
+    model: str
+    model_dtype: str
+    site: str
+    layer: int
+    value_hparams: str  # canonical JSON of the ValueHParams fields
+    templates: str
+    template_seed: int
+
+
+def values_key(cfg: TrialConfig, hp: EditHParams, model_id: str) -> ValuesKey:
+    vh = {f.name: getattr(hp, f.name) for f in dataclasses.fields(ValueHParams)}
+    return ValuesKey(
+        model_id,
+        cfg.model.dtype,
+        traits(cfg.algorithm).value_site,
+        hp.layers[-1],
+        json.dumps(vh, sort_keys=True, default=str),
+        hp.context_templates,
+        hp.template_seed,
+    )
+
+
+@dataclass(frozen=True)
+class ScoresKey:
+    """What a fact's scores on the unedited model depend on besides the fact."""
+
+    model: str
+    model_dtype: str
+    batch_size: int  # prompts per forward: padding changes float rounding, hence the odd tie
+    metrics: str = "sweep.metrics.score_records.v1"
+
+
+def scores_key(cfg: TrialConfig, model_id: str) -> ScoresKey:
+    return ScoresKey(model_id, cfg.model.dtype, cfg.scoring.batch_size)
+
+
+@dataclass(frozen=True)
+class PplKey:
+    """The unedited model's held-out perplexity: model, corpus content and the slice scored."""
+
+    model: str
+    model_dtype: str
+    corpus: str
+    offset: int
+    texts: int
+    max_len: int
+
+
+def ppl_key(cfg: TrialConfig, model_id: str) -> PplKey:
+    sc = cfg.scoring
+    corpus = corpus_identity(CorpusSpec(cfg.stats.corpus))
+    return PplKey(model_id, cfg.model.dtype, corpus, sc.ppl_offset, sc.ppl_texts, sc.ppl_max_len)
+
+
+def _digest(fields: Sequence[Any]) -> str:
+    return hashlib.sha256(json.dumps(list(fields), separators=(",", ":")).encode()).hexdigest()[:24]
+
+
+def request_digest(r: EditRequest) -> str:
+    """A fact's identity for its target value: the texts v* is optimised on (prompt, subject, new
+    target; the case id is a label, not content)."""
+    return _digest([r.prompt, r.subject, r.target_new])
+
+
+def record_digest(r: Record) -> str:
+    """A fact's identity for its scores: every text the metrics read."""
+    return _digest(
+        [
+            r.prompt,
+            r.subject,
+            r.target_new,
+            r.target_true,
+            list(r.paraphrase_prompts),
+            list(r.neighborhood_prompts),
+            r.neighborhood_answer,
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stores
+
+
+class ValuesStore:
+    """Target values per fact under a :class:`ValuesKey`: one safetensors part per finished chunk."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.store = Store(root, VALUES_FORMAT)
+
+    def put(self, key: ValuesKey, digests: Sequence[str], values: torch.Tensor) -> None:
+        """Store ``values`` [n, d_model] of the facts ``digests`` as one part (atomic)."""
+        if values.ndim != 2 or len(values) != len(digests):
+            raise ValueError(f"values: expected [{len(digests)}, d_model], got {list(values.shape)}")
+        meta = {"facts": json.dumps(list(digests))}
+        self.store.put_tensors(key, {"values": values.float()}, meta, part=part_name(list(digests)))
+
+    def get(self, key: ValuesKey, digests: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """The stored v* [d_model] of each of ``digests`` the store holds (all facts when None)."""
+        want = None if digests is None else set(digests)
+        out: dict[str, torch.Tensor] = {}
+        for tensors, meta in self.store.iter_parts(key):
+            try:
+                facts = json.loads(meta.get("facts", "[]"))
+                values = tensors["values"]
+            except (json.JSONDecodeError, KeyError):
+                continue
+            if values.ndim != 2 or len(values) != len(facts):
+                continue  # a foreign or malformed part: a miss (Store warns about unreadable ones)
+            for d, v in zip(facts, values):
+                if want is None or d in want:
+                    out[d] = v
+        return out
+
+
+class ScoresStore:
+    """Pre-edit scores per fact under a :class:`ScoresKey` (JSON parts), and perplexities by key."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.store = Store(root, SCORES_FORMAT)
+
+    def put(self, key: ScoresKey, digests: Sequence[str], scores: Sequence[RecordScores]) -> None:
+        rows = {d: {k: v for k, v in dataclasses.asdict(s).items() if k != "case_id"} for d, s in zip(digests, scores)}
+        self.store.put_json(key, rows, part=part_name(list(digests)))
+
+    def get(self, key: ScoresKey, digests: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
+        """Stored score fields (``es ps ns em pm nm *_acc``) of each of ``digests`` held."""
+        want = None if digests is None else set(digests)
+        out: dict[str, dict[str, float]] = {}
+        for rows in self.store.iter_parts(key, ext="json"):
+            if isinstance(rows, dict):
+                out.update({d: r for d, r in rows.items() if (want is None or d in want) and isinstance(r, dict)})
+        return out
+
+    def put_ppl(self, key: PplKey, value: float) -> None:
+        self.store.put_json(key, {"ppl": float(value)})
+
+    def get_ppl(self, key: PplKey) -> float | None:
+        got = self.store.get_json(key)
+        return float(got["ppl"]) if isinstance(got, dict) and isinstance(got.get("ppl"), (int, float)) else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a trial is handed
+
+
+@dataclass
+class TrialInputs:
+    """The shared inputs of one trial, resolved to tensors (what :func:`sweep.trial.run_trial` reads).
+
+    Attributes:
+        stats: layer -> C [d_key, d_key] (None: the algorithm needs none, or the trial must compute).
+        stats_tokens: layer -> tokens averaged into C.
+        values: :func:`request_digest` -> v* [d_model] (batch mode; empty: the schedule optimises).
+        pre_scores: :func:`record_digest` -> score fields of the unedited model.
+        pre_ppl: the unedited model's held-out perplexity.
+        counts: how many of each were handed over (``stats_reused``, ``values_reused``, ``scores_reused``)
+            and computed by the trial itself (``stats_computed``, ``scores_computed``).
+    """
+
+    stats: dict[int, torch.Tensor] | None = None
+    stats_tokens: dict[int, int] = field(default_factory=dict)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    pre_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    pre_ppl: float | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+__all__ = [
+    "PplKey",
+    "ScoresKey",
+    "ScoresStore",
+    "TrialInputs",
+    "ValuesKey",
+    "ValuesStore",
+    "model_identity",
+    "ppl_key",
+    "record_digest",
+    "request_digest",
+    "scores_key",
+    "stats_dtype",
+    "stats_keys",
+    "values_key",
+]
