@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from editors.store import write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 FACTS = SHARED / "counterfact" / "counterfact-edit.json"
@@ -381,9 +383,7 @@ def write_results(table: str, begin: str = BEGIN, end: str = END) -> None:
         raise SystemExit(f"error: {RESULTS} has no {begin} ... {end} markers to replace")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(f"{head}{begin}\n{table}{end}{tail}")
-    os.replace(tmp, RESULTS)
+    write_text_atomic(RESULTS, f"{head}{begin}\n{table}{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide caches and reports from other users
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -14,13 +14,11 @@ and an error names the case id and the field.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
-import tempfile
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from editors.requests import EditRequest
+from editors.store import atomic_write, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +189,9 @@ def fetch(url: str, sha256: str | None = None, cache: Path | None = None) -> Pat
         if digest != want:
             raise DatasetError(f"dataset.sha256: {path} has sha256 {digest}, expected {want}; delete it to refetch")
         return path
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        log.info("downloading %s -> %s", url, path)
+    log.info("downloading %s -> %s", url, path)
+
+    def download(tmp: Path) -> None:
         try:
             with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
                 while block := resp.read(1 << 20):
@@ -204,14 +201,12 @@ def fetch(url: str, sha256: str | None = None, cache: Path | None = None) -> Pat
                 f"dataset.source: could not download {url} ({e}); offline? Put the file at {path} "
                 "or set dataset.source to a local copy"
             ) from None
-        digest = sha256_file(Path(tmp))
+        digest = sha256_file(tmp)
         if sha256 and digest != sha256:
             raise DatasetError(f"dataset.sha256: download of {url} has sha256 {digest}, expected {sha256}")
-        os.replace(tmp, path)
-        record.write_text(digest + "\n")
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+
+    atomic_write(path, download)
+    write_text_atomic(record, sha256_file(path) + "\n")
     return path
 
 

@@ -594,9 +594,8 @@ def run_prepass(cfg: SweepConfig, shared: SharedPlan) -> tuple[dict[str, TrialRe
     meta_refs: dict[tuple[str, int], Any] = {}
     pending: dict[Any, str] = {}
     for p in shared.passes:
-        task = ray.remote(stats_pass_task).options(num_returns=len(p.layers) + 1, **opts)
-        if p.read_only:
-            task = task.options(num_gpus=0, num_cpus=min(1.0, cfg.resources.cpu))
+        o = {**opts, "num_gpus": 0, "num_cpus": min(1.0, cfg.resources.cpu)} if p.read_only else opts
+        task = ray.remote(stats_pass_task).options(num_returns=len(p.layers) + 1, **o)
         refs = task.remote(to_dict(p.trial), list(p.layers))
         for layer, ref in zip(p.layers, refs[:-1]):
             layer_refs[(p.group, layer)] = ref

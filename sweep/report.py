@@ -32,7 +32,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
+
+from editors.store import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -262,36 +263,20 @@ def curves_frame(client: Any, runs: Sequence[Any], trials: pd.DataFrame) -> pd.D
 # Writing files
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """``write`` into a temporary file next to ``path``, then ``os.replace`` it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_text(path: Path, text: str) -> Path:
     """Write ``text`` (UTF-8) atomically."""
-    return _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def write_csv(path: Path, df: pd.DataFrame) -> Path:
     """Write ``df`` as CSV (full precision, no index) atomically."""
-    return _atomic_write(path, lambda p: df.to_csv(p, index=False))
+    return atomic_write(path, lambda p: df.to_csv(p, index=False))
 
 
 def write_figure(path: Path, fig: Figure, dpi: int = 120) -> Path:
     """Render ``fig`` with the Agg canvas to PNG atomically."""
     FigureCanvasAgg(fig)
-    return _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
+    return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
 
 
 def _cell(value: Any, floatfmt: str) -> str:

@@ -10,7 +10,8 @@ All MLflow calls happen in the driver (SQLite stores do not like many writers), 
 - child: tags ``mlflow.parentRunId``, ``sweep.id``, ``sweep.role=trial``, ``trial.key``; params
   ``algorithm layers layer batch_size mode n_edits model hparams hp.<name>``; metrics ``{pre,at_edit,
   final}.{es,ps,ns,s,em,pm,nm,es_acc,ps_acc,ns_acc,ge,ppl}``, ``time.*``, ``memory.*``, ``work.*``,
-  ``update_norm.*``, ``config.layer``/``config.batch_size`` (numeric copies for parallel-coordinates
+  ``update_norm.*``, ``stats.tokens.L<layer>`` (tokens in C),
+  ``config.layer``/``config.batch_size`` (numeric copies for parallel-coordinates
   charts) and curves ``curve.*`` with step = edits applied; artifacts ``config.yaml``,
   ``per_record.csv``, ``trial.json``.
 """
@@ -121,6 +122,7 @@ def log_trial(c: Any, exp_id: str, parent: str, sid: str, result: dict[str, Any]
         metrics.append(Metric("update_norm.mean", sum(norms) / len(norms), now, 0))
     for k, v in result["update_norms"].get("final_weight_change", {}).items():
         metrics.append(Metric(f"update_norm.final.{k}", float(v), now, 0))
+    metrics += [Metric(f"stats.tokens.L{k}", float(v), now, 0) for k, v in result.get("stats_tokens", {}).items()]
     metrics += [
         Metric("config.layer", float(layers[0]), now, 0),
         Metric("config.batch_size", float(cfg["batch_size"]), now, 0),

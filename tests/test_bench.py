@@ -94,3 +94,18 @@ def test_stats_table_by_hand_and_its_own_markers(tmp_path, monkeypatch):
     text = run.RESULTS.read_text()
     assert f"{run.BEGIN}\nedits\n{run.END}\nmid\n" in text and "old" not in text and "**2.0x**" in text
     assert text.endswith(f"{run.STATS_END}\nend\n")
+
+
+def test_gpu_check_runs_in_tiny_mode(tmp_path):
+    """bench/gpu.sh's script on a tiny model on the CPU, so that it cannot rot between GPU sessions."""
+    from bench import gpu
+
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--tiny", "--device", "cpu", "--no-tests", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for part in ("stats_one_layer", "stats_all_layers", "values", "scoring"):
+        assert res[part]["seconds"] > 0, part
+    assert res["stats_one_layer"]["tokens_per_s"] > 0
+    assert res["stats_all_layers"]["passes"][0]["layers"] == [0, 3]
+    assert {"memit", "emmet", "alphaedit"} <= set(res["solves"]) and res["values"]["s_per_edit"] > 0
+    assert gpu.main(["--device", "cpu", "--out", str(tmp_path / "x.json")]) == 2  # full size needs CUDA

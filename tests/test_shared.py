@@ -1,0 +1,289 @@
+"""Shared work: content keys, stores (atomic, checked on read), statistics passes under a budget,
+statistics that stop when converged, and a pre-pass that survives SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from editors.config import to_dict
+from editors.store import Store
+from sweep.plan import load_sweep, make_plan
+from sweep.prepass import compute_stats, pass_memory_gb, split_passes, stats_pass_task
+from sweep.shared import ValuesStore, model_identity, values_key
+from sweep.trial import parse_config, trial_hparams
+from tests.conftest import make_model, write_tiny_assets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def assets(tmp_path, tok_bos):
+    return write_tiny_assets(tmp_path, tok_bos)
+
+
+def sweep_file(d: Path, name: str = "s", **extra) -> Path:
+    cfg = {
+        "name": name,
+        "base": {
+            "hparams": "smollm2-135m",
+            "n_edits": 4,
+            "layers": [1],
+            "model": {"source": str(d / "model"), "device": "cpu"},
+            "dataset": {"source": str(d / "cf.json")},
+            "stats": {"corpus": str(d / "corpus.txt"), "max_tokens": 2000, "store": str(d / "stats")},
+            "hp": {"v_num_grad_steps": 2, "context_templates": "none"},
+            "scoring": {"ppl": False},
+        },
+        "grid": {"algorithm": ["memit", "emmet"], "batch_size": [2, 4]},
+        "resources": {"cpu": 1, "gpu": 0},
+        "mlflow": {"tracking_uri": f"sqlite:///{d / 'mlflow.db'}", "experiment": "test"},
+        "storage": str(d / "ray"),
+        "values_store": str(d / "values"),
+        "scores_store": str(d / "scores"),
+        "values_chunk": 1,
+        "retries": 0,
+    }
+    for k, v in extra.items():
+        head, _, leaf = k.partition(".")
+        if leaf:
+            cfg[head] = {**cfg.get(head, {}), leaf: v}
+        else:
+            cfg[k] = v
+    path = d / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Store
+
+
+def test_atomic_write_leaves_no_torn_file_when_killed_mid_write(tmp_path):
+    """A writer SIGKILLed halfway leaves the old file intact (and at most a hidden temp file)."""
+    target = tmp_path / "x.safetensors"
+    target.write_bytes(b"old")
+    code = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from editors.store import atomic_write
+        def write(p):
+            with open(p, "wb") as f:
+                f.write(b"half")
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        atomic_write({str(target)!r}, write)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code])
+    assert proc.returncode == -signal.SIGKILL
+    assert target.read_bytes() == b"old"
+    assert all(p.name.startswith(".") for p in tmp_path.iterdir() if p != target)
+
+
+def test_store_reports_corrupt_and_foreign_files_as_misses(tmp_path, caplog):
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class K:
+        a: int
+
+    st = Store(tmp_path, "test.v1")
+    st.put_tensors(K(1), {"x": torch.ones(3)})
+    assert torch.equal(st.get_tensors(K(1))[0]["x"], torch.ones(3))
+    # A file of another key copied over this key's path: a miss, not a wrong answer.
+    st.put_tensors(K(2), {"x": torch.zeros(3)})
+    os.replace(st.path(K(2)), st.path(K(1)))
+    assert st.get_tensors(K(1)) is None
+    # Truncated: a miss with one warning.
+    st.put_tensors(K(3), {"x": torch.ones(1000)})
+    data = st.path(K(3)).read_bytes()
+    st.path(K(3)).write_bytes(data[: len(data) // 2])
+    assert st.get_tensors(K(3)) is None and st.get_tensors(K(3)) is None
+    assert sum("unreadable" in r.message for r in caplog.records) == 1
+    # Another format tag: a miss.
+    assert Store(tmp_path, "test.v2").get_tensors(K(2)) is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Content keys
+
+
+def test_values_and_scores_of_a_changed_dataset_or_model_are_not_reused(assets, tok_bos):
+    """Values and pre-scores are keyed on the facts' content and the weights' fingerprint: a record
+    changed in place misses alone; weights re-saved to the same folder miss everywhere."""
+    from sweep.prepass import plan_shared
+    from sweep.shared import ScoresStore, record_digest, request_digest, scores_key
+    from sweep.trial import load_records
+
+    cfg = load_sweep(str(sweep_file(assets)))
+    plan = make_plan(cfg)
+    (vjob,) = plan.shared.values.values()
+    (sjob,) = plan.shared.scores.values()
+    assert len(vjob.missing()) == 4 and vjob.uses == 16 and len(sjob.missing()) == 4
+    # Store values and scores of every fact (as the pre-pass's tasks would).
+    t = plan.trials[0]
+    mid = model_identity(t.model)
+    recs = load_records(t)
+    vkey = values_key(t, trial_hparams(t), mid)
+    ValuesStore(cfg.values_store).put(vkey, [request_digest(r.request()) for r in recs], torch.randn(4, 32))
+    from sweep.metrics import RecordScores
+
+    rows = [RecordScores(r.case_id, 1, 1, 1, 0, 0, 0, 1, 1, 1) for r in recs]
+    ScoresStore(cfg.scores_store).put(scores_key(t, mid), [record_digest(r) for r in recs], rows)
+    again = plan_shared(cfg, plan.trials, plan.keys)
+    assert sum(len(j.missing()) for j in again.values.values()) == 0
+    assert sum(len(j.missing()) for j in again.scores.values()) == 0
+
+    # The CounterFact file changed in place: record 2's new target differs.
+    data = json.loads((assets / "cf.json").read_text())
+    data[2]["requested_rewrite"]["target_new"]["str"] = "Madrid"
+    (assets / "cf.json").write_text(json.dumps(data))
+    changed = plan_shared(cfg, plan.trials, plan.keys)
+    (vj,) = changed.values.values()
+    (sj,) = changed.scores.values()
+    assert [r.case_id for r, _ in vj.missing()] == [2] and [r.case_id for r, _ in sj.missing()] == [2]
+
+    # New weights saved to the same folder: nothing is reused (statistics neither).
+    make_model(len(tok_bos), seed=1).save_pretrained(assets / "model")
+    assert model_identity(t.model) != mid
+    fresh = plan_shared(cfg, plan.trials, plan.keys)
+    assert sum(len(j.missing()) for j in fresh.values.values()) == 4
+    assert sum(len(j.missing()) for j in fresh.scores.values()) == 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics passes
+
+
+def test_split_passes_fills_from_the_deepest_layer():
+    assert split_passes([0, 1, 2, 3, 4], lambda n: n <= 2) == [(0,), (1, 2), (3, 4)]
+    assert split_passes([5, 1, 3], lambda n: True) == [(1, 3, 5)]
+    assert split_passes(range(32), lambda n: n <= 29) == [(0, 1, 2), tuple(range(3, 32))]
+
+
+def test_passes_under_a_small_budget_give_the_same_statistics_as_one_pass(assets):
+    """A budget that fits two layers splits layers 0-3 into two passes; their C equal one pass's."""
+    from editors import load_model
+    from sweep.plan import model_shape
+
+    path = sweep_file(assets, "budget")
+    cfg0 = load_sweep(str(path))
+    t = parse_config({**cfg0.base, "layers": [0, 1, 2, 3], "batch_size": 2})
+    shape = model_shape(str(assets / "model"), None, None)
+    budget = pass_memory_gb(shape, 2, t, on_gpu=False) / 0.9 * 1.0001
+    cfg = load_sweep(str(path), ["base.layers=[0,1,2,3]", f"resources.gpu_memory_gb={budget}"])
+    plan = make_plan(cfg)
+    passes = [p for p in plan.shared.passes if not p.read_only]
+    assert [p.layers for p in passes] == [(0, 1), (2, 3)]
+    assert all(p.memory_gb <= budget for p in passes)
+    got = {}
+    for p in passes:
+        out = stats_pass_task(to_dict(p.trial), list(p.layers))
+        assert out[-1]["computed"] == list(p.layers)
+        got.update(dict(zip(p.layers, out[:-1])))
+    model, tok = load_model(str(assets / "model"))
+    one = compute_stats(t, model, tok, [0, 1, 2, 3], progress=False)
+    for layer in range(4):
+        torch.testing.assert_close(torch.from_numpy(got[layer]), one[layer].mom2, rtol=1e-6, atol=1e-7)
+    # The dry run prints the passes with their memory.
+    assert "2 pass(es)" in __import__("sweep.plan", fromlist=["format_plan"]).format_plan(cfg, plan)
+
+
+def test_a_layer_over_the_budget_is_a_config_error(assets):
+    from editors.config import ConfigError
+
+    cfg = load_sweep(str(sweep_file(assets, "tiny-budget")), ["resources.gpu_memory_gb=1e-9"])
+    with pytest.raises(ConfigError, match=r"resources\.gpu_memory_gb"):
+        make_plan(cfg)
+
+
+def test_every_paper_config_fits_an_l40s_and_estimates_statistics(capsys):
+    """The shipped paper configs plan statistics passes that fit 48 GB with bf16 weights, and the
+    dry run's total estimate includes the statistics."""
+    from sweep import launch
+
+    for name in ("paper-layer-search", "paper-batch", "paper-sequential-batch"):
+        cfg = load_sweep(str(ROOT / "sweep" / "configs" / f"{name}.yaml"))
+        plan = make_plan(cfg, dry_run=True)
+        passes = [p for p in plan.shared.passes if not p.read_only]
+        assert passes and all(p.memory_gb <= 48 for p in passes), name
+        assert all(p.trial.stats.model_dtype == "bfloat16" for p in passes)
+        assert plan.shared_seconds["statistics"] > 0
+        assert launch.main(["--config", str(ROOT / "sweep" / "configs" / f"{name}.yaml"), "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert "pass: layers" in out and "statistics" in out.splitlines()[-1]
+    assert len(passes) >= 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Convergence
+
+
+def test_converged_statistics_stop_early_and_record_their_tokens(tmp_path, tok):
+    """On a stationary corpus (one paragraph repeated) the pass stops well before the cap, records its
+    token count and history, and the store keeps both."""
+    from editors import spec_for
+    from editors.stats import StatsKey, StatsStore, collect_second_moments
+
+    model = make_model(len(tok))
+    texts = ["The Eiffel Tower is located in Paris. Rome is the capital of Italy. " * 8] * 2000
+    out = collect_second_moments(
+        model, tok, spec_for(model), [1, 2], texts, max_tokens=400_000, tolerance=0.05, progress=False
+    )
+    sm = out[1]
+    assert sm.converged is True and sm.n_tokens < 100_000
+    assert out[2].n_tokens == sm.n_tokens and sm.history[-1][1] < 0.05
+    assert all(a[0] < b[0] for a, b in zip(sm.history, sm.history[1:]))
+    # Without a tolerance it reads to the cap.
+    capped = collect_second_moments(model, tok, spec_for(model), [1], texts, max_tokens=150_000, progress=False)
+    assert capped[1].n_tokens == 150_000 and capped[1].converged is None
+    store = StatsStore(tmp_path)
+    key = StatsKey("m", 1, "c", None, 400_000, None, "float32", tolerance=0.05)
+    store.put(key, sm)
+    back = store.get(key)
+    assert back.n_tokens == sm.n_tokens and back.converged is True and back.history == sm.history
+    # A key with another tolerance is another entry.
+    assert store.get(StatsKey("m", 1, "c", None, 400_000, None, "float32", tolerance=0.01)) is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# A pre-pass killed with SIGKILL
+
+
+def test_sigkill_mid_prepass_loses_at_most_the_chunks_in_flight(assets, tmp_path):
+    """The launcher SIGKILLs itself after 3 stored chunks; the same command then computes exactly what
+    the stores lack and the sweep completes."""
+    from sweep.prepass import CHAOS_KILL_ENV
+
+    path = sweep_file(assets, "killed")
+    env = {**os.environ, CHAOS_KILL_ENV: "3", CHAOS_KILL_ENV + "_MARK": str(tmp_path / "mark")}
+    cmd = [sys.executable, "-m", "sweep.launch", "--config", str(path), "--local", "--num-cpus", "2", "--quiet"]
+    first = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    assert (tmp_path / "mark").read_text() == "3"
+    value_parts = list((assets / "values").rglob("[!.]*.safetensors"))
+    score_parts = list((assets / "scores").rglob("[!.]*.json"))
+    stored = len(value_parts) + len(score_parts)
+    assert stored >= 3  # every chunk the launcher saw finish is on disk (and those in flight may be)
+    env.pop(CHAOS_KILL_ENV)
+    second = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    cfg = load_sweep(str(path))
+    from sweep.plan import sweep_id
+
+    summary = json.loads((Path(cfg.storage) / f"killed-{sweep_id(cfg)}-summary.json").read_text())
+    work = summary["work"]
+    assert work["values_optimised"] == 4 - len(value_parts)  # 4 facts, one value key (MEMIT = EMMET)
+    assert work["scores_computed"] == 4 - len(score_parts)
+    assert work["values_cached"] == len(value_parts) and summary["errors"] == 0 and summary["trials"] == 4
