@@ -118,19 +118,19 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     layer = spec["layer"]
     key = stats_keys(cfg, [layer], model_identity(cfg.model))[layer]
     stats_file = StatsStore(cfg.stats.store).path(key)
-    t = res["timings"]
+    t = res.timings
     return {
         "timings": {k: t.get(k, 0.0) for k in ("load", "shared", "keys", "values", "solve", "score")},
         "n_edits": spec["n_edits"],
         "per_record": [
-            {"case_id": r["case_id"], **{m: r[f"at_edit_{m}"] for m in ("es", "ps", "ns")}} for r in res["per_record"]
+            {"case_id": r["case_id"], **{m: r[f"at_edit_{m}"] for m in ("es", "ps", "ns")}} for r in res.per_record
         ],
-        "metrics": {m: res["metrics"]["at_edit"][m] for m in ("es", "ps", "ns")},
+        "metrics": {m: res.metrics["at_edit"][m] for m in ("es", "ps", "ns")},
         "peak_rss_mb": peak_rss_mb(),
-        "templates": res["templates"],
-        "hparams": res["hparams"],
+        "templates": res.templates,
+        "hparams": res.hparams,
         "stats_file": str(stats_file) if stats_file.is_file() else None,
-        "versions": res["versions"],
+        "versions": res.versions,
     }
 
 

@@ -6,7 +6,7 @@ ROME/MEMIT/EMMET/AlphaEdit call "mom2" or "cov" (see ``docs/ALGORITHMS.md`` §1)
 token batch collects every requested layer at once and stops after the deepest one.
 
 With ``tolerance`` the pass stops once C has converged for editing: see :func:`collect_second_moments`
-and ``docs/ALGORITHMS.md`` §1.
+and ``docs/SHARED_WORK.md``.
 
 Cached results live in an :class:`editors.store.Store` (``<root>/<digest>.safetensors``, never pickles)
 whose metadata holds the full :class:`StatsKey`, so a hash collision or a stale file is detected and
@@ -132,12 +132,13 @@ def collect_second_moments(
         dtype: accumulation dtype, float32 or float64.
         tolerance: stop once C has converged for editing (None: read up to the caps). The first
             ``probe_tokens`` keys of the stream are held out as probes P [d_key, m] (not in C); each
-            time the token count has grown by :data:`CHECK_GROWTH` (from 2·d_key on), X = (C + εI)⁻¹P
-            is solved (ε = 1e-6·tr(C)/d_key) and the pass stops when ‖X − X_prev‖_F / ‖X‖_F is below
-            ``tolerance`` at every layer. The measure follows the edit, not C: every solver applies C⁻¹
-            to keys (MEMIT's ΔW = R Kᵀ(λC + KKᵀ)⁻¹ ≈ R Kᵀ C⁻¹/λ for small batches), and C⁻¹ weights
-            the small-variance directions, which converge last, where a norm of C would follow the
-            large ones (docs/ALGORITHMS.md §1).
+            time the token count has grown by :data:`CHECK_GROWTH` (from 2·d_key on), the Gram matrix
+            G = Pᵀ(C + εI)⁻¹P is formed (ε = 1e-6·tr(C)/d_key) and the pass stops when
+            ‖G − G_prev‖_F / ‖G‖_F is below ``tolerance`` at every layer. The measure follows the edit,
+            not C: an update ΔW = R Kᵀ(λC + KKᵀ)⁻¹ (MEMIT; EMMET and ROME alike) acts on any input k
+            through the bilinear forms k_iᵀC⁻¹k of the edit keys with it, which G holds for held-out
+            keys, where a norm of C would follow its large directions, which converge first
+            (docs/SHARED_WORK.md).
         probe_tokens: number of held-out probe keys (with ``tolerance`` only).
         progress: show a tqdm bar over tokens.
 
@@ -212,7 +213,7 @@ def collect_second_moments(
 
 class _Convergence:
     """The stopping rule of ``collect_second_moments(tolerance=...)``: held-out probe keys per layer,
-    and the relative change of (C + εI)⁻¹P between checks."""
+    and the relative change of G = Pᵀ(C + εI)⁻¹P between checks."""
 
     def __init__(self, layers: list[int], d_key: int, tolerance: float, probe_tokens: int) -> None:
         if isinstance(probe_tokens, bool) or not isinstance(probe_tokens, int) or probe_tokens < 1:
@@ -246,13 +247,13 @@ class _Convergence:
             d = c.shape[0]
             c.diagonal().add_(1e-6 * float(c.diagonal().sum()) / d)
             p = torch.cat(self.probes[layer]).to(c).T  # [d_key, m]
-            x = torch.cholesky_solve(p, torch.linalg.cholesky(c))
+            g = p.T @ torch.cholesky_solve(p, torch.linalg.cholesky(c))  # [m, m]
             old = self.prev.get(layer)
-            change = max(change, float("inf") if old is None else float((x - old).norm() / x.norm()))
-            self.prev[layer] = x.float()
+            change = max(change, float("inf") if old is None else float((g - old).norm() / g.norm()))
+            self.prev[layer] = g
             del c
         self.history.append((n_tokens, change))
-        log.info("statistics at %d tokens: relative change of C⁻¹P %.2e (tolerance %.1e)", n_tokens, change, self.tol)
+        log.info("statistics at %d tokens: relative change of PᵀC⁻¹P %.2e (tolerance %.1e)", n_tokens, change, self.tol)
         self.done = change < self.tol
         return self.done
 

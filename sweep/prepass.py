@@ -488,8 +488,10 @@ def stats_pass_task(trial: dict[str, Any], layers: list[int]) -> list[Any]:
     from .worker import cached_model
 
     cfg = parse_config(trial)
+    t0 = time.perf_counter()
     got, computed = stats_from_store(cfg, layers, lambda: cached_model(cfg.model, stats_dtype(cfg)))
     meta = {
+        "seconds": time.perf_counter() - t0,
         "computed": computed,
         "tokens": {layer: got[layer].n_tokens for layer in layers},
         "converged": got[layers[0]].converged,
@@ -497,24 +499,26 @@ def stats_pass_task(trial: dict[str, Any], layers: list[int]) -> list[Any]:
     return [got[layer].mom2.cpu().numpy() for layer in layers] + [meta]
 
 
-def values_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -> np.ndarray:
-    """Target values [n, d_model] of ``case_ids``, written to the values store before returning."""
+def values_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -> tuple[np.ndarray, float]:
+    """(target values [n, d_model] of ``case_ids``, seconds), written to the values store before returning
+    (two returns: the values' reference goes to the trials, the seconds to the driver's counters)."""
     from .data import load_counterfact, select
     from .trial import parse_config, trial_hparams
     from .worker import cached_model
 
     cfg = parse_config(trial)
+    t0 = time.perf_counter()
     model, tok = cached_model(cfg.model)
     records = select(load_counterfact(cfg.dataset.source, cfg.dataset.sha256), case_ids=case_ids)
     v = compute_values(cfg, model, tok, records)
     if store:
         key = values_key(cfg, trial_hparams(cfg), model_identity(cfg.model))
         ValuesStore(store).put(key, [request_digest(r.request()) for r in records], v)
-    return v.numpy()
+    return v.numpy(), time.perf_counter() - t0
 
 
-def scores_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -> list[dict[str, float]]:
-    """Pre-edit score fields of ``case_ids`` (one dict per record), written to the scores store."""
+def scores_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -> tuple[list[dict[str, float]], float]:
+    """(pre-edit score fields of ``case_ids``, one dict per record; seconds), written to the scores store."""
     import dataclasses
 
     from .data import load_counterfact, select
@@ -522,12 +526,14 @@ def scores_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -
     from .worker import cached_model
 
     cfg = parse_config(trial)
+    t0 = time.perf_counter()
     model, tok = cached_model(cfg.model)
     records = select(load_counterfact(cfg.dataset.source, cfg.dataset.sha256), case_ids=case_ids)
     scores = compute_scores(cfg, model, tok, records)
     if store:
         ScoresStore(store).put(scores_key(cfg, model_identity(cfg.model)), [record_digest(r) for r in records], scores)
-    return [{k: v for k, v in dataclasses.asdict(s).items() if k != "case_id"} for s in scores]
+    rows = [{k: v for k, v in dataclasses.asdict(s).items() if k != "case_id"} for s in scores]
+    return rows, time.perf_counter() - t0
 
 
 def ppl_task(trial: dict[str, Any], store: str | None) -> float:
@@ -587,6 +593,9 @@ def run_prepass(cfg: SweepConfig, shared: SharedPlan) -> tuple[dict[str, TrialRe
         "values_cached": counts["values_cached"],
         "scores_computed": 0,
         "scores_cached": counts["scores_cached"],
+        "stats_task_s": 0.0,  # seconds the tasks of each kind ran, summed over workers
+        "values_task_s": 0.0,
+        "scores_task_s": 0.0,
     }
 
     # Statistics: one task per pass; a layer's matrix is in the object store when its pass ends.
@@ -622,11 +631,11 @@ def run_prepass(cfg: SweepConfig, shared: SharedPlan) -> tuple[dict[str, TrialRe
             for chunk in _chunks(job.missing(), cfg.values_chunk):
                 ids = [r.case_id for r, _ in chunk]
                 ds = tuple(d for _, d in chunk)
-                ref = ray.remote(task_fn).options(**opts).remote(to_dict(job.trial), ids, root)
+                ref, secs = ray.remote(task_fn).options(num_returns=2, **opts).remote(to_dict(job.trial), ids, root)
                 for d in ds:
                     fact_refs[(key, d)] = (ds, ref)
-                chunk_sizes[ref] = (kind, len(ds))
-                pending[ref] = kind
+                chunk_sizes[secs] = (kind, len(ds))
+                pending[secs] = kind
     ppl_refs: dict[PplKey, Any] = {}
     for pk, t in shared.ppl.items():
         if pk in shared.ppl_cached:
@@ -658,6 +667,8 @@ def run_prepass(cfg: SweepConfig, shared: SharedPlan) -> tuple[dict[str, TrialRe
         el = time.perf_counter() - t0
         if kind == "stats":
             meta = ray.get(ref)
+            work["stats_task_s"] += meta["seconds"]
+            work["stats_done_s"] = el
             if meta["computed"]:
                 work["stats_passes"] += 1
                 work["stats_layers_computed"] += len(meta["computed"])
@@ -665,7 +676,8 @@ def run_prepass(cfg: SweepConfig, shared: SharedPlan) -> tuple[dict[str, TrialRe
                     "pre-pass: statistics of layers %s ready, %s tokens (%.0f s)", meta["computed"], meta["tokens"], el
                 )
         elif kind in ("values", "scores"):
-            ray.get(ref)  # raises the task's error here, naming the chunk's failure
+            work[f"{kind}_task_s"] += ray.get(ref)  # the chunk's seconds; raises the task's error, if any
+            work[f"{kind}_done_s"] = el
             n = chunk_sizes[ref][1]
             work["values_optimised" if kind == "values" else "scores_computed"] += n
             chunks_done += 1

@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from .result import TrialResult
+
 log = logging.getLogger(__name__)
 
 
@@ -84,13 +86,13 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def log_trial(c: Any, exp_id: str, parent: str, sid: str, result: dict[str, Any]) -> str:
+def log_trial(c: Any, exp_id: str, parent: str, sid: str, result: TrialResult) -> str:
     """Write one trial's result as a FINISHED child run; returns its run id."""
     from mlflow.entities import Metric, Param
 
-    cfg, hp = result["config"], result["hparams"]
-    key = result["trial_key"]
-    layers = list(hp["layers"])
+    cfg, hp = result.config, result.hparams
+    key = result.trial_key
+    layers = result.layers
     name = f"{cfg['algorithm']}-L{'_'.join(map(str, layers))}-B{cfg['batch_size']}-{cfg['mode']}-{key[:6]}"
     run = c.create_run(
         exp_id,
@@ -108,27 +110,25 @@ def log_trial(c: Any, exp_id: str, parent: str, sid: str, result: dict[str, Any]
         "model": cfg["model"]["source"] or "smollm2-135m (embedded)",
         "hparams": cfg["hparams"],
         "dataset": cfg["dataset"]["source"],
+        "stats.max_tokens": cfg["stats"]["max_tokens"],
+        "stats.tolerance": cfg["stats"].get("tolerance"),
         **{f"hp.{k}": v for k, v in hp.items() if k != "layers"},
     }
     now = int(time.time() * 1000)
-    metrics = []
-    for stage, vals in result["metrics"].items():
-        metrics += [Metric(f"{stage}.{k}", float(v), now, 0) for k, v in vals.items() if _finite(v)]
-    for group in ("timings", "memory", "work"):
-        prefix = {"timings": "time"}.get(group, group)
-        metrics += [Metric(f"{prefix}.{k}", float(v), now, 0) for k, v in result[group].items() if _finite(v)]
-    norms = result["update_norms"]["per_batch"]
-    if norms:
-        metrics.append(Metric("update_norm.mean", sum(norms) / len(norms), now, 0))
-    for k, v in result["update_norms"].get("final_weight_change", {}).items():
+    metrics = [Metric(k, float(v), now, 0) for k, v in result.flat_metrics().items() if _finite(v)]
+    for prefix, group in (("time", result.timings), ("memory", result.memory), ("work", result.work)):
+        metrics += [Metric(f"{prefix}.{k}", float(v), now, 0) for k, v in group.items() if _finite(v)]
+    if result.update_norms.mean is not None:
+        metrics.append(Metric("update_norm.mean", result.update_norms.mean, now, 0))
+    for k, v in result.update_norms.final_weight_change.items():
         metrics.append(Metric(f"update_norm.final.{k}", float(v), now, 0))
-    metrics += [Metric(f"stats.tokens.L{k}", float(v), now, 0) for k, v in result.get("stats_tokens", {}).items()]
+    metrics += [Metric(f"stats.tokens.L{k}", float(v), now, 0) for k, v in result.stats_tokens.items()]
     metrics += [
         Metric("config.layer", float(layers[0]), now, 0),
         Metric("config.batch_size", float(cfg["batch_size"]), now, 0),
-        Metric("solver_fallbacks", float(result.get("solver_fallbacks", 0)), now, 0),
+        Metric("solver_fallbacks", float(result.solver_fallbacks), now, 0),
     ]
-    for point in result["curves"]:
+    for point in result.curves:
         step = int(point["edits"])
         metrics += [
             Metric(f"curve.{k}", float(v), now, step)
@@ -139,8 +139,8 @@ def log_trial(c: Any, exp_id: str, parent: str, sid: str, result: dict[str, Any]
     for i in range(0, max(len(metrics), 1), 900):  # log_batch takes at most 1000 entries
         c.log_batch(rid, metrics=metrics[i : i + 900], params=plist if i == 0 else [])
     c.log_text(rid, yaml.safe_dump(cfg, sort_keys=False), "config.yaml")
-    c.log_text(rid, _per_record_csv(result["per_record"]), "per_record.csv")
-    c.log_text(rid, json.dumps(result, indent=1, default=str), "trial.json")
+    c.log_text(rid, _per_record_csv(result.per_record), "per_record.csv")
+    c.log_text(rid, json.dumps(result.to_dict(), indent=1, default=str), "trial.json")
     c.set_terminated(rid, "FINISHED")
     return rid
 
@@ -185,7 +185,7 @@ def make_callback(uri: str, exp_id: str, parent: str, sid: str):
                 log.warning("trial %s finished without a result checkpoint; not logged", key)
                 return
             with ckpt.as_directory() as d:
-                result = json.loads(Path(d, "result.json").read_text())
+                result = TrialResult.from_dict(json.loads(Path(d, "result.json").read_text()))
             c = self._c()
             if key in self.logged or key in trial_runs(c, exp_id, parent):
                 return  # resumed sweep: already in MLflow

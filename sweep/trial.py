@@ -41,6 +41,7 @@ from editors.templates import TemplateCache, TemplateGroups
 from .data import Record, load_counterfact, select
 from .metrics import METRICS, RecordScores, aggregate, generation_entropy, heldout_perplexity, score_records
 from .prepass import fill_scores, local_inputs, local_stats
+from .result import TrialResult, UpdateNorms
 from .shared import TrialInputs, model_identity, record_digest, request_digest
 
 log = logging.getLogger(__name__)
@@ -390,8 +391,8 @@ def run_trial(
     templates: TemplateCache | None = None,
     on_batch: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Run one trial and return its result (see the module docstring and README for the fields).
+) -> TrialResult:
+    """Run one trial and return its :class:`~sweep.result.TrialResult` (see the module docstring).
 
     Args:
         model, tok: a loaded model to reuse (its edited weights are restored exactly at the end).
@@ -465,21 +466,21 @@ def run_trial(
     }
     timings = {"load": load_s, "shared": shared_s, **log_.stages, "score": scorer.seconds}
     timings["total"] = time.perf_counter() - t_start
-    return {
-        "config": to_dict(cfg),
-        "hparams": to_dict(hp),
-        "metrics": result_metrics,
-        "per_record": list(per_record.values()),
-        "curves": log_.curves,
-        "update_norms": {"per_batch": [p["update_norm"] for p in log_.curves], "final_weight_change": norms},
-        "solver_fallbacks": log_.solver_fallbacks,
-        "stats_tokens": {str(k): v for k, v in inputs.stats_tokens.items()},
-        "timings": timings,
-        "memory": peak_memory_mb(device),
-        "work": work,
-        "versions": versions(model_identity(cfg.model)),
-        "templates": [list(g) for g in tpl],
-    }
+    return TrialResult(
+        config=to_dict(cfg),
+        hparams=to_dict(hp),
+        metrics=result_metrics,
+        per_record=list(per_record.values()),
+        curves=log_.curves,
+        update_norms=UpdateNorms([p["update_norm"] for p in log_.curves], norms),
+        solver_fallbacks=log_.solver_fallbacks,
+        stats_tokens=dict(inputs.stats_tokens),
+        timings=timings,
+        memory=peak_memory_mb(device),
+        work=work,
+        versions=versions(model_identity(cfg.model)),
+        templates=[list(g) for g in tpl],
+    )
 
 
 def _merge(per_record: dict[int, dict[str, Any]], stage: str, scores: list[RecordScores]) -> None:
@@ -491,19 +492,17 @@ def _merge(per_record: dict[int, dict[str, Any]], stage: str, scores: list[Recor
 # CLI
 
 
-def format_table(result: dict[str, Any]) -> str:
+def format_table(result: TrialResult) -> str:
     cols = [
         m
         for m in ("es", "ps", "ns", "s", "em", "pm", "nm", "ge", "ppl")
-        if any(m in v for v in result["metrics"].values())
+        if any(m in v for v in result.metrics.values())
     ]
     lines = ["          " + "".join(f"{c:>8}" for c in cols)]
-    for name, vals in result["metrics"].items():
+    for name, vals in result.metrics.items():
         lines.append(f"{name:<10}" + "".join(f"{vals.get(c, float('nan')):>8.2f}" for c in cols))
-    t = result["timings"]
-    lines.append("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
-    w = result["work"]
-    lines.append("work: " + ", ".join(f"{k} {v}" for k, v in w.items()))
+    lines.append("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    lines.append("work: " + ", ".join(f"{k} {v}" for k, v in result.work.items()))
     return "\n".join(lines)
 
 
@@ -523,13 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(
-        f"\n{cfg.algorithm} layers {list(result['hparams']['layers'])}, {cfg.n_edits} edits, "
-        f"batch {cfg.batch_size}, {cfg.mode}"
-    )
+    print(f"\n{cfg.algorithm} layers {result.layers}, {cfg.n_edits} edits, batch {cfg.batch_size}, {cfg.mode}")
     print(format_table(result))
     if args.out:
-        write_json_atomic(args.out, result)
+        write_json_atomic(args.out, result.to_dict())
         print(f"result: {args.out}")
     return 0
 

@@ -90,16 +90,19 @@ def trainable(config: dict[str, Any], refs: dict[str, Any], trials: dict[str, An
         )
 
     result = run_trial(cfg, model=model, tok=tok, inputs=inputs, on_batch=on_batch, progress=False)
-    result["trial_key"] = key
-    result["timings"]["load"] = load_s  # 0 when an earlier trial of this worker loaded the model
-    result["node"] = ray.get_runtime_context().get_node_id()
-    result["pid"] = os.getpid()
-    result["stats_zero_copy"] = zero_copy  # a read-only view of the object store, not a per-trial copy
-    final = {f"{stage}.{k}": v for stage, m in result["metrics"].items() for k, v in m.items()}
+    result.trial_key = key
+    result.timings["load"] = load_s  # 0 when an earlier trial of this worker loaded the model
+    result.node = ray.get_runtime_context().get_node_id()
+    result.pid = os.getpid()
+    result.stats_zero_copy = zero_copy  # a read-only view of the object store, not a per-trial copy
     with tempfile.TemporaryDirectory() as d:
-        Path(d, "result.json").write_text(json.dumps(result, default=str))
+        Path(d, "result.json").write_text(json.dumps(result.to_dict(), default=str))
         tune.report(
-            {"edits": cfg.n_edits, **{m: result["metrics"]["final"][m] for m in ("s", "es", "ps", "ns")}, **final},
+            {
+                "edits": cfg.n_edits,
+                **{m: result.metrics["final"][m] for m in ("s", "es", "ps", "ns")},
+                **result.flat_metrics(),
+            },
             checkpoint=tune.Checkpoint.from_directory(d),
         )
     if torch.cuda.is_available():

@@ -62,6 +62,6 @@ def test_demo_trial_moves_efficacy(smollm2, tmp_path):
     cfg = load_config(None, ["stats.max_tokens=20000", f"stats.store={tmp_path}", "model.device=cpu"])
     assert (cfg.algorithm, cfg.n_edits, cfg.dataset.source) == ("memit", 8, "demo")
     res = run_trial(cfg, model=model, tok=tok, progress=False)
-    pre, final = res["metrics"]["pre"], res["metrics"]["final"]
+    pre, final = res.metrics["pre"], res.metrics["final"]
     assert pre["es"] <= 25 and final["es"] >= 75
     assert final["ps"] > pre["ps"] and final["ns"] >= 50

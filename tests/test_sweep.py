@@ -40,6 +40,7 @@ def sweep_yaml(d: Path, name: str, grid: dict, **extra) -> Path:
         "mlflow": {"tracking_uri": f"sqlite:///{d / name / 'mlflow.db'}", "experiment": "test"},
         "storage": str(d / name / "ray"),
         "values_store": str(d / name / "values"),
+        "scores_store": str(d / name / "scores"),
         "retries": 1,
         **extra,
     }

@@ -51,11 +51,11 @@ def test_batch_trial_alone_and_with_handed_inputs(tiny_dir):
 
     cfg = load_config(None, overrides(tiny_dir, **{"stats.store": str(tiny_dir / "stats-batch")}))
     first = run_trial(cfg, progress=False)
-    m = first["metrics"]
+    m = first.metrics
     assert set(m) == {"pre", "at_edit", "final"}
     assert {"es", "ps", "ns", "s", "em", "pm", "nm", "ppl"} <= set(m["pre"])
     assert m["final"] == m["at_edit"]  # batch mode: each batch's model is its final model
-    assert first["work"] == {
+    assert first.work == {
         "stats_computed": 1,
         "stats_reused": 0,
         "values_optimised": 4,
@@ -63,10 +63,10 @@ def test_batch_trial_alone_and_with_handed_inputs(tiny_dir):
         "scores_computed": 4,
         "scores_reused": 0,
     }
-    assert first["stats_tokens"] == {"1": 3000}
-    assert [c["edits"] for c in first["curves"]] == [2, 4] and [c["applied"] for c in first["curves"]] == [2, 2]
-    assert len(first["per_record"]) == 4 and "final_es" in first["per_record"][0]
-    assert first["versions"]["model"].startswith("dir:") and first["timings"]["total"] > 0
+    assert first.stats_tokens == {1: 3000}
+    assert [c["edits"] for c in first.curves] == [2, 4] and [c["applied"] for c in first.curves] == [2, 2]
+    assert len(first.per_record) == 4 and "final_es" in first.per_record[0]
+    assert first.versions["model"].startswith("dir:") and first.timings["total"] > 0
 
     model, tok = load_model(str(tiny_dir / "model"))
     records = load_records(cfg)
@@ -76,7 +76,7 @@ def test_batch_trial_alone_and_with_handed_inputs(tiny_dir):
     inputs.values = {request_digest(r.request()): v[i] for i, r in enumerate(records)}
     inputs.counts = {"stats_reused": 1}
     second = run_trial(cfg, model=model, tok=tok, inputs=inputs, progress=False)
-    assert second["work"] == {
+    assert second.work == {
         "stats_computed": 0,
         "stats_reused": 1,
         "values_optimised": 0,
@@ -84,9 +84,9 @@ def test_batch_trial_alone_and_with_handed_inputs(tiny_dir):
         "scores_computed": 0,
         "scores_reused": 4,
     }
-    assert second["metrics"]["pre"] == first["metrics"]["pre"]
+    assert second.metrics["pre"] == first.metrics["pre"]
     for k in ("es", "ps", "ns"):
-        assert second["metrics"]["at_edit"][k] == first["metrics"]["at_edit"][k]
+        assert second.metrics["at_edit"][k] == first.metrics["at_edit"][k]
 
 
 def test_sequential_trial_reports_both_and_restores_the_model(tiny_dir, tok_bos):
@@ -96,9 +96,9 @@ def test_sequential_trial_reports_both_and_restores_the_model(tiny_dir, tok_bos)
     snap = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = load_config(None, overrides(tiny_dir, mode="sequential-batch"))
     res = run_trial(cfg, model=model, tok=tok, progress=False)
-    assert [c["applied"] for c in res["curves"]] == [2, 4]
-    assert set(res["metrics"]["final"]) >= {"es", "ps", "ns", "s", "ppl"}
-    assert res["update_norms"]["final_weight_change"]["model.layers.1.mlp.down_proj"] > 0
+    assert [c["applied"] for c in res.curves] == [2, 4]
+    assert set(res.metrics["final"]) >= {"es", "ps", "ns", "s", "ppl"}
+    assert res.update_norms.final_weight_change["model.layers.1.mlp.down_proj"] > 0
     assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
 
 
@@ -109,6 +109,14 @@ def test_cli_writes_the_result(tiny_dir, tmp_path, capsys):
     assert res["config"]["algorithm"] == "emmet" and res["hparams"]["layers"] == [1]
     assert {"config", "metrics", "per_record", "curves", "timings", "memory", "work", "versions"} <= set(res)
     assert "pre" in capsys.readouterr().out
+    from sweep.result import TrialResult
+
+    back = TrialResult.from_dict(res)  # the JSON form reads back into the typed result, unchanged
+    assert (
+        back.to_dict() == res and back.layers == [1] and back.flat_metrics()["final.s"] == res["metrics"]["final"]["s"]
+    )
+    with pytest.raises(ValueError, match="unknown fields"):
+        TrialResult.from_dict({**res, "colour": 1})
 
 
 @pytest.mark.parametrize(

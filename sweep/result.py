@@ -1,0 +1,91 @@
+"""A trial's result: the typed object :func:`sweep.trial.run_trial` returns and the worker, tracking and
+reports read, and its JSON form (``trial.json`` in MLflow, ``--out`` of ``python -m sweep.trial``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Scoring stages in protocol order.
+STAGES = ("pre", "at_edit", "final")
+
+
+@dataclass
+class UpdateNorms:
+    """‖ΔW‖_F of each batch's update (per module summed), and ‖W − W₀‖_F of each edited module at the
+    end of a sequential schedule (empty in ``batch`` mode)."""
+
+    per_batch: list[float] = field(default_factory=list)
+    final_weight_change: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.per_batch) / len(self.per_batch) if self.per_batch else None
+
+
+@dataclass
+class TrialResult:
+    """Everything one trial measured.
+
+    Attributes:
+        config, hparams: the resolved trial config and hyperparameters (as plain data).
+        metrics: stage (``pre``, ``at_edit``, ``final``) -> metric (``es ps ns s em pm nm *_acc ge ppl``)
+            -> value, in percent (ES...) or as is (ppl).
+        per_record: one row per fact: ``case_id`` and ``<stage>_<metric>``.
+        curves: one point per batch (``edits``, ``applied``, ``update_norm``, S/ES/PS/NS so far...).
+        stats_tokens: layer -> tokens averaged into its C.
+        timings: stage -> seconds (``load shared keys values solve score total``).
+        memory: ``cpu_rss_peak_mb`` (and ``gpu_peak_mb``).
+        work: counters of shared work computed vs reused (statistics, values, pre-edit scores).
+        versions: torch, transformers, this package, the model's fingerprint.
+        templates: the context templates used.
+        trial_key, node, pid, stats_zero_copy: set by a sweep's worker.
+    """
+
+    config: dict[str, Any]
+    hparams: dict[str, Any]
+    metrics: dict[str, dict[str, float]]
+    per_record: list[dict[str, Any]]
+    curves: list[dict[str, Any]]
+    update_norms: UpdateNorms
+    solver_fallbacks: int
+    stats_tokens: dict[int, int]
+    timings: dict[str, float]
+    memory: dict[str, float]
+    work: dict[str, int]
+    versions: dict[str, str]
+    templates: list[list[str]]
+    trial_key: str | None = None
+    node: str | None = None
+    pid: int | None = None
+    stats_zero_copy: bool | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.hparams["layers"])
+
+    def flat_metrics(self) -> dict[str, float]:
+        """``{"<stage>.<metric>": value}`` (e.g. ``final.s``)."""
+        return {f"{stage}.{k}": v for stage, m in self.metrics.items() for k, v in m.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (layer keys as strings)."""
+        out = dataclasses.asdict(self)
+        out["stats_tokens"] = {str(k): v for k, v in self.stats_tokens.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialResult:
+        """The inverse of :meth:`to_dict` (fields it does not know are an error: a foreign file)."""
+        d = dict(data)
+        d["update_norms"] = UpdateNorms(**d.get("update_norms", {}))
+        d["stats_tokens"] = {int(k): int(v) for k, v in (d.get("stats_tokens") or {}).items()}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"trial result: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+__all__ = ["STAGES", "TrialResult", "UpdateNorms"]
