@@ -222,7 +222,7 @@ def _optimize_chunk(
         seqs.append(ids)
         lookup.append(idx)
     loss_name = spec.block_name(loss_layer)
-    prefix = _prefix_cache(model, spec, seqs, lookup, pad_id(tok), loss_name) if reuse_prefix else None
+    prefix = prefix_cache(model, spec, seqs, lookup, pad_id(tok), loss_name) if reuse_prefix else None
     pos_all = None
     if prefix is not None:  # each row from its lookup token on; the prefix comes from the cache
         plen = prefix.lengths
@@ -331,7 +331,7 @@ def _optimize_chunk(
 
 
 @dataclass
-class _Prefix:
+class PrefixCache:
     """Keys/values of every row's tokens before its lookup token, per layer up to the loss layer.
 
     Rows are right-padded to ``width`` with no attention mask in the prefix pass: a real token never
@@ -362,9 +362,9 @@ def cache_kwarg(model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def _prefix_cache(
+def prefix_cache(
     model: nn.Module, spec: ModelSpec, seqs: list[list[int]], lookup: list[int], pad: int, last: str
-) -> _Prefix | None:
+) -> PrefixCache | None:
     """Run every row's prefix once (up to block ``last``) and keep its KV cache; None if no row has a
     prefix or the model's cache cannot be read (then the full rows run at every step)."""
     width = max(lookup)
@@ -388,4 +388,4 @@ def _prefix_cache(
         kv = [(layer.keys, layer.values) for layer in layers]
     if not kv or any(k is None or k.shape[-2] != width for k, _ in kv):
         return None
-    return _Prefix(kv=kv, lengths=torch.tensor(lookup, device=device), width=width)
+    return PrefixCache(kv=kv, lengths=torch.tensor(lookup, device=device), width=width)

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from editors.model import ModelSpec, get_module, hooks, model_device, run_until
+from editors.model import ModelSpec, ModelSpecError, get_module, hooks, model_device, run_until
 from editors.requests import encode, pad_id, pad_right, target_ids
+from editors.targets import cache_kwarg, prefix_cache
 
 from .data import Record
 
@@ -45,42 +46,77 @@ def target_scores(
     batch_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean per-token NLL of each ``target`` after its ``prompt``, and whether every target token is
-    the argmax: ([n] float64, [n] bool). The LM head runs only at the target positions."""
+    the argmax: ([n] float64, [n] bool).
+
+    Pairs that share a prompt (CounterFact scores the new and the true object after every prompt) share
+    one pass over it: the prompt's tokens but its last run once per prompt into a KV cache
+    (:func:`editors.targets.prefix_cache`: right-padded, no mask, so exact), then one row per target
+    runs the prompt's last token and the target's tokens but its last, all rows of a batch padded
+    together; the logit at each step predicts the next target token. The LM head runs only at the
+    target positions. ``batch_size`` counts prompts per forward.
+    """
     device = model_device(model)
-    seqs, spans = [], []
-    for prompt, target in pairs:
-        p_ids, _ = encode(tok, prompt)
-        t_ids = target_ids(tok, target)
-        seqs.append(p_ids + t_ids)
-        spans.append((len(p_ids), t_ids))
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths pad less
-    nll = torch.zeros(len(seqs), dtype=torch.float64)
-    acc = torch.zeros(len(seqs), dtype=torch.bool)
+    pad = pad_id(tok)
+    by_prompt: dict[str, list[int]] = {}
+    for i, (prompt, _) in enumerate(pairs):
+        by_prompt.setdefault(prompt, []).append(i)
+    enc = {p: encode(tok, p)[0] for p in by_prompt}
+    tids = [target_ids(tok, t) for _, t in pairs]
+    order = sorted(by_prompt, key=lambda p: len(enc[p]))  # similar lengths pad less
+    nll = torch.zeros(len(pairs), dtype=torch.float64)
+    acc = torch.zeros(len(pairs), dtype=torch.bool)
     lm_head = get_module(model, spec.lm_head)
+    last_block = spec.block_name(spec.n_layers - 1)
+    try:
+        get_module(model, last_block)
+        cacheable = True
+    except ModelSpecError:  # a model without transformer blocks (the tests' bigram): full rows
+        cacheable = False
     for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        ids, mask = pad_right([seqs[i] for i in idx], pad_id(tok), device)
+        chunk = order[s : s + batch_size]
+        seqs = [enc[p] for p in chunk]
+        lookup = [len(q) - 1 for q in seqs]
+        prefix = prefix_cache(model, spec, seqs, lookup, pad, last_block) if cacheable else None
+        start = [len(q) - 1 for q in seqs] if prefix is not None else [0] * len(seqs)
+        row_prompt, row_pair, steps = [], [], []
+        for j, p in enumerate(chunk):
+            for i in by_prompt[p]:
+                row_prompt.append(j)
+                row_pair.append(i)
+                steps.append(seqs[j][start[j] :] + tids[i][:-1])
+        ids, mask = pad_right(steps, pad, device)
+        batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if prefix is not None:
+            rows = torch.tensor(row_prompt, device=device)
+            plen = prefix.lengths[rows]
+            valid = torch.arange(prefix.width, device=device)[None] < plen[:, None]
+            batch.update(
+                attention_mask=torch.cat([valid.long(), mask], dim=1),
+                position_ids=plen[:, None] + torch.arange(ids.shape[1], device=device)[None],
+                use_cache=True,
+            )
+            batch[cache_kwarg(model)] = prefix.cache(rows)
         with hooks(model, outputs=[spec.final_norm], stop_after=spec.final_norm) as st:
-            run_until(model, input_ids=ids, attention_mask=mask)
+            run_until(model, **batch)
         hidden = st[f"out:{spec.final_norm}"]
-        rows, pos, tgt, owner = [], [], [], []
-        for j, i in enumerate(idx):
-            start, t_ids = spans[i]
-            for k, t in enumerate(t_ids):
-                rows.append(j)
-                pos.append(start - 1 + k)  # the logit at p predicts token p + 1
+        r_idx, pos, tgt, owner = [], [], [], []
+        for r, (j, i) in enumerate(zip(row_prompt, row_pair)):
+            first = len(seqs[j]) - 1 - start[j]  # the step whose logit predicts the first target token
+            for k, t in enumerate(tids[i]):
+                r_idx.append(r)
+                pos.append(first + k)
                 tgt.append(t)
                 owner.append(i)
-        logits = lm_head(hidden[torch.tensor(rows, device=device), torch.tensor(pos, device=device)]).float()
+        logits = lm_head(hidden[torch.tensor(r_idx, device=device), torch.tensor(pos, device=device)]).float()
         logp = torch.log_softmax(logits, -1)
         tgt_t = torch.tensor(tgt, device=device)
         tok_nll = -logp.gather(1, tgt_t[:, None]).squeeze(1).double().cpu()
         hit = (logits.argmax(-1) == tgt_t).cpu()
         owner_t = torch.tensor(owner)
         nll.index_add_(0, owner_t, tok_nll)
-        miss = torch.zeros(len(seqs), dtype=torch.long).index_add_(0, owner_t, (~hit).long())
-        acc[idx] = miss[idx] == 0
-    lengths = torch.tensor([len(t) for _, t in spans], dtype=torch.float64)
+        miss = torch.zeros(len(pairs), dtype=torch.long).index_add_(0, owner_t, (~hit).long())
+        acc[row_pair] = miss[row_pair] == 0
+    lengths = torch.tensor([len(t) for t in tids], dtype=torch.float64)
     return nll / lengths, acc
 
 

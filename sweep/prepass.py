@@ -458,7 +458,17 @@ def local_stats(cfg: TrialConfig, model: Any, tok: Any, inputs: TrialInputs, pro
     from .trial import trial_hparams
 
     layers = list(trial_hparams(cfg).layers)
-    got, computed = stats_from_store(cfg, layers, lambda: (model, tok), progress)
+
+    def loader() -> tuple[Any, Any]:
+        if stats_dtype(cfg) == cfg.model.dtype:
+            return model, tok
+        from editors import load_model  # stats.model_dtype differs: the pass gets its own copy
+
+        mc = cfg.model
+        dev = str(model.device)
+        return load_model(mc.source, gguf_file=mc.gguf_file, revision=mc.revision, dtype=stats_dtype(cfg), device=dev)
+
+    got, computed = stats_from_store(cfg, layers, loader, progress)
     inputs.stats = {layer: sm.mom2 for layer, sm in got.items()}
     inputs.stats_tokens = {layer: sm.n_tokens for layer, sm in got.items()}
     inputs.counts.update(stats_computed=len(computed), stats_reused=len(layers) - len(computed))

@@ -121,3 +121,28 @@ def test_ngram_entropy_by_hand():
     h3 = 1.0  # trigrams (a b a), (b a b)
     assert ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * h3) / 2)
     assert ngram_entropy("same same same same") == 0.0
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_cached_prompt_scoring_equals_one_full_forward_per_pair(bos, tok, tok_bos):
+    """On a real (tiny random) Llama, scoring with the prompt's KV cache shared by both targets and all
+    rows padded together gives each pair's NLL and argmax as one unbatched forward of prompt + target."""
+    from editors import spec_for
+    from editors.requests import encode, target_ids
+    from tests.conftest import make_model
+
+    t = tok_bos if bos else tok
+    model = make_model(len(t), seed=3)
+    spec = spec_for(model)
+    prompts = ["The Eiffel Tower is in", "Rome", "The mother tongue of Danielle Darrieux is", "A"]
+    targets = ["Paris", "French language", "the capital of Italy", "B"]
+    pairs = [(p, x) for p in prompts for x in targets[:2]] + [(prompts[2], targets[2]), (prompts[3], targets[3])]
+    nll, acc = target_scores(model, t, spec, pairs, batch_size=3)
+    for i, (p, x) in enumerate(pairs):
+        p_ids, t_ids = encode(t, p)[0], target_ids(t, x)
+        with torch.no_grad():
+            logits = model(torch.tensor([p_ids + t_ids])).logits[0].float()
+        logp = torch.log_softmax(logits[len(p_ids) - 1 : -1], -1)
+        want = -logp.gather(1, torch.tensor(t_ids)[:, None]).mean()
+        assert nll[i].item() == pytest.approx(float(want), rel=1e-4, abs=1e-6), (p, x)
+        assert bool(acc[i]) == bool((logits[len(p_ids) - 1 : -1].argmax(-1) == torch.tensor(t_ids)).all())

@@ -535,12 +535,34 @@ def stats_bench(cfg: dict) -> dict:
     }
 
 
+def score_bench(spec: dict) -> dict:
+    """Time the reference's CounterFact evaluation (``compute_rewrite_quality_counterfact``, generation
+    test off) of each record on the unedited model, one record per call as its evaluation loop does."""
+    setup_threads(spec.get("threads"))
+    import_reference()
+    import experiments.py.eval_utils_counterfact as ecf
+
+    ecf.SKIP_SLIDING_GENERATION = True
+    model, tok = load_model(spec.get("model_dir", ROOT / ".ref" / "smollm2-hf"))
+    records = json.loads(resolve(spec["records"]).read_text())
+    rows = []
+    with contextlib.redirect_stdout(io.StringIO()):
+        ecf.compute_rewrite_quality_counterfact(model, tok, records[0], None, None)  # warm-up, untimed
+        t = time.perf_counter()
+        for r in records:
+            ret = ecf.compute_rewrite_quality_counterfact(model, tok, r, None, None)
+            rows.append({"case_id": r["case_id"], **record_metrics(ret)})
+        seconds = time.perf_counter() - t
+    return {"seconds": seconds, "n_records": len(records), "per_record": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Run/time the reference implementation (see module docstring).")
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--spec", help="JSON file of an edit run")
     g.add_argument("--stats-bench", help="JSON object (or file) of a statistics benchmark")
     g.add_argument("--check-model", help="model folder written by prepare_model.py")
+    g.add_argument("--score-bench", help="JSON file of a scoring benchmark (records, threads)")
     ap.add_argument("--out", help="write the result JSON here (default: stdout)")
     ap.add_argument("--quiet", action="store_true", help="swallow the reference's own prints during edits")
     args = ap.parse_args()
@@ -549,6 +571,8 @@ def main() -> None:
     elif args.stats_bench:
         s = args.stats_bench
         res = stats_bench(json.loads(s if s.lstrip().startswith("{") else resolve(s).read_text()))
+    elif args.score_bench:
+        res = score_bench(json.loads(resolve(args.score_bench).read_text()))
     else:
         res = check_model(args.check_model)
     text = json.dumps(res, indent=1)
