@@ -82,7 +82,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         n = r["facts"]
         lines.append(
-            f"| {n} | {r['trials']} | {r['wall_s'] / 60:.1f} min | {r['prepass_s']:.0f} s | {r['stats_task_s']:.0f} s | "
+            f"| {n} | {r['trials']} | {r['wall_s'] / 60:.1f} min | {r['prepass_s']:.0f} s "
+            f"| {r['stats_task_s']:.0f} s | "
             f"{r['values_task_s']:.0f} s ({r['values_task_s'] / n:.2f} s/fact) | {r['scores_task_s']:.0f} s "
             f"({r['scores_task_s'] / n:.3f} s/fact) | {r['edits_s']:.0f} s | {r['score_s']:.0f} s "
             f"({r['score_s'] / (n * r['trials']):.3f} s/fact) | {r['values_optimised']} / {r['scores_computed']} / "
