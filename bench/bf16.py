@@ -25,7 +25,8 @@ BEGIN, END = "<!-- bench:bf16:begin -->", "<!-- bench:bf16:end -->"
 
 def one(n: int, batch: int, dtype: str, threads: int, store: str) -> dict[str, Any]:
     from bench.run import FACTS
-    from sweep.trial import parse_config, run_trial
+    from sweep.config import parse_config
+    from sweep.trial import run_trial
 
     torch.set_num_threads(threads)
     cfg = parse_config(

@@ -94,10 +94,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     from editors.stats import StatsStore, get_or_compute
     from editors.targets import compute_keys
     from editors.templates import context_templates
+    from sweep.config import parse_config, trial_hparams
     from sweep.data import load_counterfact, select
     from sweep.prepass import compute_stats
     from sweep.shared import model_identity, stats_keys
-    from sweep.trial import parse_config, trial_hparams
 
     cfg = parse_config(trial_config(args.layer, sizes[-1], args.facts, args.store, args.stats_tokens))
     hp = trial_hparams(cfg)

@@ -130,9 +130,8 @@ def gpu_tests() -> dict[str, Any]:
 
 def planned_passes(kind: str, device: str, n_layers: int) -> list[tuple[int, ...]]:
     """The statistics passes a sweep would plan for this model on this device (sweep.prepass's rule)."""
-    from sweep.plan import Shape
-    from sweep.prepass import BUDGET_SHARE, pass_memory_gb, split_passes
-    from sweep.trial import parse_config
+    from sweep.config import parse_config
+    from sweep.prepass import BUDGET_SHARE, Shape, pass_memory_gb, split_passes
 
     n, d, dk, _, _, vocab = SHAPES[kind]
     params = vocab * d * 2 + n * (2 * d * d + 2 * d * d * 8 / 32 + 3 * d * dk)

@@ -109,8 +109,9 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from editors.stats import StatsStore
+    from sweep.config import parse_config
     from sweep.shared import model_identity, stats_keys
-    from sweep.trial import parse_config, run_trial
+    from sweep.trial import run_trial
 
     torch.set_num_threads(spec["threads"])
     cfg = parse_config(trial_config(spec))

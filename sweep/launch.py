@@ -18,17 +18,23 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from editors.config import ConfigError, to_dict
 from editors.store import write_json_atomic
 
-from .plan import Plan, SweepConfig, format_plan, load_sweep, make_plan, sweep_id
-from .prepass import run_prepass
-from .trial import trial_hparams
+from .config import SweepConfig, load_sweep, sweep_id, trial_hparams
+from .plan import Plan, format_plan, make_plan
+from .prepass import SharedPlan, plan_shared
+from .shared import PplKey, ScoresStore, ValuesStore
+from .worker import TrialRefs, ppl_task, scores_task, stats_pass_task, values_task
 
 log = logging.getLogger("sweep.launch")
 
@@ -55,6 +61,167 @@ def init_ray(args: argparse.Namespace) -> None:
         )
     else:
         ray.init(address=args.address, runtime_env=env, log_to_driver=args.verbose)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pre-pass on Ray (plan: sweep.prepass.plan_shared; task bodies: sweep.worker)
+
+
+#: Set to N to make the launcher SIGKILL itself once N value/score chunks are stored (fault injection).
+CHAOS_KILL_ENV = "MODEL_EDITING_CHAOS_KILL_LAUNCHER_AFTER"
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _chaos_after() -> int | None:
+    v = os.environ.get(CHAOS_KILL_ENV)
+    return int(v) if v else None
+
+
+def run_prepass(cfg: SweepConfig, shared: SharedPlan) -> tuple[dict[str, TrialRefs], dict[str, Any]]:
+    """Compute what ``shared`` lacks on Ray, store it as it finishes, and hand every trial its refs.
+
+    Returns (trial key -> :class:`TrialRefs`, work counters).
+    """
+    import ray
+
+    gpu = cfg.resources.prepass_gpu if cfg.resources.prepass_gpu is not None else cfg.resources.gpu
+    opts = {"num_cpus": cfg.resources.cpu, "num_gpus": gpu, "max_retries": cfg.retries}
+    t0 = time.perf_counter()
+    counts = shared.counts()
+    work: dict[str, Any] = {
+        "stats_layers_computed": 0,
+        "stats_layers_cached": counts["statistics_cached"],
+        "stats_passes": 0,
+        "values_optimised": 0,
+        "values_cached": counts["values_cached"],
+        "scores_computed": 0,
+        "scores_cached": counts["scores_cached"],
+        "stats_task_s": 0.0,  # seconds the tasks of each kind ran, summed over workers
+        "values_task_s": 0.0,
+        "scores_task_s": 0.0,
+    }
+
+    # Statistics: one task per pass; a layer's matrix is in the object store when its pass ends.
+    layer_refs: dict[tuple[str, int], Any] = {}
+    meta_refs: dict[tuple[str, int], Any] = {}
+    pending: dict[Any, str] = {}
+    for p in shared.passes:
+        o = {**opts, "num_gpus": 0, "num_cpus": min(1.0, cfg.resources.cpu)} if p.read_only else opts
+        task = ray.remote(stats_pass_task).options(num_returns=len(p.layers) + 1, **o)
+        refs = task.remote(to_dict(p.trial), list(p.layers))
+        for layer, ref in zip(p.layers, refs[:-1]):
+            layer_refs[(p.group, layer)] = ref
+            meta_refs[(p.group, layer)] = refs[-1]
+        pending[refs[-1]] = "stats"
+
+    # Values and scores: chunks of what is missing; stored parts are read here and put once.
+    fact_refs: dict[tuple[Any, str], Any] = {}  # (key, digest) -> (chunk digests, ref)
+    chunk_sizes: dict[Any, tuple[str, int]] = {}
+    for kind, jobs, task_fn, store_cls, root in (
+        ("values", shared.values, values_task, ValuesStore, cfg.values_store),
+        ("scores", shared.scores, scores_task, ScoresStore, cfg.scores_store),
+    ):
+        for key, job in jobs.items():
+            if job.cached:
+                stored = store_cls(root).get(key, job.cached)
+                ds = tuple(stored)
+                if kind == "values":
+                    ref = ray.put(torch.stack([stored[d] for d in ds]).numpy())
+                else:
+                    ref = ray.put([stored[d] for d in ds])
+                for d in ds:
+                    fact_refs[(key, d)] = (ds, ref)
+            for chunk in _chunks(job.missing(), cfg.values_chunk):
+                ids = [r.case_id for r, _ in chunk]
+                ds = tuple(d for _, d in chunk)
+                ref, secs = ray.remote(task_fn).options(num_returns=2, **opts).remote(to_dict(job.trial), ids, root)
+                for d in ds:
+                    fact_refs[(key, d)] = (ds, ref)
+                chunk_sizes[secs] = (kind, len(ds))
+                pending[secs] = kind
+    ppl_refs: dict[PplKey, Any] = {}
+    for pk, t in shared.ppl.items():
+        if pk in shared.ppl_cached:
+            ppl_refs[pk] = shared.ppl_cached[pk]
+        else:
+            ppl_refs[pk] = ray.remote(ppl_task).options(**opts).remote(to_dict(t), cfg.scores_store)
+            pending[ppl_refs[pk]] = "ppl"
+    log.info(
+        "pre-pass: %d statistics pass(es) for %d layer(s) (%d read from the store), %d target values and "
+        "%d pre-edit scores in %d chunk(s) (%d values, %d scores stored)",
+        counts["statistics_passes"],
+        counts["statistics_to_compute"],
+        counts["statistics_cached"],
+        counts["values_to_optimise_shared"],
+        counts["scores_to_compute"],
+        len(chunk_sizes),
+        counts["values_cached"],
+        counts["scores_cached"],
+    )
+
+    # Wait on everything at once, logging as tasks finish, in any order.
+    chaos = _chaos_after()
+    chunks_done = 0
+    left = list(pending)
+    while left:
+        ready, left = ray.wait(left, num_returns=1)
+        ref = ready[0]
+        kind = pending[ref]
+        el = time.perf_counter() - t0
+        if kind == "stats":
+            meta = ray.get(ref)
+            work["stats_task_s"] += meta["seconds"]
+            work["stats_done_s"] = el
+            if meta["computed"]:
+                work["stats_passes"] += 1
+                work["stats_layers_computed"] += len(meta["computed"])
+                log.info(
+                    "pre-pass: statistics of layers %s ready, %s tokens (%.0f s)", meta["computed"], meta["tokens"], el
+                )
+        elif kind in ("values", "scores"):
+            work[f"{kind}_task_s"] += ray.get(ref)  # the chunk's seconds; raises the task's error, if any
+            work[f"{kind}_done_s"] = el
+            n = chunk_sizes[ref][1]
+            work["values_optimised" if kind == "values" else "scores_computed"] += n
+            chunks_done += 1
+            log.info(
+                "pre-pass: %d/%d target values, %d/%d pre-edit scores (%.0f s)",
+                work["values_optimised"],
+                counts["values_to_optimise_shared"],
+                work["scores_computed"],
+                counts["scores_to_compute"],
+                el,
+            )
+            if chaos is not None and chunks_done >= chaos:
+                Path(os.environ.get(CHAOS_KILL_ENV + "_MARK", "/dev/null")).write_text(str(chunks_done))
+                os.kill(os.getpid(), signal.SIGKILL)
+    work["prepass_s"] = time.perf_counter() - t0
+
+    refs: dict[str, TrialRefs] = {}
+    for tkey, need in shared.needs.items():
+        tr = TrialRefs()
+        if need.stats_group is not None:
+            tr.stats = {layer: layer_refs[(need.stats_group, layer)] for layer in need.layers}
+            tr.stats_meta = {layer: meta_refs[(need.stats_group, layer)] for layer in need.layers}
+        if need.values is not None:
+            tr.values = _dedupe([fact_refs[(need.values, d)] for d in need.value_digests])
+        if need.scores is not None:
+            tr.scores = _dedupe([fact_refs[(need.scores, d)] for d in need.score_digests])
+        if need.ppl is not None:
+            tr.ppl = ppl_refs[need.ppl]
+        refs[tkey] = tr
+    log.info("shared work: %s", work)
+    return refs, work
+
+
+def _dedupe(items: Iterable[tuple[tuple[str, ...], Any]]) -> list[tuple[tuple[str, ...], Any]]:
+    seen: dict[int, tuple[tuple[str, ...], Any]] = {}
+    for ds, ref in items:
+        seen.setdefault(id(ref), (ds, ref))
+    return list(seen.values())
 
 
 def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
@@ -105,8 +272,6 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
         }
     shared = plan.shared
     if len(todo) < len(plan.keys):  # resumed: the shared work of the trials still to run, stores re-read
-        from .prepass import plan_shared
-
         left = [(k, t) for k, t in zip(plan.keys, plan.trials) if k in todo]
         shared = plan_shared(cfg, [t for _, t in left], [k for k, _ in left])
     refs, work = run_prepass(cfg, shared)

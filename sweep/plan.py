@@ -1,201 +1,24 @@
-"""Sweep configs and the plan: which trials run, what is computed once and shared, what it will cost.
+"""The plan of a sweep: which trials run, what they share, what it will cost (``--dry-run`` prints it).
 
-A sweep config (``sweep/configs/*.yaml``) holds a ``base`` trial config (see :mod:`sweep.trial`) and a
-``grid`` of dotted keys to lists of values (``algorithm``, ``layers``, ``batch_size``, ``mode``, any
-``hp.<name>``...). The plan expands the grid, validates every trial config before anything starts, and
-hands the shared work to :func:`sweep.prepass.plan_shared` (statistics passes under a memory budget,
-target values and pre-edit scores once per fact), and estimates what it will cost.
+The plan expands the sweep config's grid (:mod:`sweep.config`), validates every trial against its
+model's shape before anything starts, hands the shared work to :func:`sweep.prepass.plan_shared`
+(statistics passes under a memory budget, target values and pre-edit scores once per fact), and
+estimates each trial's device memory and time from shapes alone.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import itertools
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from editors import traits
-from editors.config import ConfigError, from_dict, load_yaml, merge, parse_overrides, to_dict
-from editors.model import n_layers_of
+from editors.config import ConfigError
 from editors.templates import N_TEMPLATES
 
-from .prepass import SharedPlan, plan_shared, score_seconds, value_seconds
+from .config import SweepConfig, TrialConfig, expand, sweep_id, trial_hparams, trial_key
+from .prepass import Shape, SharedPlan, model_shape, plan_shared, score_seconds, value_seconds
 from .shared import stats_dtype
-from .trial import TrialConfig, parse_config, trial_hparams
-
-#: Shapes of models a dry run may be asked about without network access to their config.
-KNOWN_SHAPES = {
-    "meta-llama/Meta-Llama-3-8B": {"n_layers": 32, "d_model": 4096, "d_key": 14336, "vocab": 128256, "params": 8.03e9},
-    "meta-llama/Meta-Llama-3-8B-Instruct": {
-        "n_layers": 32,
-        "d_model": 4096,
-        "d_key": 14336,
-        "vocab": 128256,
-        "params": 8.03e9,
-    },
-}
-
-
-@dataclass(frozen=True)
-class MlflowConfig:
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
-    experiment: str = "model-editing"
-
-
-@dataclass(frozen=True)
-class ResourcesConfig:
-    cpu: float = 1.0  # per trial
-    gpu: float = 0.0  # per trial; fractions share a card (small models only: Ray does not split VRAM)
-    max_concurrent: int | None = None
-    prepass_gpu: float | None = None  # GPUs of the statistics/values tasks (default: same as a trial)
-    gpu_memory_gb: float | None = None  # a worker's device memory for statistics passes (None: the driver's GPU)
-
-
-@dataclass(frozen=True)
-class EstimateConfig:
-    tflops: float = 200.0  # sustained bf16 TFLOP/s assumed for the time estimate (H100: ~200-400)
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """A whole study: a base trial and a grid over its keys."""
-
-    name: str
-    base: dict[str, Any] = field(default_factory=dict)
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    retries: int = 1  # a failed trial is retried this many times
-    storage: str = ".cache/ray_results"  # Tune's storage_path (S3/NFS on a multi-node cluster)
-    values_store: str = ".cache/values"  # disk cache of shared target values
-    scores_store: str = ".cache/scores"  # disk cache of pre-edit scores and perplexities
-    share_stats: bool = True  # compute statistics once before the trials (off: each trial computes)
-    share_values: bool = True  # compute batch-mode values once for the sweep (off: each trial does)
-    share_scores: bool = True  # score the unedited model once per fact for the sweep (off: each trial does)
-    values_chunk: int = 256  # facts per value / pre-score task (each stored as it finishes)
-    estimate: EstimateConfig = field(default_factory=EstimateConfig)
-
-
-#: Config paths made absolute before the trials run (Tune moves trials into their own directories).
-_PATHS = ("stats.store", "stats.corpus", "dataset.source", "dataset.sample_file", "model.source")
-
-
-def _absolute(base: dict[str, Any]) -> dict[str, Any]:
-    from pathlib import Path
-
-    out = base
-    for dotted in _PATHS:
-        head, _, leaf = dotted.partition(".")
-        value = (base.get(head) or {}).get(leaf)
-        if not isinstance(value, str) or ":" in value.split("/")[0] or value == "demo":
-            continue  # unset, a URL / hf: / embedded: source, or the demo set
-        p = Path(value).expanduser()
-        if dotted == "stats.store" or p.exists():
-            out = _set(out, dotted, str(p.resolve()))
-    return out
-
-
-def load_sweep(path: str, overrides: list[str] = ()) -> SweepConfig:
-    """A :class:`SweepConfig` from YAML plus ``key=value`` overrides (``base.n_edits=16``); relative
-    paths of the base trial become absolute."""
-    data = merge(load_yaml(path), parse_overrides(overrides))
-    data["base"] = _absolute(data.get("base") or {})
-    for k in ("storage", "values_store", "scores_store"):
-        if isinstance(data.get(k), str) and "://" not in data[k]:
-            from pathlib import Path
-
-            data[k] = str(Path(data[k]).expanduser().resolve())
-    cfg = from_dict(SweepConfig, data)
-    if not cfg.name or not all(c.isalnum() or c in "-_" for c in cfg.name):
-        raise ConfigError(f"name: {cfg.name!r} must be letters, digits, '-' or '_'")
-    for key, values in cfg.grid.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"grid.{key}: expected a non-empty list of values")
-    if cfg.retries < 0:
-        raise ConfigError("retries: must be >= 0")
-    if cfg.values_chunk < 1:
-        raise ConfigError(f"values_chunk: must be >= 1, got {cfg.values_chunk}")
-    if cfg.resources.gpu_memory_gb is not None and cfg.resources.gpu_memory_gb <= 0:
-        raise ConfigError(f"resources.gpu_memory_gb: must be > 0, got {cfg.resources.gpu_memory_gb}")
-    return cfg
-
-
-def _set(d: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
-    out = dict(d)
-    head, _, rest = dotted.partition(".")
-    out[head] = _set(dict(out.get(head) or {}), rest, value) if rest else value
-    return out
-
-
-def trial_key(cfg: TrialConfig) -> str:
-    """A stable id of a trial config (resume and MLflow dedupe on it)."""
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def sweep_id(cfg: SweepConfig) -> str:
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def expand(cfg: SweepConfig) -> list[TrialConfig]:
-    """Every trial of the grid, validated; an invalid combination names the grid key and values."""
-    keys = list(cfg.grid)
-    trials = []
-    for combo in itertools.product(*(cfg.grid[k] for k in keys)):
-        data = dict(cfg.base)
-        for k, v in zip(keys, combo):
-            data = _set(data, k, v)
-        try:
-            trials.append(parse_config(data))
-        except ConfigError as e:
-            where = ", ".join(f"{k}={v}" for k, v in zip(keys, combo))
-            raise ConfigError(f"grid ({where}): {e}") from None
-    if len({trial_key(t) for t in trials}) != len(trials):
-        raise ConfigError("grid: two grid points give the same trial (a key repeats a base value?)")
-    return trials
-
-
-# ----------------------------------------------------------------------------------------------------
-# Shared work
-
-
-@dataclass(frozen=True)
-class Shape:
-    n_layers: int
-    d_model: int
-    d_key: int
-    vocab: int
-    params: float
-
-
-@functools.lru_cache(maxsize=16)
-def model_shape(source: str | None, gguf_file: str | None, revision: str | None) -> Shape:
-    """The model's widths from its config (no weights), or from :data:`KNOWN_SHAPES` offline."""
-    from pathlib import Path
-
-    from editors.model import model_config
-
-    if source in KNOWN_SHAPES and not Path(source).exists():
-        return Shape(**KNOWN_SHAPES[source])  # no network round trip for the paper's model
-    try:
-        c = model_config(source, gguf_file=gguf_file, revision=revision)
-    except (OSError, ValueError) as e:
-        if source in KNOWN_SHAPES:
-            return Shape(**KNOWN_SHAPES[source])
-        raise ConfigError(f"base.model.source: cannot read the config of {source!r} ({e})") from None
-    n = n_layers_of(c)
-    d = getattr(c, "hidden_size", None) or c.n_embd
-    dk = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d
-    v = c.vocab_size
-    # embeddings (+ untied head) + per layer: attention ~4d² (fewer with GQA) + MLP 3·d·dk
-    kv = getattr(c, "num_key_value_heads", None) or getattr(c, "num_attention_heads", 1)
-    heads = getattr(c, "num_attention_heads", 1)
-    attn = 2 * d * d + 2 * d * d * kv / heads
-    tied = getattr(c, "tie_word_embeddings", False)
-    params = v * d * (1 if tied else 2) + n * (attn + 3 * d * dk)
-    return Shape(n, d, dk, v, params)
 
 
 @dataclass

@@ -11,35 +11,35 @@ Planning (:func:`plan_shared`, no model loaded) walks the expanded trials and co
   (value key, fact), in chunks of ``values_chunk`` facts;
 - pre-edit scores per (scores key, fact), in chunks, and the unedited perplexity per :class:`PplKey`.
 
-Computing (:func:`run_prepass`, on Ray) submits every task at once, so passes and chunks run on as many
-workers as are free. Each task writes its result to its store as it finishes (a killed launcher keeps
-every finished chunk; the same command or ``--resume`` computes only the rest) and returns it as an
-object-store reference that goes to the trials as is: results travel worker -> object store -> trial,
-never through the driver. :func:`local_inputs` is the same work for one trial without Ray
-(``python -m sweep.trial``).
+Computing: the functions here do the work on a loaded model (no Ray); the sweep's Ray tasks
+(:mod:`sweep.worker`) wrap them and :func:`sweep.launch.run_prepass` submits them all at once, so
+passes and chunks run on as many workers as are free. Each task writes its result to its store as it
+finishes (a killed launcher keeps every finished chunk; the same command or ``--resume`` computes only
+the rest) and returns it as an object-store reference that goes to the trials as is: results travel
+worker -> object store -> trial, never through the driver. :func:`local_inputs` is the same work for
+one trial without Ray (``python -m sweep.trial``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import os
-import signal
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from editors import spec_for, traits
 from editors.config import ConfigError
 from editors.corpus import CorpusSpec, iter_texts
+from editors.model import n_layers_of
 from editors.stats import StatsStore, collect_second_moments, get_or_compute
 from editors.templates import N_TEMPLATES
 
+from .config import trial_hparams
 from .shared import (
     PplKey,
     ScoresKey,
@@ -60,14 +60,10 @@ from .shared import (
 if TYPE_CHECKING:
     from editors.stats import SecondMoment
 
+    from .config import SweepConfig, TrialConfig
     from .data import Record
-    from .plan import Shape, SweepConfig
-    from .trial import TrialConfig
 
 log = logging.getLogger(__name__)
-
-#: Set to N to make the launcher SIGKILL itself once N value/score chunks are stored (fault injection).
-CHAOS_KILL_ENV = "MODEL_EDITING_CHAOS_KILL_LAUNCHER_AFTER"
 
 #: Share of a worker's device memory a statistics pass may plan for (the rest: allocator fragmentation).
 BUDGET_SHARE = 0.9
@@ -161,6 +157,55 @@ class SharedPlan:
 # Planning
 
 
+#: Shapes of models a dry run may be asked about without network access to their config.
+KNOWN_SHAPES = {
+    "meta-llama/Meta-Llama-3-8B": {"n_layers": 32, "d_model": 4096, "d_key": 14336, "vocab": 128256, "params": 8.03e9},
+    "meta-llama/Meta-Llama-3-8B-Instruct": {
+        "n_layers": 32,
+        "d_model": 4096,
+        "d_key": 14336,
+        "vocab": 128256,
+        "params": 8.03e9,
+    },
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_layers: int
+    d_model: int
+    d_key: int
+    vocab: int
+    params: float
+
+
+@functools.lru_cache(maxsize=16)
+def model_shape(source: str | None, gguf_file: str | None, revision: str | None) -> Shape:
+    """The model's widths from its config (no weights), or from :data:`KNOWN_SHAPES` offline."""
+
+    from editors.model import model_config
+
+    if source in KNOWN_SHAPES and not Path(source).exists():
+        return Shape(**KNOWN_SHAPES[source])  # no network round trip for the paper's model
+    try:
+        c = model_config(source, gguf_file=gguf_file, revision=revision)
+    except (OSError, ValueError) as e:
+        if source in KNOWN_SHAPES:
+            return Shape(**KNOWN_SHAPES[source])
+        raise ConfigError(f"base.model.source: cannot read the config of {source!r} ({e})") from None
+    n = n_layers_of(c)
+    d = getattr(c, "hidden_size", None) or c.n_embd
+    dk = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d
+    v = c.vocab_size
+    # embeddings (+ untied head) + per layer: attention ~4d² (fewer with GQA) + MLP 3·d·dk
+    kv = getattr(c, "num_key_value_heads", None) or getattr(c, "num_attention_heads", 1)
+    heads = getattr(c, "num_attention_heads", 1)
+    attn = 2 * d * d + 2 * d * d * kv / heads
+    tied = getattr(c, "tie_word_embeddings", False)
+    params = v * d * (1 if tied else 2) + n * (attn + 3 * d * dk)
+    return Shape(n, d, dk, v, params)
+
+
 def stats_group(t: TrialConfig) -> str:
     """Trials of one group share statistics: same model weights and statistics settings."""
     import json
@@ -242,8 +287,6 @@ def plan_shared(
     failing, so the plan of a cluster sweep prints on a laptop; nothing can run from such a plan.
     """
     from .data import DatasetError, load_counterfact, select
-    from .plan import model_shape
-    from .trial import trial_hparams
 
     budget = device_budget_gb(cfg.resources.gpu_memory_gb, cfg.resources.gpu)
     groups: dict[str, tuple[TrialConfig, set[int]]] = {}
@@ -346,7 +389,6 @@ def _digests(recs: Sequence[Record | None], dkey: tuple, digest_of: Any) -> tupl
 def value_seconds(t: TrialConfig, shape: Shape, tflops: float, n_facts: int) -> float:
     """Time of ``n_facts`` target-value optimisations: 6 · params · tokens per step (forward + backward)
     × steps, with ~12 tokens per prompt after the cached prefix."""
-    from .trial import trial_hparams
 
     hp = trial_hparams(t)
     n_prompts = N_TEMPLATES[hp.context_templates] + 1
@@ -404,8 +446,6 @@ def compute_values(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Rec
     from editors.targets import optimize_values
     from editors.templates import TemplateCache, flat
 
-    from .trial import trial_hparams
-
     hp = trial_hparams(cfg)
     tpl = TemplateCache().get(model, tok, hp.context_templates, hp.template_seed)
     v = optimize_values(
@@ -455,7 +495,6 @@ def local_inputs(
 
 def local_stats(cfg: TrialConfig, model: Any, tok: Any, inputs: TrialInputs, progress: bool = True) -> None:
     """Fill ``inputs.stats`` from ``stats.store``, computing the missing layers in one pass here."""
-    from .trial import trial_hparams
 
     layers = list(trial_hparams(cfg).layers)
 
@@ -485,274 +524,3 @@ def fill_scores(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Record
     inputs.counts["scores_computed"] = inputs.counts.get("scores_computed", 0) + len(todo)
     if cfg.scoring.ppl and inputs.pre_ppl is None:
         inputs.pre_ppl = compute_ppl(cfg, model, tok)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Ray tasks
-
-
-def stats_pass_task(trial: dict[str, Any], layers: list[int]) -> list[Any]:
-    """One statistics pass (or store read): one numpy [d_key, d_key] array per layer, then a dict
-    ``{"computed": [...], "tokens": {layer: n}, "converged": bool | None}``."""
-    from .trial import parse_config
-    from .worker import cached_model
-
-    cfg = parse_config(trial)
-    t0 = time.perf_counter()
-    got, computed = stats_from_store(cfg, layers, lambda: cached_model(cfg.model, stats_dtype(cfg)))
-    meta = {
-        "seconds": time.perf_counter() - t0,
-        "computed": computed,
-        "tokens": {layer: got[layer].n_tokens for layer in layers},
-        "converged": got[layers[0]].converged,
-    }
-    return [got[layer].mom2.cpu().numpy() for layer in layers] + [meta]
-
-
-def values_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -> tuple[np.ndarray, float]:
-    """(target values [n, d_model] of ``case_ids``, seconds), written to the values store before returning
-    (two returns: the values' reference goes to the trials, the seconds to the driver's counters)."""
-    from .data import load_counterfact, select
-    from .trial import parse_config, trial_hparams
-    from .worker import cached_model
-
-    cfg = parse_config(trial)
-    t0 = time.perf_counter()
-    model, tok = cached_model(cfg.model)
-    records = select(load_counterfact(cfg.dataset.source, cfg.dataset.sha256), case_ids=case_ids)
-    v = compute_values(cfg, model, tok, records)
-    if store:
-        key = values_key(cfg, trial_hparams(cfg), model_identity(cfg.model))
-        ValuesStore(store).put(key, [request_digest(r.request()) for r in records], v)
-    return v.numpy(), time.perf_counter() - t0
-
-
-def scores_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -> tuple[list[dict[str, float]], float]:
-    """(pre-edit score fields of ``case_ids``, one dict per record; seconds), written to the scores store."""
-    import dataclasses
-
-    from .data import load_counterfact, select
-    from .trial import parse_config
-    from .worker import cached_model
-
-    cfg = parse_config(trial)
-    t0 = time.perf_counter()
-    model, tok = cached_model(cfg.model)
-    records = select(load_counterfact(cfg.dataset.source, cfg.dataset.sha256), case_ids=case_ids)
-    scores = compute_scores(cfg, model, tok, records)
-    if store:
-        ScoresStore(store).put(scores_key(cfg, model_identity(cfg.model)), [record_digest(r) for r in records], scores)
-    rows = [{k: v for k, v in dataclasses.asdict(s).items() if k != "case_id"} for s in scores]
-    return rows, time.perf_counter() - t0
-
-
-def ppl_task(trial: dict[str, Any], store: str | None) -> float:
-    from .trial import parse_config
-    from .worker import cached_model
-
-    cfg = parse_config(trial)
-    model, tok = cached_model(cfg.model)
-    value = compute_ppl(cfg, model, tok)
-    if store:
-        ScoresStore(store).put_ppl(ppl_key(cfg, model_identity(cfg.model)), value)
-    return value
-
-
-# ----------------------------------------------------------------------------------------------------
-# Running the plan on Ray
-
-
-@dataclass
-class TrialRefs:
-    """A trial's shared inputs as object-store references (resolved by :func:`resolve`)."""
-
-    stats: dict[int, Any] = field(default_factory=dict)
-    stats_meta: Any = None
-    values: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)
-    scores: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)
-    ppl: Any = None
-
-
-def _chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _chaos_after() -> int | None:
-    v = os.environ.get(CHAOS_KILL_ENV)
-    return int(v) if v else None
-
-
-def run_prepass(cfg: SweepConfig, shared: SharedPlan) -> tuple[dict[str, TrialRefs], dict[str, Any]]:
-    """Compute what ``shared`` lacks on Ray, store it as it finishes, and hand every trial its refs.
-
-    Returns (trial key -> :class:`TrialRefs`, work counters).
-    """
-    import ray
-
-    from editors.config import to_dict
-
-    gpu = cfg.resources.prepass_gpu if cfg.resources.prepass_gpu is not None else cfg.resources.gpu
-    opts = {"num_cpus": cfg.resources.cpu, "num_gpus": gpu, "max_retries": cfg.retries}
-    t0 = time.perf_counter()
-    counts = shared.counts()
-    work: dict[str, Any] = {
-        "stats_layers_computed": 0,
-        "stats_layers_cached": counts["statistics_cached"],
-        "stats_passes": 0,
-        "values_optimised": 0,
-        "values_cached": counts["values_cached"],
-        "scores_computed": 0,
-        "scores_cached": counts["scores_cached"],
-        "stats_task_s": 0.0,  # seconds the tasks of each kind ran, summed over workers
-        "values_task_s": 0.0,
-        "scores_task_s": 0.0,
-    }
-
-    # Statistics: one task per pass; a layer's matrix is in the object store when its pass ends.
-    layer_refs: dict[tuple[str, int], Any] = {}
-    meta_refs: dict[tuple[str, int], Any] = {}
-    pending: dict[Any, str] = {}
-    for p in shared.passes:
-        o = {**opts, "num_gpus": 0, "num_cpus": min(1.0, cfg.resources.cpu)} if p.read_only else opts
-        task = ray.remote(stats_pass_task).options(num_returns=len(p.layers) + 1, **o)
-        refs = task.remote(to_dict(p.trial), list(p.layers))
-        for layer, ref in zip(p.layers, refs[:-1]):
-            layer_refs[(p.group, layer)] = ref
-            meta_refs[(p.group, layer)] = refs[-1]
-        pending[refs[-1]] = "stats"
-
-    # Values and scores: chunks of what is missing; stored parts are read here and put once.
-    fact_refs: dict[tuple[Any, str], Any] = {}  # (key, digest) -> (chunk digests, ref)
-    chunk_sizes: dict[Any, tuple[str, int]] = {}
-    for kind, jobs, task_fn, store_cls, root in (
-        ("values", shared.values, values_task, ValuesStore, cfg.values_store),
-        ("scores", shared.scores, scores_task, ScoresStore, cfg.scores_store),
-    ):
-        for key, job in jobs.items():
-            if job.cached:
-                stored = store_cls(root).get(key, job.cached)
-                ds = tuple(stored)
-                if kind == "values":
-                    ref = ray.put(torch.stack([stored[d] for d in ds]).numpy())
-                else:
-                    ref = ray.put([stored[d] for d in ds])
-                for d in ds:
-                    fact_refs[(key, d)] = (ds, ref)
-            for chunk in _chunks(job.missing(), cfg.values_chunk):
-                ids = [r.case_id for r, _ in chunk]
-                ds = tuple(d for _, d in chunk)
-                ref, secs = ray.remote(task_fn).options(num_returns=2, **opts).remote(to_dict(job.trial), ids, root)
-                for d in ds:
-                    fact_refs[(key, d)] = (ds, ref)
-                chunk_sizes[secs] = (kind, len(ds))
-                pending[secs] = kind
-    ppl_refs: dict[PplKey, Any] = {}
-    for pk, t in shared.ppl.items():
-        if pk in shared.ppl_cached:
-            ppl_refs[pk] = shared.ppl_cached[pk]
-        else:
-            ppl_refs[pk] = ray.remote(ppl_task).options(**opts).remote(to_dict(t), cfg.scores_store)
-            pending[ppl_refs[pk]] = "ppl"
-    log.info(
-        "pre-pass: %d statistics pass(es) for %d layer(s) (%d read from the store), %d target values and "
-        "%d pre-edit scores in %d chunk(s) (%d values, %d scores stored)",
-        counts["statistics_passes"],
-        counts["statistics_to_compute"],
-        counts["statistics_cached"],
-        counts["values_to_optimise_shared"],
-        counts["scores_to_compute"],
-        len(chunk_sizes),
-        counts["values_cached"],
-        counts["scores_cached"],
-    )
-
-    # Wait on everything at once, logging as tasks finish, in any order.
-    chaos = _chaos_after()
-    chunks_done = 0
-    left = list(pending)
-    while left:
-        ready, left = ray.wait(left, num_returns=1)
-        ref = ready[0]
-        kind = pending[ref]
-        el = time.perf_counter() - t0
-        if kind == "stats":
-            meta = ray.get(ref)
-            work["stats_task_s"] += meta["seconds"]
-            work["stats_done_s"] = el
-            if meta["computed"]:
-                work["stats_passes"] += 1
-                work["stats_layers_computed"] += len(meta["computed"])
-                log.info(
-                    "pre-pass: statistics of layers %s ready, %s tokens (%.0f s)", meta["computed"], meta["tokens"], el
-                )
-        elif kind in ("values", "scores"):
-            work[f"{kind}_task_s"] += ray.get(ref)  # the chunk's seconds; raises the task's error, if any
-            work[f"{kind}_done_s"] = el
-            n = chunk_sizes[ref][1]
-            work["values_optimised" if kind == "values" else "scores_computed"] += n
-            chunks_done += 1
-            log.info(
-                "pre-pass: %d/%d target values, %d/%d pre-edit scores (%.0f s)",
-                work["values_optimised"],
-                counts["values_to_optimise_shared"],
-                work["scores_computed"],
-                counts["scores_to_compute"],
-                el,
-            )
-            if chaos is not None and chunks_done >= chaos:
-                Path(os.environ.get(CHAOS_KILL_ENV + "_MARK", "/dev/null")).write_text(str(chunks_done))
-                os.kill(os.getpid(), signal.SIGKILL)
-    work["prepass_s"] = time.perf_counter() - t0
-
-    refs: dict[str, TrialRefs] = {}
-    for tkey, need in shared.needs.items():
-        tr = TrialRefs()
-        if need.stats_group is not None:
-            tr.stats = {layer: layer_refs[(need.stats_group, layer)] for layer in need.layers}
-            tr.stats_meta = {layer: meta_refs[(need.stats_group, layer)] for layer in need.layers}
-        if need.values is not None:
-            tr.values = _dedupe([fact_refs[(need.values, d)] for d in need.value_digests])
-        if need.scores is not None:
-            tr.scores = _dedupe([fact_refs[(need.scores, d)] for d in need.score_digests])
-        if need.ppl is not None:
-            tr.ppl = ppl_refs[need.ppl]
-        refs[tkey] = tr
-    log.info("shared work: %s", work)
-    return refs, work
-
-
-def _dedupe(items: Iterable[tuple[tuple[str, ...], Any]]) -> list[tuple[tuple[str, ...], Any]]:
-    seen: dict[int, tuple[tuple[str, ...], Any]] = {}
-    for ds, ref in items:
-        seen.setdefault(id(ref), (ds, ref))
-    return list(seen.values())
-
-
-def resolve(refs: TrialRefs) -> TrialInputs:
-    """A trial's :class:`TrialInputs` from its references (inside the trial's worker)."""
-    import warnings
-
-    import ray
-
-    def as_tensor(a: Any) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only zero-copy views; the solvers copy
-            return torch.from_numpy(a)
-
-    inputs = TrialInputs(counts={})
-    if refs.stats:
-        arrays = {layer: ray.get(r) for layer, r in refs.stats.items()}
-        inputs.stats = {layer: as_tensor(a) for layer, a in arrays.items()}
-        metas = {layer: ray.get(r) for layer, r in (refs.stats_meta or {}).items()}
-        inputs.stats_tokens = {layer: int(m["tokens"][layer]) for layer, m in metas.items()}
-        inputs.counts["stats_reused"] = len(arrays)
-        inputs.counts["stats_zero_copy"] = int(all(not a.flags.writeable for a in arrays.values()))
-    for ds, ref in refs.values:
-        arr = ray.get(ref)
-        inputs.values.update({d: as_tensor(arr[i]) for i, d in enumerate(ds)})
-    for ds, ref in refs.scores:
-        rows = ray.get(ref)
-        inputs.pre_scores.update(dict(zip(ds, rows)))
-    if refs.ppl is not None:
-        inputs.pre_ppl = float(refs.ppl if isinstance(refs.ppl, (int, float)) else ray.get(refs.ppl))
-    return inputs

@@ -40,9 +40,9 @@ from editors.targets import ValueHParams
 if TYPE_CHECKING:
     from editors.hparams import EditHParams
 
+    from .config import ModelConfig, TrialConfig
     from .data import Record
     from .metrics import RecordScores
-    from .trial import ModelConfig, TrialConfig
 
 VALUES_FORMAT = "sweep.values.v2"
 SCORES_FORMAT = "sweep.scores.v1"

@@ -22,22 +22,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from editors import load_hparams, load_model, run_schedule, spec_for, traits
+from editors import load_model, run_schedule, spec_for, traits
 from editors.common import sync
-from editors.config import ConfigError, from_dict, load_yaml, merge, parse_overrides, to_dict
-from editors.corpus import EMBEDDED_WIKI
-from editors.hparams import EditHParams, check_algorithm
-from editors.model import ModelSpec, check_layer, model_config, model_device, n_layers_of, parse_dtype
+from editors.config import ConfigError, to_dict
+from editors.hparams import EditHParams
+from editors.model import ModelSpec, check_layer, model_config, model_device, n_layers_of
 from editors.requests import validate_requests
-from editors.schedule import MODES, BatchEvent, check_schedule
-from editors.stats import accumulation_dtype
+from editors.schedule import BatchEvent
 from editors.store import write_json_atomic
 from editors.templates import TemplateCache, TemplateGroups
 
+from .config import TrialConfig, load_config, needs_stats, resolve_device, trial_hparams
 from .data import Record, load_counterfact, select
 from .metrics import METRICS, RecordScores, aggregate, generation_entropy, heldout_perplexity, score_records
 from .prepass import fill_scores, local_inputs, local_stats
@@ -45,130 +44,6 @@ from .result import TrialResult, UpdateNorms
 from .shared import TrialInputs, model_identity, record_digest, request_digest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    source: str | None = None  # hub id, folder, .gguf path; None = the embedded SmolLM2-135M
-    gguf_file: str | None = None
-    revision: str | None = None
-    dtype: str = "float32"  # float32 as the reference; bfloat16 halves memory on a GPU
-    device: str = "auto"  # "auto" = the first CUDA device if there is one, else CPU
-
-
-@dataclass(frozen=True)
-class DatasetConfig:
-    source: str = "demo"  # "demo", a local CounterFact file (ROME or EasyEdit format), or a URL
-    sha256: str | None = None  # checked when downloading a URL
-    case_ids: tuple[int, ...] | None = None  # exactly these records, in order
-    sample_file: str | None = None  # counterfact_sampled_unique_cf_10_20000.json format
-    sample: int = 0  # which sample of sample_file (the paper uses sample 0)
-    unique_subjects_seed: int | None = None  # shuffle with this seed, one record per subject
-
-
-@dataclass(frozen=True)
-class StatsConfig:
-    corpus: str = EMBEDDED_WIKI  # text file/folder, "embedded:wiki", or "hf:<dataset>[:config][:split]"
-    max_tokens: int | None = 100_000  # keys averaged into C (the reference: 100k whole articles)
-    max_texts: int | None = None
-    dtype: Literal["float32", "float64"] = "float32"
-    batch_tokens: int | None = None  # padded tokens per forward pass (None: 1024 on CPU, 8192 on GPU)
-    store: str | None = ".cache/stats"  # disk cache folder (None: keep in memory only)
-    tolerance: float | None = None  # stop once C⁻¹ of held-out keys changes less than this (None: read to the caps)
-    model_dtype: str | None = None  # weights' dtype during the pass (None: model.dtype); bfloat16 halves it
-
-
-@dataclass(frozen=True)
-class ScoringConfig:
-    batch_size: int = 64  # prompts per scoring forward
-    pre: bool = True  # score the unedited model
-    generation: bool = False  # generation entropy (GE): top-k sampling, 100 tokens per prompt
-    generation_prompts: Literal["generation", "paraphrase"] = "generation"
-    generation_per_record: int = 1
-    generation_max_len: int = 100
-    generation_strip_prompt: bool = True  # the unified code scores the continuation only
-    ppl: bool = False  # held-out perplexity on a fixed slice of the statistics corpus
-    ppl_offset: int = 2000  # texts of the corpus skipped before the slice (the stats use the first ones)
-    ppl_texts: int = 20
-    ppl_max_len: int = 256
-
-
-@dataclass(frozen=True)
-class TrialConfig:
-    """Everything a trial depends on. ``hp`` overrides fields of the hparams preset by name."""
-
-    algorithm: str = "memit"
-    hparams: str = "smollm2-135m"  # preset name (editors/hparams/<algorithm>/) or a YAML path
-    hp: dict[str, Any] = field(default_factory=dict)
-    layers: tuple[int, ...] | None = None  # overrides hparams.layers
-    n_edits: int = 8
-    batch_size: int = 8
-    mode: Literal["batch", "sequential-batch", "sequential"] = "batch"
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    stats: StatsConfig = field(default_factory=StatsConfig)
-    scoring: ScoringConfig = field(default_factory=ScoringConfig)
-
-
-def parse_config(data: dict[str, Any]) -> TrialConfig:
-    """A validated :class:`TrialConfig` from a dict (YAML + overrides): every check that needs no
-    model runs here, each error naming its field."""
-    cfg = from_dict(TrialConfig, data)
-    check_algorithm(cfg.algorithm)
-    trial_hparams(cfg)
-    if cfg.mode not in MODES:
-        raise ConfigError(f"mode: unknown schedule {cfg.mode!r}; choose one of {list(MODES)}")
-    if cfg.n_edits < 1:
-        raise ConfigError(f"n_edits: must be >= 1, got {cfg.n_edits}")
-    try:
-        check_schedule(cfg.n_edits, cfg.batch_size, cfg.mode)
-    except ValueError as e:
-        raise ConfigError(str(e).replace("number of requests", "n_edits")) from None
-    parse_dtype(cfg.model.dtype)
-    s = cfg.stats
-    for name in ("max_tokens", "max_texts", "batch_tokens"):
-        v = getattr(s, name)
-        if v is not None and v < 1:
-            raise ConfigError(f"stats.{name}: must be >= 1 or null, got {v}")
-    if s.tolerance is not None and not 0 < s.tolerance < 1:
-        raise ConfigError(f"stats.tolerance: must be in (0, 1) or null, got {s.tolerance}")
-    if s.model_dtype is not None:
-        try:
-            parse_dtype(s.model_dtype)
-        except ValueError:
-            raise ConfigError(f"stats.model_dtype: unknown dtype {s.model_dtype!r}") from None
-    try:
-        accumulation_dtype(s.dtype)
-    except ValueError as e:
-        raise ConfigError(f"stats.{e}") from None
-    return cfg
-
-
-def load_config(path: str | None, overrides: list[str] = ()) -> TrialConfig:
-    base = load_yaml(path) if path else {}
-    return parse_config(merge(base, parse_overrides(overrides)))
-
-
-def trial_hparams(cfg: TrialConfig) -> EditHParams:
-    extra = dict(cfg.hp)
-    if cfg.layers is not None:
-        extra["layers"] = list(cfg.layers)
-    try:
-        return load_hparams(cfg.algorithm, cfg.hparams, **extra)
-    except ConfigError as e:
-        raise ConfigError(f"hp.{e}" if not str(e).startswith(("hparams", "algorithm")) else str(e)) from None
-
-
-def needs_stats(cfg: TrialConfig, hp: EditHParams | None = None) -> bool:
-    """Whether the trial's algorithm needs the statistics (as its ``TRAITS`` declare)."""
-    return traits(cfg.algorithm).needs_stats(hp or trial_hparams(cfg))
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def peak_memory_mb(device: str) -> dict[str, float]:

@@ -11,17 +11,37 @@ Ray API calls of the sweep live here and in :mod:`sweep.launch`/:mod:`sweep.trac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import signal
 import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .trial import ModelConfig, TrialConfig, parse_config, resolve_device, run_trial
+from .config import ModelConfig, TrialConfig, parse_config, resolve_device, trial_hparams
+from .data import load_counterfact, select
+from .prepass import compute_ppl, compute_scores, compute_values, stats_from_store
+from .shared import (
+    ScoresStore,
+    TrialInputs,
+    ValuesStore,
+    model_identity,
+    ppl_key,
+    record_digest,
+    request_digest,
+    scores_key,
+    stats_dtype,
+    values_key,
+)
+from .trial import run_trial
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +74,108 @@ def _cached_model(mc: ModelConfig, dtype: str | None = None) -> tuple[Any, Any, 
     return (*_MODELS[key], time.perf_counter() - t)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The shared-work tasks (bodies in sweep.prepass; each stores its result before returning)
+
+
+def stats_pass_task(trial: dict[str, Any], layers: list[int]) -> list[Any]:
+    """One statistics pass (or store read): one numpy [d_key, d_key] array per layer, then a dict
+    ``{"computed": [...], "tokens": {layer: n}, "converged": bool | None}``."""
+
+    cfg = parse_config(trial)
+    t0 = time.perf_counter()
+    got, computed = stats_from_store(cfg, layers, lambda: cached_model(cfg.model, stats_dtype(cfg)))
+    meta = {
+        "seconds": time.perf_counter() - t0,
+        "computed": computed,
+        "tokens": {layer: got[layer].n_tokens for layer in layers},
+        "converged": got[layers[0]].converged,
+    }
+    return [got[layer].mom2.cpu().numpy() for layer in layers] + [meta]
+
+
+def values_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -> tuple[np.ndarray, float]:
+    """(target values [n, d_model] of ``case_ids``, seconds), written to the values store before returning
+    (two returns: the values' reference goes to the trials, the seconds to the driver's counters)."""
+
+    cfg = parse_config(trial)
+    t0 = time.perf_counter()
+    model, tok = cached_model(cfg.model)
+    records = select(load_counterfact(cfg.dataset.source, cfg.dataset.sha256), case_ids=case_ids)
+    v = compute_values(cfg, model, tok, records)
+    if store:
+        key = values_key(cfg, trial_hparams(cfg), model_identity(cfg.model))
+        ValuesStore(store).put(key, [request_digest(r.request()) for r in records], v)
+    return v.numpy(), time.perf_counter() - t0
+
+
+def scores_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -> tuple[list[dict[str, float]], float]:
+    """(pre-edit score fields of ``case_ids``, one dict per record; seconds), written to the scores store."""
+
+    cfg = parse_config(trial)
+    t0 = time.perf_counter()
+    model, tok = cached_model(cfg.model)
+    records = select(load_counterfact(cfg.dataset.source, cfg.dataset.sha256), case_ids=case_ids)
+    scores = compute_scores(cfg, model, tok, records)
+    if store:
+        ScoresStore(store).put(scores_key(cfg, model_identity(cfg.model)), [record_digest(r) for r in records], scores)
+    rows = [{k: v for k, v in dataclasses.asdict(s).items() if k != "case_id"} for s in scores]
+    return rows, time.perf_counter() - t0
+
+
+def ppl_task(trial: dict[str, Any], store: str | None) -> float:
+
+    cfg = parse_config(trial)
+    model, tok = cached_model(cfg.model)
+    value = compute_ppl(cfg, model, tok)
+    if store:
+        ScoresStore(store).put_ppl(ppl_key(cfg, model_identity(cfg.model)), value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------
+# A trial
+
+
+@dataclass
+class TrialRefs:
+    """A trial's shared inputs as object-store references (resolved by :func:`resolve`)."""
+
+    stats: dict[int, Any] = field(default_factory=dict)
+    stats_meta: Any = None
+    values: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)
+    scores: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)
+    ppl: Any = None
+
+
+def resolve(refs: TrialRefs) -> TrialInputs:
+    """A trial's :class:`TrialInputs` from its references (inside the trial's worker)."""
+    import ray
+
+    def as_tensor(a: Any) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only zero-copy views; the solvers copy
+            return torch.from_numpy(a)
+
+    inputs = TrialInputs(counts={})
+    if refs.stats:
+        arrays = {layer: ray.get(r) for layer, r in refs.stats.items()}
+        inputs.stats = {layer: as_tensor(a) for layer, a in arrays.items()}
+        metas = {layer: ray.get(r) for layer, r in (refs.stats_meta or {}).items()}
+        inputs.stats_tokens = {layer: int(m["tokens"][layer]) for layer, m in metas.items()}
+        inputs.counts["stats_reused"] = len(arrays)
+        inputs.counts["stats_zero_copy"] = int(all(not a.flags.writeable for a in arrays.values()))
+    for ds, ref in refs.values:
+        arr = ray.get(ref)
+        inputs.values.update({d: as_tensor(arr[i]) for i, d in enumerate(ds)})
+    for ds, ref in refs.scores:
+        rows = ray.get(ref)
+        inputs.pre_scores.update(dict(zip(ds, rows)))
+    if refs.ppl is not None:
+        inputs.pre_ppl = float(refs.ppl if isinstance(refs.ppl, (int, float)) else ray.get(refs.ppl))
+    return inputs
+
+
 def trainable(config: dict[str, Any], refs: dict[str, Any], trials: dict[str, Any]) -> None:
     """One Tune trial: ``config["point"]["key"]`` names the trial config in ``trials`` and its shared
     inputs in ``refs`` (:class:`sweep.prepass.TrialRefs`; the grid point's other fields are for Tune's
@@ -64,8 +186,6 @@ def trainable(config: dict[str, Any], refs: dict[str, Any], trials: dict[str, An
     """
     import ray
     from ray import tune
-
-    from .prepass import resolve
 
     key = config["point"]["key"]
     cfg: TrialConfig = parse_config(trials[key])

@@ -17,10 +17,11 @@ import yaml
 
 from editors.config import to_dict
 from editors.store import Store
-from sweep.plan import load_sweep, make_plan
-from sweep.prepass import compute_stats, pass_memory_gb, split_passes, stats_pass_task
+from sweep.config import load_sweep, parse_config, trial_hparams
+from sweep.plan import make_plan
+from sweep.prepass import compute_stats, pass_memory_gb, split_passes
 from sweep.shared import ValuesStore, model_identity, values_key
-from sweep.trial import parse_config, trial_hparams
+from sweep.worker import stats_pass_task
 from tests.conftest import make_model, write_tiny_assets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +176,7 @@ def test_split_passes_fills_from_the_deepest_layer():
 def test_passes_under_a_small_budget_give_the_same_statistics_as_one_pass(assets):
     """A budget that fits two layers splits layers 0-3 into two passes; their C equal one pass's."""
     from editors import load_model
-    from sweep.plan import model_shape
+    from sweep.prepass import model_shape
 
     path = sweep_file(assets, "budget")
     cfg0 = load_sweep(str(path))
@@ -264,7 +265,7 @@ def test_converged_statistics_stop_early_and_record_their_tokens(tmp_path, tok):
 def test_sigkill_mid_prepass_loses_at_most_the_chunks_in_flight(assets, tmp_path):
     """The launcher SIGKILLs itself after 3 stored chunks; the same command then computes exactly what
     the stores lack and the sweep completes."""
-    from sweep.prepass import CHAOS_KILL_ENV
+    from sweep.launch import CHAOS_KILL_ENV
 
     path = sweep_file(assets, "killed")
     env = {**os.environ, CHAOS_KILL_ENV: "3", CHAOS_KILL_ENV + "_MARK": str(tmp_path / "mark")}
@@ -280,7 +281,7 @@ def test_sigkill_mid_prepass_loses_at_most_the_chunks_in_flight(assets, tmp_path
     second = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     cfg = load_sweep(str(path))
-    from sweep.plan import sweep_id
+    from sweep.config import sweep_id
 
     summary = json.loads((Path(cfg.storage) / f"killed-{sweep_id(cfg)}-summary.json").read_text())
     work = summary["work"]

@@ -12,7 +12,8 @@ ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
 
 from sweep import launch  # noqa: E402
-from sweep.plan import expand, load_sweep, make_plan  # noqa: E402
+from sweep.config import expand, load_sweep  # noqa: E402
+from sweep.plan import make_plan  # noqa: E402
 from tests.conftest import write_tiny_assets  # noqa: E402
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "sweep" / "configs").glob("*.yaml"))
@@ -179,7 +180,7 @@ def test_bad_sweep_config_names_the_field(assets, capsys):
 
 
 def test_stats_task_reads_the_store_without_loading_the_model(assets, monkeypatch, tmp_path):
-    from sweep import prepass, worker
+    from sweep import worker
 
     trial = {
         "algorithm": "memit",
@@ -194,10 +195,10 @@ def test_stats_task_reads_the_store_without_loading_the_model(assets, monkeypatc
     loads = []
     real = worker.cached_model
     monkeypatch.setattr(worker, "cached_model", lambda mc, dtype=None: loads.append(mc) or real(mc, dtype))
-    first = prepass.stats_pass_task(trial, [1, 2])
+    first = worker.stats_pass_task(trial, [1, 2])
     assert first[-1]["computed"] == [1, 2] and len(loads) == 1  # computed in one pass: the model was needed
     assert first[-1]["tokens"] == {1: 500, 2: 500}
-    again = prepass.stats_pass_task(trial, [1, 2])
+    again = worker.stats_pass_task(trial, [1, 2])
     assert again[-1]["computed"] == [] and len(loads) == 1  # all in the store: read from disk, no model load
     for a, b in zip(first[:-1], again[:-1]):
         assert a.shape == b.shape and (a == b).all()

@@ -1,0 +1,275 @@
+"""Typed, frozen configs of a trial and of a sweep, from YAML plus dotted overrides.
+
+A trial config (:class:`TrialConfig`) is everything one trial depends on; a sweep config
+(:class:`SweepConfig`) is a ``base`` trial plus a ``grid`` of dotted keys to lists of values, with the
+sweep's resources, stores and tracking. Every check that needs no model runs at parse time, and each
+error names the field the user wrote. The configs flow one way: config -> plan (:mod:`sweep.plan`) ->
+shared work (:mod:`sweep.prepass`) -> trial (:mod:`sweep.trial`) -> result -> tracking -> report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from editors import load_hparams, traits
+from editors.config import ConfigError, from_dict, load_yaml, merge, parse_overrides, to_dict
+from editors.corpus import EMBEDDED_WIKI
+from editors.hparams import EditHParams, check_algorithm
+from editors.model import parse_dtype
+from editors.schedule import MODES, check_schedule
+from editors.stats import accumulation_dtype
+
+# ----------------------------------------------------------------------------------------------------
+# One trial
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str | None = None  # hub id, folder, .gguf path; None = the embedded SmolLM2-135M
+    gguf_file: str | None = None
+    revision: str | None = None
+    dtype: str = "float32"  # float32 as the reference; bfloat16 halves memory on a GPU
+    device: str = "auto"  # "auto" = the first CUDA device if there is one, else CPU
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    source: str = "demo"  # "demo", a local CounterFact file (ROME or EasyEdit format), or a URL
+    sha256: str | None = None  # checked when downloading a URL
+    case_ids: tuple[int, ...] | None = None  # exactly these records, in order
+    sample_file: str | None = None  # counterfact_sampled_unique_cf_10_20000.json format
+    sample: int = 0  # which sample of sample_file (the paper uses sample 0)
+    unique_subjects_seed: int | None = None  # shuffle with this seed, one record per subject
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    corpus: str = EMBEDDED_WIKI  # text file/folder, "embedded:wiki", or "hf:<dataset>[:config][:split]"
+    max_tokens: int | None = 100_000  # keys averaged into C (the reference: 100k whole articles)
+    max_texts: int | None = None
+    dtype: Literal["float32", "float64"] = "float32"
+    batch_tokens: int | None = None  # padded tokens per forward pass (None: 1024 on CPU, 8192 on GPU)
+    store: str | None = ".cache/stats"  # disk cache folder (None: keep in memory only)
+    tolerance: float | None = None  # stop once C⁻¹ of held-out keys changes less than this (None: read to the caps)
+    model_dtype: str | None = None  # weights' dtype during the pass (None: model.dtype); bfloat16 halves it
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    batch_size: int = 64  # prompts per scoring forward
+    pre: bool = True  # score the unedited model
+    generation: bool = False  # generation entropy (GE): top-k sampling, 100 tokens per prompt
+    generation_prompts: Literal["generation", "paraphrase"] = "generation"
+    generation_per_record: int = 1
+    generation_max_len: int = 100
+    generation_strip_prompt: bool = True  # the unified code scores the continuation only
+    ppl: bool = False  # held-out perplexity on a fixed slice of the statistics corpus
+    ppl_offset: int = 2000  # texts of the corpus skipped before the slice (the stats use the first ones)
+    ppl_texts: int = 20
+    ppl_max_len: int = 256
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything a trial depends on. ``hp`` overrides fields of the hparams preset by name."""
+
+    algorithm: str = "memit"
+    hparams: str = "smollm2-135m"  # preset name (editors/hparams/<algorithm>/) or a YAML path
+    hp: dict[str, Any] = field(default_factory=dict)
+    layers: tuple[int, ...] | None = None  # overrides hparams.layers
+    n_edits: int = 8
+    batch_size: int = 8
+    mode: Literal["batch", "sequential-batch", "sequential"] = "batch"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+
+def parse_config(data: dict[str, Any]) -> TrialConfig:
+    """A validated :class:`TrialConfig` from a dict (YAML + overrides): every check that needs no
+    model runs here, each error naming its field."""
+    cfg = from_dict(TrialConfig, data)
+    check_algorithm(cfg.algorithm)
+    trial_hparams(cfg)
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode: unknown schedule {cfg.mode!r}; choose one of {list(MODES)}")
+    if cfg.n_edits < 1:
+        raise ConfigError(f"n_edits: must be >= 1, got {cfg.n_edits}")
+    try:
+        check_schedule(cfg.n_edits, cfg.batch_size, cfg.mode)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("number of requests", "n_edits")) from None
+    parse_dtype(cfg.model.dtype)
+    s = cfg.stats
+    for name in ("max_tokens", "max_texts", "batch_tokens"):
+        v = getattr(s, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"stats.{name}: must be >= 1 or null, got {v}")
+    if s.tolerance is not None and not 0 < s.tolerance < 1:
+        raise ConfigError(f"stats.tolerance: must be in (0, 1) or null, got {s.tolerance}")
+    if s.model_dtype is not None:
+        try:
+            parse_dtype(s.model_dtype)
+        except ValueError:
+            raise ConfigError(f"stats.model_dtype: unknown dtype {s.model_dtype!r}") from None
+    try:
+        accumulation_dtype(s.dtype)
+    except ValueError as e:
+        raise ConfigError(f"stats.{e}") from None
+    return cfg
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> TrialConfig:
+    base = load_yaml(path) if path else {}
+    return parse_config(merge(base, parse_overrides(overrides)))
+
+
+def trial_hparams(cfg: TrialConfig) -> EditHParams:
+    extra = dict(cfg.hp)
+    if cfg.layers is not None:
+        extra["layers"] = list(cfg.layers)
+    try:
+        return load_hparams(cfg.algorithm, cfg.hparams, **extra)
+    except ConfigError as e:
+        raise ConfigError(f"hp.{e}" if not str(e).startswith(("hparams", "algorithm")) else str(e)) from None
+
+
+def needs_stats(cfg: TrialConfig, hp: EditHParams | None = None) -> bool:
+    """Whether the trial's algorithm needs the statistics (as its ``TRAITS`` declare)."""
+    return traits(cfg.algorithm).needs_stats(hp or trial_hparams(cfg))
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+# ----------------------------------------------------------------------------------------------------
+# A sweep
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = "model-editing"
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    cpu: float = 1.0  # per trial
+    gpu: float = 0.0  # per trial; fractions share a card (small models only: Ray does not split VRAM)
+    max_concurrent: int | None = None
+    prepass_gpu: float | None = None  # GPUs of the statistics/values tasks (default: same as a trial)
+    gpu_memory_gb: float | None = None  # a worker's device memory for statistics passes (None: the driver's GPU)
+
+
+@dataclass(frozen=True)
+class EstimateConfig:
+    tflops: float = 200.0  # sustained bf16 TFLOP/s assumed for the time estimate (H100: ~200-400)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A whole study: a base trial and a grid over its keys."""
+
+    name: str
+    base: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    retries: int = 1  # a failed trial is retried this many times
+    storage: str = ".cache/ray_results"  # Tune's storage_path (S3/NFS on a multi-node cluster)
+    values_store: str = ".cache/values"  # disk cache of shared target values
+    scores_store: str = ".cache/scores"  # disk cache of pre-edit scores and perplexities
+    share_stats: bool = True  # compute statistics once before the trials (off: each trial computes)
+    share_values: bool = True  # compute batch-mode values once for the sweep (off: each trial does)
+    share_scores: bool = True  # score the unedited model once per fact for the sweep (off: each trial does)
+    values_chunk: int = 256  # facts per value / pre-score task (each stored as it finishes)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
+
+
+#: Config paths made absolute before the trials run (Tune moves trials into their own directories).
+_PATHS = ("stats.store", "stats.corpus", "dataset.source", "dataset.sample_file", "model.source")
+
+
+def _absolute(base: dict[str, Any]) -> dict[str, Any]:
+    from pathlib import Path
+
+    out = base
+    for dotted in _PATHS:
+        head, _, leaf = dotted.partition(".")
+        value = (base.get(head) or {}).get(leaf)
+        if not isinstance(value, str) or ":" in value.split("/")[0] or value == "demo":
+            continue  # unset, a URL / hf: / embedded: source, or the demo set
+        p = Path(value).expanduser()
+        if dotted == "stats.store" or p.exists():
+            out = _set(out, dotted, str(p.resolve()))
+    return out
+
+
+def load_sweep(path: str, overrides: list[str] = ()) -> SweepConfig:
+    """A :class:`SweepConfig` from YAML plus ``key=value`` overrides (``base.n_edits=16``); relative
+    paths of the base trial become absolute."""
+    data = merge(load_yaml(path), parse_overrides(overrides))
+    data["base"] = _absolute(data.get("base") or {})
+    for k in ("storage", "values_store", "scores_store"):
+        if isinstance(data.get(k), str) and "://" not in data[k]:
+            from pathlib import Path
+
+            data[k] = str(Path(data[k]).expanduser().resolve())
+    cfg = from_dict(SweepConfig, data)
+    if not cfg.name or not all(c.isalnum() or c in "-_" for c in cfg.name):
+        raise ConfigError(f"name: {cfg.name!r} must be letters, digits, '-' or '_'")
+    for key, values in cfg.grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid.{key}: expected a non-empty list of values")
+    if cfg.retries < 0:
+        raise ConfigError("retries: must be >= 0")
+    if cfg.values_chunk < 1:
+        raise ConfigError(f"values_chunk: must be >= 1, got {cfg.values_chunk}")
+    if cfg.resources.gpu_memory_gb is not None and cfg.resources.gpu_memory_gb <= 0:
+        raise ConfigError(f"resources.gpu_memory_gb: must be > 0, got {cfg.resources.gpu_memory_gb}")
+    return cfg
+
+
+def _set(d: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    out = dict(d)
+    head, _, rest = dotted.partition(".")
+    out[head] = _set(dict(out.get(head) or {}), rest, value) if rest else value
+    return out
+
+
+def trial_key(cfg: TrialConfig) -> str:
+    """A stable id of a trial config (resume and MLflow dedupe on it)."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sweep_id(cfg: SweepConfig) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def expand(cfg: SweepConfig) -> list[TrialConfig]:
+    """Every trial of the grid, validated; an invalid combination names the grid key and values."""
+    keys = list(cfg.grid)
+    trials = []
+    for combo in itertools.product(*(cfg.grid[k] for k in keys)):
+        data = dict(cfg.base)
+        for k, v in zip(keys, combo):
+            data = _set(data, k, v)
+        try:
+            trials.append(parse_config(data))
+        except ConfigError as e:
+            where = ", ".join(f"{k}={v}" for k, v in zip(keys, combo))
+            raise ConfigError(f"grid ({where}): {e}") from None
+    if len({trial_key(t) for t in trials}) != len(trials):
+        raise ConfigError("grid: two grid points give the same trial (a key repeats a base value?)")
+    return trials
