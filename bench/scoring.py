@@ -148,6 +148,7 @@ def run(n_facts: int, threads: int, reference: bool) -> dict[str, Any]:
     }
     if reference:
         out = ROOT / "bench" / "out"
+        out.mkdir(parents=True, exist_ok=True)
         spec_file = out / "score_bench.json"
         spec_file.write_text(json.dumps({"records": str(rome_records(n_facts)), "threads": threads}))
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PATH": "/usr/bin:/bin"}

@@ -88,6 +88,7 @@ def test_sweep_shares_work_tracks_in_mlflow_and_resumes(assets, local_ray, monke
         assert m["work.stats_computed"] == 0 and m["work.stats_reused"] == 1
         assert m["work.values_optimised"] == 0 and m["work.values_reused"] == 4
         assert m["work.scores_computed"] == 0 and m["work.scores_reused"] == 4
+        assert m[f"stats.tokens.L{p['layer']}"] == 3000  # the tokens in C, from the pre-pass's statistics
         hist = c.get_metric_history(r.info.run_id, "curve.at_edit_s")
         assert sorted(h.step for h in hist) == ([2, 4] if p["batch_size"] == "2" else [4])
         arts = {a.path for a in c.list_artifacts(r.info.run_id)}
