@@ -17,8 +17,6 @@ from typing import Any
 
 import torch
 
-from editors.store import write_json_atomic
-
 log = logging.getLogger("bench.bf16")
 BEGIN, END = "<!-- bench:bf16:begin -->", "<!-- bench:bf16:end -->"
 
@@ -94,13 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {se['score']:.3f} | {edit32 / edit:.1f}x | {m['es']:.1f} | {m['ps']:.1f} | {m['ns']:.1f} "
                     f"| {m['s']:.2f} | {differ} |"
                 )
-    text = "\n".join(lines) + "\n"
-    write_json_atomic(args.out, rows)
-    print(text)
-    if args.write_results:
-        from bench.run import write_results
+    from bench.run import publish
 
-        write_results(text, BEGIN, END)
+    publish("\n".join(lines) + "\n", rows, args.out, BEGIN, END, args.write_results)
     return 0
 
 

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from editors.store import write_text_atomic
+from editors.store import write_json_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -375,6 +375,15 @@ def fmt_stats(results: dict[str, Any]) -> str:
             f"| peak RSS MB | {o['peak_rss_mb']:.0f} | " + (f"{r['peak_rss_mb']:.0f} | |" if r else "– | |"),
         ]
     return "\n".join(lines) + "\n"
+
+
+def publish(text: str, data: Any, out: str | Path, begin: str, end: str, write: bool) -> None:
+    """A benchmark's end: its JSON to ``out``, its table to stdout and, with ``write``, into
+    bench/RESULTS.md between ``begin`` and ``end``."""
+    write_json_atomic(out, data)
+    print(text)
+    if write:
+        write_results(text, begin, end)
 
 
 def write_results(table: str, begin: str = BEGIN, end: str = END) -> None:

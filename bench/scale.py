@@ -99,14 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args(argv)
     rows = [row(args.tracking_uri, Path(args.storage), name) for name in SWEEPS]
-    text = table(rows)
-    print(text)
-    Path("bench/out").mkdir(parents=True, exist_ok=True)
-    Path("bench/out/scale.json").write_text(json.dumps(rows, indent=1))
-    if args.write_results:
-        from bench.run import write_results
+    from bench.run import publish
 
-        write_results(text, BEGIN, END)
+    publish(table(rows), rows, "bench/out/scale.json", BEGIN, END, args.write_results)
     return 0
 
 

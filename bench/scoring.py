@@ -31,8 +31,6 @@ from typing import Any
 
 import torch
 
-from editors.store import write_json_atomic
-
 log = logging.getLogger("bench.scoring")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,13 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     res = run(args.facts, args.threads, reference=not args.no_reference)
-    write_json_atomic(args.out, res)
-    text = table(res)
-    print(text)
-    if args.write_results:
-        from bench.run import write_results
+    from bench.run import publish
 
-        write_results(text, BEGIN, END)
+    publish(table(res), res, args.out, BEGIN, END, args.write_results)
     return 0
 
 

@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from editors.store import write_json_atomic
-
 log = logging.getLogger("bench.stats_convergence")
 
 TOLERANCES = (0.2, 0.1, 0.05, 0.02, 0.01)
@@ -116,13 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     rows = sweep_rows(args.tracking_uri, args.sweep)
     conv = convergence_history(args.layer, None)
-    write_json_atomic(args.out, {"rows": rows, "convergence": conv})
-    text = table(rows, conv)
-    print(text)
-    if args.write_results:
-        from bench.run import write_results
+    from bench.run import publish
 
-        write_results(text, BEGIN, END)
+    publish(table(rows, conv), {"rows": rows, "convergence": conv}, args.out, BEGIN, END, args.write_results)
     return 0
 
 

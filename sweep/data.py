@@ -23,10 +23,13 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from editors.requests import EditRequest
 from editors.store import atomic_write, write_text_atomic
+
+if TYPE_CHECKING:
+    from .config import DatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +237,19 @@ def load_counterfact(source: str = "demo", sha256: str | None = None) -> list[Re
 
 # ----------------------------------------------------------------------------------------------------
 # Selection
+
+
+def load_selection(dataset: DatasetConfig, n: int | None) -> list[Record]:
+    """The records a trial with ``dataset`` settings and ``n`` edits uses, in their fixed order."""
+    d = dataset
+    return select(
+        load_counterfact(d.source, d.sha256),
+        n=n,
+        case_ids=d.case_ids,
+        sample_file=d.sample_file,
+        sample=d.sample,
+        unique_subjects_seed=d.unique_subjects_seed,
+    )
 
 
 def select(

@@ -142,6 +142,10 @@ class RecordScores:
     ps_acc: float
     ns_acc: float
 
+    def fields(self) -> dict[str, float]:
+        """The scores without the case id (what the pre-edit scores store keeps per fact)."""
+        return {m: getattr(self, m) for m in METRICS if m != "s"}
+
 
 def score_records(
     model: nn.Module, tok: Any, spec: ModelSpec, records: Sequence[Record], *, batch_size: int = 64

@@ -286,7 +286,7 @@ def plan_shared(
     ``dry_run``: a dataset that is not at hand (a URL, offline) is counted by position instead of
     failing, so the plan of a cluster sweep prints on a laptop; nothing can run from such a plan.
     """
-    from .data import DatasetError, load_counterfact, select
+    from .data import DatasetError, load_selection
 
     budget = device_budget_gb(cfg.resources.gpu_memory_gb, cfg.resources.gpu)
     groups: dict[str, tuple[TrialConfig, set[int]]] = {}
@@ -313,14 +313,7 @@ def plan_shared(
             dkey = (d.source, d.sha256, d.case_ids, d.sample_file, d.sample, d.unique_subjects_seed, t.n_edits)
             if dkey not in datasets:
                 try:
-                    datasets[dkey] = select(
-                        load_counterfact(d.source, d.sha256),
-                        n=t.n_edits,
-                        case_ids=d.case_ids,
-                        sample_file=d.sample_file,
-                        sample=d.sample,
-                        unique_subjects_seed=d.unique_subjects_seed,
-                    )
+                    datasets[dkey] = load_selection(d, t.n_edits)
                 except DatasetError:
                     if not dry_run:
                         raise
@@ -515,12 +508,11 @@ def local_stats(cfg: TrialConfig, model: Any, tok: Any, inputs: TrialInputs, pro
 
 def fill_scores(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Record], inputs: TrialInputs) -> None:
     """Score on the unedited model the records ``inputs`` lacks (and the perplexity), in place."""
-    import dataclasses
 
     todo = [r for r in records if record_digest(r) not in inputs.pre_scores]
     if todo:
         for r, s in zip(todo, compute_scores(cfg, model, tok, todo)):
-            inputs.pre_scores[record_digest(r)] = {k: v for k, v in dataclasses.asdict(s).items() if k != "case_id"}
+            inputs.pre_scores[record_digest(r)] = s.fields()
     inputs.counts["scores_computed"] = inputs.counts.get("scores_computed", 0) + len(todo)
     if cfg.scoring.ppl and inputs.pre_ppl is None:
         inputs.pre_ppl = compute_ppl(cfg, model, tok)

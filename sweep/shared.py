@@ -208,7 +208,7 @@ class ScoresStore:
         self.store = Store(root, SCORES_FORMAT)
 
     def put(self, key: ScoresKey, digests: Sequence[str], scores: Sequence[RecordScores]) -> None:
-        rows = {d: {k: v for k, v in dataclasses.asdict(s).items() if k != "case_id"} for d, s in zip(digests, scores)}
+        rows = {d: s.fields() for d, s in zip(digests, scores)}
         self.store.put_json(key, rows, part=part_name(list(digests)))
 
     def get(self, key: ScoresKey, digests: Iterable[str] | None = None) -> dict[str, dict[str, float]]:

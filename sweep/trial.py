@@ -37,7 +37,7 @@ from editors.store import write_json_atomic
 from editors.templates import TemplateCache, TemplateGroups
 
 from .config import TrialConfig, load_config, needs_stats, resolve_device, trial_hparams
-from .data import Record, load_counterfact, select
+from .data import Record, load_selection
 from .metrics import METRICS, RecordScores, aggregate, generation_entropy, heldout_perplexity, score_records
 from .prepass import fill_scores, local_inputs, local_stats
 from .result import TrialResult, UpdateNorms
@@ -74,15 +74,7 @@ def versions(model_id: str) -> dict[str, str]:
 
 def load_records(cfg: TrialConfig) -> list[Record]:
     """The trial's facts, in the sweep's fixed order (a bad record fails before any model work)."""
-    d = cfg.dataset
-    return select(
-        load_counterfact(d.source, d.sha256),
-        n=cfg.n_edits,
-        case_ids=d.case_ids,
-        sample_file=d.sample_file,
-        sample=d.sample,
-        unique_subjects_seed=d.unique_subjects_seed,
-    )
+    return load_selection(cfg.dataset, cfg.n_edits)
 
 
 def load_for_trial(cfg: TrialConfig, hp: EditHParams, model: Any, tok: Any) -> tuple[Any, Any, ModelSpec, float]:

@@ -11,7 +11,6 @@ Ray API calls of the sweep live here and in :mod:`sweep.launch`/:mod:`sweep.trac
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -97,7 +96,6 @@ def stats_pass_task(trial: dict[str, Any], layers: list[int]) -> list[Any]:
 def values_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -> tuple[np.ndarray, float]:
     """(target values [n, d_model] of ``case_ids``, seconds), written to the values store before returning
     (two returns: the values' reference goes to the trials, the seconds to the driver's counters)."""
-
     cfg = parse_config(trial)
     t0 = time.perf_counter()
     model, tok = cached_model(cfg.model)
@@ -111,7 +109,6 @@ def values_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -
 
 def scores_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -> tuple[list[dict[str, float]], float]:
     """(pre-edit score fields of ``case_ids``, one dict per record; seconds), written to the scores store."""
-
     cfg = parse_config(trial)
     t0 = time.perf_counter()
     model, tok = cached_model(cfg.model)
@@ -119,7 +116,7 @@ def scores_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -
     scores = compute_scores(cfg, model, tok, records)
     if store:
         ScoresStore(store).put(scores_key(cfg, model_identity(cfg.model)), [record_digest(r) for r in records], scores)
-    rows = [{k: v for k, v in dataclasses.asdict(s).items() if k != "case_id"} for s in scores]
+    rows = [s.fields() for s in scores]
     return rows, time.perf_counter() - t0
 
 
