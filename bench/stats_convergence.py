@@ -110,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layer", type=int, default=2)
     ap.add_argument("--out", default="bench/out/stats_convergence.json")
     ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--history", help="reuse a convergence_history() JSON instead of recomputing it")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     rows = sweep_rows(args.tracking_uri, args.sweep)
-    conv = convergence_history(args.layer, None)
+    conv = json.loads(Path(args.history).read_text()) if args.history else convergence_history(args.layer, None)
     from bench.run import publish
 
     publish(table(rows, conv), {"rows": rows, "convergence": conv}, args.out, BEGIN, END, args.write_results)
