@@ -96,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--tracking-uri", required=True)
     ap.add_argument("--storage", default=".cache/ray_results", help="the sweeps' Tune storage (summaries)")
+    ap.add_argument("--sweeps", default=",".join(SWEEPS), help="comma-separated sweep names")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args(argv)
-    rows = [row(args.tracking_uri, Path(args.storage), name) for name in SWEEPS]
+    rows = [row(args.tracking_uri, Path(args.storage), name) for name in args.sweeps.split(",")]
     from bench.run import publish
 
     publish(table(rows), rows, "bench/out/scale.json", BEGIN, END, args.write_results)
