@@ -129,6 +129,9 @@ class TrialNeeds:
 
 @dataclass
 class SharedPlan:
+    """What a sweep shares: statistics passes (and store reads), per-key fact jobs for values and
+    pre-edit scores, the unedited perplexities, and which of them each trial reads."""
+
     passes: list[StatsPass]
     values: dict[ValuesKey, FactJob]
     scores: dict[ScoresKey, FactJob]
