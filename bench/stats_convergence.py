@@ -51,6 +51,7 @@ def sweep_rows(uri: str, sweep: str) -> list[dict[str, Any]]:
                     "max_tokens": res["config"]["stats"]["max_tokens"],
                     "stats_tokens": (res.get("stats_tokens") or {}).get("2"),
                     **{k: m[k] for k in ("es", "ps", "ns", "s")},
+                    "ppl": m.get("ppl"),
                     "update_norm": sum(norms) / len(norms),
                 }
             )
@@ -85,15 +86,15 @@ def convergence_history(layer: int, tokens: int | None) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]], conv: dict[str, Any]) -> str:
     total = conv["tokens"]
     lines = [
-        "| algorithm | B | tokens in C | ES | PS | NS | S | mean ‖ΔW‖ |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| algorithm | B | tokens in C | ES | PS | NS | S | perplexity | mean ‖ΔW‖ |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     key = lambda r: (r["algorithm"], r["batch_size"], r["max_tokens"] or 10**12)  # noqa: E731
     for r in sorted(rows, key=key):
         n = r["stats_tokens"] or r["max_tokens"] or total
         lines.append(
             f"| {r['algorithm']} | {r['batch_size']} | {n:,}{'' if r['max_tokens'] else ' (all)'} | {r['es']:.1f} | "
-            f"{r['ps']:.1f} | {r['ns']:.1f} | {r['s']:.2f} | {r['update_norm']:.2f} |"
+            f"{r['ps']:.1f} | {r['ns']:.1f} | {r['s']:.2f} | {r['ppl'] or float('nan'):.1f} | {r['update_norm']:.2f} |"
         )
     lines += ["", "| tolerance | stops at (tokens) | share of the corpus |", "|---:|---:|---:|"]
     for tol, n in conv["picks"].items():

@@ -8,6 +8,7 @@ estimates each trial's device memory and time from shapes alone.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ from editors.templates import N_TEMPLATES
 from .config import SweepConfig, TrialConfig, expand, sweep_id, trial_hparams, trial_key
 from .prepass import Shape, SharedPlan, model_shape, plan_shared, score_seconds, value_seconds
 from .shared import stats_dtype
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +50,17 @@ def make_plan(cfg: SweepConfig, dry_run: bool = False) -> Plan:
                 check_layer(layer, shape.n_layers, "layers")
             except ValueError as e:
                 raise ConfigError(f"trial {t.algorithm} {list(trial_hparams(t).layers)}: {e}") from None
+    for t in trials:
+        st, sc = t.stats, t.scoring
+        if sc.ppl and st.max_tokens is None and (st.max_texts is None or st.max_texts > sc.ppl_offset):
+            log.warning(
+                "stats.max_tokens is null: the statistics may read texts %d-%d of %s, the perplexity's "
+                "held-out slice (scoring.ppl_offset); cap stats.max_tokens or stats.max_texts to keep it out",
+                sc.ppl_offset,
+                sc.ppl_offset + sc.ppl_texts - 1,
+                st.corpus,
+            )
+            break
     shared = plan_shared(cfg, trials, keys, dry_run)
     tflops = cfg.estimate.tflops
     estimates = [

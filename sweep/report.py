@@ -58,6 +58,8 @@ UPDATE_NORM = "update_norm.mean"
 METRIC_COLUMNS = (*(f"{st}.{m}" for st in STAGES for m in SCORES), UPDATE_NORM, *TIMINGS, *MEMORY)
 CURVES = ("curve.at_edit_es", "curve.at_edit_ps", "curve.at_edit_ns", "curve.at_edit_s", "curve.update_norm")
 PARAMS = ("algorithm", "layers", "layer", "batch_size", "mode", "n_edits", "model", "hparams")
+#: params that are swept settings: hyperparameters and statistics settings (``stats.max_tokens``...)
+SETTINGS = ("hp.", "stats.")
 INT_PARAMS = ("layer", "batch_size", "n_edits")
 ALGORITHM_ORDER = ("rome", "memit", "emmet", "alphaedit")
 SEQUENTIAL_MODES = ("sequential-batch", "sequential")
@@ -211,11 +213,11 @@ def trials_frame(runs: Sequence[Any]) -> pd.DataFrame:
         }
         params = r.data.params
         row.update({p: params.get(p) for p in PARAMS})
-        row.update({k: v for k, v in params.items() if k.startswith("hp.")})
+        row.update({k: v for k, v in params.items() if k.startswith(SETTINGS)})
         row.update({k: v for k, v in r.data.metrics.items() if k in METRIC_COLUMNS})
         rows.append(row)
     df = pd.DataFrame(rows)
-    hp_cols = sorted(c for c in df.columns if c.startswith("hp."))
+    hp_cols = sorted(c for c in df.columns if c.startswith(SETTINGS))
     metric_cols = [c for c in METRIC_COLUMNS if c in df.columns]
     for c in PARAMS:
         if c not in df.columns:
@@ -368,7 +370,7 @@ def aggregate_series(
         "hparams",
         "n_edits",
         "layers",
-        *sorted(c for c in df.columns if c.startswith("hp.")),
+        *sorted(c for c in df.columns if c.startswith(SETTINGS)),
     ]
     parts = []
     all_dims: list[str] = []
@@ -608,12 +610,13 @@ def sequential_section(trials: pd.DataFrame, out: Path) -> Section | None:
 
 
 def swept_hparams(trials: pd.DataFrame) -> list[str]:
-    """The numeric ``hp.*`` columns that take two or more values within one (algorithm, hparams preset).
+    """The numeric ``hp.*`` and ``stats.*`` columns that take two or more values within one (algorithm,
+    hparams preset).
 
     A value that differs only between algorithms or presets (MEMIT's λ vs EMMET's) is not a sweep.
     """
     found = []
-    for col in sorted(c for c in trials.columns if c.startswith("hp.")):
+    for col in sorted(c for c in trials.columns if c.startswith(SETTINGS)):
         vals = pd.to_numeric(trials[col], errors="coerce")
         if vals.notna().sum() < 2:
             continue
@@ -635,9 +638,9 @@ def hparam_section(trials: pd.DataFrame, col: str, out: Path) -> Section | None:
     sec = Section(stem, f"{name} sweep")
     sel = trials.assign(**{col: pd.to_numeric(trials[col], errors="coerce")})
     sel = sel[sel[col].notna()]
-    others = [c for c in sel.columns if c.startswith("hp.") and c != col]
+    others = [c for c in sel.columns if c.startswith(SETTINGS) and c != col]
     keys = ["algorithm", *(d for d in HPARAM_DIMS if d in sel.columns), *others]
-    setting = sel[keys].astype(str).agg("|".join, axis=1)
+    setting = sel[keys].map(str).agg("|".join, axis=1)  # map: NaN as text (astype keeps NA)
     sel = sel[sel.groupby(setting)[col].transform("nunique") >= 2]
     stages = ("at_edit", "final") if sel["mode"].isin(SEQUENTIAL_MODES).any() else ("at_edit",)
     sec.title += " (at edit solid, final dashed)" if len(stages) == 2 else " (at edit)"
