@@ -4,9 +4,11 @@ Ray API calls of the sweep live here and in :mod:`sweep.launch`/:mod:`sweep.trac
 
 - The model is loaded once per worker process (:func:`cached_model`); with Tune's actor reuse every
   trial of that worker gets the same model, whose edited weights ``run_trial`` restores exactly.
-- The shared work (statistics, batch-mode target values, pre-edit scores) is computed by the pre-pass's
-  tasks (:mod:`sweep.prepass`) and reaches each trial as object-store references: each matrix is
-  stored once, and workers on one node read it zero-copy (read-only numpy views of shared memory).
+- The shared work (statistics, batch-mode target values, pre-edit scores) is computed by the tasks here
+  (their bodies are :mod:`sweep.prepass`'s functions; :func:`sweep.launch.run_prepass` submits them),
+  each storing its result before it returns, and reaches each trial as object-store references
+  (:class:`TrialRefs`): each matrix is stored once, and workers on one node read it zero-copy
+  (read-only numpy views of shared memory).
 """
 
 from __future__ import annotations
@@ -79,8 +81,7 @@ def _cached_model(mc: ModelConfig, dtype: str | None = None) -> tuple[Any, Any, 
 
 def stats_pass_task(trial: dict[str, Any], layers: list[int]) -> list[Any]:
     """One statistics pass (or store read): one numpy [d_key, d_key] array per layer, then a dict
-    ``{"computed": [...], "tokens": {layer: n}, "converged": bool | None}``."""
-
+    ``{"seconds": s, "computed": [...], "tokens": {layer: n}, "converged": bool | None}``."""
     cfg = parse_config(trial)
     t0 = time.perf_counter()
     got, computed = stats_from_store(cfg, layers, lambda: cached_model(cfg.model, stats_dtype(cfg)))
@@ -139,7 +140,7 @@ class TrialRefs:
     """A trial's shared inputs as object-store references (resolved by :func:`resolve`)."""
 
     stats: dict[int, Any] = field(default_factory=dict)
-    stats_meta: Any = None
+    stats_meta: dict[int, Any] = field(default_factory=dict)  # layer -> its pass's metadata
     values: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)
     scores: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)
     ppl: Any = None
@@ -158,7 +159,7 @@ def resolve(refs: TrialRefs) -> TrialInputs:
     if refs.stats:
         arrays = {layer: ray.get(r) for layer, r in refs.stats.items()}
         inputs.stats = {layer: as_tensor(a) for layer, a in arrays.items()}
-        metas = {layer: ray.get(r) for layer, r in (refs.stats_meta or {}).items()}
+        metas = {layer: ray.get(r) for layer, r in refs.stats_meta.items()}
         inputs.stats_tokens = {layer: int(m["tokens"][layer]) for layer, m in metas.items()}
         inputs.counts["stats_reused"] = len(arrays)
         inputs.counts["stats_zero_copy"] = int(all(not a.flags.writeable for a in arrays.values()))
