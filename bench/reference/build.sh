@@ -4,20 +4,20 @@
 #
 #   bash bench/reference/build.sh          # from anywhere; works in the repository root
 #
-# 1. extracts unified-model-editing at $REF_COMMIT from the local bare mirror into .ref/unified-model-editing
+# 1. extracts unified-model-editing at $REF_COMMIT from a local git clone ($REF_MIRROR) into .ref/unified-model-editing
 # 2. applies bench/reference/patch_reference.py (fails loudly if an anchor changed)
 # 3. creates the venv .ref/venv with bench/reference/requirements.txt (transformers 4.46.3, torch 2.13.0 CPU)
 # 4. writes .ref/smollm2-hf/ with the SYSTEM python (our transformers 5.x) via prepare_model.py
 # 5. checks, inside the venv, that the reference env's tokenisation and logits equal ours (.ref/check_model.json)
 #
-# Env overrides: REF_MIRROR (bare git dir), REF_COMMIT, SYSTEM_PYTHON (default python3).
+# Env overrides: REF_MIRROR (git dir; default .ref/unified-model-editing.git), REF_COMMIT, SYSTEM_PYTHON (default python3).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 cd "$ROOT"
 
-REF_MIRROR="${REF_MIRROR:-/work/.mirror/scalable-model-editing+unified-model-editing/repo}"
+REF_MIRROR="${REF_MIRROR:-.ref/unified-model-editing.git}"
 REF_COMMIT="${REF_COMMIT:-23d72b560e52992e675377cc2d1deed7a45b1cd0}"
 SYSTEM_PYTHON="${SYSTEM_PYTHON:-python3}"
 REF=.ref/unified-model-editing
@@ -37,9 +37,8 @@ else
         cat >&2 <<EOF
 [build] the reference's git mirror is missing or lacks commit $REF_COMMIT:
         $REF_MIRROR
-  In an agent session, bring it with the search tool's fetch:  fetch github:scalable-model-editing/unified-model-editing
-  (it lands in /work/.mirror/scalable-model-editing+unified-model-editing/repo), or point REF_MIRROR at any
-  clone of https://github.com/scalable-model-editing/unified-model-editing that has that commit.
+  Clone it once:  git clone --bare https://github.com/scalable-model-editing/unified-model-editing .ref/unified-model-editing.git
+  or point REF_MIRROR at any clone (bare or not: its .git folder) that has that commit.
 EOF
         exit 1
     fi

@@ -1,6 +1,6 @@
 """Write SmolLM2-135M as a plain Hugging Face folder that the reference's transformers 4.46 loads correctly.
 
-Run with the SYSTEM python (our transformers 5.x), from /work/main:
+Run with the SYSTEM python (our transformers 5.x), from the repository root:
 
     python3 bench/reference/prepare_model.py [--out .ref/smollm2-hf]
 

@@ -1,6 +1,6 @@
 """Run and time the paper's reference implementation (unified-model-editing: ROME / MEMIT / EMMET) on CPU.
 
-Runs INSIDE the reference's venv (transformers 4.46), from /work/main, after ``bench/reference/build.sh``:
+Runs INSIDE the reference's venv (transformers 4.46), from the repository root, after ``bench/reference/build.sh``:
 
     .ref/venv/bin/python bench/reference/run_reference.py --spec spec.json --out out.json
     .ref/venv/bin/python bench/reference/run_reference.py --stats-bench '{"model_dir": ".ref/smollm2-hf",

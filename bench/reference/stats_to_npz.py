@@ -1,7 +1,7 @@
 """Convert one of our cached second-moment files (editors/stats.py, ``<digest>.safetensors``) into the
 ``.npz`` that the reference's ``rome/layer_stats.py`` loads, so that the reference edits with the SAME C.
 
-Run with the SYSTEM python, from /work/main:
+Run with the SYSTEM python, from the repository root:
 
     python3 bench/reference/stats_to_npz.py .cache/stats/<digest>.safetensors --out .ref/stats/layer2.npz
 
