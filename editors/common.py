@@ -1,5 +1,5 @@
 """What every algorithm shares: results, state across batches, weight apply/restore, and the
-MEMIT-style layer loop used by MEMIT, EMMET and AlphaEdit (ALGORITHMS.md §2 step 3).
+MEMIT-style layer loop used by MEMIT, EMMET and AlphaEdit (docs/ALGORITHMS.md §2 step 3).
 
 The compute step of every algorithm returns deltas and leaves the model bit-identical (the invariant
 of memit's ``execute_memit``); applying them is a separate step (:func:`apply_deltas`), undone exactly by

@@ -3,7 +3,7 @@
 Δ = R (Kᵀ(λC)⁻¹K + μI)⁻¹ Kᵀ(λC)⁻¹ (2405.00664 Eq. 7): every edited key's output is set exactly
 (as μ → 0) while ‖ΔK0‖ stays minimal. Keys, values and residual spreading are MEMIT's
 (unified-model-editing ``emmet_main.py``); μ = ``emmet_lambda`` is added only when the batch has more
-than one request, so B = 1 is ROME's update with consistent keys (ALGORITHMS.md §3).
+than one request, so B = 1 is ROME's update with consistent keys (docs/ALGORITHMS.md §3).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ algorithm's knobs: module names come from :class:`editors.model.ModelSpec`, devi
 caller. Unknown keys are rejected with the list of valid ones.
 
 Field names follow the reference hparams files (``mom2_update_weight``, ``emmet_lambda``, ``L2``...),
-so values can be copied from them; ALGORITHMS.md §6 lists the sources.
+so values can be copied from them; docs/ALGORITHMS.md §6 lists the sources.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """MEMIT: Mass-Editing Memory in a Transformer (Meng et al., ICLR 2023, arXiv 2210.07229).
 
 Δ_l = R_l K_lᵀ (λC_l + K_l K_lᵀ)⁻¹ (paper Eq. 14; 2405.00664 Eq. 5) at each edited layer, the
-residual spread evenly over the remaining layers (ALGORITHMS.md §2). With ENCORE's
+residual spread evenly over the remaining layers (docs/ALGORITHMS.md §2). With ENCORE's
 ``add_prev_edits`` the keys of earlier batches join the preservation term (λC + K_pK_pᵀ + KKᵀ).
 """
 

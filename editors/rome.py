@@ -1,7 +1,7 @@
 """ROME: Rank-One Model Editing (Meng et al., NeurIPS 2022, arXiv 2202.05262).
 
 One fact at a time: Δ = (v* − W k) (C⁻¹k*)ᵀ / (kᵀ C⁻¹ k*) (paper Eq. 2; 2405.00664 Eq. 3), with
-k* the key averaged over 21 context templates, v* optimised at the MLP output (ALGORITHMS.md §1).
+k* the key averaged over 21 context templates, v* optimised at the MLP output (docs/ALGORITHMS.md §1).
 
 The reference code (``rome/compute_v.py``) uses the bare-prompt key k and output W k in the residual
 and denominator but k* in C⁻¹k*; r-ROME (Gupta et al. 2024, arXiv 2403.07175) shows this mismatch makes

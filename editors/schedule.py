@@ -1,4 +1,4 @@
-"""Edit schedules (2405.00664 §3; ALGORITHMS.md §4).
+"""Edit schedules (2405.00664 §3; docs/ALGORITHMS.md §4).
 
 - ``batch``: every batch is edited on the unedited weights, which are restored after each batch.
 - ``sequential-batch``: batches accumulate; each is computed on the weights the earlier ones produced.

@@ -12,7 +12,7 @@ residuals R: [d_out, n] = target output minus current output W K; second moment 
 Linear systems are solved, never inverted: a Cholesky solve for the symmetric positive definite
 systems, LU for AlphaEdit's non-symmetric one. If a factorisation fails or the system is
 ill-conditioned (condition estimate above ``MAX_COND``), the solve falls back to the pseudo-inverse,
-as the EMMET reference does (``torch.inverse`` -> ``pinv``; ALGORITHMS.md §3), and records that in
+as the EMMET reference does (``torch.inverse`` -> ``pinv``; docs/ALGORITHMS.md §3), and records that in
 ``info``. A non-finite result raises :class:`NonFiniteSolveError`.
 """
 

@@ -1,4 +1,4 @@
-"""Keys and target values, shared by every algorithm (ALGORITHMS.md §1–2).
+"""Keys and target values, shared by every algorithm (docs/ALGORITHMS.md §1–2).
 
 - :func:`compute_keys`: k = input of the edited projection at the subject's last token, averaged over
   context templates (within each group, then across groups).
@@ -159,7 +159,7 @@ def optimize_values(
     max_requests: int = 32,
     reuse_prefix: bool = True,
 ) -> Values:
-    """Optimise v* for every request (ALGORITHMS.md §1 "Target value v*", §2 step 1).
+    """Optimise v* for every request (docs/ALGORITHMS.md §1 "Target value v*", §2 step 1).
 
     Args:
         layer: the layer where δ is added (MEMIT: the last edited layer; ROME: the edited layer).

@@ -1,4 +1,4 @@
-"""CounterFact metrics: one scoring path for every algorithm (ALGORITHMS.md §7).
+"""CounterFact metrics: one scoring path for every algorithm (docs/ALGORITHMS.md §7).
 
 For each prompt, the mean per-token NLL of ``" " + target`` by teacher forcing (memit
 ``eval_utils_counterfact.py``): the prompt is tokenised with the tokenizer's special tokens (BOS where the

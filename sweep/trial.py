@@ -3,7 +3,7 @@
     python -m sweep.trial                                   # the demo: SmolLM2, MEMIT, 8 demo facts
     python -m sweep.trial --config sweep/configs/trial/demo.yaml algorithm=emmet batch_size=4 --out r.json
 
-Works without Ray and MLflow. Scoring follows ALGORITHMS.md §4: every fact on the unedited model
+Works without Ray and MLflow. Scoring follows docs/ALGORITHMS.md §4: every fact on the unedited model
 ("pre"), each batch's facts right after their own batch ("at_edit", the reference code's protocol) and
 every fact on the final model ("final", AlphaEdit's protocol; in ``batch`` mode each batch is edited
 on the unedited weights, so final = at_edit). The shared inputs (statistics, batch-mode target values,
