@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +81,23 @@ def _chaos_after() -> int | None:
     return int(v) if v else None
 
 
+@dataclass
+class _Submitted:
+    """What the pre-pass has in flight or in the object store, by what trials ask for."""
+
+    layer_refs: dict[tuple[str, int], Any] = field(default_factory=dict)  # (group, layer) -> C
+    meta_refs: dict[tuple[str, int], Any] = field(default_factory=dict)  # (group, layer) -> its pass's meta
+    fact_refs: dict[tuple[Any, str], Any] = field(default_factory=dict)  # (key, digest) -> (chunk digests, ref)
+    ppl_refs: dict[PplKey, Any] = field(default_factory=dict)
+    pending: dict[Any, str] = field(default_factory=dict)  # ref to wait on -> kind
+    chunk_sizes: dict[Any, int] = field(default_factory=dict)  # a chunk's seconds ref -> its facts
+
+
 def run_prepass(cfg: SweepConfig, shared: SharedPlan) -> tuple[dict[str, TrialRefs], dict[str, Any]]:
     """Compute what ``shared`` lacks on Ray, store it as it finishes, and hand every trial its refs.
 
     Returns (trial key -> :class:`TrialRefs`, work counters).
     """
-    import ray
-
     gpu = cfg.resources.prepass_gpu if cfg.resources.prepass_gpu is not None else cfg.resources.gpu
     opts = {"num_cpus": cfg.resources.cpu, "num_gpus": gpu, "max_retries": cfg.retries}
     t0 = time.perf_counter()
@@ -103,23 +114,46 @@ def run_prepass(cfg: SweepConfig, shared: SharedPlan) -> tuple[dict[str, TrialRe
         "values_task_s": 0.0,
         "scores_task_s": 0.0,
     }
+    sub = _Submitted()
+    _submit_stats(cfg, shared, opts, sub)
+    _submit_facts(cfg, shared, opts, sub)
+    _submit_ppl(cfg, shared, opts, sub)
+    log.info(
+        "pre-pass: %d statistics pass(es) for %d layer(s) (%d read from the store), %d target values and "
+        "%d pre-edit scores in %d chunk(s) (%d values, %d scores stored)",
+        counts["statistics_passes"],
+        counts["statistics_to_compute"],
+        counts["statistics_cached"],
+        counts["values_to_optimise_shared"],
+        counts["scores_to_compute"],
+        len(sub.chunk_sizes),
+        counts["values_cached"],
+        counts["scores_cached"],
+    )
+    _wait_all(sub, counts, work, t0)
+    work["prepass_s"] = time.perf_counter() - t0
+    log.info("shared work: %s", work)
+    return _hand_out(shared, sub), work
 
-    # Statistics: one task per pass; a layer's matrix is in the object store when its pass ends.
-    layer_refs: dict[tuple[str, int], Any] = {}
-    meta_refs: dict[tuple[str, int], Any] = {}
-    pending: dict[Any, str] = {}
+
+def _submit_stats(cfg: SweepConfig, shared: SharedPlan, opts: dict[str, Any], sub: _Submitted) -> None:
+    """One task per statistics pass; a layer's matrix is in the object store when its pass ends."""
+    import ray
+
     for p in shared.passes:
         o = {**opts, "num_gpus": 0, "num_cpus": min(1.0, cfg.resources.cpu)} if p.read_only else opts
         task = ray.remote(stats_pass_task).options(num_returns=len(p.layers) + 1, **o)
         refs = task.remote(to_dict(p.trial), list(p.layers))
         for layer, ref in zip(p.layers, refs[:-1]):
-            layer_refs[(p.group, layer)] = ref
-            meta_refs[(p.group, layer)] = refs[-1]
-        pending[refs[-1]] = "stats"
+            sub.layer_refs[(p.group, layer)] = ref
+            sub.meta_refs[(p.group, layer)] = refs[-1]
+        sub.pending[refs[-1]] = "stats"
 
-    # Values and scores: chunks of what is missing; stored parts are read here and put once.
-    fact_refs: dict[tuple[Any, str], Any] = {}  # (key, digest) -> (chunk digests, ref)
-    chunk_sizes: dict[Any, tuple[str, int]] = {}
+
+def _submit_facts(cfg: SweepConfig, shared: SharedPlan, opts: dict[str, Any], sub: _Submitted) -> None:
+    """Values and pre-edit scores: stored parts read here and put once; one task per missing chunk."""
+    import ray
+
     for kind, jobs, task_fn, store_cls, root in (
         ("values", shared.values, values_task, ValuesStore, cfg.values_store),
         ("scores", shared.scores, scores_task, ScoresStore, cfg.scores_store),
@@ -133,43 +167,40 @@ def run_prepass(cfg: SweepConfig, shared: SharedPlan) -> tuple[dict[str, TrialRe
                 else:
                     ref = ray.put([stored[d] for d in ds])
                 for d in ds:
-                    fact_refs[(key, d)] = (ds, ref)
+                    sub.fact_refs[(key, d)] = (ds, ref)
             for chunk in _chunks(job.missing(), cfg.values_chunk):
                 ids = [r.case_id for r, _ in chunk]
                 ds = tuple(d for _, d in chunk)
                 ref, secs = ray.remote(task_fn).options(num_returns=2, **opts).remote(to_dict(job.trial), ids, root)
                 for d in ds:
-                    fact_refs[(key, d)] = (ds, ref)
-                chunk_sizes[secs] = (kind, len(ds))
-                pending[secs] = kind
-    ppl_refs: dict[PplKey, Any] = {}
+                    sub.fact_refs[(key, d)] = (ds, ref)
+                sub.chunk_sizes[secs] = len(ds)
+                sub.pending[secs] = kind
+
+
+def _submit_ppl(cfg: SweepConfig, shared: SharedPlan, opts: dict[str, Any], sub: _Submitted) -> None:
+    """The unedited perplexities the store lacks (stored ones are handed over as numbers)."""
+    import ray
+
     for pk, t in shared.ppl.items():
         if pk in shared.ppl_cached:
-            ppl_refs[pk] = shared.ppl_cached[pk]
+            sub.ppl_refs[pk] = shared.ppl_cached[pk]
         else:
-            ppl_refs[pk] = ray.remote(ppl_task).options(**opts).remote(to_dict(t), cfg.scores_store)
-            pending[ppl_refs[pk]] = "ppl"
-    log.info(
-        "pre-pass: %d statistics pass(es) for %d layer(s) (%d read from the store), %d target values and "
-        "%d pre-edit scores in %d chunk(s) (%d values, %d scores stored)",
-        counts["statistics_passes"],
-        counts["statistics_to_compute"],
-        counts["statistics_cached"],
-        counts["values_to_optimise_shared"],
-        counts["scores_to_compute"],
-        len(chunk_sizes),
-        counts["values_cached"],
-        counts["scores_cached"],
-    )
+            sub.ppl_refs[pk] = ray.remote(ppl_task).options(**opts).remote(to_dict(t), cfg.scores_store)
+            sub.pending[sub.ppl_refs[pk]] = "ppl"
 
-    # Wait on everything at once, logging as tasks finish, in any order.
+
+def _wait_all(sub: _Submitted, counts: dict[str, int], work: dict[str, Any], t0: float) -> None:
+    """Wait on every task at once, counting and logging each as it finishes, in any order."""
+    import ray
+
     chaos = _chaos_after()
     chunks_done = 0
-    left = list(pending)
+    left = list(sub.pending)
     while left:
         ready, left = ray.wait(left, num_returns=1)
         ref = ready[0]
-        kind = pending[ref]
+        kind = sub.pending[ref]
         el = time.perf_counter() - t0
         if kind == "stats":
             meta = ray.get(ref)
@@ -184,8 +215,7 @@ def run_prepass(cfg: SweepConfig, shared: SharedPlan) -> tuple[dict[str, TrialRe
         elif kind in ("values", "scores"):
             work[f"{kind}_task_s"] += ray.get(ref)  # the chunk's seconds; raises the task's error, if any
             work[f"{kind}_done_s"] = el
-            n = chunk_sizes[ref][1]
-            work["values_optimised" if kind == "values" else "scores_computed"] += n
+            work["values_optimised" if kind == "values" else "scores_computed"] += sub.chunk_sizes[ref]
             chunks_done += 1
             log.info(
                 "pre-pass: %d/%d target values, %d/%d pre-edit scores (%.0f s)",
@@ -198,23 +228,24 @@ def run_prepass(cfg: SweepConfig, shared: SharedPlan) -> tuple[dict[str, TrialRe
             if chaos is not None and chunks_done >= chaos:
                 Path(os.environ.get(CHAOS_KILL_ENV + "_MARK", "/dev/null")).write_text(str(chunks_done))
                 os.kill(os.getpid(), signal.SIGKILL)
-    work["prepass_s"] = time.perf_counter() - t0
 
+
+def _hand_out(shared: SharedPlan, sub: _Submitted) -> dict[str, TrialRefs]:
+    """Each trial's references: its layers' C, the chunks holding its facts' values and scores."""
     refs: dict[str, TrialRefs] = {}
     for tkey, need in shared.needs.items():
         tr = TrialRefs()
         if need.stats_group is not None:
-            tr.stats = {layer: layer_refs[(need.stats_group, layer)] for layer in need.layers}
-            tr.stats_meta = {layer: meta_refs[(need.stats_group, layer)] for layer in need.layers}
+            tr.stats = {layer: sub.layer_refs[(need.stats_group, layer)] for layer in need.layers}
+            tr.stats_meta = {layer: sub.meta_refs[(need.stats_group, layer)] for layer in need.layers}
         if need.values is not None:
-            tr.values = _dedupe([fact_refs[(need.values, d)] for d in need.value_digests])
+            tr.values = _dedupe([sub.fact_refs[(need.values, d)] for d in need.value_digests])
         if need.scores is not None:
-            tr.scores = _dedupe([fact_refs[(need.scores, d)] for d in need.score_digests])
+            tr.scores = _dedupe([sub.fact_refs[(need.scores, d)] for d in need.score_digests])
         if need.ppl is not None:
-            tr.ppl = ppl_refs[need.ppl]
+            tr.ppl = sub.ppl_refs[need.ppl]
         refs[tkey] = tr
-    log.info("shared work: %s", work)
-    return refs, work
+    return refs
 
 
 def _dedupe(items: Iterable[tuple[tuple[str, ...], Any]]) -> list[tuple[tuple[str, ...], Any]]:
@@ -226,9 +257,7 @@ def _dedupe(items: Iterable[tuple[tuple[str, ...], Any]]) -> list[tuple[tuple[st
 
 def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     """Start (or resume) the sweep; returns a summary with the parent run id and work counters."""
-    from ray import tune
-
-    from . import tracking, worker
+    from . import tracking
 
     t_start = time.perf_counter()
     sid = sweep_id(cfg)
@@ -237,37 +266,20 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
     exp = tracking.experiment_id(c, cfg.mlflow.experiment)
     parent, reused = tracking.start_parent(c, exp, cfg.name, sid, args.resume)
     if not reused:
-        c.log_batch(
-            parent,
-            params=[
-                _param(k, v)
-                for k, v in {
-                    "sweep": cfg.name,
-                    "trials": len(plan.trials),
-                    "grid": json.dumps(cfg.grid),
-                    "models": json.dumps(sorted({t.model.source or "smollm2-135m (embedded)" for t in plan.trials})),
-                }.items()
-            ],
-        )
-        c.log_dict(parent, to_dict(cfg), "sweep.yaml")
-        c.log_dict(
-            parent,
-            {"summary": plan.summary(), "trials": [to_dict(t) for t in plan.trials], "estimates": plan.estimates},
-            "plan.json",
-        )
+        _log_sweep(c, parent, cfg, plan)
     done = tracking.trial_runs(c, exp, parent)
     init_ray(args)
     todo = [k for k in plan.keys if k not in done]
+    summary = {"parent_run_id": parent, "tracking_uri": uri}
     if args.resume and not todo:
         log.info("every trial of %s is already in MLflow: nothing to run", cfg.name)
-        work = {"stats_layers_computed": 0, "values_optimised": 0, "trials_run": 0}
         c.set_terminated(parent, "FINISHED")
+        work = {"stats_layers_computed": 0, "values_optimised": 0, "trials_run": 0}
         return {
-            "parent_run_id": parent,
+            **summary,
             "work": work,
             "trials": len(plan.trials),
             "errors": 0,
-            "tracking_uri": uri,
             "wall_s": time.perf_counter() - t_start,
         }
     shared = plan.shared
@@ -275,23 +287,65 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
         left = [(k, t) for k, t in zip(plan.keys, plan.trials) if k in todo]
         shared = plan_shared(cfg, [t for _, t in left], [k for k, _ in left])
     refs, work = run_prepass(cfg, shared)
+    _log_statistics(c, parent, shared)
+    callback = tracking.make_callback(uri, exp, parent, sid)
+    grid = _tuner(cfg, plan, todo, refs, callback, args).fit()
+    errors = grid.num_errors
+    rows = [_row(r) for r in grid]
+    work["trials_run"] = len(rows)
+    wall = time.perf_counter() - t_start
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    c.log_batch(
+        parent,
+        metrics=[Metric(f"work.{k}", float(v), now, 0) for k, v in work.items()]
+        + [Metric("wall_s", wall, now, 0), Metric("errors", float(errors), now, 0)],
+    )
+    c.set_terminated(parent, "FINISHED" if errors == 0 else "FAILED")
+    _print_summary(cfg, rows, errors, wall, work, uri, parent)
+    return {**summary, "work": work, "trials": len(rows), "errors": errors, "wall_s": wall}
+
+
+def _log_sweep(c: Any, parent: str, cfg: SweepConfig, plan: Plan) -> None:
+    """The parent run's params and provenance artifacts (config, plan)."""
+    params = {
+        "sweep": cfg.name,
+        "trials": len(plan.trials),
+        "grid": json.dumps(cfg.grid),
+        "models": json.dumps(sorted({t.model.source or "smollm2-135m (embedded)" for t in plan.trials})),
+    }
+    c.log_batch(parent, params=[_param(k, v) for k, v in params.items()])
+    c.log_dict(parent, to_dict(cfg), "sweep.yaml")
     c.log_dict(
         parent,
-        {
-            "passes": [
-                {
-                    "layers": list(p.layers),
-                    "read_from_store": p.read_only,
-                    "memory_gb": p.memory_gb,
-                    "model": to_dict(p.trial.model),
-                    "stats": to_dict(p.trial.stats),
-                }
-                for p in shared.passes
-            ],
-            "budget_gb": shared.budget_gb,
-        },
-        "statistics.json",
+        {"summary": plan.summary(), "trials": [to_dict(t) for t in plan.trials], "estimates": plan.estimates},
+        "plan.json",
     )
+
+
+def _log_statistics(c: Any, parent: str, shared: SharedPlan) -> None:
+    """Provenance of the statistics: every pass, its layers, memory, model and settings."""
+    passes = [
+        {
+            "layers": list(p.layers),
+            "read_from_store": p.read_only,
+            "memory_gb": p.memory_gb,
+            "model": to_dict(p.trial.model),
+            "stats": to_dict(p.trial.stats),
+        }
+        for p in shared.passes
+    ]
+    c.log_dict(parent, {"passes": passes, "budget_gb": shared.budget_gb}, "statistics.json")
+
+
+def _tuner(
+    cfg: SweepConfig, plan: Plan, todo: list[str], refs: dict[str, TrialRefs], callback: Any, args: argparse.Namespace
+) -> Any:
+    """The Tune run of the trials still to do (restored when resuming), each handed its references."""
+    from ray import tune
+
+    from . import worker
 
     trials = {k: to_dict(t) for k, t in zip(plan.keys, plan.trials)}
     points = [
@@ -309,8 +363,7 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
     fn = tune.with_parameters(worker.trainable, refs=refs, trials=trials)
     fn = tune.with_resources(fn, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     storage = str(Path(cfg.storage).resolve())
-    name = f"{cfg.name}-{sid}"
-    callback = tracking.make_callback(uri, exp, parent, sid)
+    name = f"{cfg.name}-{sweep_id(cfg)}"
     # A compact progress table (trial, algorithm, layers, B, mode | edits so far, S/ES/PS/NS at edit) instead
     # of the new output engine's box per result; CLIReporter is honoured only with RAY_AIR_NEW_OUTPUT=0.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -334,41 +387,33 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
     )
     path = os.path.join(storage, name)
     if args.resume and tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=fn, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            fn,
-            param_space={"point": tune.grid_search(points)},
-            run_config=run_config,
-            tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=cfg.resources.max_concurrent),
-        )
-    grid = tuner.fit()
-    errors = grid.num_errors
-    rows = []
-    for r in grid:
-        m = r.metrics or {}
-        p = (r.config or {}).get("point", {})
-        rows.append(
-            (
-                p.get("algorithm"),
-                p.get("layers"),
-                p.get("batch_size"),
-                p.get("mode"),
-                m.get("final.s"),
-                m.get("at_edit.s"),
-            )
-        )
-    work["trials_run"] = len(rows)
-    wall = time.perf_counter() - t_start
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    c.log_batch(
-        parent,
-        metrics=[Metric(f"work.{k}", float(v), now, 0) for k, v in work.items()]
-        + [Metric("wall_s", wall, now, 0), Metric("errors", float(errors), now, 0)],
+        return tune.Tuner.restore(path, trainable=fn, resume_errored=True)
+    return tune.Tuner(
+        fn,
+        param_space={"point": tune.grid_search(points)},
+        run_config=run_config,
+        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=cfg.resources.max_concurrent),
     )
-    c.set_terminated(parent, "FINISHED" if errors == 0 else "FAILED")
+
+
+def _row(r: Any) -> tuple:
+    """(algorithm, layers, B, mode, S final, S at edit) of one Tune result."""
+    m = r.metrics or {}
+    p = (r.config or {}).get("point", {})
+    return (
+        p.get("algorithm"),
+        p.get("layers"),
+        p.get("batch_size"),
+        p.get("mode"),
+        m.get("final.s"),
+        m.get("at_edit.s"),
+    )
+
+
+def _print_summary(
+    cfg: SweepConfig, rows: list[tuple], errors: int, wall: float, work: dict[str, Any], uri: str, parent: str
+) -> None:
+    """The sweep's printed result: one line per trial, the shared work and where to look."""
     print(f"\n{'algorithm':<10} {'layers':<8} {'B':>5} {'mode':<17} {'S final':>8} {'S at edit':>9}")
     for a, ly, b, mo, sf, sa in sorted(rows, key=lambda r: str(r)):
         print(f"{a!s:<10} {ly!s:<8} {b!s:>5} {mo!s:<17} {_fmt(sf):>8} {_fmt(sa):>9}")
@@ -376,14 +421,6 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
     print(f"MLflow: {uri} (experiment {cfg.mlflow.experiment!r}, parent run {parent})")
     print(f"  view:   mlflow ui --backend-store-uri {uri}")
     print(f"  report: python -m sweep.report --sweep {cfg.name} --tracking-uri {uri}")
-    return {
-        "parent_run_id": parent,
-        "work": work,
-        "trials": len(rows),
-        "errors": errors,
-        "tracking_uri": uri,
-        "wall_s": wall,
-    }
 
 
 def _param(k: str, v: Any):
