@@ -130,15 +130,9 @@ def collect_second_moments(
             :func:`default_batch_tokens` of the model's device. The result does not depend on it (up to
             float rounding).
         dtype: accumulation dtype, float32 or float64.
-        tolerance: stop once C has converged for editing (None: read up to the caps). The first
-            ``probe_tokens`` keys of the stream are held out as probes P [d_key, m] (not in C); each
-            time the token count has grown by :data:`CHECK_GROWTH` (from 2·d_key on), the Gram matrix
-            G = Pᵀ(C + εI)⁻¹P is formed (ε = 1e-6·tr(C)/d_key) and the pass stops when
-            ‖G − G_prev‖_F / ‖G‖_F is below ``tolerance`` at every layer. The measure follows the edit,
-            not C: an update ΔW = R Kᵀ(λC + KKᵀ)⁻¹ (MEMIT; EMMET and ROME alike) acts on any input k
-            through the bilinear forms k_iᵀC⁻¹k of the edit keys with it, which G holds for held-out
-            keys, where a norm of C would follow its large directions, which converge first
-            (docs/SHARED_WORK.md).
+        tolerance: stop once C has converged for editing (None: read up to the caps): the relative
+            change of G = Pᵀ(C + εI)⁻¹P on held-out probe keys P between checks falls below it at
+            every layer (the rule and why: :class:`_Convergence`, docs/SHARED_WORK.md).
         probe_tokens: number of held-out probe keys (with ``tolerance`` only).
         progress: show a tqdm bar over tokens.
 
@@ -151,15 +145,7 @@ def collect_second_moments(
     """
     layers = _check_layers(spec, layers)
     acc = accumulation_dtype(dtype)
-    for name, value in (("max_texts", max_texts), ("max_tokens", max_tokens), ("max_seq_len", max_seq_len)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name}: must be a positive integer or None, got {value!r}")
-    if batch_tokens is not None and (
-        isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1
-    ):
-        raise ValueError(f"batch_tokens: must be a positive integer or None, got {batch_tokens!r}")
-    if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
-        raise ValueError(f"tolerance: must be a number in (0, 1) or None, got {tolerance!r}")
+    _check_caps(max_texts=max_texts, max_tokens=max_tokens, max_seq_len=max_seq_len, batch_tokens=batch_tokens)
     seq_len = max_seq_len or default_max_seq_len(model)
     device = model_device(model)
     batch_tokens = batch_tokens or default_batch_tokens(device)
@@ -182,11 +168,7 @@ def collect_second_moments(
             run_until(model, input_ids=input_ids, attention_mask=mask)
             keep = mask.bool()
             for layer, name in names.items():
-                keys = store.get(f"in:{name}")
-                if keys is None or keys.shape[-1] != spec.d_key:
-                    got = "nothing" if keys is None else f"width {keys.shape[-1]}"
-                    raise ValueError(f"spec.rewrite_module: input of {name} has {got}, expected d_key={spec.d_key}")
-                feats = keys[keep].to(acc)  # [n, d_key]
+                feats = _layer_keys(store, name, spec.d_key)[keep].to(acc)  # [n, d_key]
                 if check is not None:
                     feats = check.hold_out(layer, feats)
                 if len(feats):
@@ -205,17 +187,41 @@ def collect_second_moments(
         time.perf_counter() - start,
         _ACC_DTYPES[acc],
     )
-    if check is not None:
-        hist = tuple(check.history)
-        return {layer: SecondMoment(sums[layer].div_(n_tokens), n_tokens, check.done, hist) for layer in layers}
-    return {layer: SecondMoment(sums[layer].div_(n_tokens), n_tokens) for layer in layers}
+    converged, hist = (check.done, tuple(check.history)) if check is not None else (None, ())
+    return {layer: SecondMoment(sums[layer].div_(n_tokens), n_tokens, converged, hist) for layer in layers}
+
+
+def _check_caps(**caps: int | None) -> None:
+    """Each cap is a positive integer or None; a ValueError names the first that is not."""
+    for name, value in caps.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}: must be a positive integer or None, got {value!r}")
+
+
+def _layer_keys(store: Mapping[str, torch.Tensor], name: str, d_key: int) -> torch.Tensor:
+    """The captured input of ``name`` [batch, seq, d_key], checked against the spec's width."""
+    keys = store.get(f"in:{name}")
+    if keys is None or keys.shape[-1] != d_key:
+        got = "nothing" if keys is None else f"width {keys.shape[-1]}"
+        raise ValueError(f"spec.rewrite_module: input of {name} has {got}, expected d_key={d_key}")
+    return keys
 
 
 class _Convergence:
-    """The stopping rule of ``collect_second_moments(tolerance=...)``: held-out probe keys per layer,
-    and the relative change of G = Pᵀ(C + εI)⁻¹P between checks."""
+    """The stopping rule of ``collect_second_moments(tolerance=...)``.
+
+    The first ``probe_tokens`` keys of the stream are held out as probes P [d_key, m] (not in C); each
+    time the token count has grown by :data:`CHECK_GROWTH` (from 2·d_key on), the Gram matrix
+    G = Pᵀ(C + εI)⁻¹P is formed (ε = 1e-6·tr(C)/d_key, fp64) and the pass stops when ‖G − G_prev‖_F /
+    ‖G‖_F is below the tolerance at every layer. The measure follows the edit, not C: an update
+    ΔW = R Kᵀ(λC + KKᵀ)⁻¹ (MEMIT; EMMET and ROME alike) acts on any input k through the bilinear forms
+    k_iᵀC⁻¹k of the edit keys with it, which G holds for held-out keys, where a norm of C would follow
+    its large directions, which converge first (docs/SHARED_WORK.md).
+    """
 
     def __init__(self, layers: list[int], d_key: int, tolerance: float, probe_tokens: int) -> None:
+        if isinstance(tolerance, bool) or not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
+            raise ValueError(f"tolerance: must be a number in (0, 1) or None, got {tolerance!r}")
         if isinstance(probe_tokens, bool) or not isinstance(probe_tokens, int) or probe_tokens < 1:
             raise ValueError(f"probe_tokens: must be a positive integer, got {probe_tokens!r}")
         self.tol = tolerance

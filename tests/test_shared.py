@@ -246,6 +246,8 @@ def test_converged_statistics_stop_early_and_record_their_tokens(tmp_path, tok):
     assert sm.converged is True and sm.n_tokens < 100_000
     assert out[2].n_tokens == sm.n_tokens and sm.history[-1][1] < 0.05
     assert all(a[0] < b[0] for a, b in zip(sm.history, sm.history[1:]))
+    with pytest.raises(ValueError, match="tolerance"):
+        collect_second_moments(model, tok, spec_for(model), [1], texts, tolerance=1.5, progress=False)
     # Without a tolerance it reads to the cap.
     capped = collect_second_moments(model, tok, spec_for(model), [1], texts, max_tokens=150_000, progress=False)
     assert capped[1].n_tokens == 150_000 and capped[1].converged is None
