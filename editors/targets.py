@@ -343,6 +343,19 @@ class PrefixCache:
     lengths: torch.Tensor  # [rows] prefix length = lookup index
     width: int
 
+    @classmethod
+    def read(cls, cache: Any, lengths: torch.Tensor, width: int) -> PrefixCache | None:
+        """The keys/values a forward with ``use_cache=True`` left in ``cache`` (a ``DynamicCache``), or
+        None if they cannot be read or do not span ``width`` positions."""
+        layers = getattr(cache, "layers", None)
+        if layers is None:  # pragma: no cover - older transformers
+            kv = list(zip(cache.key_cache, cache.value_cache))
+        else:
+            kv = [(layer.keys, layer.values) for layer in layers]
+        if not kv or any(k is None or k.shape[-2] != width for k, _ in kv):
+            return None
+        return cls(kv=kv, lengths=lengths, width=width)
+
     def cache(self, rows: torch.Tensor) -> Any:
         """A fresh cache holding the selected rows' prefixes (the step pass appends to it)."""
         from transformers import DynamicCache
@@ -381,11 +394,4 @@ def prefix_cache(
     cache = DynamicCache()
     with hooks(model, stop_after=last):
         run_until(model, use_cache=True, input_ids=ids.to(device), **{cache_kwarg(model): cache})
-    layers = getattr(cache, "layers", None)
-    if layers is None:  # pragma: no cover - older transformers
-        kv = list(zip(cache.key_cache, cache.value_cache))
-    else:
-        kv = [(layer.keys, layer.values) for layer in layers]
-    if not kv or any(k is None or k.shape[-2] != width for k, _ in kv):
-        return None
-    return PrefixCache(kv=kv, lengths=torch.tensor(lookup, device=device), width=width)
+    return PrefixCache.read(cache, torch.tensor(lookup, device=device), width)

@@ -29,11 +29,39 @@ from torch import nn
 
 from editors.model import ModelSpec, ModelSpecError, get_module, hooks, model_device, run_until
 from editors.requests import encode, pad_id, pad_right, target_ids
-from editors.targets import cache_kwarg, prefix_cache
+from editors.targets import PrefixCache, cache_kwarg
 
 from .data import Record
 
 METRICS = ("es", "ps", "ns", "s", "em", "pm", "nm", "es_acc", "ps_acc", "ns_acc")
+
+
+class _TargetTokens:
+    """Accumulates, per (prompt, target) pair, the NLL of its target tokens and how many of them are
+    not the argmax, from hidden states at the positions that predict them."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, n_pairs: int) -> None:
+        self.head = get_module(model, spec.lm_head)
+        self.device = model_device(model)
+        self.nll = torch.zeros(n_pairs, dtype=torch.float64)
+        self.miss = torch.zeros(n_pairs, dtype=torch.long)
+
+    def add(self, hidden: torch.Tensor, targets: list[int], owners: list[int]) -> None:
+        """``hidden`` [m, d]: the final-norm states whose logits predict ``targets`` [m] of ``owners``."""
+        logits = self.head(hidden).float()
+        tgt = torch.tensor(targets, device=self.device)
+        tok_nll = -torch.log_softmax(logits, -1).gather(1, tgt[:, None]).squeeze(1).double().cpu()
+        hit = (logits.argmax(-1) == tgt).cpu()
+        owner = torch.tensor(owners)
+        self.nll.index_add_(0, owner, tok_nll)
+        self.miss.index_add_(0, owner, (~hit).long())
+
+
+def _final_hidden(model: nn.Module, spec: ModelSpec, **batch: Any) -> torch.Tensor:
+    """The final norm's output [rows, L, d] of one forward (the LM head is not run)."""
+    with hooks(model, outputs=[spec.final_norm], stop_after=spec.final_norm) as st:
+        run_until(model, **batch)
+    return st[f"out:{spec.final_norm}"]
 
 
 @torch.no_grad()
@@ -49,75 +77,139 @@ def target_scores(
     the argmax: ([n] float64, [n] bool).
 
     Pairs that share a prompt (CounterFact scores the new and the true object after every prompt) share
-    one pass over it: the prompt's tokens but its last run once per prompt into a KV cache
-    (:func:`editors.targets.prefix_cache`: right-padded, no mask, so exact), then one row per target
-    runs the prompt's last token and the target's tokens but its last, all rows of a batch padded
-    together; the logit at each step predicts the next target token. The LM head runs only at the
-    target positions. ``batch_size`` counts prompts per forward.
+    one pass over it: every prompt of a batch runs once, right-padded with no mask (a real token never
+    attends to a later pad, so its states are exact), keeping its KV cache; the state at its last token
+    predicts the first token of each of its targets. Only targets of two or more tokens run again: one
+    row per target of its tokens but the last, on its prompt's cache (the prompt's pads masked), all
+    such rows of a batch in one forward. A single-token target therefore costs no forward of its own,
+    and the LM head runs only at the target positions. Prompts are batched by length
+    (:func:`_length_chunks`), at most ``batch_size`` per forward.
     """
-    device = model_device(model)
-    pad = pad_id(tok)
     by_prompt: dict[str, list[int]] = {}
     for i, (prompt, _) in enumerate(pairs):
         by_prompt.setdefault(prompt, []).append(i)
     enc = {p: encode(tok, p)[0] for p in by_prompt}
+    if empty := [p for p, ids in enc.items() if not ids]:
+        raise ValueError(f"target_scores: prompt {empty[0]!r} encodes to no tokens, so nothing predicts its target")
     tids = [target_ids(tok, t) for _, t in pairs]
     order = sorted(by_prompt, key=lambda p: len(enc[p]))  # similar lengths pad less
-    nll = torch.zeros(len(pairs), dtype=torch.float64)
-    acc = torch.zeros(len(pairs), dtype=torch.bool)
-    lm_head = get_module(model, spec.lm_head)
-    last_block = spec.block_name(spec.n_layers - 1)
+    acc = _TargetTokens(model, spec, len(pairs))
     try:
-        get_module(model, last_block)
+        get_module(model, spec.block_name(spec.n_layers - 1))
         cacheable = True
     except ModelSpecError:  # a model without transformer blocks (the tests' bigram): full rows
         cacheable = False
-    for s in range(0, len(order), batch_size):
-        chunk = order[s : s + batch_size]
-        seqs = [enc[p] for p in chunk]
-        lookup = [len(q) - 1 for q in seqs]
-        prefix = prefix_cache(model, spec, seqs, lookup, pad, last_block) if cacheable else None
-        start = [len(q) - 1 for q in seqs] if prefix is not None else [0] * len(seqs)
-        row_prompt, row_pair, steps = [], [], []
-        for j, p in enumerate(chunk):
-            for i in by_prompt[p]:
-                row_prompt.append(j)
-                row_pair.append(i)
-                steps.append(seqs[j][start[j] :] + tids[i][:-1])
-        ids, mask = pad_right(steps, pad, device)
-        batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-        if prefix is not None:
-            rows = torch.tensor(row_prompt, device=device)
-            plen = prefix.lengths[rows]
-            valid = torch.arange(prefix.width, device=device)[None] < plen[:, None]
-            batch.update(
-                attention_mask=torch.cat([valid.long(), mask], dim=1),
-                position_ids=plen[:, None] + torch.arange(ids.shape[1], device=device)[None],
-                use_cache=True,
-            )
-            batch[cache_kwarg(model)] = prefix.cache(rows)
-        with hooks(model, outputs=[spec.final_norm], stop_after=spec.final_norm) as st:
-            run_until(model, **batch)
-        hidden = st[f"out:{spec.final_norm}"]
-        r_idx, pos, tgt, owner = [], [], [], []
-        for r, (j, i) in enumerate(zip(row_prompt, row_pair)):
-            first = len(seqs[j]) - 1 - start[j]  # the step whose logit predicts the first target token
-            for k, t in enumerate(tids[i]):
-                r_idx.append(r)
-                pos.append(first + k)
-                tgt.append(t)
-                owner.append(i)
-        logits = lm_head(hidden[torch.tensor(r_idx, device=device), torch.tensor(pos, device=device)]).float()
-        logp = torch.log_softmax(logits, -1)
-        tgt_t = torch.tensor(tgt, device=device)
-        tok_nll = -logp.gather(1, tgt_t[:, None]).squeeze(1).double().cpu()
-        hit = (logits.argmax(-1) == tgt_t).cpu()
-        owner_t = torch.tensor(owner)
-        nll.index_add_(0, owner_t, tok_nll)
-        miss = torch.zeros(len(pairs), dtype=torch.long).index_add_(0, owner_t, (~hit).long())
-        acc[row_pair] = miss[row_pair] == 0
+    for chunk in _length_chunks(order, [len(enc[p]) for p in order], batch_size):
+        groups = [by_prompt[p] for p in chunk]
+        if cacheable:
+            _score_cached(model, tok, spec, [enc[p] for p in chunk], groups, tids, acc)
+        else:
+            rows = [(j, i) for j, g in enumerate(groups) for i in g]
+            _score_full_rows(model, tok, spec, [enc[p] for p in chunk], rows, tids, acc)
     lengths = torch.tensor([len(t) for t in tids], dtype=torch.float64)
-    return nll / lengths, acc
+    return acc.nll / lengths, acc.miss == 0
+
+
+BATCH_COST_TOKENS = 80
+"""A batch's fixed cost in padded tokens: it runs two forwards (the prompts, then the longer targets'
+tokens), each ~60 ms however few its tokens (the weights stream from memory) against ~1.5 ms a token,
+measured on SmolLM2-135M on 2 CPU cores (docs/RESULTS.md). Larger models and GPUs only shift it."""
+
+
+def _length_chunks(items: list[str], lengths: list[int], batch_size: int) -> list[list[str]]:
+    """Split ``items`` (sorted by ``lengths``, ascending) into consecutive batches of at most
+    ``batch_size`` that minimise the tokens run: Σ over batches of (its longest length × its size +
+    :data:`BATCH_COST_TOKENS`), by dynamic programming. Cutting only at the size pads a batch to its
+    longest prompt (58% more tokens on CounterFact); cutting at every length runs many tiny forwards."""
+    n = len(items)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for i in range(1, n + 1):
+        for j in range(max(0, i - batch_size), i):
+            cost = best[j] + lengths[i - 1] * (i - j) + BATCH_COST_TOKENS
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    out: list[list[str]] = []
+    i = n
+    while i > 0:
+        out.append(items[cut[i] : i])
+        i = cut[i]
+    return out[::-1]
+
+
+def _score_cached(
+    model: nn.Module,
+    tok: Any,
+    spec: ModelSpec,
+    seqs: list[list[int]],
+    groups: list[list[int]],
+    tids: list[list[int]],
+    acc: _TargetTokens,
+) -> None:
+    """One batch of prompts (``seqs``, each with the pairs ``groups[j]``) by the shared-prompt method."""
+    from transformers import DynamicCache
+
+    device = model_device(model)
+    ids, _ = pad_right(seqs, pad_id(tok), device)
+    cache = DynamicCache()
+    hidden = _final_hidden(model, spec, input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
+    lengths = torch.tensor([len(q) for q in seqs], device=device)
+    last = hidden[torch.arange(len(seqs), device=device), lengths - 1]  # [prompts, d]
+    firsts = [(j, i) for j, g in enumerate(groups) for i in g]
+    acc.add(last[[j for j, _ in firsts]], [tids[i][0] for _, i in firsts], [i for _, i in firsts])
+    rows = [(j, i) for j, i in firsts if len(tids[i]) > 1]
+    if not rows:
+        return
+    prefix = PrefixCache.read(cache, lengths, ids.shape[1])
+    if prefix is None:  # pragma: no cover - a cache this transformers does not expose: rows in full
+        _score_full_rows(model, tok, spec, seqs, rows, tids, acc, first=1)
+        return
+    sel = torch.tensor([j for j, _ in rows], device=device)
+    plen = prefix.lengths[sel]
+    valid = torch.arange(prefix.width, device=device)[None] < plen[:, None]
+    step_ids, step_mask = pad_right([tids[i][:-1] for _, i in rows], pad_id(tok), device)
+    h = _final_hidden(
+        model,
+        spec,
+        input_ids=step_ids,
+        attention_mask=torch.cat([valid.long(), step_mask], dim=1),
+        position_ids=plen[:, None] + torch.arange(step_ids.shape[1], device=device)[None],
+        use_cache=True,
+        **{cache_kwarg(model): prefix.cache(sel)},
+    )
+    r_idx = [r for r, (_, i) in enumerate(rows) for _ in tids[i][1:]]
+    pos = [k for _, i in rows for k in range(len(tids[i]) - 1)]
+    tgt = [t for _, i in rows for t in tids[i][1:]]
+    owner = [i for _, i in rows for _ in tids[i][1:]]
+    acc.add(h[torch.tensor(r_idx, device=device), torch.tensor(pos, device=device)], tgt, owner)
+
+
+def _score_full_rows(
+    model: nn.Module,
+    tok: Any,
+    spec: ModelSpec,
+    seqs: list[list[int]],
+    rows: list[tuple[int, int]],
+    tids: list[list[int]],
+    acc: _TargetTokens,
+    *,
+    first: int = 0,
+) -> None:
+    """One row per (prompt j, pair i) in ``rows``: the prompt and the target's tokens but the last (a
+    model without a KV cache); the target's tokens from index ``first`` on are scored."""
+    device = model_device(model)
+    ids, mask = pad_right([seqs[j] + tids[i][:-1] for j, i in rows], pad_id(tok), device)
+    hidden = _final_hidden(model, spec, input_ids=ids, attention_mask=mask)
+    r_idx, pos, tgt, owner = [], [], [], []
+    for r, (j, i) in enumerate(rows):
+        for k, t in enumerate(tids[i]):
+            if k < first:
+                continue
+            r_idx.append(r)
+            pos.append(len(seqs[j]) - 1 + k)
+            tgt.append(t)
+            owner.append(i)
+    acc.add(hidden[torch.tensor(r_idx, device=device), torch.tensor(pos, device=device)], tgt, owner)
 
 
 def hmean(values: Sequence[float]) -> float:

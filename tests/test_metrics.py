@@ -146,3 +146,28 @@ def test_cached_prompt_scoring_equals_one_full_forward_per_pair(bos, tok, tok_bo
         want = -logp.gather(1, torch.tensor(t_ids)[:, None]).mean()
         assert nll[i].item() == pytest.approx(float(want), rel=1e-4, abs=1e-6), (p, x)
         assert bool(acc[i]) == bool((logits[len(p_ids) - 1 : -1].argmax(-1) == torch.tensor(t_ids)).all())
+
+
+def test_length_chunks_minimise_the_tokens_run_as_brute_force_does():
+    """The prompt batches: consecutive, at most ``batch_size``, and of minimal total cost (longest × size
+    + the batch cost), checked against every partition of a small sorted list."""
+    import itertools
+
+    from sweep.metrics import BATCH_COST_TOKENS, _length_chunks
+
+    def cost(parts: list[list[int]]) -> int:
+        return sum(max(p) * len(p) + BATCH_COST_TOKENS for p in parts)
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        lengths = sorted(torch.randint(1, 200, (9,), generator=gen).tolist())
+        bs = 2 + trial % 5
+        got = _length_chunks(list(lengths), lengths, bs)
+        assert [x for c in got for x in c] == lengths and all(len(c) <= bs for c in got)
+        best = min(
+            cost([lengths[a:b] for a, b in zip((0, *cuts), (*cuts, len(lengths)))])
+            for k in range(len(lengths))
+            for cuts in itertools.combinations(range(1, len(lengths)), k)
+            if all(b - a <= bs for a, b in zip((0, *cuts), (*cuts, len(lengths))))
+        )
+        assert cost(got) == best
