@@ -1,4 +1,5 @@
-"""Fact editing in Hugging Face causal LMs: ROME, MEMIT, EMMET and AlphaEdit.
+"""Fact editing in Hugging Face causal LMs: ROME, MEMIT, EMMET, AlphaEdit and ENCORE, with the
+lifelong-editing settings NAS, PRUNE and RECT (:mod:`editors.algorithms`).
 
 PyTorch and transformers only (no Ray, no MLflow), usable from a notebook::
 
@@ -15,16 +16,16 @@ sequential editing.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from types import ModuleType
 from typing import Any
 
-from . import alphaedit, emmet, memit, rome
+from .algorithms import ALGORITHMS
 from .common import AlgorithmTraits, EditResult, EditState, apply_deltas, restore
 from .config import ConfigError
 from .hparams import (
     AlphaEditHParams,
     EditHParams,
     EMMETHParams,
+    ENCOREHParams,
     MEMITHParams,
     ROMEHParams,
     check_algorithm,
@@ -34,9 +35,6 @@ from .model import ModelRef, ModelSpec, load_model, smollm2_path, spec_for
 from .requests import EditRequest
 from .schedule import BatchEvent, ScheduleResult, run_schedule
 from .templates import TemplateCache
-
-#: algorithm name -> module with ``compute_deltas`` and ``update_state``.
-ALGORITHMS: dict[str, ModuleType] = {"rome": rome, "memit": memit, "emmet": emmet, "alphaedit": alphaedit}
 
 
 def traits(algorithm: str) -> AlgorithmTraits:
@@ -65,6 +63,7 @@ __all__ = [
     "BatchEvent",
     "ConfigError",
     "EMMETHParams",
+    "ENCOREHParams",
     "EditHParams",
     "EditRequest",
     "EditResult",

@@ -1,5 +1,6 @@
 """What every algorithm shares: results, state across batches, weight apply/restore, and the
-MEMIT-style layer loop used by MEMIT, EMMET and AlphaEdit (docs/ALGORITHMS.md §2 step 3).
+checks every algorithm runs before its work (the MEMIT-style layer loop is
+:mod:`editors.algorithms.layered`).
 
 The compute step of every algorithm returns deltas and leaves the model bit-identical (the invariant
 of memit's ``execute_memit``); applying them is a separate step (:func:`apply_deltas`), undone exactly by
@@ -10,17 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .model import ModelSpec, get_module, model_device, weight
+from .model import ModelSpec, get_module, model_device
 from .requests import EditRequest
-from .targets import compute_keys, optimize_values, reprs_at_subject
-from .templates import TemplateGroups, flat
+from .templates import TemplateGroups
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,13 @@ class EditState:
         projectors: layer -> AlphaEdit's null-space projector P [d_key, d_key] float64, computed once
             from the statistics.
         batches: number of batches applied so far.
+        value_norm_anchor: NAS's anchor N̄ of the target values' norm, from the first batch.
     """
 
     prev_keys: dict[int, torch.Tensor] = field(default_factory=dict)
     projectors: dict[int, torch.Tensor] = field(default_factory=dict)
     batches: int = 0
+    value_norm_anchor: float | None = None
 
     def add_keys(self, layer: int, keys: torch.Tensor) -> None:
         old = self.prev_keys.get(layer)
@@ -160,90 +162,6 @@ def stats_matrix(stats: Mapping[int, Any] | None, spec: ModelSpec, layer: int, d
         have = sorted(stats) if stats else []
         raise ValueError(f"stats: no second-moment statistics for layer {layer} (have layers {have})")
     return check_stats(stats[layer], spec, layer, "stats").to(device=device, dtype=torch.float64)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The MEMIT-style layer loop
-
-Solve = Callable[[int, torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
-
-
-def layered_update(
-    model: nn.Module,
-    tok: Any,
-    spec: ModelSpec,
-    requests: Sequence[EditRequest],
-    hp: Any,
-    templates: TemplateGroups,
-    solve: Solve,
-    values: torch.Tensor | None = None,
-) -> EditResult:
-    """MEMIT's update loop (memit_main.execute_memit), with the solve step supplied by the algorithm.
-
-    1. z_i at block L = layers[-1] (:func:`optimize_values`, ``at="block"``) unless ``values`` given.
-    2. For each layer l ascending: K_l = template-averaged keys on the current, partly edited model;
-       R = Z − (current block-L output at the bare prompt); residual R/(n_layers − i) goes to
-       ``solve(l, K_l, resid, info) -> ΔW_l`` (float64 in, [d_out, d_in] out), which is written into the
-       model at once so later layers see it.
-    3. The model is restored exactly at the end; the deltas are returned.
-    """
-    device = model_device(model)
-    info: dict[str, Any] = {"solver": {}}
-    z_layer = hp.layers[-1]
-    if values is None:
-        with timed(info, "time_values", device):
-            v = optimize_values(
-                model,
-                tok,
-                spec,
-                z_layer,
-                requests,
-                flat(templates),
-                hp,
-                at="block",
-                max_requests=hp.value_batch,
-            )
-        values, info["value_loss"], info["value_steps"] = v.values, v.loss.tolist(), v.steps.tolist()
-    elif tuple(values.shape) != (len(requests), spec.d_model):
-        raise ValueError(f"values: expected shape {(len(requests), spec.d_model)}, got {tuple(values.shape)}")
-    zs = values.to(device=device, dtype=torch.float64)
-    deltas: dict[str, torch.Tensor] = {}
-    keys_used: dict[int, torch.Tensor] = {}
-    names = [spec.rewrite_name(layer) for layer in hp.layers]
-    with preserved(model, names):
-        for i, layer in enumerate(hp.layers):
-            with timed(info, "time_keys", device):
-                # One forward gives the keys at l (every template) and block L's output at the bare
-                # prompt (template "{}" comes first, and causality makes later tokens irrelevant).
-                rw, blk = spec.rewrite_name(layer), spec.block_name(z_layer)
-                reps = reprs_at_subject(model, tok, requests, flat(templates), [(rw, "in"), (blk, "out")])
-                sizes = [len(g) for g in templates]
-                keys = torch.stack([g.mean(1) for g in torch.split(reps[(rw, "in")], sizes, 1)]).mean(0).T
-                cur_z = reps[(blk, "out")][:, 0]
-            resid = (zs - cur_z.double()).T / (len(hp.layers) - i)  # [d_model, n]
-            layer_info: dict[str, Any] = {}
-            with timed(info, "time_solve", device):
-                delta = solve(layer, keys.double(), resid, layer_info)
-            info["solver"][layer] = layer_info
-            deltas[rw] = delta.float()
-            keys_used[layer] = keys.float().contiguous()
-            if i < len(hp.layers) - 1:  # later layers see this layer's update
-                with torch.no_grad():
-                    w = weight(model, spec, layer)
-                    w.add_(delta.to(w.dtype))
-    return EditResult(deltas=deltas, keys=keys_used, values=values, info=info)
-
-
-def keys_after_edit(
-    model: nn.Module,
-    tok: Any,
-    spec: ModelSpec,
-    layers: Sequence[int],
-    requests: Sequence[EditRequest],
-    templates: TemplateGroups,
-) -> dict[int, torch.Tensor]:
-    """Keys of ``requests`` recomputed on the (edited) model: AlphaEdit's cache update."""
-    return {layer: compute_keys(model, tok, spec, layer, requests, templates) for layer in layers}
 
 
 def prepare(

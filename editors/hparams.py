@@ -33,6 +33,16 @@ class EditHParams(ValueHParams):
         mom2_n_samples, mom2_dtype: statistics the caller should pass (provenance; the reference
             computes them from this many Wikipedia texts in this dtype).
         value_batch: requests per padded forward in the value optimisation (memory bound only).
+
+    The lifelong-editing settings (docs/ALGORITHMS.md §8), off by default, each on any algorithm:
+        nas: NAS (arXiv 2602.02543), target values' MLP part anchored to the unedited model's norm
+            (:mod:`editors.algorithms.nas`; MEMIT-style algorithms).
+        rect_keep: RECT (arXiv 2401.04700), keep this fraction of each update's entries, those of
+            largest relative change (:mod:`editors.algorithms.rect`; the authors' code: 0.4).
+        prune_base: PRUNE (arXiv 2405.16821), the log base α that restrains the accumulated ΔW's
+            singular values above σ_max(W₀) (:mod:`editors.algorithms.prune`; e, 2, 1.5 or 1.2).
+        mpes_hits: ENCORE's most-probable early stopping in the value optimisation
+            (:func:`editors.targets.optimize_values`).
     """
 
     layers: tuple[int, ...]
@@ -41,9 +51,16 @@ class EditHParams(ValueHParams):
     mom2_n_samples: int = 100_000
     mom2_dtype: Literal["float32", "float64"] = "float32"
     value_batch: int = 32
+    nas: bool = False
+    rect_keep: float | None = None
+    prune_base: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.rect_keep is not None and not 0 < self.rect_keep <= 1:
+            raise ValueError(f"rect_keep: the fraction of entries kept must be in (0, 1] or null, got {self.rect_keep}")
+        if self.prune_base is not None and not self.prune_base > 1:
+            raise ValueError(f"prune_base: the log base must be > 1 or null, got {self.prune_base}")
         if not self.layers:
             raise ValueError("layers: at least one layer is needed")
         if list(self.layers) != sorted(set(self.layers)):
@@ -66,6 +83,8 @@ class ROMEHParams(EditHParams):
         super().__post_init__()
         if len(self.layers) != 1:
             raise ValueError(f"layers: ROME edits exactly one layer, got {list(self.layers)}")
+        if self.nas or self.rect_keep is not None:
+            raise ValueError("nas / rect_keep: apply to the MEMIT-style algorithms (memit, emmet, alphaedit, encore)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,11 +132,29 @@ class AlphaEditHParams(EditHParams):
             raise ValueError("L2: must be >= 0")
 
 
+@dataclass(frozen=True, kw_only=True)
+class ENCOREHParams(MEMITHParams):
+    """ENCORE (Gupta et al. 2025, arXiv 2502.01636): MEMIT with the earlier batches' keys in the
+    preservation term (``add_prev_edits``), a ridge λ_n I on the update (``update_norm_lambda``, not
+    scaled by λ) and most-probable early stopping of the target values (``mpes_hits``): the
+    authors' ``hparams/ENCORE/llama3-8b.json`` (λ = 15,000, λ_n = 20, prob_cutoff = −2)."""
+
+    add_prev_edits: bool = True
+    update_norm_lambda: float = 20.0
+    mpes_hits: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.update_norm_lambda < 0:
+            raise ValueError("update_norm_lambda: must be >= 0")
+
+
 HPARAMS: dict[str, type[EditHParams]] = {
     "rome": ROMEHParams,
     "memit": MEMITHParams,
     "emmet": EMMETHParams,
     "alphaedit": AlphaEditHParams,
+    "encore": ENCOREHParams,
 }
 
 

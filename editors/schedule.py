@@ -5,7 +5,11 @@
 - ``sequential``: sequential-batch with one request per batch.
 
 After each batch is applied, ``callback(event)`` runs on the edited model, so a caller can score that
-batch's facts right after their edit (the reference's protocol) and log curves.
+batch's facts right after their edit (the reference's protocol), log curves, and stop the schedule
+(raise :class:`StopSchedule`, e.g. a collapse guard: the edits so far stay in the model). Every
+``health_every`` batches the event carries each edited matrix's :class:`WeightHealth`. With PRUNE
+(``hparams.prune_base``) the callback and the final model see W₀ + PRUNE(W − W₀), while the edits go
+on from the unrestrained weights, as the authors evaluate it (:mod:`editors.algorithms.prune`).
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .algorithms import prune
 from .common import EditResult, EditState, apply_deltas, restore
-from .model import ModelSpec, spec_for
+from .model import ModelSpec, get_module, spec_for
 from .requests import EditRequest, as_request, validate_requests
 from .templates import TemplateCache, TemplateGroups
 
@@ -29,6 +34,33 @@ Mode = Literal["batch", "sequential-batch", "sequential"]
 MODES = ("batch", "sequential-batch", "sequential")
 
 
+class StopSchedule(Exception):
+    """Raised by a callback to end the schedule after the current batch; its message is the reason."""
+
+
+@dataclass(frozen=True)
+class WeightHealth:
+    """One edited matrix after a batch: ``drift`` ‖W − W₀‖_F, ``sigma_max`` σ_max(W), ``cond`` its
+    condition number σ_max/σ_min, and ``delta_sigma_max`` σ_max(W − W₀) (PRUNE's quantity)."""
+
+    drift: float
+    sigma_max: float
+    cond: float
+    delta_sigma_max: float
+
+    @classmethod
+    def of(cls, w: torch.Tensor, w0: torch.Tensor) -> WeightHealth:
+        """From the weight now and before the schedule (any orientation; computed in float64)."""
+        d = w.double() - w0.double()
+        s = torch.linalg.svdvals(w.double())
+        return cls(
+            drift=float(d.norm()),
+            sigma_max=float(s[0]),
+            cond=float(s[0] / s[-1].clamp_min(1e-300)),
+            delta_sigma_max=float(torch.linalg.matrix_norm(d, ord=2)),
+        )
+
+
 @dataclass
 class BatchEvent:
     """What the callback sees after batch ``index`` has been applied.
@@ -36,7 +68,9 @@ class BatchEvent:
     Attributes:
         index: 0-based batch number; ``requests``: this batch's requests;
         applied: requests whose edits are in the model now (B for ``batch`` mode, all so far otherwise);
-        result: the compute step's output; ``update_norms``: module -> ‖ΔW‖_F of this batch.
+        result: the compute step's output; ``update_norms``: module -> ‖ΔW‖_F of this batch;
+        drift: module -> ‖W − W₀‖_F now (every batch; cheap);
+        health: module -> :class:`WeightHealth` every ``health_every`` batches and at the last, else None.
     """
 
     index: int
@@ -44,15 +78,21 @@ class BatchEvent:
     applied: int
     result: EditResult
     update_norms: dict[str, float]
+    drift: dict[str, float] = field(default_factory=dict)
+    health: dict[str, WeightHealth] | None = None
 
 
 @dataclass
 class ScheduleResult:
     """``original``: exact copies of every weight the schedule touched (for :meth:`restore`);
-    ``results``: each batch's :class:`EditResult` (deltas dropped unless ``keep_deltas``)."""
+    ``results``: each batch's :class:`EditResult` (deltas dropped unless ``keep_deltas``);
+    ``stopped``: the reason a callback gave with :class:`StopSchedule`, else None; ``applied``: the
+    requests whose edits are in the model at the end (before any restore)."""
 
     original: dict[str, torch.Tensor] = field(default_factory=dict)
     results: list[EditResult] = field(default_factory=list)
+    stopped: str | None = None
+    applied: int = 0
 
     def restore(self, model: nn.Module) -> None:
         """Put every touched weight back to its value before the schedule (bit-identical)."""
@@ -94,6 +134,7 @@ def run_schedule(
     values: Callable[[int, list[EditRequest]], torch.Tensor | None] | None = None,
     keep_deltas: bool = False,
     restore_at_end: bool | None = None,
+    health_every: int = 0,
 ) -> ScheduleResult:
     """Edit ``requests`` in batches of ``batch_size`` under ``mode``.
 
@@ -105,6 +146,8 @@ def run_schedule(
         restore_at_end: put the original weights back when done (default: True for ``batch``, which
             always ends unedited, False otherwise so the caller can score the final model; call
             ``result.restore(model)`` later).
+        health_every: compute every edited matrix's :class:`WeightHealth` every this many batches
+            and after the last (0: never; an SVD per matrix).
     """
     from . import ALGORITHMS
 
@@ -122,8 +165,9 @@ def run_schedule(
     out = ScheduleResult()
     state = EditState()
     applied = 0
+    plan = batches(len(reqs), batch_size)
     try:
-        for b, idx in enumerate(batches(len(reqs), batch_size)):
+        for b, idx in enumerate(plan):
             chunk = [reqs[i] for i in idx]
             if mode == "batch":
                 state = EditState(projectors=state.projectors)  # projectors depend on C only
@@ -138,17 +182,52 @@ def run_schedule(
             if mode != "batch":
                 alg.update_state(model, tok, chunk, result, hparams, state, spec, templates)
             norms = {n: float(d.double().norm()) for n, d in result.deltas.items()}
-            if callback is not None:
-                callback(BatchEvent(b, chunk, applied, result, norms))
+            unrestrained = _restrain(model, spec, out.original, hparams.prune_base)
+            event = BatchEvent(b, chunk, applied, result, norms, _drift(model, out.original))
+            if health_every and ((b + 1) % health_every == 0 or b == len(plan) - 1):
+                event.health = {n: WeightHealth.of(get_module(model, n).weight, w0) for n, w0 in out.original.items()}
+            try:
+                if callback is not None:
+                    callback(event)
+            except StopSchedule as stop:
+                out.stopped = str(stop) or "stopped by the callback"
             if not keep_deltas:
                 result.deltas = {}
             out.results.append(result)
+            out.applied = applied
             if mode == "batch":
                 restore(model, backup)
+                out.applied = 0
+            elif unrestrained and b < len(plan) - 1 and out.stopped is None:
+                restore(model, unrestrained)  # PRUNE: edit on from the unrestrained weights
             log.info("batch %d: %d requests, %d edits in the model", b, len(chunk), applied)
+            if out.stopped is not None:
+                log.warning("schedule stopped after batch %d (%d edits): %s", b, applied, out.stopped)
+                break
     except BaseException:
         out.restore(model)
         raise
     if restore_at_end if restore_at_end is not None else mode == "batch":
         out.restore(model)
     return out
+
+
+def _drift(model: nn.Module, original: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """module -> ‖W − W₀‖_F of every weight the schedule has touched."""
+    return {n: float((get_module(model, n).weight.double() - w0.double()).norm()) for n, w0 in original.items()}
+
+
+def _restrain(
+    model: nn.Module, spec: ModelSpec, original: Mapping[str, torch.Tensor], base: float | None
+) -> dict[str, torch.Tensor]:
+    """With PRUNE's log base ``base``: W ← W₀ + PRUNE(W − W₀) for every touched weight; returns the
+    unrestrained weights (for :func:`restore`), or nothing when ``base`` is None."""
+    if base is None:
+        return {}
+    backup: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, w0 in original.items():
+            w = get_module(model, name).weight
+            backup[name] = w.detach().clone()
+            w.copy_((w0.double() + prune.restrain(w.double() - w0.double(), w0, base)).to(w.dtype))
+    return backup

@@ -44,8 +44,11 @@ class ValueHParams:
     kl_factor: float = 0.0625  # weight of KL on "{subject} is a" at the subject's last token
     early_stop_loss: float = 5e-2  # stop a request once its loss is below this (reference: 5e-2)
     kl_prompt: str = "{} is a"  # the "essence" prompt
+    mpes_hits: int = 0  # ENCORE's most-probable early stopping: stop at the n-th check that passes (0: off)
 
     def __post_init__(self) -> None:
+        if self.mpes_hits < 0:
+            raise ValueError(f"mpes_hits: must be >= 0 (0 turns MPES off), got {self.mpes_hits}")
         if self.v_num_grad_steps < 1:
             raise ValueError("v_num_grad_steps: must be >= 1")
         if self.v_lr <= 0:
@@ -173,6 +176,13 @@ def optimize_values(
             keys and values at every step: compute them once (a KV cache of each row's prefix) and run
             only the rest of each prompt per step. Same result (tested), less work.
 
+    A request stops once its loss is below ``hp.early_stop_loss`` or, with ``hp.mpes_hits = n > 0``,
+    at the n-th evaluation (not necessarily consecutive) where every target token of every rewriting
+    prompt is the argmax: ENCORE's most-probable early stopping (Gu et al. 2025, arXiv 2502.01636 §4;
+    ``encore/compute_z.py``, ``prob_cutoff = -n``; Llama-3-8B: n = 2). The check is on the forward of
+    the current δ, before its step. ENCORE's code leaves the bare prompt ``"{}"`` out of the check (its
+    comment says it meant the KL prompt); here every rewriting prompt counts, the bare one included.
+
     Returns:
         :class:`Values` with v* = v_init + δ for each request.
     """
@@ -256,6 +266,7 @@ def _optimize_chunk(
     active = torch.ones(n_req, dtype=torch.bool, device=device)
     last_loss = torch.zeros(n_req, device=device)
     steps = torch.zeros(n_req, dtype=torch.long, device=device)
+    mpes_count = torch.zeros(n_req, dtype=torch.long, device=device)  # checks passed so far (ENCORE)
 
     for it in range(hp.v_num_grad_steps):
         act_req = active.nonzero().squeeze(1)
@@ -311,6 +322,11 @@ def _optimize_chunk(
             last_loss[act_req] = loss.detach()[act_req]
             steps[act_req] += 1
             done = active & (last_loss < hp.early_stop_loss)
+            if hp.mpes_hits:  # MPES: every target token of every rewriting prompt is the argmax
+                wrong = torch.zeros(n_req, dtype=torch.long, device=device)
+                wrong.index_add_(0, t_req, (logp[:n_t].argmax(-1) != tgt_ids_t[t_sel]).long())
+                mpes_count[act_req] += (wrong[act_req] == 0).long()
+                done |= active & (mpes_count >= hp.mpes_hits)
             active &= ~done
             if it == hp.v_num_grad_steps - 1 or not bool(active.any()):
                 break

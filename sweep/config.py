@@ -73,6 +73,16 @@ class ScoringConfig:
     ppl_offset: int = 2000  # texts of the corpus skipped before the slice (the stats use the first ones)
     ppl_texts: int = 20
     ppl_max_len: int = 256
+    retention_every: int = 0  # sequential modes: re-score every fact edited so far every this many batches (0: off)
+    health_every: int = 0  # every this many batches: σ_max and cond of each edited W (+ ppl if ppl is on) (0: off)
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """The collapse guard: a trial stops (``collapsed_at``) at the first batch that breaks a bound."""
+
+    max_ppl_ratio: float | None = None  # held-out perplexity above this × the unedited one (needs ppl, health_every)
+    min_batch_es: float | None = None  # the last batch's ES at edit (percent) below this
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,19 @@ class TrialConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    method: str | None = None  # the method's name in reports (None: the algorithm + its lifelong settings)
+
+
+def method_name(cfg: TrialConfig, hp: EditHParams | None = None) -> str:
+    """The trial's method as reports name it: ``cfg.method`` if set, else the algorithm with the
+    lifelong-editing settings it turns on, e.g. ``memit+nas+prune``."""
+    if cfg.method:
+        return cfg.method
+    hp = hp or trial_hparams(cfg)
+    parts = [cfg.algorithm.lower()]
+    parts += [name for name, on in (("nas", hp.nas), ("prune", hp.prune_base), ("rect", hp.rect_keep)) if on]
+    return "+".join(parts)
 
 
 def parse_config(data: dict[str, Any]) -> TrialConfig:
@@ -124,6 +147,19 @@ def parse_config(data: dict[str, Any]) -> TrialConfig:
         accumulation_dtype(s.dtype)
     except ValueError as e:
         raise ConfigError(f"stats.{e}") from None
+    sc, g = cfg.scoring, cfg.guard
+    for name in ("retention_every", "health_every"):
+        if getattr(sc, name) < 0:
+            raise ConfigError(f"scoring.{name}: must be >= 0 (0 turns it off), got {getattr(sc, name)}")
+    if sc.retention_every and cfg.mode == "batch":
+        raise ConfigError("scoring.retention_every: forgetting curves need mode sequential-batch or sequential")
+    if g.max_ppl_ratio is not None and (g.max_ppl_ratio <= 1 or not sc.ppl or not sc.health_every):
+        raise ConfigError(
+            "guard.max_ppl_ratio: must be > 1 and needs scoring.ppl=true and scoring.health_every >= 1 "
+            f"(the perplexity is measured at the health points), got {g.max_ppl_ratio}"
+        )
+    if g.min_batch_es is not None and not 0 <= g.min_batch_es <= 100:
+        raise ConfigError(f"guard.min_batch_es: a percentage in [0, 100], got {g.min_batch_es}")
     return cfg
 
 
@@ -179,10 +215,13 @@ class EstimateConfig:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """A whole study: a base trial and a grid over its keys."""
+    """A whole study: a base trial, named ``variants`` of it (methods: each a dict of overrides, e.g.
+    ``memit+nas: {algorithm: memit, hp: {nas: true}}``; its name becomes the trial's ``method``), and a
+    ``grid`` over its keys crossed with every variant."""
 
     name: str
     base: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # method name -> overrides of base
     grid: dict[str, list[Any]] = field(default_factory=dict)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -232,6 +271,9 @@ def load_sweep(path: str, overrides: list[str] = ()) -> SweepConfig:
     for key, values in cfg.grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid.{key}: expected a non-empty list of values")
+    for vname, over in cfg.variants.items():
+        if not isinstance(over, dict) or not vname or not all(c.isalnum() or c in "-_+." for c in vname):
+            raise ConfigError(f"variants.{vname}: a name of letters, digits, '-_+.' mapping to a dict of overrides")
     if cfg.retries < 0:
         raise ConfigError("retries: must be >= 0")
     if cfg.values_chunk < 1:
@@ -261,15 +303,17 @@ def expand(cfg: SweepConfig) -> list[TrialConfig]:
     """Every trial of the grid, validated; an invalid combination names the grid key and values."""
     keys = list(cfg.grid)
     trials = []
-    for combo in itertools.product(*(cfg.grid[k] for k in keys)):
-        data = dict(cfg.base)
-        for k, v in zip(keys, combo):
-            data = _set(data, k, v)
-        try:
-            trials.append(parse_config(data))
-        except ConfigError as e:
-            where = ", ".join(f"{k}={v}" for k, v in zip(keys, combo))
-            raise ConfigError(f"grid ({where}): {e}") from None
+    variants = [(name, merge(cfg.base, {**over, "method": name})) for name, over in cfg.variants.items()]
+    for name, base in variants or [(None, dict(cfg.base))]:
+        for combo in itertools.product(*(cfg.grid[k] for k in keys)):
+            data = dict(base)
+            for k, v in zip(keys, combo):
+                data = _set(data, k, v)
+            try:
+                trials.append(parse_config(data))
+            except ConfigError as e:
+                where = ", ".join([f"variants.{name}"] * (name is not None) + [f"{k}={v}" for k, v in zip(keys, combo)])
+                raise ConfigError(f"grid ({where}): {e}") from None
     if len({trial_key(t) for t in trials}) != len(trials):
         raise ConfigError("grid: two grid points give the same trial (a key repeats a base value?)")
     return trials

@@ -40,6 +40,13 @@ class TrialResult:
         work: counters of shared work computed vs reused (statistics, values, pre-edit scores).
         versions: torch, transformers, this package, the model's fingerprint.
         templates: the context templates used.
+        retention: the forgetting curve, every ``scoring.retention_every`` batches: ``edits`` and
+            ES/PS/NS/S of every fact edited so far (``all_*``) and of the first batch's (``first_*``).
+        health: every ``scoring.health_every`` batches: ``edits``, ``drift`` ‖W − W₀‖_F,
+            ``sigma_max``, ``cond``, ``delta_sigma_max`` (the largest over the edited matrices), ``ppl``.
+        collapsed_at, collapse_reason: edits in the model when the collapse guard stopped the trial,
+            and why (None: it ran to the end).
+        method: the method's name in reports (:func:`sweep.config.method_name`).
         trial_key, node, pid, stats_zero_copy: set by a sweep's worker.
     """
 
@@ -56,6 +63,11 @@ class TrialResult:
     work: dict[str, int]
     versions: dict[str, str]
     templates: list[list[str]]
+    retention: list[dict[str, Any]] = field(default_factory=list)
+    health: list[dict[str, Any]] = field(default_factory=list)
+    collapsed_at: int | None = None
+    collapse_reason: str | None = None
+    method: str | None = None
     trial_key: str | None = None
     node: str | None = None
     pid: int | None = None

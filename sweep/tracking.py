@@ -10,9 +10,11 @@ All MLflow calls happen in the driver (SQLite stores do not like many writers), 
 - child: tags ``mlflow.parentRunId``, ``sweep.id``, ``sweep.role=trial``, ``trial.key``; params
   ``algorithm layers layer batch_size mode n_edits model hparams hp.<name>``; metrics ``{pre,at_edit,
   final}.{es,ps,ns,s,em,pm,nm,es_acc,ps_acc,ns_acc,ge,ppl}``, ``time.*``, ``memory.*``, ``work.*``,
-  ``update_norm.*``, ``stats.tokens.L<layer>`` (tokens in C),
+  ``update_norm.*``, ``stats.tokens.L<layer>`` (tokens in C), ``collapsed_at`` (edits, with the tag
+  ``collapse.reason``, when the collapse guard stopped the trial), param ``method``,
   ``config.layer``/``config.batch_size`` (numeric copies for parallel-coordinates
-  charts) and curves ``curve.*`` with step = edits applied; artifacts ``config.yaml``,
+  charts) and curves ``curve.*`` with step = edits applied (``curve.forget_{all,first}_{es,ps,ns,s}``:
+  the forgetting curves; ``curve.health_{drift,sigma_max,cond,delta_sigma_max,ppl}``); artifacts ``config.yaml``,
   ``per_record.csv``, ``trial.json``.
 """
 
@@ -93,15 +95,23 @@ def log_trial(c: Any, exp_id: str, parent: str, sid: str, result: TrialResult) -
     cfg, hp = result.config, result.hparams
     key = result.trial_key
     layers = result.layers
-    name = f"{cfg['algorithm']}-L{'_'.join(map(str, layers))}-B{cfg['batch_size']}-{cfg['mode']}-{key[:6]}"
+    method = result.method or cfg["algorithm"]
+    name = f"{method}-L{'_'.join(map(str, layers))}-B{cfg['batch_size']}-{cfg['mode']}-{key[:6]}"
     run = c.create_run(
         exp_id,
         run_name=name,
-        tags={"mlflow.parentRunId": parent, "sweep.id": sid, "sweep.role": "trial", "trial.key": key},
+        tags={
+            "mlflow.parentRunId": parent,
+            "sweep.id": sid,
+            "sweep.role": "trial",
+            "trial.key": key,
+            **({"collapse.reason": result.collapse_reason} if result.collapse_reason else {}),
+        },
     )
     rid = run.info.run_id
     params = {
         "algorithm": cfg["algorithm"],
+        "method": method,
         "layers": str(layers),
         "layer": layers[0],
         "batch_size": cfg["batch_size"],
@@ -128,6 +138,8 @@ def log_trial(c: Any, exp_id: str, parent: str, sid: str, result: TrialResult) -
         Metric("config.batch_size", float(cfg["batch_size"]), now, 0),
         Metric("solver_fallbacks", float(result.solver_fallbacks), now, 0),
     ]
+    if result.collapsed_at is not None:  # the collapse guard stopped it (the reason is a tag)
+        metrics.append(Metric("collapsed_at", float(result.collapsed_at), now, 0))
     for point in result.curves:
         step = int(point["edits"])
         metrics += [
@@ -149,7 +161,12 @@ def log_failed_trial(c: Any, exp_id: str, parent: str, sid: str, key: str, confi
     run = c.create_run(
         exp_id,
         run_name=f"{config.get('algorithm')}-failed-{key[:6]}",
-        tags={"mlflow.parentRunId": parent, "sweep.id": sid, "sweep.role": "trial", "trial.key": key},
+        tags={
+            "mlflow.parentRunId": parent,
+            "sweep.id": sid,
+            "sweep.role": "trial",
+            "trial.key": key,
+        },
     )
     c.log_text(run.info.run_id, error, "error.txt")
     c.set_terminated(run.info.run_id, "FAILED")

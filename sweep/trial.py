@@ -32,11 +32,11 @@ from editors.config import ConfigError, to_dict
 from editors.hparams import EditHParams
 from editors.model import ModelSpec, check_layer, model_config, model_device, n_layers_of
 from editors.requests import validate_requests
-from editors.schedule import BatchEvent
+from editors.schedule import BatchEvent, StopSchedule
 from editors.store import write_json_atomic
 from editors.templates import TemplateCache, TemplateGroups
 
-from .config import TrialConfig, load_config, needs_stats, resolve_device, trial_hparams
+from .config import TrialConfig, load_config, method_name, needs_stats, resolve_device, trial_hparams
 from .data import Record, load_selection
 from .metrics import METRICS, RecordScores, aggregate, generation_entropy, heldout_perplexity, score_records
 from .prepass import fill_scores, local_inputs, local_stats
@@ -173,6 +173,46 @@ class BatchLog:
     values_optimised: int = 0
     solver_fallbacks: int = 0
     ppl_at_edit: float | None = None
+    retention: list[dict[str, Any]] = field(default_factory=list)
+    health: list[dict[str, Any]] = field(default_factory=list)
+    collapsed_at: int | None = None
+    collapse_reason: str | None = None
+
+
+def retention_point(edits: int, per: list[RecordScores], first_batch: int) -> dict[str, Any]:
+    """A forgetting-curve point: every fact edited so far (``all_*``) and the first batch's facts
+    (``first_*``) re-scored on the model after ``edits`` edits (ES/PS/NS/S in percent)."""
+    point: dict[str, Any] = {"edits": edits}
+    for prefix, group in (("all", per), ("first", per[:first_batch])):
+        agg = aggregate(group)
+        point.update({f"{prefix}_{m}": agg[m] for m in ("es", "ps", "ns", "s")})
+    return point
+
+
+def health_point(ev: BatchEvent, ppl: float | None) -> dict[str, Any]:
+    """The edited matrices' health after a batch (:class:`editors.schedule.WeightHealth`; the largest
+    over the edited modules) and the held-out perplexity when measured."""
+    hs = list((ev.health or {}).values())
+    point: dict[str, Any] = {
+        "edits": ev.applied,
+        "drift": max(h.drift for h in hs),
+        "sigma_max": max(h.sigma_max for h in hs),
+        "cond": max(h.cond for h in hs),
+        "delta_sigma_max": max(h.delta_sigma_max for h in hs),
+    }
+    if ppl is not None:
+        point["ppl"] = ppl
+    return point
+
+
+def guard_check(cfg: TrialConfig, batch_es: float, ppl: float | None, pre_ppl: float | None) -> str | None:
+    """Why the collapse guard stops the trial after this batch, or None (``cfg.guard``)."""
+    g = cfg.guard
+    if g.min_batch_es is not None and batch_es < g.min_batch_es:
+        return f"the batch's ES at edit {batch_es:.1f} < guard.min_batch_es {g.min_batch_es}"
+    if g.max_ppl_ratio is not None and ppl is not None and pre_ppl and ppl > g.max_ppl_ratio * pre_ppl:
+        return f"perplexity {ppl:.1f} > guard.max_ppl_ratio {g.max_ppl_ratio} × the unedited {pre_ppl:.1f}"
+    return None
 
 
 def edit_and_score(
@@ -223,13 +263,30 @@ def edit_and_score(
             "edits": ev.index * cfg.batch_size + len(ev.requests),
             "applied": ev.applied,
             "update_norm": sum(ev.update_norms.values()),
+            "drift": max(ev.drift.values(), default=0.0),
             "elapsed_s": time.perf_counter() - t_start,
             **{f"at_edit_{m}": so_far[m] for m in ("es", "ps", "ns", "s")},
             **{f"batch_{m}": agg[m] for m in ("es", "ps", "ns", "s")},
         }
+        last = ev.index == n_batches - 1
+        every = cfg.scoring.retention_every
+        if every and cfg.mode != "batch" and ((ev.index + 1) % every == 0 or last):
+            per_so_far, _ = scorer(records[: ev.applied])
+            log_.retention.append(retention_point(ev.applied, per_so_far, cfg.batch_size))
+            point.update({f"forget_{k}": v for k, v in log_.retention[-1].items() if k != "edits"})
+        ppl = None
+        if ev.health is not None:
+            ppl = scorer.ppl() if cfg.scoring.ppl else None
+            log_.health.append(health_point(ev, ppl))
+            point.update({f"health_{k}": v for k, v in log_.health[-1].items() if k != "edits"})
         log_.curves.append(point)
         if on_batch is not None:
             on_batch(point)
+        why = guard_check(cfg, agg["es"], ppl, inputs.pre_ppl)
+        if why is not None:
+            log_.collapsed_at, log_.collapse_reason = point["edits"], why
+            if not last:
+                raise StopSchedule(why)
 
     sched = run_schedule(
         model,
@@ -245,6 +302,7 @@ def edit_and_score(
         templates=templates,
         values=provide,
         restore_at_end=False,
+        health_every=cfg.scoring.health_every,
     )
     return log_, sched
 
@@ -309,8 +367,8 @@ def run_trial(
         _merge(per_record, "at_edit", log_.scores)
         if cfg.mode == "batch":
             final, final_scores = dict(at_edit), log_.scores  # each batch on the unedited model
-        else:
-            final_scores, final = scorer(records)
+        else:  # the facts whose edits are in the model (all of them unless the guard stopped the trial)
+            final_scores, final = scorer(records[: sched.applied])
             if cfg.scoring.ppl:
                 final["ppl"] = scorer.ppl()
             norms = {
@@ -339,6 +397,11 @@ def run_trial(
         metrics=result_metrics,
         per_record=list(per_record.values()),
         curves=log_.curves,
+        retention=log_.retention,
+        health=log_.health,
+        collapsed_at=log_.collapsed_at,
+        collapse_reason=log_.collapse_reason,
+        method=method_name(cfg, hp),
         update_norms=UpdateNorms([p["update_norm"] for p in log_.curves], norms),
         solver_fallbacks=log_.solver_fallbacks,
         stats_tokens=dict(inputs.stats_tokens),

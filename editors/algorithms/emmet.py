@@ -14,13 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import AlgorithmTraits, EditResult, EditState, layered_update, prepare
-from .hparams import EMMETHParams
+from ..common import AlgorithmTraits, EditResult, EditState, prepare
+from ..hparams import EMMETHParams
+from ..model import ModelSpec
+from ..requests import EditRequest
+from ..solvers import emmet_delta
+from ..templates import TemplateGroups
+from .layered import layered_update
 from .memit import update_state
-from .model import ModelSpec
-from .requests import EditRequest
-from .solvers import emmet_delta
-from .templates import TemplateGroups
 
 TRAITS = AlgorithmTraits("emmet")
 
@@ -55,7 +56,7 @@ def compute_deltas(
             info=info,
         )
 
-    return layered_update(model, tok, spec, reqs, hparams, templates, solve, values)
+    return layered_update(model, tok, spec, reqs, hparams, templates, solve, values, state)
 
 
 __all__ = ["compute_deltas", "update_state"]

@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import AlgorithmTraits, EditResult, EditState, keys_after_edit, layered_update, prepare
-from .hparams import AlphaEditHParams
-from .model import ModelSpec
-from .requests import EditRequest
-from .solvers import alphaedit_delta, null_space_projector
-from .templates import TemplateGroups
+from ..common import AlgorithmTraits, EditResult, EditState, prepare
+from ..hparams import AlphaEditHParams
+from ..model import ModelSpec
+from ..requests import EditRequest
+from ..solvers import alphaedit_delta, null_space_projector
+from ..templates import TemplateGroups
+from .layered import keys_after_edit, layered_update
 
 TRAITS = AlgorithmTraits("alphaedit")
 
@@ -50,7 +51,7 @@ def compute_deltas(
         info["null_space_dim"] = int(torch.trace(p).round())
         return alphaedit_delta(keys, resid, p, None if prev is None else prev.to(keys), hparams.L2, info=info)
 
-    return layered_update(model, tok, spec, reqs, hparams, templates, solve, values)
+    return layered_update(model, tok, spec, reqs, hparams, templates, solve, values, state)
 
 
 def update_state(

@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import AlgorithmTraits, EditResult, EditState, layered_update, prepare
-from .hparams import MEMITHParams
-from .model import ModelSpec
-from .requests import EditRequest
-from .solvers import memit_delta
-from .templates import TemplateGroups
+from ..common import AlgorithmTraits, EditResult, EditState, prepare
+from ..hparams import MEMITHParams
+from ..model import ModelSpec
+from ..requests import EditRequest
+from ..solvers import memit_delta
+from ..templates import TemplateGroups
+from .layered import layered_update
 
 TRAITS = AlgorithmTraits("memit")
 
@@ -57,7 +58,7 @@ def compute_deltas(
             info=info,
         )
 
-    return layered_update(model, tok, spec, reqs, hparams, templates, solve, values)
+    return layered_update(model, tok, spec, reqs, hparams, templates, solve, values, state)
 
 
 def update_state(

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import AlgorithmTraits, EditResult, EditState, prepare, preserved, timed
-from .hparams import ROMEHParams
-from .model import ModelSpec, model_device, weight
-from .requests import EditRequest
-from .solvers import rome_delta
-from .targets import optimize_values, reprs_at_subject
-from .templates import TemplateGroups, flat
+from ..common import AlgorithmTraits, EditResult, EditState, prepare, preserved, timed
+from ..hparams import ROMEHParams
+from ..model import ModelSpec, model_device, weight
+from ..requests import EditRequest
+from ..solvers import rome_delta
+from ..targets import optimize_values, reprs_at_subject
+from ..templates import TemplateGroups, flat
 
 TRAITS = AlgorithmTraits("rome", value_site="rewrite", sequential_within_batch=True, stats_switch="mom2_adjustment")
 

@@ -1,0 +1,31 @@
+"""The editing algorithms and the lifelong-editing settings that act on them.
+
+=============  =======================================================================================
+``rome``       ROME: rank-one update of one layer (Meng et al. 2022)
+``memit``      MEMIT: least squares spread over layers (Meng et al. 2023); ``layered`` is its loop
+``emmet``      EMMET: equality-constrained batch update (Gupta et al. 2024)
+``alphaedit``  AlphaEdit: null-space projected update (Fang et al. 2025)
+``encore``     ENCORE: MEMIT + earlier edits' keys + norm ridge + MPES (Gupta et al. 2025)
+``nas``        NAS: target values anchored to the unedited norm (setting ``nas``)
+``prune``      PRUNE: the accumulated ΔW's large singular values restrained (``prune_base``)
+``rect``       RECT: each update sparsified to its largest relative changes (``rect_keep``)
+=============  =======================================================================================
+
+Each algorithm module has ``compute_deltas``, ``update_state`` and ``TRAITS``; the settings modules
+hold the pure functions the algorithms and :func:`editors.schedule.run_schedule` call.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import alphaedit, emmet, encore, memit, rome
+
+#: algorithm name -> module with ``compute_deltas`` and ``update_state``.
+ALGORITHMS: dict[str, ModuleType] = {
+    "rome": rome,
+    "memit": memit,
+    "emmet": emmet,
+    "alphaedit": alphaedit,
+    "encore": encore,
+}

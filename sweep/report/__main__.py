@@ -1,0 +1,7 @@
+"""``python -m sweep.report``."""
+
+import sys
+
+from .build import cli
+
+sys.exit(cli())

@@ -1,0 +1,73 @@
+"""What the report reads of the run schema (:mod:`sweep.tracking`): columns, orders, labels, and the
+typed objects that cross its modules."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "model-editing"
+STAGES = ("pre", "at_edit", "final")
+SCORES = ("es", "ps", "ns", "s", "em", "pm", "nm", "es_acc", "ps_acc", "ns_acc", "ge", "ppl")
+TIME_STAGES = tuple(f"time.{s}" for s in ("load", "shared", "statistics", "keys", "values", "solve", "score"))
+TIMINGS = (*TIME_STAGES, "time.total")
+MEMORY = ("memory.cpu_rss_peak_mb", "memory.gpu_peak_mb")
+#: mean Frobenius norm of each batch's update (summed over the edited layers)
+UPDATE_NORM = "update_norm.mean"
+METRIC_COLUMNS = (*(f"{st}.{m}" for st in STAGES for m in SCORES), UPDATE_NORM, *TIMINGS, *MEMORY)
+CURVES = ("curve.at_edit_es", "curve.at_edit_ps", "curve.at_edit_ns", "curve.at_edit_s", "curve.update_norm")
+PARAMS = ("algorithm", "layers", "layer", "batch_size", "mode", "n_edits", "model", "hparams")
+#: params that are swept settings: hyperparameters and statistics settings (``stats.max_tokens``...)
+SETTINGS = ("hp.", "stats.")
+INT_PARAMS = ("layer", "batch_size", "n_edits")
+ALGORITHM_ORDER = ("rome", "memit", "emmet", "alphaedit")
+SEQUENTIAL_MODES = ("sequential-batch", "sequential")
+#: optional columns added to the section tables when any trial of the section has them
+EXTRA_COLUMNS = ("at_edit.ge", "final.ge", "pre.ppl", "final.ppl", UPDATE_NORM)
+LABELS = {"s": "S (score)", "es": "ES (efficacy)", "ps": "PS (paraphrase)", "ns": "NS (neighbourhood)"}
+#: every file a report may write, per section (files not written this time are removed from --out)
+SECTION_FILES = {
+    "runs": ("runs.csv",),
+    "layer_search": ("layer_search.csv", "layer_search.md", "fig_layer_search.png"),
+    "batch": ("batch.csv", "batch.md", "fig_batch.png"),
+    "sequential": ("sequential.csv", "sequential.md", "fig_sequential.png"),
+    "timings": ("timings.csv", "timings.md", "fig_timings.png"),
+    "curves": ("curves.csv", "fig_curves.png"),
+    "report": ("report.md",),
+}
+#: the files of the per-hyperparameter sections (``hparam_<name>``); stale ones are removed from --out
+HPARAM_FILES = ("hparam_*.csv", "hparam_*.md", "fig_hparam_*.png")
+#: settings that make separate lines in a hyperparameter figure
+HPARAM_DIMS = ("mode", "batch_size", "layers", "n_edits", "model", "hparams")
+RUN_ID = re.compile(r"^[0-9a-zA-Z_-]+$")
+
+
+class ReportError(Exception):
+    """The sweep cannot be reported (no store, no such sweep, no trials)."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The parent run of one sweep."""
+
+    parent_run_id: str
+    experiment_id: str
+    name: str
+    sweep_id: str | None
+
+
+@dataclass
+class Section:
+    """What one report section wrote, for the summary and ``report.md``."""
+
+    name: str
+    title: str
+    paths: dict[str, Path] = field(default_factory=dict)
+    table: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
