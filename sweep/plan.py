@@ -17,7 +17,7 @@ from editors import traits
 from editors.config import ConfigError
 from editors.templates import N_TEMPLATES
 
-from .config import SweepConfig, TrialConfig, expand, sweep_id, trial_hparams, trial_key
+from .config import SweepConfig, TrialConfig, expand, method_name, sweep_id, trial_hparams, trial_key
 from .prepass import Shape, SharedPlan, model_shape, plan_shared, score_seconds, value_seconds
 from .shared import stats_dtype
 
@@ -116,12 +116,12 @@ def format_plan(cfg: SweepConfig, plan: Plan) -> str:
     s = plan.summary()
     lines = [f"sweep {cfg.name}: {s['trials']} trials (id {sweep_id(cfg)})"]
     lines.append(
-        f"{'#':>3} {'algorithm':<10} {'layers':<10} {'B':>5} {'mode':<17} {'n':>5} {'GPU GB':>7} {'est. s':>8}  hp"
+        f"{'#':>3} {'method':<13} {'layers':<10} {'B':>5} {'mode':<17} {'n':>5} {'GPU GB':>7} {'est. s':>8}  hp"
     )
     for i, (t, e) in enumerate(zip(plan.trials, plan.estimates)):
         hp = ", ".join(f"{k}={v}" for k, v in t.hp.items())
         lines.append(
-            f"{i:>3} {t.algorithm:<10} {list(trial_hparams(t).layers)!s:<10} {t.batch_size:>5} "
+            f"{i:>3} {method_name(t):<13} {list(trial_hparams(t).layers)!s:<10} {t.batch_size:>5} "
             f"{t.mode:<17} {t.n_edits:>5} {e['gpu_memory_gb']:>7.1f} {e['time_s']:>8.0f}  {hp}"
         )
     sh = plan.shared

@@ -175,7 +175,7 @@ def test_layer_search(report: tuple[dict[str, Path], Path, str]) -> None:
     table = pd.read_csv(report[1] / "layer_search.csv")
     assert len(table) == 6 and set(table["batch_size"]) == {1}
     for alg in ALGS:
-        sub = table[table["algorithm"] == alg].set_index("layer")
+        sub = table[table["method"] == alg].set_index("layer")
         assert sorted(sub.index) == [1, 2, 3]
         assert sub["at_edit.s"].idxmax() == BEST_LAYER[alg]
         for layer in (1, 2, 3):
@@ -184,7 +184,7 @@ def test_layer_search(report: tuple[dict[str, Path], Path, str]) -> None:
                 assert sub.loc[layer, f"at_edit.{m}"] == pytest.approx(want[m])
     assert "pre.ppl" in table.columns and "final.ppl" in table.columns
     md = (report[1] / "layer_search.md").read_text()
-    assert md.startswith("| algorithm | series |") and md.count("\n") == 8
+    assert md.startswith("| method | series |") and md.count("\n") == 8
 
 
 def test_batch_values(report: tuple[dict[str, Path], Path, str]) -> None:
@@ -202,7 +202,7 @@ def test_batch_values(report: tuple[dict[str, Path], Path, str]) -> None:
 
 
 def test_sequential_and_timings(report: tuple[dict[str, Path], Path, str]) -> None:
-    seq = pd.read_csv(report[1] / "sequential.csv").set_index(["algorithm", "batch_size"])
+    seq = pd.read_csv(report[1] / "sequential.csv").set_index(["method", "batch_size"])
     assert len(seq) == 4
     assert seq.loc[("memit", 4), "at_edit.ns"] == pytest.approx(76.0)
     assert seq.loc[("memit", 4), "final.es"] == pytest.approx(56.0)

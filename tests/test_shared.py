@@ -215,7 +215,7 @@ def test_every_paper_config_fits_an_l40s_and_estimates_statistics(capsys):
     dry run's total estimate includes the statistics."""
     from sweep import launch
 
-    for name in ("paper-layer-search", "paper-batch", "paper-sequential-batch"):
+    for name in ("paper-layer-search", "paper-batch", "paper-sequential-batch", "alphaedit-protocol"):
         cfg = load_sweep(str(ROOT / "sweep" / "configs" / f"{name}.yaml"))
         plan = make_plan(cfg, dry_run=True)
         passes = [p for p in plan.shared.passes if not p.read_only]

@@ -203,3 +203,33 @@ def test_stats_task_reads_the_store_without_loading_the_model(assets, monkeypatc
     assert again[-1]["computed"] == [] and len(loads) == 1  # all in the store: read from disk, no model load
     for a, b in zip(first[:-1], again[:-1]):
         assert a.shape == b.shape and (a == b).all()
+
+
+def test_variants_and_a_collapsed_trial_do_not_stop_the_sweep(assets, local_ray):
+    """Named variants become the trials' methods; the collapse guard stops one trial (collapsed_at in
+    MLflow, the reason as a tag) and the sweep finishes the other with its forgetting and health curves."""
+    path = sweep_yaml(
+        assets,
+        "lifelong",
+        {},
+        variants={
+            "memit": {"algorithm": "memit"},
+            "memit-guarded": {"algorithm": "memit", "guard": {"min_batch_es": 100}, "hp": {"v_num_grad_steps": 1}},
+        },
+    )
+    text = yaml.safe_load(path.read_text())
+    text["base"].update(layers=[1], batch_size=2, mode="sequential-batch")
+    text["base"]["scoring"].update(retention_every=1, health_every=1)
+    path.write_text(yaml.safe_dump(text))
+    cfg = load_sweep(str(path))
+    summary = launch.run(cfg, make_plan(cfg), launch_args(["--local", "--num-cpus", "2"]))
+    assert summary["errors"] == 0 and summary["trials"] == 2
+    runs, _, c = children(assets, "lifelong", summary["parent_run_id"])
+    by = {r.data.params["method"]: r for r in runs}
+    assert set(by) == {"memit", "memit-guarded"} and all(r.info.status == "FINISHED" for r in runs)
+    guarded, free = by["memit-guarded"], by["memit"]
+    assert guarded.data.metrics["collapsed_at"] == 2 and "min_batch_es" in guarded.data.tags["collapse.reason"]
+    assert "collapsed_at" not in free.data.metrics
+    steps = lambda r, k: sorted(m.step for m in c.get_metric_history(r.info.run_id, k))  # noqa: E731
+    assert steps(free, "curve.forget_all_es") == [2, 4] and steps(free, "curve.health_cond") == [2, 4]
+    assert steps(guarded, "curve.forget_all_es") == [2]

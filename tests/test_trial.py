@@ -138,3 +138,61 @@ def test_bad_configs_fail_with_one_line_and_no_file(bad, field, tiny_dir, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and field in err[0], err
     assert not out.exists()
+
+
+def test_forgetting_curve_equals_a_direct_rescoring_and_health_is_recorded(tiny_dir, tok_bos):
+    """The forgetting points re-score every fact edited so far: the last equals the final scores and,
+    for the first batch, the mean of its facts' final per-record scores; the first equals the first
+    batch's scores at edit (the same model). Health points come every ``health_every`` batches."""
+    from editors import load_model
+    from sweep.metrics import aggregate, score_records
+    from sweep.trial import load_records
+
+    ov = overrides(
+        tiny_dir, mode="sequential-batch", batch_size=1, **{"scoring.retention_every": 2, "scoring.health_every": 1}
+    )
+    cfg = load_config(None, ov)
+    model, tok = load_model(str(tiny_dir / "model"), device="cpu")
+    res = run_trial(cfg, model=model, tok=tok, progress=False)
+    assert [p["edits"] for p in res.retention] == [2, 4]  # every 2 batches
+    last = res.retention[-1]
+    for m in ("es", "ps", "ns", "s"):
+        assert last[f"all_{m}"] == pytest.approx(res.metrics["final"][m])
+    rows = {r["case_id"]: r for r in res.per_record}
+    first_ids = [r.case_id for r in load_records(cfg)[:1]]
+    for m in ("es", "ps", "ns"):
+        want = 100 * sum(rows[c][f"final_{m}"] for c in first_ids) / 1
+        assert last[f"first_{m}"] == pytest.approx(want)
+    assert [h["edits"] for h in res.health] == [1, 2, 3, 4]
+    assert all(h["cond"] >= 1 and h["sigma_max"] > 0 and "ppl" in h for h in res.health)
+    assert res.collapsed_at is None and res.method == "memit"
+    # the model the trial handed back is unedited; re-edit 2 facts by hand and re-score them directly
+    from editors import run_schedule, spec_for
+    from sweep.config import trial_hparams
+    from sweep.prepass import local_inputs
+
+    recs = load_records(cfg)
+    inputs = local_inputs(cfg, model, tok, recs, True, False)
+    sched = run_schedule(
+        model,
+        tok,
+        [r.request() for r in recs[:2]],
+        "memit",
+        trial_hparams(cfg),
+        inputs.stats,
+        batch_size=1,
+        mode="sequential-batch",
+    )
+    direct = aggregate(score_records(model, tok, spec_for(model), recs[:2]))
+    sched.restore(model)
+    for m in ("es", "ps", "ns", "s"):
+        assert res.retention[0][f"all_{m}"] == pytest.approx(direct[m])
+
+
+def test_the_collapse_guard_stops_the_trial_and_keeps_what_it_measured(tiny_dir):
+    ov = overrides(tiny_dir, mode="sequential-batch", **{"guard.min_batch_es": 100, "hp.v_num_grad_steps": 1})
+    res = run_trial(load_config(None, ov), progress=False)
+    assert res.collapsed_at == 2 and "guard.min_batch_es" in res.collapse_reason
+    assert [p["edits"] for p in res.curves] == [2]  # stopped after the first batch
+    assert {"es", "ps", "ns", "s"} <= set(res.metrics["final"])  # the 2 facts edited, scored
+    assert sum("final_es" in r for r in res.per_record) == 2

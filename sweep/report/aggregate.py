@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from .schema import ALGORITHM_ORDER, SETTINGS
+from .schema import METHOD_ORDER, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def _main_layers(df: pd.DataFrame, x: str, section: str) -> pd.DataFrame:
         log.info(
             "%s: %s uses layers %s; left out %d trials at layers %s",
             section,
-            df["algorithm"].iloc[0],
+            df["method"].iloc[0],
             ", ".join(keep),
             int(df["layers"].isin(dropped).sum()),
             ", ".join(dropped),
@@ -83,9 +83,9 @@ def aggregate_series(
     ]
     parts = []
     all_dims: list[str] = []
-    order = {a: i for i, a in enumerate(ALGORITHM_ORDER)}
-    for alg in sorted(df["algorithm"].dropna().unique(), key=lambda a: (order.get(a, len(order)), a)):
-        sub = df[(df["algorithm"] == alg) & df[x].notna()]
+    order = {a: i for i, a in enumerate(METHOD_ORDER)}
+    for alg in sorted(df["method"].dropna().unique(), key=lambda a: (order.get(a, len(order)), a)):
+        sub = df[(df["method"] == alg) & df[x].notna()]
         if keep_main_layers:
             sub = _main_layers(sub, x, section)
         if sub.empty:
@@ -95,23 +95,23 @@ def aggregate_series(
         keys = [*dims, x]
         agg = sub.groupby(keys, dropna=False)[list(metrics)].mean().reset_index()
         agg["n_trials"] = sub.groupby(keys, dropna=False).size().to_numpy()
-        agg["algorithm"] = alg
+        agg["method"] = alg
         agg["series"] = [
             ", ".join([alg, *(f"{d}={_label_value(v)}" for d, v in zip(dims, vals))])
             for vals in agg[dims].itertuples(index=False)
         ]
         parts.append(agg)
     if not parts:
-        return pd.DataFrame(columns=["algorithm", "series", x, "n_trials", *metrics])
+        return pd.DataFrame(columns=["method", "series", x, "n_trials", *metrics])
     out = pd.concat(parts, ignore_index=True)
-    out = out[["algorithm", "series", *all_dims, x, "n_trials", *metrics]]
+    out = out[["method", "series", *all_dims, x, "n_trials", *metrics]]
     return out.sort_values(["series", x], kind="stable", key=_series_sort_key(out)).reset_index(drop=True)
 
 
 def _series_sort_key(df: pd.DataFrame) -> Callable[[pd.Series], pd.Series]:
     """Sort series in algorithm order (rome, memit, emmet, alphaedit), then by name; x numerically."""
-    first = {s: df.loc[df["series"] == s, "algorithm"].iloc[0] for s in df["series"].unique()}
-    order = {a: i for i, a in enumerate(ALGORITHM_ORDER)}
+    first = {s: df.loc[df["series"] == s, "method"].iloc[0] for s in df["series"].unique()}
+    order = {a: i for i, a in enumerate(METHOD_ORDER)}
 
     def key(col: pd.Series) -> pd.Series:
         if col.name == "series":

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_csv, write_text
+from .lifelong import forgetting_section, health_section
 from .runs import check_store, curves_frame, fetch_trials, find_sweep, resolve_tracking_uri, trials_frame
 from .schema import DEFAULT_EXPERIMENT, HPARAM_FILES, SECTION_FILES, ReportError, Section, Sweep
 from .sections import (
@@ -47,7 +48,9 @@ def build_report(client: Any, sweep: Sweep, out: Path) -> tuple[dict[str, Path],
         "batch": batch_section(finished, out),
         "sequential": sequential_section(finished, out),
         "timings": timings_section(finished, out),
-        "curves": curves_section(curves_frame(client, finished_runs, finished), out),
+        "curves": curves_section(curves := curves_frame(client, finished_runs, finished), out),
+        "forgetting": forgetting_section(curves, out),
+        "health": health_section(finished, curves, out),
     }
     for col in swept_hparams(finished):
         sec = hparam_section(finished, col, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -11,14 +12,28 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
+from .schema import METHOD_COLORS, SPARE_COLORS
+
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------
 # Figures
 
 
-def series_colors(series: Sequence[str]) -> dict[str, Any]:
-    """One colour per series (tab10, then tab20)."""
+def method_color(method: str) -> str:
+    """The colour of ``method`` in every figure: a fixed one for the shipped methods, a spare one chosen
+    by the name's hash for any other (the same in every figure and every report)."""
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return SPARE_COLORS[int(hashlib.sha256(method.encode()).hexdigest(), 16) % len(SPARE_COLORS)]
+
+
+def series_colors(series: Sequence[str], methods: Sequence[str] | None = None) -> dict[str, Any]:
+    """One colour per series: its method's colour (:func:`method_color`) when ``methods`` (one per
+    series) names a different method for each, else tab10/tab20 by position (several series of one
+    method in a figure need colours of their own)."""
+    if methods is not None and len(set(methods)) == len(series):
+        return {s: method_color(m) for s, m in zip(series, methods)}
     from matplotlib import colormaps
 
     cmap = colormaps["tab10" if len(series) <= 10 else "tab20"]
@@ -80,7 +95,7 @@ def series_figure(
     """
     fig, axes = _panels(len(panels), title)
     series = list(dict.fromkeys(table["series"]))
-    colors = series_colors(series)
+    colors = series_colors(series, [table.loc[table["series"] == s, "method"].iloc[0] for s in series])
     for ax, (label, lines) in zip(axes, panels):
         for s in series:
             d = table[table["series"] == s].sort_values(x)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from .schema import ALGORITHM_ORDER, CURVES, INT_PARAMS, METRIC_COLUMNS, PARAMS, RUN_ID, SETTINGS, ReportError, Sweep
+from .schema import CURVES, INT_PARAMS, METHOD_ORDER, METRIC_COLUMNS, PARAMS, RUN_ID, SETTINGS, ReportError, Sweep
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def trials_frame(runs: Sequence[Any]) -> pd.DataFrame:
             "run_name": r.info.run_name,
             "status": r.info.status,
             "trial.key": r.data.tags.get("trial.key"),
+            "collapse.reason": r.data.tags.get("collapse.reason"),
         }
         params = r.data.params
         row.update({p: params.get(p) for p in PARAMS})
@@ -130,16 +131,17 @@ def trials_frame(runs: Sequence[Any]) -> pd.DataFrame:
     for c in PARAMS:
         if c not in df.columns:
             df[c] = None
+    df["method"] = df["method"].fillna(df["algorithm"])  # runs logged before methods had names
     missing_layer = df["layer"].isna()
     df.loc[missing_layer, "layer"] = df.loc[missing_layer, "layers"].map(_first_int)
     for c in INT_PARAMS:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
     for c in hp_cols:
         df[c] = _maybe_numeric(df[c])
-    df = df[["run_id", "run_name", "status", "trial.key", *PARAMS, *hp_cols, *metric_cols]]
-    order = {a: i for i, a in enumerate(ALGORITHM_ORDER)}
-    df = df.assign(_alg=df["algorithm"].map(lambda a: order.get(a, len(order))))
-    return df.sort_values(["_alg", "algorithm", "mode", "layer", "batch_size"], kind="stable").drop(columns="_alg")
+    df = df[["run_id", "run_name", "status", "trial.key", *PARAMS, *hp_cols, *metric_cols, "collapse.reason"]]
+    order = {a: i for i, a in enumerate(METHOD_ORDER)}
+    df = df.assign(_alg=df["method"].map(lambda a: order.get(a, len(order))))
+    return df.sort_values(["_alg", "method", "mode", "layer", "batch_size"], kind="stable").drop(columns="_alg")
 
 
 def curves_frame(client: Any, runs: Sequence[Any], trials: pd.DataFrame) -> pd.DataFrame:
@@ -156,6 +158,7 @@ def curves_frame(client: Any, runs: Sequence[Any], trials: pd.DataFrame) -> pd.D
                 rows.append(
                     {
                         "run_id": r.info.run_id,
+                        "method": t["method"],
                         "algorithm": t["algorithm"],
                         "layers": t["layers"],
                         "batch_size": t["batch_size"],
@@ -165,5 +168,5 @@ def curves_frame(client: Any, runs: Sequence[Any], trials: pd.DataFrame) -> pd.D
                         "value": m.value,
                     }
                 )
-    cols = ["run_id", "algorithm", "layers", "batch_size", "mode", "key", "step", "value"]
+    cols = ["run_id", "method", "algorithm", "layers", "batch_size", "mode", "key", "step", "value"]
     return pd.DataFrame(rows, columns=cols)

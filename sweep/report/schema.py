@@ -20,13 +20,46 @@ TIMINGS = (*TIME_STAGES, "time.total")
 MEMORY = ("memory.cpu_rss_peak_mb", "memory.gpu_peak_mb")
 #: mean Frobenius norm of each batch's update (summed over the edited layers)
 UPDATE_NORM = "update_norm.mean"
-METRIC_COLUMNS = (*(f"{st}.{m}" for st in STAGES for m in SCORES), UPDATE_NORM, *TIMINGS, *MEMORY)
-CURVES = ("curve.at_edit_es", "curve.at_edit_ps", "curve.at_edit_ns", "curve.at_edit_s", "curve.update_norm")
-PARAMS = ("algorithm", "layers", "layer", "batch_size", "mode", "n_edits", "model", "hparams")
+#: edits in the model when the collapse guard stopped a trial (absent: it ran to the end)
+COLLAPSED_AT = "collapsed_at"
+METRIC_COLUMNS = (*(f"{st}.{m}" for st in STAGES for m in SCORES), UPDATE_NORM, COLLAPSED_AT, *TIMINGS, *MEMORY)
+#: the forgetting curves: every fact edited so far (all) and the first batch's (first), re-scored
+FORGET_CURVES = tuple(f"curve.forget_{g}_{m}" for g in ("all", "first") for m in ("es", "ps", "ns", "s"))
+#: the edited matrices' health: ‖W − W₀‖_F every batch, the rest every ``scoring.health_every`` batches
+HEALTH_CURVES = (
+    "curve.drift",
+    "curve.health_sigma_max",
+    "curve.health_cond",
+    "curve.health_delta_sigma_max",
+    "curve.health_ppl",
+)
+CURVES = (
+    "curve.at_edit_es",
+    "curve.at_edit_ps",
+    "curve.at_edit_ns",
+    "curve.at_edit_s",
+    "curve.update_norm",
+    *FORGET_CURVES,
+    *HEALTH_CURVES,
+)
+PARAMS = ("method", "algorithm", "layers", "layer", "batch_size", "mode", "n_edits", "model", "hparams")
 #: params that are swept settings: hyperparameters and statistics settings (``stats.max_tokens``...)
 SETTINGS = ("hp.", "stats.")
 INT_PARAMS = ("layer", "batch_size", "n_edits")
-ALGORITHM_ORDER = ("rome", "memit", "emmet", "alphaedit")
+#: the order methods are listed in, and their colours in every figure (others get the spare colours)
+METHOD_ORDER = ("rome", "memit", "emmet", "alphaedit", "encore", "memit+nas", "memit+prune", "memit+rect")
+METHOD_COLORS = {
+    "rome": "tab:brown",
+    "memit": "tab:blue",
+    "emmet": "tab:red",
+    "alphaedit": "tab:green",
+    "encore": "tab:purple",
+    "memit+nas": "tab:orange",
+    "memit+prune": "tab:cyan",
+    "memit+rect": "tab:olive",
+    "alphaedit+nas": "tab:pink",
+}
+SPARE_COLORS = ("tab:gray", "navy", "gold", "teal", "crimson", "indigo", "darkkhaki")
 SEQUENTIAL_MODES = ("sequential-batch", "sequential")
 #: optional columns added to the section tables when any trial of the section has them
 EXTRA_COLUMNS = ("at_edit.ge", "final.ge", "pre.ppl", "final.ppl", UPDATE_NORM)
@@ -39,6 +72,8 @@ SECTION_FILES = {
     "sequential": ("sequential.csv", "sequential.md", "fig_sequential.png"),
     "timings": ("timings.csv", "timings.md", "fig_timings.png"),
     "curves": ("curves.csv", "fig_curves.png"),
+    "forgetting": ("forgetting.csv", "forgetting.md", "fig_forgetting.png"),
+    "health": ("health.csv", "health.md", "fig_health.png"),
     "report": ("report.md",),
 }
 #: the files of the per-hyperparameter sections (``hparam_<name>``); stale ones are removed from --out

@@ -46,7 +46,7 @@ def layer_search_section(trials: pd.DataFrame, out: Path) -> tuple[Section | Non
     sec = Section("layer_search", "Layer search (batch mode, batch size 1, at edit)")
     batch = trials[(trials["mode"] == "batch") & trials["batch_size"].notna() & trials["layer"].notna()]
     picked = []
-    for alg, sub in batch.groupby("algorithm"):
+    for alg, sub in batch.groupby("method"):
         bs = 1 if (sub["batch_size"] == 1).any() else int(sub["batch_size"].min())
         if bs != 1:
             note = f"{alg}: no batch-size-1 trials, layer search uses batch size {bs}"
@@ -69,7 +69,7 @@ def layer_search_section(trials: pd.DataFrame, out: Path) -> tuple[Section | Non
     table.insert(
         table.columns.get_loc("layer") + 1,
         "batch_size",
-        sel.groupby("algorithm")["batch_size"].min().reindex(table["algorithm"]).to_numpy(),
+        sel.groupby("method")["batch_size"].min().reindex(table["method"]).to_numpy(),
     )
     _write_table(out, "layer_search", table, sec)
     panels = [(LABELS[c.split(".")[1]], [(c, "-")]) for c in core]
@@ -78,7 +78,7 @@ def layer_search_section(trials: pd.DataFrame, out: Path) -> tuple[Section | Non
     best: dict[str, tuple[int, float, str]] = {}
     s_col = core[0] if core[0].endswith(".s") else None
     if s_col is not None:
-        for alg, sub in table.groupby("algorithm", sort=False):
+        for alg, sub in table.groupby("method", sort=False):
             row = sub.loc[sub[s_col].idxmax()]
             best[str(alg)] = (int(row["layer"]), float(row[s_col]), str(row["series"]))
     return sec, best
@@ -135,7 +135,7 @@ def swept_hparams(trials: pd.DataFrame) -> list[str]:
         if vals.notna().sum() < 2:
             continue
         sub = trials.assign(_v=vals)[vals.notna()]
-        if (sub.groupby(["algorithm", "hparams"], dropna=False)["_v"].nunique() >= 2).any():
+        if (sub.groupby(["method", "hparams"], dropna=False)["_v"].nunique() >= 2).any():
             found.append(col)
     return found
 
@@ -153,7 +153,7 @@ def hparam_section(trials: pd.DataFrame, col: str, out: Path) -> Section | None:
     sel = trials.assign(**{col: pd.to_numeric(trials[col], errors="coerce")})
     sel = sel[sel[col].notna()]
     others = [c for c in sel.columns if c.startswith(SETTINGS) and c != col]
-    keys = ["algorithm", *(d for d in HPARAM_DIMS if d in sel.columns), *others]
+    keys = ["method", *(d for d in HPARAM_DIMS if d in sel.columns), *others]
     setting = sel[keys].map(str).agg("|".join, axis=1)  # map: NaN as text (astype keeps NA)
     sel = sel[sel.groupby(setting)[col].transform("nunique") >= 2]
     stages = ("at_edit", "final") if sel["mode"].isin(SEQUENTIAL_MODES).any() else ("at_edit",)
@@ -201,7 +201,7 @@ def timings_section(trials: pd.DataFrame, out: Path) -> Section | None:
     sel = trials[trials[cols].notna().any(axis=1)]
     if sel.empty:
         return None
-    table = sel[["run_id", "trial.key", "algorithm", "layers", "batch_size", "mode", "n_edits"]].copy()
+    table = sel[["run_id", "trial.key", "method", "layers", "batch_size", "mode", "n_edits"]].copy()
     table.insert(0, "trial", _trial_labels(sel))
     for c in cols:
         table[c] = sel[c].to_numpy()
@@ -244,8 +244,8 @@ def curves_section(curves: pd.DataFrame, out: Path) -> Section | None:
     fig.suptitle(sec.title)
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     runs = list(dict.fromkeys(seq["run_id"]))
-    algs = list(dict.fromkeys(seq["algorithm"]))
-    colors = series_colors(algs)
+    algs = list(dict.fromkeys(seq["method"]))
+    colors = series_colors(algs, algs)
     styles = ("-", "--", ":", "-.")
     for ax, key in zip(axes, keys):
         d = seq[seq["key"] == key]
@@ -253,7 +253,7 @@ def curves_section(curves: pd.DataFrame, out: Path) -> Section | None:
             r = d[d["run_id"] == rid].sort_values("step")
             if r.empty:
                 continue
-            alg, bs = r["algorithm"].iloc[0], r["batch_size"].iloc[0]
+            alg, bs = r["method"].iloc[0], r["batch_size"].iloc[0]
             marker = "o" if len(r) <= 4 else None  # a one-batch run is a single point: show it
             ax.plot(
                 r["step"], r["value"], styles[i % len(styles)], color=colors[alg], marker=marker, label=f"{alg} B{bs}"

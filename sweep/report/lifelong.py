@@ -1,0 +1,192 @@
+"""The lifelong-editing sections: forgetting curves, and the edited model's health with edits-to-collapse.
+
+Both read the sequential trials' curves (:data:`.schema.FORGET_CURVES`, :data:`.schema.HEALTH_CURVES`,
+step = edits applied) and draw one colour per method (:func:`.figures.method_color`), the same in every
+figure of a report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from .figures import method_color
+from .files import markdown_table, write_csv, write_figure, write_text
+from .schema import COLLAPSED_AT, METHOD_ORDER, SEQUENTIAL_MODES, Section
+
+log = logging.getLogger(__name__)
+
+
+def _label(row: pd.Series, several_batch_sizes: bool) -> str:
+    return f"{row['method']} B{row['batch_size']}" if several_batch_sizes else str(row["method"])
+
+
+def _runs(curves: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """The sequential runs that have any of ``keys``, in method order."""
+    sel = curves[curves["mode"].isin(SEQUENTIAL_MODES) & curves["key"].isin(keys)]
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    first = sel.drop_duplicates("run_id")
+    first = first.assign(_o=first["method"].map(lambda m: order.get(m, len(order))))
+    return list(first.sort_values(["_o", "method", "batch_size"], kind="stable")["run_id"])
+
+
+def _curve_panels(
+    curves: pd.DataFrame,
+    runs: Sequence[str],
+    panels: Sequence[tuple[str, Sequence[tuple[str, str]], str]],
+    title: str,
+    log_y: Sequence[str] = (),
+) -> Figure:
+    """One panel per (title, [(curve key, line style)], y label), a line per run in its method's colour."""
+    cols = 2 if len(panels) <= 4 else 3
+    rows = (len(panels) + cols - 1) // cols
+    fig = Figure(figsize=(5.8 * cols, 4.2 * rows), layout="constrained")
+    fig.suptitle(title)
+    grid = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in grid[len(panels) :]:
+        ax.remove()
+    info = curves.drop_duplicates("run_id").set_index("run_id")
+    several = info.loc[list(runs), "batch_size"].nunique() > 1 if runs else False
+    for ax, (name, lines, ylabel) in zip(grid, panels):
+        _draw(ax, curves, runs, info, lines, several)
+        ax.set_title(name)
+        ax.set_xlabel("edits applied")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if any(k in log_y for k, _ in lines):
+            ax.set_yscale("log")
+    handles, labels = grid[0].get_legend_handles_labels()
+    for ax in grid[1 : len(panels)]:  # a method missing from the first panel still gets a legend entry
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(6, len(labels)), fontsize="small")
+    return fig
+
+
+def _draw(
+    ax: Axes,
+    curves: pd.DataFrame,
+    runs: Sequence[str],
+    info: pd.DataFrame,
+    lines: Sequence[tuple[str, str]],
+    several: bool,
+) -> None:
+    for rid in runs:
+        row = info.loc[rid]
+        for key, style in lines:
+            d = curves[(curves["run_id"] == rid) & (curves["key"] == key)].sort_values("step")
+            if d.empty:
+                continue
+            label = _label(row, several) if style == "-" else None
+            ax.plot(d["step"], d["value"], style, color=method_color(str(row["method"])), marker="o", ms=3, label=label)
+
+
+def forgetting_section(curves: pd.DataFrame, out: Path) -> Section | None:
+    """Forgetting curves: ES/PS/NS/S of every fact edited so far (solid) and of the first batch's facts
+    (dashed), re-scored every ``scoring.retention_every`` batches, against the edits applied."""
+    keys = [f"curve.forget_{g}_{m}" for g in ("all", "first") for m in ("es", "ps", "ns", "s")]
+    runs = _runs(curves, keys)
+    if not runs:
+        return None
+    sec = Section("forgetting", "Forgetting: every fact edited so far (solid) and the first batch (dashed)")
+    sel = curves[curves["run_id"].isin(runs) & curves["key"].isin(keys)]
+    table = (
+        sel.assign(metric=sel["key"].str.removeprefix("curve.forget_"))
+        .pivot_table(index=["method", "batch_size", "step"], columns="metric", values="value")
+        .reset_index()
+        .rename(columns={"step": "edits"})
+    )
+    table.columns.name = None
+    sec.paths["forgetting.csv"] = write_csv(out / "forgetting.csv", table)
+    last = table.sort_values("edits").groupby(["method", "batch_size"], sort=False).tail(1)
+    summary = last[
+        [
+            "method",
+            "batch_size",
+            "edits",
+            *(c for c in ("all_es", "all_ps", "all_ns", "all_s", "first_es") if c in last),
+        ]
+    ]
+    sec.paths["forgetting.md"] = write_text(out / "forgetting.md", markdown_table(summary))
+    sec.table = summary
+    sec.notes.append("Table: the last point of each curve (all facts edited, and the first batch's ES then).")
+    panels = [
+        (
+            "ES: efficacy of the facts edited so far",
+            [("curve.forget_all_es", "-"), ("curve.forget_first_es", "--")],
+            "ES (%)",
+        ),
+        ("PS: paraphrases", [("curve.forget_all_ps", "-"), ("curve.forget_first_ps", "--")], "PS (%)"),
+        (
+            "NS: neighbourhood (unrelated facts kept)",
+            [("curve.forget_all_ns", "-"), ("curve.forget_first_ns", "--")],
+            "NS (%)",
+        ),
+        ("S: harmonic mean of ES, PS, NS", [("curve.forget_all_s", "-"), ("curve.forget_first_s", "--")], "S (%)"),
+    ]
+    fig = _curve_panels(curves, runs, panels, sec.title)
+    sec.paths["fig_forgetting.png"] = write_figure(out / "fig_forgetting.png", fig)
+    return sec
+
+
+def health_section(trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Section | None:
+    """The edited matrix's health against the edits applied (‖W − W₀‖_F, σ_max(W), its condition number,
+    held-out perplexity) and a table of edits-to-collapse per method with the final scores."""
+    keys = ["curve.drift", "curve.health_sigma_max", "curve.health_cond", "curve.health_ppl"]
+    runs = _runs(curves, keys)
+    if not runs:
+        return None
+    sec = Section("health", "Health of the edited model and edits to collapse")
+    sel = trials[trials["run_id"].isin(runs)]
+    rows = []
+    for _, t in sel.iterrows():
+        c = curves[curves["run_id"] == t["run_id"]]
+
+        def last(key: str, c: pd.DataFrame = c) -> float:
+            d = c[c["key"] == key].sort_values("step")
+            return float(d["value"].iloc[-1]) if len(d) else float("nan")
+
+        collapsed = t.get(COLLAPSED_AT)
+        rows.append(
+            {
+                "method": t["method"],
+                "batch_size": t["batch_size"],
+                "n_edits": t["n_edits"],
+                "edits_to_collapse": "none" if pd.isna(collapsed) else str(int(collapsed)),
+                "drift": last("curve.drift"),
+                "sigma_max": last("curve.health_sigma_max"),
+                "cond": last("curve.health_cond"),
+                "pre.ppl": t.get("pre.ppl"),
+                "final.ppl": t.get("final.ppl"),
+                **{f"final.{m}": t.get(f"final.{m}") for m in ("es", "ps", "ns", "s")},
+                "collapse.reason": t.get("collapse.reason") or "",
+            }
+        )
+    table = pd.DataFrame(rows)
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    table = table.assign(_o=table["method"].map(lambda m: order.get(m, len(order))))
+    table = table.sort_values(["_o", "method", "batch_size"], kind="stable").drop(columns="_o").reset_index(drop=True)
+    sec.paths["health.csv"] = write_csv(out / "health.csv", table)
+    sec.paths["health.md"] = write_text(out / "health.md", markdown_table(table))
+    sec.table = table
+    sec.notes.append(
+        "edits_to_collapse: edits in the model when the collapse guard stopped the trial ('none': it ran to "
+        "the end); drift, sigma_max, cond: at the last health point (the largest over the edited matrices)."
+    )
+    panels = [
+        ("‖W − W₀‖_F of the edited matrix", [("curve.drift", "-")], "Frobenius norm"),
+        ("Largest singular value σ_max(W)", [("curve.health_sigma_max", "-")], "σ_max"),
+        ("Condition number σ_max / σ_min of W", [("curve.health_cond", "-")], "condition number"),
+        ("Held-out perplexity", [("curve.health_ppl", "-")], "perplexity (Wikipedia slice)"),
+    ]
+    fig = _curve_panels(curves, runs, panels, sec.title, log_y=("curve.health_cond",))
+    sec.paths["fig_health.png"] = write_figure(out / "fig_health.png", fig)
+    return sec
