@@ -31,7 +31,7 @@ import torch
 from editors.config import ConfigError, to_dict
 from editors.store import write_json_atomic
 
-from .config import SweepConfig, load_sweep, sweep_id, trial_hparams
+from .config import SweepConfig, load_sweep, method_name, sweep_id, trial_hparams
 from .plan import Plan, format_plan, make_plan
 from .prepass import SharedPlan, plan_shared
 from .shared import PplKey, ScoresStore, ValuesStore
@@ -351,6 +351,7 @@ def _tuner(
     points = [
         {
             "key": k,
+            "method": method_name(t),
             "algorithm": t.algorithm,
             "layers": list(trial_hparams(t).layers),
             "batch_size": t.batch_size,
@@ -364,12 +365,12 @@ def _tuner(
     fn = tune.with_resources(fn, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     storage = str(Path(cfg.storage).resolve())
     name = f"{cfg.name}-{sweep_id(cfg)}"
-    # A compact progress table (trial, algorithm, layers, B, mode | edits so far, S/ES/PS/NS at edit) instead
+    # A compact progress table (trial, method, layers, B, mode | edits so far, S/ES/PS/NS at edit) instead
     # of the new output engine's box per result; CLIReporter is honoured only with RAY_AIR_NEW_OUTPUT=0.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     reporter = tune.CLIReporter(
         parameter_columns={
-            "point/algorithm": "algorithm",
+            "point/method": "method",
             "point/layers": "layers",
             "point/batch_size": "B",
             "point/mode": "mode",
@@ -397,11 +398,11 @@ def _tuner(
 
 
 def _row(r: Any) -> tuple:
-    """(algorithm, layers, B, mode, S final, S at edit) of one Tune result."""
+    """(method, layers, B, mode, S final, S at edit) of one Tune result."""
     m = r.metrics or {}
     p = (r.config or {}).get("point", {})
     return (
-        p.get("algorithm"),
+        p.get("method") or p.get("algorithm"),
         p.get("layers"),
         p.get("batch_size"),
         p.get("mode"),
@@ -414,9 +415,9 @@ def _print_summary(
     cfg: SweepConfig, rows: list[tuple], errors: int, wall: float, work: dict[str, Any], uri: str, parent: str
 ) -> None:
     """The sweep's printed result: one line per trial, the shared work and where to look."""
-    print(f"\n{'algorithm':<10} {'layers':<8} {'B':>5} {'mode':<17} {'S final':>8} {'S at edit':>9}")
+    print(f"\n{'method':<13} {'layers':<8} {'B':>5} {'mode':<17} {'S final':>8} {'S at edit':>9}")
     for a, ly, b, mo, sf, sa in sorted(rows, key=lambda r: str(r)):
-        print(f"{a!s:<10} {ly!s:<8} {b!s:>5} {mo!s:<17} {_fmt(sf):>8} {_fmt(sa):>9}")
+        print(f"{a!s:<13} {ly!s:<8} {b!s:>5} {mo!s:<17} {_fmt(sf):>8} {_fmt(sa):>9}")
     print(f"\nsweep {cfg.name}: {len(rows)} trials run, {errors} failed, {wall:.0f}s; shared work {work}")
     print(f"MLflow: {uri} (experiment {cfg.mlflow.experiment!r}, parent run {parent})")
     print(f"  view:   mlflow ui --backend-store-uri {uri}")
