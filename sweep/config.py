@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -130,7 +132,7 @@ def parse_config(data: dict[str, Any]) -> TrialConfig:
         check_schedule(cfg.n_edits, cfg.batch_size, cfg.mode)
     except ValueError as e:
         raise ConfigError(str(e).replace("number of requests", "n_edits")) from None
-    parse_dtype(cfg.model.dtype)
+    _check_fields(cfg)
     s = cfg.stats
     for name in ("max_tokens", "max_texts", "batch_tokens"):
         v = getattr(s, name)
@@ -163,6 +165,56 @@ def parse_config(data: dict[str, Any]) -> TrialConfig:
     return cfg
 
 
+#: (field, the least value it takes) of every integer or number with a lower bound
+_LOWER_BOUNDS = (
+    ("seed", 0),
+    ("dataset.sample", 0),
+    ("scoring.batch_size", 1),
+    ("scoring.generation_per_record", 1),
+    ("scoring.generation_max_len", 1),
+    ("scoring.ppl_offset", 0),
+    ("scoring.ppl_texts", 1),
+    ("scoring.ppl_max_len", 2),
+)
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or source.endswith(".gguf") or not _HUB_ID.match(source)
+
+
+def _check_fields(cfg: TrialConfig) -> None:
+    """The bounds, choices and local paths of the trial config, each error naming the field as written."""
+    for name, least in _LOWER_BOUNDS:
+        head, _, leaf = name.partition(".")
+        value = getattr(getattr(cfg, head), leaf) if leaf else getattr(cfg, head)
+        if value < least:
+            raise ConfigError(f"{name}: must be >= {least}, got {value}")
+    m = cfg.model
+    try:
+        parse_dtype(m.dtype)
+    except ValueError as e:
+        raise ConfigError(f"model.{e}") from None
+    if not _DEVICE.match(m.device):
+        raise ConfigError(f"model.device: {m.device!r} is not one of auto, cpu, cuda, cuda:<n>, mps")
+    if m.source is not None and _looks_local(m.source) and not Path(m.source).expanduser().exists():
+        raise ConfigError(
+            f"model.source: {m.source!r} does not exist (give a hub id such as meta-llama/Meta-Llama-3-8B, "
+            "a folder saved with save_pretrained, a .gguf file, or null for the embedded SmolLM2)"
+        )
+    if m.gguf_file is not None and m.source is None:
+        raise ConfigError("model.gguf_file: needs model.source (the folder or repository that holds it)")
+    corpus = cfg.stats.corpus
+    if ":" not in corpus.split("/")[0] and not Path(corpus).expanduser().exists():
+        raise ConfigError(
+            f"stats.corpus: {corpus!r} does not exist (give a text file, a folder of .txt/.utf8 files, "
+            f"'{EMBEDDED_WIKI}', or 'hf:<dataset>[:<config>][:<split>]')"
+        )
+    if cfg.dataset.case_ids is not None and len(set(cfg.dataset.case_ids)) != len(cfg.dataset.case_ids):
+        raise ConfigError("dataset.case_ids: every case id at most once")
+
+
 def load_config(path: str | None, overrides: list[str] = ()) -> TrialConfig:
     base = load_yaml(path) if path else {}
     return parse_config(merge(base, parse_overrides(overrides)))
@@ -175,7 +227,16 @@ def trial_hparams(cfg: TrialConfig) -> EditHParams:
     try:
         return load_hparams(cfg.algorithm, cfg.hparams, **extra)
     except ConfigError as e:
-        raise ConfigError(f"hp.{e}" if not str(e).startswith(("hparams", "algorithm")) else str(e)) from None
+        msg = str(e)
+        if msg.startswith(("hparams", "algorithm")):
+            raise
+        # "<alg> hparams: <Class>HParams: v_lr: must be > 0" -> "hp.v_lr: must be > 0 (memit)"
+        inner = re.sub(r"^\w+ hparams: (\w+HParams: )?", "", msg)
+        field = inner.split(":", 1)[0]
+        where = "layers" if field == "layers" and cfg.layers is not None else f"hp.{field}"
+        raise ConfigError(
+            f"{where}:{inner.split(':', 1)[1] if ':' in inner else ' ' + inner} ({cfg.algorithm})"
+        ) from None
 
 
 def needs_stats(cfg: TrialConfig, hp: EditHParams | None = None) -> bool:
@@ -278,8 +339,17 @@ def load_sweep(path: str, overrides: list[str] = ()) -> SweepConfig:
         raise ConfigError("retries: must be >= 0")
     if cfg.values_chunk < 1:
         raise ConfigError(f"values_chunk: must be >= 1, got {cfg.values_chunk}")
-    if cfg.resources.gpu_memory_gb is not None and cfg.resources.gpu_memory_gb <= 0:
-        raise ConfigError(f"resources.gpu_memory_gb: must be > 0, got {cfg.resources.gpu_memory_gb}")
+    r = cfg.resources
+    for name, value, ok, want in (
+        ("resources.cpu", r.cpu, r.cpu > 0, "> 0"),
+        ("resources.gpu", r.gpu, r.gpu >= 0, ">= 0"),
+        ("resources.max_concurrent", r.max_concurrent, r.max_concurrent is None or r.max_concurrent > 0, "> 0 or null"),
+        ("resources.prepass_gpu", r.prepass_gpu, r.prepass_gpu is None or r.prepass_gpu >= 0, ">= 0 or null"),
+        ("resources.gpu_memory_gb", r.gpu_memory_gb, r.gpu_memory_gb is None or r.gpu_memory_gb > 0, "> 0 or null"),
+        ("estimate.tflops", cfg.estimate.tflops, cfg.estimate.tflops > 0, "> 0"),
+    ):
+        if not ok:
+            raise ConfigError(f"{name}: must be {want}, got {value}")
     return cfg
 
 

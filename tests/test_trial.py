@@ -130,6 +130,11 @@ def test_cli_writes_the_result(tiny_dir, tmp_path, capsys):
         ({"layers": "[99]"}, "layers"),
         ({"mode": "online"}, "mode"),
         ({"dataset.source": "/nope.json"}, "dataset.source"),
+        ({"model.source": "/nonexistent/dir"}, "model.source"),
+        ({"scoring.batch_size": 0}, "scoring.batch_size"),
+        ({"stats.corpus": "/nope.txt"}, "stats.corpus"),
+        ({"stats.max_tokens": 0}, "stats.max_tokens"),
+        ({"hp.v_lr": -1}, "hp.v_lr"),
     ],
 )
 def test_bad_configs_fail_with_one_line_and_no_file(bad, field, tiny_dir, tmp_path, capsys):
