@@ -34,6 +34,7 @@ from editors.store import write_json_atomic
 from .config import SweepConfig, load_sweep, method_name, sweep_id, trial_hparams
 from .plan import Plan, format_plan, make_plan
 from .prepass import SharedPlan, plan_shared
+from .result import TrialResult
 from .shared import PplKey, ScoresStore, ValuesStore
 from .worker import TrialRefs, ppl_task, scores_task, stats_pass_task, values_task
 
@@ -262,8 +263,10 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
     t_start = time.perf_counter()
     sid = sweep_id(cfg)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    tracking.check_server(uri)  # within seconds, before the pre-pass spends anything
     c = tracking.client(uri)
     exp = tracking.experiment_id(c, cfg.mlflow.experiment)
+    print(f"MLflow: {uri}; the runs as they finish: {tracking.runs_url(uri, exp)}")
     parent, reused = tracking.start_parent(c, exp, cfg.name, sid, args.resume)
     if not reused:
         _log_sweep(c, parent, cfg, plan)
@@ -288,23 +291,45 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
         shared = plan_shared(cfg, [t for _, t in left], [k for k, _ in left])
     refs, work = run_prepass(cfg, shared)
     _log_statistics(c, parent, shared)
-    callback = tracking.make_callback(uri, exp, parent, sid)
+    callback = tracking.make_callback(uri, exp, parent, sid, {k: to_dict(t) for k, t in zip(plan.keys, plan.trials)})
     grid = _tuner(cfg, plan, todo, refs, callback, args).fit()
     errors = grid.num_errors
     rows = [_row(r) for r in grid]
     work["trials_run"] = len(rows)
     wall = time.perf_counter() - t_start
+    _close_parent(c, exp, parent, sid, grid, work, wall, errors)
+    _print_summary(cfg, rows, errors, wall, work, uri, parent, exp)
+    return {**summary, "work": work, "trials": len(rows), "errors": errors, "wall_s": wall}
+
+
+def _close_parent(
+    c: Any, exp: str, parent: str, sid: str, grid: Any, work: dict[str, Any], wall: float, errors: int
+) -> None:
+    """Log what MLflow lacks (trials that ended while the server was away, from Tune's results) and the
+    sweep's totals, and close the parent run; an unreachable server leaves it for ``--resume``."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    c.log_batch(
-        parent,
-        metrics=[Metric(f"work.{k}", float(v), now, 0) for k, v in work.items()]
-        + [Metric("wall_s", wall, now, 0), Metric("errors", float(errors), now, 0)],
-    )
-    c.set_terminated(parent, "FINISHED" if errors == 0 else "FAILED")
-    _print_summary(cfg, rows, errors, wall, work, uri, parent)
-    return {**summary, "work": work, "trials": len(rows), "errors": errors, "wall_s": wall}
+    from . import tracking
+
+    results = []
+    for r in grid:
+        if r.checkpoint is not None:
+            with r.checkpoint.as_directory() as d:
+                results.append(TrialResult.from_dict(json.loads(Path(d, "result.json").read_text())))
+    try:
+        if n := tracking.log_missing(c, exp, parent, sid, results):
+            log.info("logged %d trial(s) that MLflow lacked", n)
+        if n := tracking.close_running(c, exp, parent):
+            log.info("closed %d unfinished trial run(s) as KILLED", n)
+        now = int(time.time() * 1000)
+        c.log_batch(
+            parent,
+            metrics=[Metric(f"work.{k}", float(v), now, 0) for k, v in work.items()]
+            + [Metric("wall_s", wall, now, 0), Metric("errors", float(errors), now, 0)],
+        )
+        c.set_terminated(parent, "FINISHED" if errors == 0 else "FAILED")
+    except Exception as e:
+        log.warning("MLflow is not reachable (%s): the results stay in Tune's storage; run again with --resume", e)
 
 
 def _log_sweep(c: Any, parent: str, cfg: SweepConfig, plan: Plan) -> None:
@@ -412,7 +437,14 @@ def _row(r: Any) -> tuple:
 
 
 def _print_summary(
-    cfg: SweepConfig, rows: list[tuple], errors: int, wall: float, work: dict[str, Any], uri: str, parent: str
+    cfg: SweepConfig,
+    rows: list[tuple],
+    errors: int,
+    wall: float,
+    work: dict[str, Any],
+    uri: str,
+    parent: str,
+    exp: str,
 ) -> None:
     """The sweep's printed result: one line per trial, the shared work and where to look."""
     print(f"\n{'method':<13} {'layers':<8} {'B':>5} {'mode':<17} {'S final':>8} {'S at edit':>9}")
@@ -420,7 +452,11 @@ def _print_summary(
         print(f"{a!s:<13} {ly!s:<8} {b!s:>5} {mo!s:<17} {_fmt(sf):>8} {_fmt(sa):>9}")
     print(f"\nsweep {cfg.name}: {len(rows)} trials run, {errors} failed, {wall:.0f}s; shared work {work}")
     print(f"MLflow: {uri} (experiment {cfg.mlflow.experiment!r}, parent run {parent})")
-    print(f"  view:   mlflow ui --backend-store-uri {uri}")
+    if not uri.startswith(("http://", "https://")):
+        print(f"  view:   mlflow ui --backend-store-uri {uri}")
+    from .tracking import runs_url
+
+    print(f"  runs:   {runs_url(uri, exp)}")
     print(f"  report: python -m sweep.report --sweep {cfg.name} --tracking-uri {uri}")
 
 
@@ -457,7 +493,13 @@ def main(argv: list[str] | None = None) -> int:
     print(format_plan(cfg, plan))
     if args.dry_run:
         return 0
-    summary = run(cfg, plan, args)
+    from .tracking import TrackingUnavailable
+
+    try:
+        summary = run(cfg, plan, args)
+    except TrackingUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     write_json_atomic(Path(cfg.storage) / f"{cfg.name}-{sweep_id(cfg)}-summary.json", summary)
     return 0 if summary["errors"] == 0 else 1
 

@@ -31,6 +31,9 @@ from typing import Any
 
 import yaml
 
+from editors.config import to_dict
+
+from .colors import method_color
 from .result import TrialResult
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,61 @@ def tracking_uri(configured: str | None) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"  # absolute: trials change their cwd
     return uri
+
+
+class TrackingUnavailable(Exception):
+    """The MLflow tracking server does not answer (reported at launch, before any work)."""
+
+
+#: How long a check of the tracking server waits, and how an MLflow HTTP call retries once the sweep runs
+#: (MLflow's own defaults retry for about five minutes before an error).
+CHECK_TIMEOUT_S = 5.0
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def check_server(uri: str, timeout_s: float = CHECK_TIMEOUT_S) -> None:
+    """Raise :class:`TrackingUnavailable` naming ``uri`` when an http(s) tracking server does not answer
+    its ``/health`` within ``timeout_s``; file and SQLite stores need no server. Also makes the
+    driver's later MLflow HTTP calls fail within seconds instead of retrying for minutes."""
+    for k, v in HTTP_ENV.items():
+        os.environ.setdefault(k, v)
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
+            if r.status >= 400:
+                raise TrackingUnavailable(f"HTTP {r.status}")
+    except (OSError, urllib.error.URLError, TrackingUnavailable) as e:
+        raise TrackingUnavailable(
+            f"mlflow.tracking_uri: {uri} does not answer ({getattr(e, 'reason', e)}); start it "
+            f"(mlflow server --host 127.0.0.1 --port <port>), or point mlflow.tracking_uri / MLFLOW_TRACKING_URI "
+            "at a reachable server or a sqlite:/// file"
+        ) from None
+
+
+def runs_url(uri: str, exp_id: str) -> str:
+    """The UI page of the experiment's runs table (MLflow 3 opens an experiment on its GenAI overview
+    unless ``workflowType=machine_learning`` is asked for); a local store's UI is ``mlflow ui``'s."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+
+
+def log_missing(c: Any, exp_id: str, parent: str, sid: str, results: list[TrialResult]) -> int:
+    """Log every result whose trial MLflow does not hold yet (a server that was down when the trial
+    ended); returns how many were logged."""
+    have = trial_runs(c, exp_id, parent)
+    running = running_trial_runs(c, exp_id, parent)
+    n = 0
+    for result in results:
+        key = result.trial_key
+        if key and key not in have:
+            rid = running[key].info.run_id if key in running else None
+            log_trial(c, exp_id, parent, sid, result, rid)
+            n += 1
+    return n
 
 
 def client(uri: str):
@@ -88,50 +146,136 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def log_trial(c: Any, exp_id: str, parent: str, sid: str, result: TrialResult) -> str:
-    """Write one trial's result as a FINISHED child run; returns its run id."""
+def describe(result: TrialResult) -> str:
+    """The run's description in words (the UI shows it on the run's page)."""
+    cfg = result.config
+    layers = ", ".join(map(str, result.layers))
+    model = cfg["model"]["source"] or "SmolLM2-135M (embedded)"
+    text = (
+        f"{result.method or cfg['algorithm']} on {model}, layer(s) {layers}: {cfg['n_edits']} CounterFact edits "
+        f"in batches of {cfg['batch_size']} ({cfg['mode']})."
+    )
+    final = result.metrics.get("final", {})
+    if final:
+        text += f" Final S {final.get('s', float('nan')):.1f} (ES {final.get('es', float('nan')):.1f}, "
+        text += f"PS {final.get('ps', float('nan')):.1f}, NS {final.get('ns', float('nan')):.1f})."
+    if result.collapsed_at is not None:
+        text += f" Stopped by the collapse guard after {result.collapsed_at} edits: {result.collapse_reason}."
+    return text
+
+
+def run_name(method: str, layers: list[int], batch_size: int, mode: str, key: str) -> str:
+    return f"{method}-L{'_'.join(map(str, layers))}-B{batch_size}-{mode}-{key[:6]}"
+
+
+def trial_params(config: dict[str, Any], hp: dict[str, Any], method: str) -> dict[str, Any]:
+    """The child run's params, from the trial config and its resolved hyperparameters (both as plain
+    data): the same at the trial's start and at its end."""
+    layers = list(hp["layers"])
+    return {
+        "algorithm": config["algorithm"],
+        "method": method,
+        "layers": str(layers),
+        "layer": layers[0],
+        "batch_size": config["batch_size"],
+        "mode": config["mode"],
+        "n_edits": config["n_edits"],
+        "model": config["model"]["source"] or "smollm2-135m (embedded)",
+        "hparams": config["hparams"],
+        "dataset": config["dataset"]["source"],
+        "stats.max_tokens": config["stats"]["max_tokens"],
+        "stats.tolerance": config["stats"].get("tolerance"),
+        **{f"hp.{k}": v for k, v in hp.items() if k != "layers"},
+    }
+
+
+def _tags(parent: str, sid: str, key: str, method: str) -> dict[str, str]:
+    return {
+        "mlflow.parentRunId": parent,
+        "sweep.id": sid,
+        "sweep.role": "trial",
+        "trial.key": key,
+        "mlflow.runColor": method_color(method),
+    }
+
+
+def start_trial_run(c: Any, exp_id: str, parent: str, sid: str, key: str, config: dict[str, Any]) -> str:
+    """The trial's child run, RUNNING from the trial's start with its params (its curves stream into it
+    as batches finish); a run this sweep left RUNNING for the same trial (a killed launcher) is continued."""
+    from mlflow.entities import Param
+
+    from .config import method_name, parse_config, trial_hparams
+
+    left = running_trial_runs(c, exp_id, parent)
+    if key in left:
+        return left[key].info.run_id
+    cfg = parse_config(config)
+    hp = trial_hparams(cfg)
+    method = method_name(cfg, hp)
+    run = c.create_run(
+        exp_id,
+        run_name=run_name(method, list(hp.layers), cfg.batch_size, cfg.mode, key),
+        tags=_tags(parent, sid, key, method),
+    )
+    params = trial_params(to_dict(cfg), to_dict(hp), method)
+    c.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    return run.info.run_id
+
+
+def running_trial_runs(c: Any, exp_id: str, parent: str) -> dict[str, Any]:
+    """trial.key -> run of the child runs under ``parent`` still RUNNING."""
+    runs = c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=50_000)
+    return {r.data.tags.get("trial.key"): r for r in runs if r.info.status == "RUNNING"}
+
+
+def curve_metrics(point: dict[str, Any], now: int) -> list[Any]:
+    """One batch's curve point as MLflow metrics ``curve.<name>`` at step = edits applied."""
+    from mlflow.entities import Metric
+
+    step = int(point["edits"])
+    return [
+        Metric(f"curve.{k}", round(float(v), ROUND), now, step)
+        for k, v in point.items()
+        if k not in ("batch", "edits") and _finite(v)
+    ]
+
+
+#: decimals kept in MLflow (the trial's JSON artifact keeps full precision)
+ROUND = 4
+
+
+def log_trial(
+    c: Any, exp_id: str, parent: str, sid: str, result: TrialResult, run_id: str | None = None, streamed: int = 0
+) -> str:
+    """Write one trial's result into its child run (``run_id``, created at its start; a new one when
+    None) and close it FINISHED; the first ``streamed`` curve points are already in it. Returns the id."""
     from mlflow.entities import Metric, Param
 
     cfg, hp = result.config, result.hparams
     key = result.trial_key
     layers = result.layers
     method = result.method or cfg["algorithm"]
-    name = f"{method}-L{'_'.join(map(str, layers))}-B{cfg['batch_size']}-{cfg['mode']}-{key[:6]}"
-    run = c.create_run(
-        exp_id,
-        run_name=name,
-        tags={
-            "mlflow.parentRunId": parent,
-            "sweep.id": sid,
-            "sweep.role": "trial",
-            "trial.key": key,
-            **({"collapse.reason": result.collapse_reason} if result.collapse_reason else {}),
-        },
-    )
-    rid = run.info.run_id
-    params = {
-        "algorithm": cfg["algorithm"],
-        "method": method,
-        "layers": str(layers),
-        "layer": layers[0],
-        "batch_size": cfg["batch_size"],
-        "mode": cfg["mode"],
-        "n_edits": cfg["n_edits"],
-        "model": cfg["model"]["source"] or "smollm2-135m (embedded)",
-        "hparams": cfg["hparams"],
-        "dataset": cfg["dataset"]["source"],
-        "stats.max_tokens": cfg["stats"]["max_tokens"],
-        "stats.tolerance": cfg["stats"].get("tolerance"),
-        **{f"hp.{k}": v for k, v in hp.items() if k != "layers"},
-    }
+    tags = {"mlflow.note.content": describe(result)}
+    if result.collapse_reason:
+        tags["collapse.reason"] = result.collapse_reason
+    if run_id is None:
+        run_id = c.create_run(
+            exp_id,
+            run_name=run_name(method, layers, cfg["batch_size"], cfg["mode"], key),
+            tags=_tags(parent, sid, key, method),
+        ).info.run_id
+    rid = run_id
+    have = c.get_run(rid).data.params
+    params = {k: v for k, v in trial_params(cfg, hp, method).items() if k not in have}
     now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, 0) for k, v in result.flat_metrics().items() if _finite(v)]
+    r = ROUND
+    metrics = [Metric(k, round(float(v), r), now, 0) for k, v in result.flat_metrics().items() if _finite(v)]
     for prefix, group in (("time", result.timings), ("memory", result.memory), ("work", result.work)):
-        metrics += [Metric(f"{prefix}.{k}", float(v), now, 0) for k, v in group.items() if _finite(v)]
+        metrics += [Metric(f"{prefix}.{k}", round(float(v), r), now, 0) for k, v in group.items() if _finite(v)]
     if result.update_norms.mean is not None:
-        metrics.append(Metric("update_norm.mean", result.update_norms.mean, now, 0))
+        metrics.append(Metric("update_norm.mean", round(result.update_norms.mean, r), now, 0))
     for k, v in result.update_norms.final_weight_change.items():
-        metrics.append(Metric(f"update_norm.final.{k}", float(v), now, 0))
+        metrics.append(Metric(f"update_norm.final.{k}", round(float(v), r), now, 0))
     metrics += [Metric(f"stats.tokens.L{k}", float(v), now, 0) for k, v in result.stats_tokens.items()]
     metrics += [
         Metric("config.layer", float(layers[0]), now, 0),
@@ -140,60 +284,101 @@ def log_trial(c: Any, exp_id: str, parent: str, sid: str, result: TrialResult) -
     ]
     if result.collapsed_at is not None:  # the collapse guard stopped it (the reason is a tag)
         metrics.append(Metric("collapsed_at", float(result.collapsed_at), now, 0))
-    for point in result.curves:
-        step = int(point["edits"])
-        metrics += [
-            Metric(f"curve.{k}", float(v), now, step)
-            for k, v in point.items()
-            if k not in ("batch", "edits") and _finite(v)
-        ]
+    for point in result.curves[streamed:]:
+        metrics += curve_metrics(point, now)
     plist = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for k, v in tags.items():
+        c.set_tag(rid, k, v)
     for i in range(0, max(len(metrics), 1), 900):  # log_batch takes at most 1000 entries
         c.log_batch(rid, metrics=metrics[i : i + 900], params=plist if i == 0 else [])
     c.log_text(rid, yaml.safe_dump(cfg, sort_keys=False), "config.yaml")
     c.log_text(rid, _per_record_csv(result.per_record), "per_record.csv")
     c.log_text(rid, json.dumps(result.to_dict(), indent=1, default=str), "trial.json")
-    c.set_terminated(rid, "FINISHED")
+    c.set_terminated(rid, "FINISHED", end_time=now)
     return rid
 
 
-def log_failed_trial(c: Any, exp_id: str, parent: str, sid: str, key: str, config: dict[str, Any], error: str) -> str:
-    run = c.create_run(
-        exp_id,
-        run_name=f"{config.get('algorithm')}-failed-{key[:6]}",
-        tags={
-            "mlflow.parentRunId": parent,
-            "sweep.id": sid,
-            "sweep.role": "trial",
-            "trial.key": key,
-        },
-    )
-    c.log_text(run.info.run_id, error, "error.txt")
-    c.set_terminated(run.info.run_id, "FAILED")
-    return run.info.run_id
+def log_failed_trial(
+    c: Any, exp_id: str, parent: str, sid: str, key: str, config: dict[str, Any], error: str, run_id: str | None = None
+) -> str:
+    """Close the trial's run (or a new one) FAILED with its error as ``error.txt``."""
+    if run_id is None:
+        run_id = c.create_run(
+            exp_id,
+            run_name=f"{config.get('method') or config.get('algorithm')}-failed-{key[:6]}",
+            tags={"mlflow.parentRunId": parent, "sweep.id": sid, "sweep.role": "trial", "trial.key": key},
+        ).info.run_id
+    c.log_text(run_id, error, "error.txt")
+    c.set_terminated(run_id, "FAILED")
+    return run_id
+
+
+def close_running(c: Any, exp_id: str, parent: str) -> int:
+    """Close every child run still RUNNING as KILLED (a stopped sweep's unfinished trials)."""
+    left = running_trial_runs(c, exp_id, parent)
+    for r in left.values():
+        c.set_terminated(r.info.run_id, "KILLED")
+    return len(left)
+
+
+#: per_record.csv: the fact's identity, then every score in protocol order (pre, at edit, final)
+_FACT_COLUMNS = ("case_id", "subject", "prompt", "target_new", "target_true")
+_SCORE_ORDER = ("es", "ps", "ns", "em", "pm", "nm", "es_acc", "ps_acc", "ns_acc")
 
 
 def _per_record_csv(rows: list[dict[str, Any]]) -> str:
+    """One row per fact: ``case_id subject prompt target_new target_true`` then ``<stage>_<metric>`` in
+    protocol order (pre, at_edit, final; ES PS NS EM PM NM and the accuracies), ×100 like the run's
+    metrics."""
     import csv
 
-    cols = sorted({k for r in rows for k in r}, key=lambda k: (k != "case_id", k))
+    present = {k for r in rows for k in r}
+    scores = [f"{st}_{m}" for st in ("pre", "at_edit", "final") for m in _SCORE_ORDER if f"{st}_{m}" in present]
+    cols = [c for c in _FACT_COLUMNS if c in present] + scores
+    cols += sorted(present - set(cols))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
-    w.writerows(rows)
+    for r in rows:
+        w.writerow({k: (100 * v if k in scores and isinstance(v, (int, float)) else v) for k, v in r.items()})
     return buf.getvalue()
 
 
-def make_callback(uri: str, exp_id: str, parent: str, sid: str):
-    """A Tune callback that logs every trial as a child run when it completes (or finally fails), once."""
+def make_callback(uri: str, exp_id: str, parent: str, sid: str, configs: dict[str, dict[str, Any]]):
+    """A Tune callback that keeps one child run per trial: RUNNING from its start with its params, each
+    batch's curve point streamed as it is reported, closed FINISHED with the result (or FAILED). An
+    unreachable server costs no result: it stays in Tune's storage for ``--resume`` to log."""
     from ray import tune
 
     class MlflowTrials(tune.Callback):
         def __init__(self) -> None:
+            self.runs: dict[str, str] = {}
+            self.streamed: dict[str, int] = {}
             self.logged: set[str] = set()
 
         def _c(self):
             return client(uri)
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            key = trial.config["point"]["key"]
+            if key in self.runs:
+                return  # a retried attempt continues the same run
+            try:
+                self.runs[key] = start_trial_run(self._c(), exp_id, parent, sid, key, configs[key])
+                self.streamed[key] = 0
+            except Exception as e:
+                log.warning("MLflow did not take the start of trial %s (%s); it is logged when it ends", key, e)
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            key = trial.config["point"]["key"]
+            point = {k.removeprefix("curve."): v for k, v in result.items() if k.startswith("curve.")}
+            if key not in self.runs or "edits" not in point:
+                return
+            try:
+                self._c().log_batch(self.runs[key], metrics=curve_metrics(point, int(time.time() * 1000)))
+                self.streamed[key] += 1
+            except Exception as e:
+                log.warning("MLflow did not take a curve point of trial %s (%s)", key, e)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             key = trial.config["point"]["key"]
@@ -203,19 +388,25 @@ def make_callback(uri: str, exp_id: str, parent: str, sid: str):
                 return
             with ckpt.as_directory() as d:
                 result = TrialResult.from_dict(json.loads(Path(d, "result.json").read_text()))
-            c = self._c()
-            if key in self.logged or key in trial_runs(c, exp_id, parent):
-                return  # resumed sweep: already in MLflow
-            log_trial(c, exp_id, parent, sid, result)
-            self.logged.add(key)
+            try:
+                c = self._c()
+                if key in self.logged or key in trial_runs(c, exp_id, parent):
+                    return  # resumed sweep: already in MLflow
+                log_trial(c, exp_id, parent, sid, result, self.runs.get(key), self.streamed.get(key, 0))
+                self.logged.add(key)
+            except Exception as e:  # the server went away: the result stays in Tune's storage
+                log.warning("MLflow did not take trial %s (%s); its result is kept, --resume logs it", key, e)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             key = trial.config["point"]["key"]
-            c = self._c()
-            if key in self.logged or key in trial_runs(c, exp_id, parent):
-                return
-            err = str(getattr(trial, "error_file", "") or "trial failed")
-            log_failed_trial(c, exp_id, parent, sid, key, trial.config["point"], err)
-            self.logged.add(key)
+            try:
+                c = self._c()
+                if key in self.logged or key in trial_runs(c, exp_id, parent):
+                    return
+                err = str(getattr(trial, "error_file", "") or "trial failed")
+                log_failed_trial(c, exp_id, parent, sid, key, trial.config["point"], err, self.runs.get(key))
+                self.logged.add(key)
+            except Exception as e:
+                log.warning("MLflow did not take the failure of trial %s (%s)", key, e)
 
     return MlflowTrials()

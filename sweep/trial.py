@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import resource
 import sys
 import time
@@ -65,7 +66,33 @@ def versions(model_id: str) -> dict[str, str]:
         "transformers": transformers.__version__,
         "model_editing_sweep": own,
         "model": model_id,
+        **machine(),
     }
+
+
+def machine() -> dict[str, str]:
+    """What the numbers can depend on beyond the code: the CPU (or GPU), torch's thread count and the
+    BLAS/oneDNN build; the same sweep on another machine may move a borderline fact (README)."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"cpu": cpu, "threads": str(torch.get_num_threads()), "blas": _blas()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["cuda"] = str(torch.version.cuda)
+    return out
+
+
+def _blas() -> str:
+    """The BLAS/LAPACK torch was built with and the CPU kernels it uses, from ``torch.__config__``."""
+    text = torch.__config__.show()
+    found = re.findall(r"(BLAS_INFO=\w+|LAPACK_INFO=\w+|CPU capability usage: \w+|MKL-DNN v[\d.]+)", text)
+    return ", ".join(dict.fromkeys(found)) or "unknown"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -350,7 +377,16 @@ def run_trial(
 
     scorer = Scorer(cfg, model, tok, spec)
     result_metrics: dict[str, dict[str, float]] = {}
-    per_record: dict[int, dict[str, Any]] = {r.case_id: {"case_id": r.case_id} for r in records}
+    per_record: dict[int, dict[str, Any]] = {
+        r.case_id: {
+            "case_id": r.case_id,
+            "subject": r.subject,
+            "prompt": r.rewrite_prompt,
+            "target_new": r.target_new,
+            "target_true": r.target_true,
+        }
+        for r in records
+    }
     if cfg.scoring.pre:
         per, result_metrics["pre"] = pre_scores(cfg, records, inputs, scorer)
         _merge(per_record, "pre", per)

@@ -204,6 +204,7 @@ def trainable(config: dict[str, Any], refs: dict[str, Any], trials: dict[str, An
                 "es": point["at_edit_es"],
                 "ps": point["at_edit_ps"],
                 "ns": point["at_edit_ns"],
+                **{f"curve.{k}": v for k, v in point.items() if isinstance(v, (int, float))},
             }
         )
 

@@ -233,3 +233,140 @@ def test_variants_and_a_collapsed_trial_do_not_stop_the_sweep(assets, local_ray)
     steps = lambda r, k: sorted(m.step for m in c.get_metric_history(r.info.run_id, k))  # noqa: E731
     assert steps(free, "curve.forget_all_es") == [2, 4] and steps(free, "curve.health_cond") == [2, 4]
     assert steps(guarded, "curve.forget_all_es") == [2]
+
+
+def test_an_unreachable_tracking_server_is_reported_at_launch_before_any_work(assets, capsys):
+    import time
+
+    path = sweep_yaml(assets, "down", {"algorithm": ["memit"], "layers": [[1]], "batch_size": [2]})
+    t = time.perf_counter()
+    rc = launch.main(["--config", str(path), "--local", "mlflow.tracking_uri=http://127.0.0.1:9"])
+    assert rc == 2 and time.perf_counter() - t < 30
+    err = capsys.readouterr().err
+    assert "http://127.0.0.1:9" in err and "mlflow.tracking_uri" in err
+    assert not (assets / "down" / "stats").exists() and not (assets / "down" / "scores").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(store: Path, port: int):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--default-artifact-root",
+            str(store / "art"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("mlflow server did not start")
+
+
+def test_a_server_that_goes_away_mid_sweep_loses_no_result(assets, local_ray, tmp_path, monkeypatch):
+    """A real ``mlflow server`` on loopback, stopped while the trials run: they finish, their results
+    stay in Tune's storage, and ``--resume`` after a restart logs every one of them, once."""
+    import threading
+
+    from sweep import tracking
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _start_server(tmp_path, port)
+    path = sweep_yaml(assets, "flaky", {"algorithm": ["memit", "emmet"], "layers": [[1]], "batch_size": [2]})
+    text = yaml.safe_load(path.read_text())
+    text["mlflow"]["tracking_uri"] = uri
+    path.write_text(yaml.safe_dump(text))
+    cfg = load_sweep(str(path))
+    stop = threading.Event()
+
+    def stop_when_trials_start(log_trial=tracking.log_trial):
+        def guarded(*a, **k):  # the first trial to be logged finds the server gone
+            if not stop.is_set():
+                server.terminate()
+                server.wait(30)
+                stop.set()
+            return log_trial(*a, **k)
+
+        return guarded
+
+    monkeypatch.setattr(tracking, "log_trial", stop_when_trials_start())
+    summary = launch.run(cfg, make_plan(cfg), launch_args(["--local", "--num-cpus", "2"]))
+    assert stop.is_set() and summary["errors"] == 0
+    monkeypatch.undo()
+    ray.shutdown()
+    server = _start_server(tmp_path, port)
+    try:
+        again = launch.run(cfg, make_plan(cfg), launch_args(["--local", "--num-cpus", "2", "--resume"]))
+        c = mlflow.tracking.MlflowClient(uri)
+        exp = c.get_experiment_by_name("test")
+        runs = c.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{again['parent_run_id']}'"
+        )
+        assert sorted(r.data.params["algorithm"] for r in runs) == ["emmet", "memit"]
+        assert all(r.info.status == "FINISHED" for r in runs)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_trial_runs_are_live_from_the_start_and_close_with_real_times(assets, local_ray, monkeypatch):
+    """The child run exists (RUNNING, with its params and colour) before the trial's result is logged,
+    its curve points arrive as the batches finish, and it closes FINISHED with the trial's own span."""
+    from sweep import tracking
+
+    seen = {}
+    real = tracking.log_trial
+
+    def spy(c, exp_id, parent, sid, result, run_id=None, streamed=0):
+        run = c.get_run(run_id)
+        hist = c.get_metric_history(run_id, "curve.at_edit_s")
+        seen.update(status=run.info.status, params=dict(run.data.params), tags=dict(run.data.tags))
+        seen.update(steps=sorted(m.step for m in hist), streamed=streamed)
+        return real(c, exp_id, parent, sid, result, run_id, streamed)
+
+    monkeypatch.setattr(tracking, "log_trial", spy)
+    path = sweep_yaml(assets, "live", {"algorithm": ["memit"], "layers": [[1]], "batch_size": [2]})
+    cfg = load_sweep(str(path))
+    summary = launch.run(cfg, make_plan(cfg), launch_args(["--local", "--num-cpus", "2"]))
+    assert summary["errors"] == 0
+    assert seen["status"] == "RUNNING" and seen["params"]["method"] == "memit" and seen["params"]["layer"] == "1"
+    assert seen["tags"]["mlflow.runColor"].startswith("#")
+    assert seen["steps"] == [2, 4] and seen["streamed"] == 2  # both batches streamed before the end
+    runs, _, c = children(assets, "live", summary["parent_run_id"])
+    (run,) = runs
+    assert run.info.status == "FINISHED" and run.info.end_time - run.info.start_time > 1000  # the trial's span
+    assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "curve.at_edit_s")) == [2, 4]  # no repeats
+    assert "memit" in run.data.tags["mlflow.note.content"]
+    csv_text = c.download_artifacts(run.info.run_id, "per_record.csv")
+    header = open(csv_text).readline().strip().split(",")
+    assert header[:5] == ["case_id", "subject", "prompt", "target_new", "target_true"]
+    assert header.index("pre_es") < header.index("at_edit_es") < header.index("final_es")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -12,20 +11,12 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
-from .schema import METHOD_COLORS, SPARE_COLORS
+from ..colors import method_color
 
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------
 # Figures
-
-
-def method_color(method: str) -> str:
-    """The colour of ``method`` in every figure: a fixed one for the shipped methods, a spare one chosen
-    by the name's hash for any other (the same in every figure and every report)."""
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
-    return SPARE_COLORS[int(hashlib.sha256(method.encode()).hexdigest(), 16) % len(SPARE_COLORS)]
 
 
 def series_colors(series: Sequence[str], methods: Sequence[str] | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .figures import method_color
+from ..colors import method_color
 from .files import markdown_table, write_csv, write_figure, write_text
 from .schema import COLLAPSED_AT, METHOD_ORDER, SEQUENTIAL_MODES, Section
 

@@ -168,5 +168,7 @@ def curves_frame(client: Any, runs: Sequence[Any], trials: pd.DataFrame) -> pd.D
                         "value": m.value,
                     }
                 )
+    # A retried attempt streams its points again: keep the last value logged at each step.
     cols = ["run_id", "method", "algorithm", "layers", "batch_size", "mode", "key", "step", "value"]
-    return pd.DataFrame(rows, columns=cols)
+    df = pd.DataFrame(rows, columns=cols)
+    return df.drop_duplicates(["run_id", "key", "step"], keep="last").reset_index(drop=True)

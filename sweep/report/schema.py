@@ -46,20 +46,8 @@ PARAMS = ("method", "algorithm", "layers", "layer", "batch_size", "mode", "n_edi
 #: params that are swept settings: hyperparameters and statistics settings (``stats.max_tokens``...)
 SETTINGS = ("hp.", "stats.")
 INT_PARAMS = ("layer", "batch_size", "n_edits")
-#: the order methods are listed in, and their colours in every figure (others get the spare colours)
+#: the order methods are listed in (their colours: :mod:`sweep.colors`)
 METHOD_ORDER = ("rome", "memit", "emmet", "alphaedit", "encore", "memit+nas", "memit+prune", "memit+rect")
-METHOD_COLORS = {
-    "rome": "tab:brown",
-    "memit": "tab:blue",
-    "emmet": "tab:red",
-    "alphaedit": "tab:green",
-    "encore": "tab:purple",
-    "memit+nas": "tab:orange",
-    "memit+prune": "tab:cyan",
-    "memit+rect": "tab:olive",
-    "alphaedit+nas": "tab:pink",
-}
-SPARE_COLORS = ("tab:gray", "navy", "gold", "teal", "crimson", "indigo", "darkkhaki")
 SEQUENTIAL_MODES = ("sequential-batch", "sequential")
 #: optional columns added to the section tables when any trial of the section has them
 EXTRA_COLUMNS = ("at_edit.ge", "final.ge", "pre.ppl", "final.ppl", UPDATE_NORM)
