@@ -291,11 +291,27 @@ def _start_server(store: Path, port: int):
     raise RuntimeError("mlflow server did not start")
 
 
+def _stop_server_then_log(*args, **kwargs):
+    """Stands in for tracking.log_trial (module-level so Tune can pickle its callback): the first trial
+    to be logged finds the server stopped."""
+    import os
+    import signal
+
+    from sweep import tracking
+
+    marker = Path(os.environ["TEST_MLFLOW_MARKER"])
+    if not marker.exists():
+        os.kill(int(os.environ["TEST_MLFLOW_PID"]), signal.SIGTERM)
+        import time
+
+        time.sleep(3)
+        marker.write_text("stopped")
+    return tracking.__dict__["_real_log_trial"](*args, **kwargs)
+
+
 def test_a_server_that_goes_away_mid_sweep_loses_no_result(assets, local_ray, tmp_path, monkeypatch):
     """A real ``mlflow server`` on loopback, stopped while the trials run: they finish, their results
     stay in Tune's storage, and ``--resume`` after a restart logs every one of them, once."""
-    import threading
-
     from sweep import tracking
 
     port = _free_port()
@@ -306,21 +322,14 @@ def test_a_server_that_goes_away_mid_sweep_loses_no_result(assets, local_ray, tm
     text["mlflow"]["tracking_uri"] = uri
     path.write_text(yaml.safe_dump(text))
     cfg = load_sweep(str(path))
-    stop = threading.Event()
-
-    def stop_when_trials_start(log_trial=tracking.log_trial):
-        def guarded(*a, **k):  # the first trial to be logged finds the server gone
-            if not stop.is_set():
-                server.terminate()
-                server.wait(30)
-                stop.set()
-            return log_trial(*a, **k)
-
-        return guarded
-
-    monkeypatch.setattr(tracking, "log_trial", stop_when_trials_start())
+    marker = tmp_path / "server-stopped"
+    monkeypatch.setenv("TEST_MLFLOW_PID", str(server.pid))
+    monkeypatch.setenv("TEST_MLFLOW_MARKER", str(marker))
+    monkeypatch.setattr(tracking, "_real_log_trial", tracking.log_trial, raising=False)
+    monkeypatch.setattr(tracking, "log_trial", _stop_server_then_log)
     summary = launch.run(cfg, make_plan(cfg), launch_args(["--local", "--num-cpus", "2"]))
-    assert stop.is_set() and summary["errors"] == 0
+    server.wait(30)
+    assert marker.exists() and summary["errors"] == 0
     monkeypatch.undo()
     ray.shutdown()
     server = _start_server(tmp_path, port)
