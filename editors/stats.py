@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from editors.model import ModelSpec, hooks, model_device, parse_dtype, run_until
 from editors.requests import pad_id, pad_right
-from editors.store import Store, key_digest, key_json
+from editors.store import Store, claim, key_digest, key_json
 
 log = logging.getLogger(__name__)
 
@@ -480,15 +480,25 @@ def get_or_compute(
         else:
             out[layer] = sm
     if missing:
-        missing.sort()
-        log.info("computing statistics for layers %s (%d cached)", missing, len(out))
-        computed = compute(missing)
-        for layer in missing:
-            if layer not in computed:
-                raise ValueError(f"compute: returned no statistics for layer {layer}")
-            sm = computed[layer]
-            store.put(keys[layer], sm)
-            out[layer] = sm if device is None else SecondMoment(sm.mom2.to(device), sm.n_tokens)
+        with contextlib.ExitStack() as claims:  # in layer order, so two processes cannot deadlock
+            mine = []
+            for layer in sorted(missing):
+                key = keys[layer]
+                held = claims.enter_context(claim(store.path(key), lambda key=key: key in store))
+                sm = store.get(key, device=device)  # stored by another process while we waited
+                if sm is not None:
+                    out[layer] = sm
+                elif held:
+                    mine.append(layer)
+            if mine:
+                log.info("computing statistics for layers %s (%d cached)", mine, len(out))
+                computed = compute(mine)
+                for layer in mine:
+                    if layer not in computed:
+                        raise ValueError(f"compute: returned no statistics for layer {layer}")
+                    sm = computed[layer]
+                    store.put(keys[layer], sm)
+                    out[layer] = sm if device is None else SecondMoment(sm.mom2.to(device), sm.n_tokens)
     return {layer: out[layer] for layer in keys}
 
 

@@ -9,7 +9,9 @@ never pickles. Every write goes through :func:`atomic_write`: a temp file in the
 mid-write leaves at most a hidden ``.*.tmp`` file, which readers never open.
 
 An entry can hold several *parts* (``<digest>/<part>.<ext>``): a store of per-fact results written
-chunk by chunk as the work finishes, so that a killed run keeps every chunk it finished.
+chunk by chunk as the work finishes, so that a killed run keeps every chunk it finished. Processes that
+share a store (two sweeps at once) :func:`claim` an entry before computing it, so only one computes it
+and the other waits and reads it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,71 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, data: Any, indent: int | None = 1) -> Path:
     """JSON (``default=str`` for paths and numpy scalars) written through :func:`atomic_write`."""
     return write_text_atomic(path, json.dumps(data, indent=indent, default=str))
+
+
+#: a claim older than this is taken over even when its holder cannot be checked (another host)
+CLAIM_STALE_S = 6 * 3600.0
+
+
+@contextlib.contextmanager
+def claim(path: str | os.PathLike, done: Callable[[], bool], poll_s: float = 1.0) -> Iterator[bool]:
+    """An atomic claim on computing the entry at ``path`` among processes sharing a store.
+
+    Yields True when this process holds it (compute and store, then the claim is released), or False
+    once ``done()`` says another process has stored the entry meanwhile (read it). The claim is a file
+    ``<path>.lock`` created with ``O_EXCL`` (atomic on a local or NFSv3+ file system) holding the
+    holder's host and pid; a claim whose holder died on this host, or older than
+    :data:`CLAIM_STALE_S`, is taken over.
+    """
+    import socket
+    import time
+
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if done():
+                yield False
+                return
+            if _stale(lock):
+                log.warning("taking over the stale claim %s", lock)
+                lock.unlink(missing_ok=True)
+                continue
+            if not waited:
+                log.info("another process is computing %s; waiting for it", path)
+                waited = True
+            time.sleep(poll_s)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}))
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+
+
+def _stale(lock: Path) -> bool:
+    import socket
+    import time
+
+    try:
+        info = json.loads(lock.read_text() or "{}")
+    except (OSError, ValueError):
+        return False  # being written right now
+    if time.time() - float(info.get("time", time.time())) > CLAIM_STALE_S:
+        return True
+    if info.get("host") == socket.gethostname():
+        try:
+            os.kill(int(info["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError):
+            return False
+    return False
 
 
 def key_json(key: Any) -> str:

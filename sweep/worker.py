@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from editors.store import claim, part_name
+
 from .config import ModelConfig, TrialConfig, parse_config, resolve_device, trial_hparams
 from .data import load_counterfact, select
 from .prepass import compute_ppl, compute_scores, compute_values, stats_from_store
@@ -99,12 +101,24 @@ def values_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -
     (two returns: the values' reference goes to the trials, the seconds to the driver's counters)."""
     cfg = parse_config(trial)
     t0 = time.perf_counter()
-    model, tok = cached_model(cfg.model)
     records = select(load_counterfact(cfg.dataset.source, cfg.dataset.sha256), case_ids=case_ids)
-    v = compute_values(cfg, model, tok, records)
-    if store:
-        key = values_key(cfg, trial_hparams(cfg), model_identity(cfg.model))
-        ValuesStore(store).put(key, [request_digest(r.request()) for r in records], v)
+    if not store:
+        model, tok = cached_model(cfg.model)
+        return compute_values(cfg, model, tok, records).numpy(), time.perf_counter() - t0
+    key = values_key(cfg, trial_hparams(cfg), model_identity(cfg.model))
+    digests = [request_digest(r.request()) for r in records]
+    vs = ValuesStore(store)
+
+    def stored() -> dict[str, torch.Tensor]:
+        got = vs.get(key, digests)
+        return got if len(got) == len(digests) else {}
+
+    with claim(vs.store.path(key, part_name(digests)), lambda: bool(stored())):
+        if got := stored():  # another sweep sharing the store computed this chunk
+            return torch.stack([got[d] for d in digests]).numpy(), time.perf_counter() - t0
+        model, tok = cached_model(cfg.model)
+        v = compute_values(cfg, model, tok, records)
+        vs.put(key, digests, v)
     return v.numpy(), time.perf_counter() - t0
 
 
@@ -112,13 +126,25 @@ def scores_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -
     """(pre-edit score fields of ``case_ids``, one dict per record; seconds), written to the scores store."""
     cfg = parse_config(trial)
     t0 = time.perf_counter()
-    model, tok = cached_model(cfg.model)
     records = select(load_counterfact(cfg.dataset.source, cfg.dataset.sha256), case_ids=case_ids)
-    scores = compute_scores(cfg, model, tok, records)
-    if store:
-        ScoresStore(store).put(scores_key(cfg, model_identity(cfg.model)), [record_digest(r) for r in records], scores)
-    rows = [s.fields() for s in scores]
-    return rows, time.perf_counter() - t0
+    if not store:
+        model, tok = cached_model(cfg.model)
+        return [s.fields() for s in compute_scores(cfg, model, tok, records)], time.perf_counter() - t0
+    key = scores_key(cfg, model_identity(cfg.model))
+    digests = [record_digest(r) for r in records]
+    ss = ScoresStore(store)
+
+    def stored() -> list[dict[str, float]]:
+        got = ss.get(key, digests)
+        return [got[d] for d in digests] if len(got) == len(digests) else []
+
+    with claim(ss.store.path(key, part_name(digests), ext="json"), lambda: bool(stored())):
+        if rows := stored():  # another sweep sharing the store scored this chunk
+            return rows, time.perf_counter() - t0
+        model, tok = cached_model(cfg.model)
+        scores = compute_scores(cfg, model, tok, records)
+        ss.put(key, digests, scores)
+    return [s.fields() for s in scores], time.perf_counter() - t0
 
 
 def ppl_task(trial: dict[str, Any], store: str | None) -> float:

@@ -304,3 +304,55 @@ def test_sigkill_mid_prepass_loses_at_most_the_chunks_in_flight(assets, tmp_path
     assert work["values_optimised"] == 4 - len(value_parts)  # 4 facts, one value key (MEMIT = EMMET)
     assert work["scores_computed"] == 4 - len(score_parts)
     assert work["values_cached"] == len(value_parts) and summary["errors"] == 0 and summary["trials"] == 4
+
+
+def test_two_processes_sharing_a_store_compute_an_entry_once(tmp_path):
+    """A claim on an entry: the second process waits while the first computes, then reads its result;
+    a claim whose holder died is taken over."""
+    import multiprocessing as mp
+
+    from editors.stats import SecondMoment, StatsKey, StatsStore, get_or_compute
+
+    ctx = mp.get_context("spawn")
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    procs = [ctx.Process(target=_compute_once, args=(str(tmp_path / "store"), str(calls), i)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    assert len(list(calls.iterdir())) == 1  # exactly one process computed the statistics
+    key = StatsKey(**_KEY)
+    store = StatsStore(tmp_path / "store")
+    assert torch.equal(store.get(key).mom2, torch.full((2, 2), 3.0))
+    # a claim left by a dead process does not block
+    lock = Path(f"{store.path(StatsKey(**{**_KEY, 'layer': 1}))}.lock")
+    lock.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": 2**22 + 7, "time": 0}))
+    got = get_or_compute(store, {1: StatsKey(**{**_KEY, "layer": 1})}, lambda ls: {1: SecondMoment(torch.eye(2), 5)})
+    assert got[1].n_tokens == 5 and not lock.exists()
+
+
+_KEY = {
+    "model": "m",
+    "layer": 0,
+    "module": "mlp",
+    "corpus": "c",
+    "max_tokens": 1,
+    "max_texts": None,
+    "max_seq_len": None,
+    "dtype": "float32",
+}
+
+
+def _compute_once(root: str, calls: str, i: int) -> None:
+    import time
+
+    from editors.stats import SecondMoment, StatsKey, StatsStore, get_or_compute
+
+    def compute(layers):
+        Path(calls, str(i)).write_text("x")
+        time.sleep(2)  # long enough for the other process to find the claim
+        return {0: SecondMoment(torch.full((2, 2), 3.0), 10)}
+
+    get_or_compute(StatsStore(root), {0: StatsKey(**_KEY)}, compute)
