@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,8 +35,22 @@ from editors.corpus import CorpusSpec, corpus_identity
 from editors.model import ModelRef
 from editors.requests import EditRequest
 from editors.stats import StatsKey
-from editors.store import Store, part_name
+from editors.store import Store, key_digest, part_name
 from editors.targets import ValueHParams
+
+log = logging.getLogger(__name__)
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(what: str, msg: str, *args: Any) -> None:
+    if what not in _WARNED:
+        _WARNED.add(what)
+        log.warning(msg, *args)
+
+
+#: the fields of a stored pre-edit score row (RecordScores.fields())
+SCORE_FIELDS = ("es", "ps", "ns", "em", "pm", "nm", "es_acc", "ps_acc", "ns_acc")
 
 if TYPE_CHECKING:
     from editors.hparams import EditHParams
@@ -193,7 +208,13 @@ class ValuesStore:
                 values = tensors["values"]
             except (json.JSONDecodeError, KeyError):
                 continue
-            if values.ndim != 2 or len(values) != len(facts):
+            if values.ndim != 2 or len(values) != len(facts) or not bool(torch.isfinite(values).all()):
+                _warn_once(
+                    f"values:{key_digest(key)}:{facts}",
+                    "values store: a part of %d facts has shape %s or non-finite values; they are optimised again",
+                    len(facts),
+                    list(values.shape),
+                )
                 continue  # a foreign or malformed part: a miss (Store warns about unreadable ones)
             for d, v in zip(facts, values):
                 if want is None or d in want:
@@ -215,9 +236,17 @@ class ScoresStore:
         """Stored score fields (``es ps ns em pm nm *_acc``) of each of ``digests`` held."""
         want = None if digests is None else set(digests)
         out: dict[str, dict[str, float]] = {}
+        fields = set(SCORE_FIELDS)
         for rows in self.store.iter_parts(key, ext="json"):
-            if isinstance(rows, dict):
-                out.update({d: r for d, r in rows.items() if (want is None or d in want) and isinstance(r, dict)})
+            if not isinstance(rows, dict):
+                continue
+            for d, r in rows.items():
+                if want is not None and d not in want:
+                    continue
+                if isinstance(r, dict) and fields <= set(r) and all(isinstance(r[f], (int, float)) for f in fields):
+                    out[d] = r
+                else:  # a malformed row (a hand-edited or foreign file): a miss, scored again
+                    _warn_once(f"scores:{d}", "scores store: a malformed row for fact %s; it is scored again", d[:12])
         return out
 
     def put_ppl(self, key: PplKey, value: float) -> None:

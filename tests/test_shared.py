@@ -356,3 +356,33 @@ def _compute_once(root: str, calls: str, i: int) -> None:
         return {0: SecondMoment(torch.full((2, 2), 3.0), 10)}
 
     get_or_compute(StatsStore(root), {0: StatsKey(**_KEY)}, compute)
+
+
+def test_malformed_values_and_score_rows_are_misses_reported_once(tmp_path, caplog):
+    """A values part of the right key but the wrong shape or with NaNs, and a score row missing fields,
+    are read as misses (to be recomputed) with one warning each, never returned."""
+    from dataclasses import dataclass
+
+    from sweep.metrics import RecordScores
+    from sweep.shared import ScoresStore, ValuesStore
+
+    @dataclass(frozen=True)
+    class K:
+        name: str
+
+    vs = ValuesStore(tmp_path / "v")
+    key = K("k")
+    vs.put(key, ["a", "b"], torch.ones(2, 4))
+    bad = torch.ones(2, 4)
+    bad[1, 0] = float("nan")
+    vs.store.put_tensors(key, {"values": bad}, {"facts": json.dumps(["c", "d"])}, part="p2")
+    vs.store.put_tensors(key, {"values": torch.ones(3, 4)}, {"facts": json.dumps(["e", "f"])}, part="p3")
+    for _ in range(2):
+        assert set(vs.get(key)) == {"a", "b"}
+    assert sum("values store" in r.message for r in caplog.records) == 2  # one per bad part, not per read
+    ss = ScoresStore(tmp_path / "s")
+    row = RecordScores(case_id=0, es=1, ps=1, ns=0, em=0.5, pm=0.5, nm=0, es_acc=1, ps_acc=1, ns_acc=0)
+    ss.put(key, ["x"], [row])
+    ss.store.put_json(key, {"y": {"es": 1.0}}, part="bad")
+    assert set(ss.get(key)) == {"x"} and set(ss.get(key)) == {"x"}
+    assert sum("malformed row" in r.message for r in caplog.records) == 1

@@ -201,3 +201,22 @@ def test_the_collapse_guard_stops_the_trial_and_keeps_what_it_measured(tiny_dir)
     assert [p["edits"] for p in res.curves] == [2]  # stopped after the first batch
     assert {"es", "ps", "ns", "s"} <= set(res.metrics["final"])  # the 2 facts edited, scored
     assert sum("final_es" in r for r in res.per_record) == 2
+
+
+def test_the_same_trial_twice_gives_identical_metrics_and_records_the_machine(tiny_dir, tmp_path):
+    """Run twice from scratch (statistics recomputed into separate stores): every metric and every
+    record's scores are equal, and the result names the CPU, torch's threads and the BLAS."""
+    runs = [
+        run_trial(
+            load_config(None, overrides(tiny_dir, mode="sequential-batch", **{"stats.store": str(tmp_path / f"s{i}")})),
+            progress=False,
+        )
+        for i in range(2)
+    ]
+    a, b = runs
+    assert (
+        a.metrics == b.metrics
+        and a.per_record == b.per_record
+        and a.curves[-1]["at_edit_s"] == b.curves[-1]["at_edit_s"]
+    )
+    assert {"cpu", "threads", "blas"} <= set(a.versions) and a.versions["threads"].isdigit()
