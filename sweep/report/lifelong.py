@@ -96,6 +96,7 @@ def forgetting_section(curves: pd.DataFrame, out: Path) -> Section | None:
     runs = _runs(curves, keys)
     if not runs:
         return None
+    curves = _with_first_batch(curves, runs)
     sec = Section("forgetting", "Forgetting: every fact edited so far (solid) and the first batch (dashed)")
     sel = curves[curves["run_id"].isin(runs) & curves["key"].isin(keys)]
     table = (
@@ -135,6 +136,21 @@ def forgetting_section(curves: pd.DataFrame, out: Path) -> Section | None:
     fig = _curve_panels(curves, runs, panels, sec.title)
     sec.paths["fig_forgetting.png"] = write_figure(out / "fig_forgetting.png", fig)
     return sec
+
+
+def _with_first_batch(curves: pd.DataFrame, runs: Sequence[str]) -> pd.DataFrame:
+    """Each forgetting curve starts at the first batch's own scores right after its edit (its
+    ``curve.batch_*`` point): then every fact edited so far is the first batch's."""
+    extra = []
+    for rid in runs:
+        c = curves[curves["run_id"] == rid]
+        for m in ("es", "ps", "ns", "s"):
+            first = c[c["key"] == f"curve.batch_{m}"].sort_values("step").head(1)
+            for g in ("all", "first"):
+                key = f"curve.forget_{g}_{m}"
+                if len(first) and not ((c["key"] == key) & (c["step"] == first["step"].iloc[0])).any():
+                    extra.append(first.assign(key=key))
+    return pd.concat([curves, *extra], ignore_index=True) if extra else curves
 
 
 def health_section(trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Section | None:
@@ -188,5 +204,10 @@ def health_section(trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Sec
         ("Held-out perplexity", [("curve.health_ppl", "-")], "perplexity (Wikipedia slice)"),
     ]
     fig = _curve_panels(curves, runs, panels, sec.title, log_y=("curve.health_cond",))
+    pre = pd.to_numeric(sel.get("pre.ppl"), errors="coerce").dropna() if "pre.ppl" in sel else pd.Series(dtype=float)
+    if len(pre):  # the unedited model's perplexity, for scale
+        ax = fig.axes[3]
+        ax.axhline(float(pre.iloc[0]), color="0.5", ls=":", lw=1)
+        ax.annotate("unedited", (ax.get_xlim()[0], float(pre.iloc[0])), color="0.4", fontsize="small", va="bottom")
     sec.paths["fig_health.png"] = write_figure(out / "fig_health.png", fig)
     return sec

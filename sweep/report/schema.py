@@ -34,6 +34,7 @@ HEALTH_CURVES = (
     "curve.health_ppl",
 )
 CURVES = (
+    *(f"curve.batch_{m}" for m in ("es", "ps", "ns", "s")),
     "curve.at_edit_es",
     "curve.at_edit_ps",
     "curve.at_edit_ns",
