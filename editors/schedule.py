@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .algorithms import prune
+from .algorithms import ALGORITHMS, prune
 from .common import EditResult, EditState, apply_deltas, restore
 from .model import ModelSpec, get_module, spec_for
 from .requests import EditRequest, as_request, validate_requests
@@ -149,8 +149,6 @@ def run_schedule(
         health_every: compute every edited matrix's :class:`WeightHealth` every this many batches
             and after the last (0: never; an SVD per matrix).
     """
-    from . import ALGORITHMS
-
     alg = ALGORITHMS.get(str(algorithm).lower())
     if alg is None:
         raise ValueError(f"algorithm: unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
