@@ -107,7 +107,11 @@ def forgetting_section(curves: pd.DataFrame, out: Path) -> Section | None:
     )
     table.columns.name = None
     sec.paths["forgetting.csv"] = write_csv(out / "forgetting.csv", table)
-    last = table.sort_values("edits").groupby(["method", "batch_size"], sort=False).tail(1)
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    table = table.assign(_o=table["method"].map(lambda m: order.get(m, len(order))))
+    table = table.sort_values(["_o", "method", "batch_size", "edits"], kind="stable").drop(columns="_o")
+    table = table.reset_index(drop=True)
+    last = table.groupby(["method", "batch_size"], sort=False).tail(1)
     summary = last[
         [
             "method",
