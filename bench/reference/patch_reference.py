@@ -11,7 +11,7 @@ CounterFact evaluation). The numerics are untouched except where the list says s
 Patches, one reason each:
 
  1. memit/, emmet/, rome/ ``.to("cuda")`` / ``device="cuda"`` -> ``"cpu"``: the device is hard-coded to
-    CUDA; this machine has none. (``torch.cuda.empty_cache()`` is left: it is a no-op without CUDA.)
+    CUDA; a CPU-only run has none. (``torch.cuda.empty_cache()`` is left: it is a no-op without CUDA.)
  2. rome/layer_stats.py ``dict_to_(batch, "cuda")`` -> ``"cpu"``: same, in the statistics loop.
  3. experiments/py/eval_utils_counterfact.py ``.to("cuda")`` -> ``"cpu"``: same, in the evaluation.
  4. memit/compute_z.py, emmet/compute_z.py, rome/compute_v.py ``if loss < 5e-2: break`` -> threshold
