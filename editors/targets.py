@@ -195,28 +195,53 @@ def optimize_values(
     return Values(*(torch.cat([getattr(c, f) for c in chunks]) for f in ("values", "init", "loss", "steps")))
 
 
-def _optimize_chunk(
+@dataclass
+class _Rows:
+    """One chunk's rows of the value optimisation: per request, every template with the target's tokens
+    but the last appended (teacher forcing; ids concatenated, not re-tokenised from decoded text), then
+    the KL prompt. With a prefix cache each row holds only its tokens from the lookup on.
+
+    Attributes:
+        ids, mask: [rows, L] (mask widened by the cache's prefix); pos: position ids [rows, L] or None;
+        lookup: [rows] the subject's last token (where δ enters); tgt_row, tgt_pos, tgt_ids: [targets]
+        each target token's row, the position whose logit predicts it, and its id; n_tgt: [n_req]
+        target lengths; req_of_row, is_kl_row: [rows].
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor | None
+    prefix: PrefixCache | None
+    lookup: torch.Tensor
+    tgt_row: torch.Tensor
+    tgt_pos: torch.Tensor
+    tgt_ids: torch.Tensor
+    n_tgt: torch.Tensor
+    req_of_row: torch.Tensor
+    is_kl_row: torch.Tensor
+    n_tpl: int
+
+    @property
+    def per_req(self) -> int:
+        return self.n_tpl + 1  # rewriting prompts + the KL prompt
+
+
+def _value_rows(
     model: nn.Module,
     tok: Any,
     spec: ModelSpec,
-    layer: int,
     requests: Sequence[EditRequest],
     templates: Sequence[str],
     hp: ValueHParams,
-    at: str,
-    reuse_prefix: bool = True,
-) -> Values:
+    loss_name: str,
+    reuse_prefix: bool,
+) -> _Rows:
+    """The padded rows of ``requests`` (see :class:`_Rows`), their prefixes run once into a KV cache."""
     device = model_device(model)
-    loss_layer = spec.n_layers - 1 if hp.v_loss_layer is None else max(hp.v_loss_layer, layer)
-    n_req, n_tpl = len(requests), len(templates)
-    rows_per_req = n_tpl + 1  # rewriting prompts + the KL prompt
-
-    # Rows: every template with the target's tokens but the last appended (teacher forcing; ids are
-    # concatenated rather than re-tokenised from decoded text), then the KL prompt.
-    seqs, lookup, tgt_pos, tgt_ids, tgt_row, n_tgt_list = [], [], [], [], [], []
+    seqs, lookup, tgt_pos, tgt_ids, tgt_row, n_tgt = [], [], [], [], [], []
     for r in requests:
         t_ids = target_ids(tok, r.target_new)
-        n_tgt_list.append(len(t_ids))
+        n_tgt.append(len(t_ids))
         for t in templates:
             text, end = fill(t.replace("{}", r.template, 1), r.subject)
             ids, idx = encode_at(tok, text, end)
@@ -231,38 +256,164 @@ def _optimize_chunk(
         ids, idx = encode_at(tok, text, end)
         seqs.append(ids)
         lookup.append(idx)
-    loss_name = spec.block_name(loss_layer)
     prefix = prefix_cache(model, spec, seqs, lookup, pad_id(tok), loss_name) if reuse_prefix else None
-    pos_all = None
     if prefix is not None:  # each row from its lookup token on; the prefix comes from the cache
-        plen = prefix.lengths
         seqs = [sq[lk:] for sq, lk in zip(seqs, lookup)]
         tgt_pos = [p - lookup[r] for p, r in zip(tgt_pos, tgt_row)]
         lookup = [0] * len(seqs)
     all_ids, all_mask = pad_right(seqs, pad_id(tok), device)
+    pos_all = None
     if prefix is not None:
+        plen = prefix.lengths
         pos_all = plen[:, None] + torch.arange(all_ids.shape[1], device=device)[None]
         valid = torch.arange(prefix.width, device=device)[None] < plen[:, None]
         all_mask = torch.cat([valid.long(), all_mask], dim=1)
-    lookup_t = torch.tensor(lookup, device=device)
-    tgt_row_t = torch.tensor(tgt_row, device=device)
-    tgt_pos_t = torch.tensor(tgt_pos, device=device)
-    tgt_ids_t = torch.tensor(tgt_ids, device=device)
-    n_tgt = torch.tensor(n_tgt_list, device=device)
-    req_of_row = torch.arange(n_req, device=device).repeat_interleave(rows_per_req)
+    per_req = len(templates) + 1
     is_kl_row = torch.zeros(len(seqs), dtype=torch.bool, device=device)
-    is_kl_row[rows_per_req - 1 :: rows_per_req] = True
+    is_kl_row[per_req - 1 :: per_req] = True
+    return _Rows(
+        ids=all_ids,
+        mask=all_mask,
+        pos=pos_all,
+        prefix=prefix,
+        lookup=torch.tensor(lookup, device=device),
+        tgt_row=torch.tensor(tgt_row, device=device),
+        tgt_pos=torch.tensor(tgt_pos, device=device),
+        tgt_ids=torch.tensor(tgt_ids, device=device),
+        n_tgt=torch.tensor(n_tgt, device=device),
+        req_of_row=torch.arange(len(requests), device=device).repeat_interleave(per_req),
+        is_kl_row=is_kl_row,
+        n_tpl=len(templates),
+    )
 
-    edit_name = spec.block_name(layer) if at == "block" else spec.rewrite_name(layer)
+
+@dataclass
+class _Unedited:
+    """What δ = 0 gives, captured at the first evaluation: v_init [n_req, d_model] (the edited output
+    at the bare prompt, template "{}", row 0) and log p_0 at each request's KL row [n_req, vocab]."""
+
+    init: torch.Tensor
+    captured: bool = False
+    kl_logp: torch.Tensor | None = None
+
+
+def _evaluate(
+    model: nn.Module,
+    spec: ModelSpec,
+    rows: _Rows,
+    active: torch.Tensor,
+    delta: torch.Tensor,
+    ref: _Unedited,
+    hp: ValueHParams,
+    edit_name: str,
+    loss_name: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward of the active requests' rows with δ added at ``edit_name``: (loss [n_req], with
+    grad; only active entries are meaningful) and, with MPES on, each request's count of target tokens
+    that are not the argmax [n_req] (else None)."""
+    device = delta.device
+    n_req = len(rows.n_tgt)
+    row_sel = active[rows.req_of_row].nonzero().squeeze(1)  # rows of active requests
+    sub_req = rows.req_of_row[row_sel]  # request index of each selected row
+    sub_lookup = rows.lookup[row_sel]
+    rows_local = torch.arange(len(row_sel), device=device)
+
+    def add_delta(out: torch.Tensor) -> torch.Tensor:
+        if not ref.captured:
+            first = rows_local[:: rows.per_req]
+            ref.init.copy_(out[first, sub_lookup[first]].detach().float())
+            ref.captured = True
+        add = torch.zeros_like(out, dtype=delta.dtype)
+        add = add.index_put((rows_local, sub_lookup), delta[sub_req])
+        return out + add.to(out.dtype)
+
     ln_f, lm_head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
+    with torch.enable_grad(), no_weight_grads(model):
+        batch: dict[str, Any] = {"input_ids": rows.ids[row_sel], "attention_mask": rows.mask[row_sel]}
+        if rows.prefix is not None:
+            batch.update(position_ids=rows.pos[row_sel], use_cache=True)
+            batch[cache_kwarg(model)] = rows.prefix.cache(row_sel)
+        with hooks(model, outputs=[loss_name], edit_output={edit_name: add_delta}, stop_after=loss_name) as st:
+            run_until(model, **batch)
+        hidden = st[f"out:{loss_name}"]
+        # Map global row ids to positions in the selected sub-batch.
+        local_of = torch.full((len(rows.req_of_row),), -1, dtype=torch.long, device=device)
+        local_of[row_sel] = rows_local
+        t_sel = local_of[rows.tgt_row] >= 0
+        t_rows = local_of[rows.tgt_row[t_sel]]
+        kl_rows_local = rows_local[rows.is_kl_row[row_sel]]
+        kl_req = sub_req[rows.is_kl_row[row_sel]]
+        h = torch.cat([hidden[t_rows, rows.tgt_pos[t_sel]], hidden[kl_rows_local, sub_lookup[kl_rows_local]]])
+        logp = F.log_softmax(lm_head(ln_f(h)).float(), dim=-1)
+        n_t = int(t_sel.sum())
+        tgt = rows.tgt_ids[t_sel]
+        tok_logp = logp[:n_t].gather(1, tgt[:, None]).squeeze(1)
+        # NLL per row: −Σ log p(target) / #target tokens; per request: mean over its rewrite rows.
+        t_req = rows.req_of_row[rows.tgt_row[t_sel]]
+        nll = torch.zeros(n_req, device=device).index_add(0, t_req, -tok_logp)
+        nll = nll / rows.n_tgt / rows.n_tpl
+        kl_logp = logp[n_t:]
+        if ref.kl_logp is None:
+            ref.kl_logp = kl_logp.detach().clone()  # δ = 0 at the first step: the unedited p_0
+        # F.kl_div(init, cur, log_target=True) of the reference: Σ p_cur (log p_cur − log p_0).
+        kl = torch.zeros(n_req, device=device).index_add(
+            0, kl_req, (kl_logp.exp() * (kl_logp - ref.kl_logp[kl_req])).sum(1)
+        )
+        wd = hp.v_weight_decay * delta.norm(dim=1) / ref.init.norm(dim=1).clamp_min(1e-12) ** 2
+        loss = nll + hp.kl_factor * kl + wd
+    wrong = None
+    if hp.mpes_hits:  # MPES: every target token of every rewriting prompt is the argmax
+        with torch.no_grad():
+            wrong = torch.zeros(n_req, dtype=torch.long, device=device)
+            wrong.index_add_(0, t_req, (logp[:n_t].argmax(-1) != tgt).long())
+    return loss, wrong
 
+
+@dataclass
+class _Adam:
+    """torch.optim.Adam's update (its defaults, as the reference) on the active rows of δ, then the
+    clamp ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖."""
+
+    m: torch.Tensor
+    v: torch.Tensor
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    @torch.no_grad()
+    def step(
+        self, delta: torch.Tensor, grad: torch.Tensor, active: torch.Tensor, t: int, lr: float, max_norm: torch.Tensor
+    ) -> None:
+        b1, b2 = self.b1, self.b2
+        self.m[active] = b1 * self.m[active] + (1 - b1) * grad[active]
+        self.v[active] = b2 * self.v[active] + (1 - b2) * grad[active] ** 2
+        denom = (self.v[active].sqrt() / (1 - b2**t) ** 0.5) + self.eps
+        new = delta[active] - (lr / (1 - b1**t)) * self.m[active] / denom
+        norm = new.norm(dim=1, keepdim=True)
+        delta[active] = torch.where(norm > max_norm, new * max_norm / norm, new)
+
+
+def _optimize_chunk(
+    model: nn.Module,
+    tok: Any,
+    spec: ModelSpec,
+    layer: int,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    hp: ValueHParams,
+    at: str,
+    reuse_prefix: bool = True,
+) -> Values:
+    """:func:`optimize_values` for one chunk of requests: rows, then evaluate / stop / Adam step."""
+    device = model_device(model)
+    loss_layer = spec.n_layers - 1 if hp.v_loss_layer is None else max(hp.v_loss_layer, layer)
+    loss_name = spec.block_name(loss_layer)
+    edit_name = spec.block_name(layer) if at == "block" else spec.rewrite_name(layer)
+    rows = _value_rows(model, tok, spec, requests, templates, hp, loss_name, reuse_prefix)
+    n_req = len(requests)
     delta = torch.zeros(n_req, spec.d_model, device=device, dtype=torch.float32, requires_grad=True)
-    m_adam = torch.zeros_like(delta)
-    v_adam = torch.zeros_like(delta)
-    b1, b2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam defaults, as in the reference
-    init = torch.zeros(n_req, spec.d_model, device=device)
-    have_init = False
-    kl_init: torch.Tensor | None = None  # log p_0 at each request's KL row, [n_req, vocab]
+    adam = _Adam(torch.zeros_like(delta), torch.zeros_like(delta))
+    ref = _Unedited(torch.zeros(n_req, spec.d_model, device=device))
     active = torch.ones(n_req, dtype=torch.bool, device=device)
     last_loss = torch.zeros(n_req, device=device)
     steps = torch.zeros(n_req, dtype=torch.long, device=device)
@@ -270,80 +421,25 @@ def _optimize_chunk(
 
     for it in range(hp.v_num_grad_steps):
         act_req = active.nonzero().squeeze(1)
-        row_sel = active[req_of_row].nonzero().squeeze(1)  # rows of active requests
-        ids, mask = all_ids[row_sel], all_mask[row_sel]
-        sub_req = req_of_row[row_sel]  # request index of each selected row
-        sub_lookup = lookup_t[row_sel]
-        rows_local = torch.arange(len(row_sel), device=device)
-
-        def add_delta(out: torch.Tensor, sub_req=sub_req, sub_lookup=sub_lookup, rows_local=rows_local):
-            nonlocal have_init
-            if not have_init:  # v_init: unedited output at the bare prompt (template "{}", row 0)
-                first = rows_local[::rows_per_req]
-                init.copy_(out[first, sub_lookup[first]].detach().float())
-                have_init = True
-            add = torch.zeros_like(out, dtype=delta.dtype)
-            add = add.index_put((rows_local, sub_lookup), delta[sub_req])
-            return out + add.to(out.dtype)
-
-        with torch.enable_grad(), no_weight_grads(model):
-            batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-            if prefix is not None:
-                batch.update(position_ids=pos_all[row_sel], use_cache=True)
-                batch[cache_kwarg(model)] = prefix.cache(row_sel)
-            with hooks(model, outputs=[loss_name], edit_output={edit_name: add_delta}, stop_after=loss_name) as st:
-                run_until(model, **batch)
-            hidden = st[f"out:{loss_name}"]
-            # Map global row ids to positions in the selected sub-batch.
-            local_of = torch.full((len(seqs),), -1, dtype=torch.long, device=device)
-            local_of[row_sel] = rows_local
-            t_sel = local_of[tgt_row_t] >= 0
-            t_rows = local_of[tgt_row_t[t_sel]]
-            kl_rows_local = rows_local[is_kl_row[row_sel]]
-            kl_req = sub_req[is_kl_row[row_sel]]
-            h = torch.cat([hidden[t_rows, tgt_pos_t[t_sel]], hidden[kl_rows_local, sub_lookup[kl_rows_local]]])
-            logp = F.log_softmax(lm_head(ln_f(h)).float(), dim=-1)
-            n_t = int(t_sel.sum())
-            tok_logp = logp[:n_t].gather(1, tgt_ids_t[t_sel][:, None]).squeeze(1)
-            # NLL per row: −Σ log p(target) / #target tokens; per request: mean over its rewrite rows.
-            t_req = req_of_row[tgt_row_t[t_sel]]
-            nll = torch.zeros(n_req, device=device).index_add(0, t_req, -tok_logp)
-            nll = nll / n_tgt / n_tpl
-            kl_logp = logp[n_t:]
-            if kl_init is None:
-                kl_init = kl_logp.detach().clone()  # δ = 0 at the first step: the unedited p_0
-            # F.kl_div(init, cur, log_target=True) of the reference: Σ p_cur (log p_cur − log p_0).
-            kl = torch.zeros(n_req, device=device).index_add(
-                0, kl_req, (kl_logp.exp() * (kl_logp - kl_init[kl_req])).sum(1)
-            )
-            wd = hp.v_weight_decay * delta.norm(dim=1) / init.norm(dim=1).clamp_min(1e-12) ** 2
-            loss = nll + hp.kl_factor * kl + wd  # [n_req]; only active entries are meaningful
+        loss, wrong = _evaluate(model, spec, rows, active, delta, ref, hp, edit_name, loss_name)
         with torch.no_grad():
             last_loss[act_req] = loss.detach()[act_req]
             steps[act_req] += 1
             done = active & (last_loss < hp.early_stop_loss)
-            if hp.mpes_hits:  # MPES: every target token of every rewriting prompt is the argmax
-                wrong = torch.zeros(n_req, dtype=torch.long, device=device)
-                wrong.index_add_(0, t_req, (logp[:n_t].argmax(-1) != tgt_ids_t[t_sel]).long())
+            if wrong is not None:
                 mpes_count[act_req] += (wrong[act_req] == 0).long()
                 done |= active & (mpes_count >= hp.mpes_hits)
             active &= ~done
             if it == hp.v_num_grad_steps - 1 or not bool(active.any()):
                 break
         (grad,) = torch.autograd.grad(loss[active].sum(), delta)
-        with torch.no_grad():
-            t = it + 1  # every still-active request has taken exactly `it` steps before this one
-            m_adam[active] = b1 * m_adam[active] + (1 - b1) * grad[active]
-            v_adam[active] = b2 * v_adam[active] + (1 - b2) * grad[active] ** 2
-            denom = (v_adam[active].sqrt() / (1 - b2**t) ** 0.5) + eps
-            new = delta[active] - (hp.v_lr / (1 - b1**t)) * m_adam[active] / denom
-            max_norm = hp.clamp_norm_factor * init[active].norm(dim=1, keepdim=True)
-            norm = new.norm(dim=1, keepdim=True)
-            new = torch.where(norm > max_norm, new * max_norm / norm, new)
-            delta[active] = new
+        # every still-active request has taken exactly `it` steps before this one
+        adam.step(
+            delta, grad, active, it + 1, hp.v_lr, hp.clamp_norm_factor * ref.init[active].norm(dim=1, keepdim=True)
+        )
     log.debug("values: layer %d, %d requests, loss %s", layer, n_req, last_loss.tolist())
-    values = (init + delta).detach()
-    return Values(values=values, init=init.clone(), loss=last_loss, steps=steps)
+    values = (ref.init + delta).detach()
+    return Values(values=values, init=ref.init.clone(), loss=last_loss, steps=steps)
 
 
 @dataclass
