@@ -204,6 +204,7 @@ class BatchLog:
     health: list[dict[str, Any]] = field(default_factory=list)
     collapsed_at: int | None = None
     collapse_reason: str | None = None
+    final_drift: dict[str, float] = field(default_factory=dict)  # module -> ‖W − W₀‖_F after the last batch
 
 
 def retention_point(edits: int, per: list[RecordScores], first_batch: int) -> dict[str, Any]:
@@ -284,6 +285,7 @@ def edit_and_score(
             log_.ge.append((len(recs), agg["ge"]))
         if cfg.scoring.ppl and cfg.mode == "batch" and ev.index == n_batches - 1:
             log_.ppl_at_edit = scorer.ppl()  # batch mode: the last batch's model stands for all of them
+        log_.final_drift = dict(ev.drift)
         so_far = aggregate(log_.scores)
         point = {
             "batch": ev.index,
@@ -334,6 +336,76 @@ def edit_and_score(
     return log_, sched
 
 
+def shared_inputs(
+    cfg: TrialConfig,
+    hp: EditHParams,
+    model: Any,
+    tok: Any,
+    records: list[Record],
+    inputs: TrialInputs | None,
+    progress: bool,
+) -> tuple[TrialInputs, float]:
+    """(the trial's shared inputs, seconds spent on them): a sweep's, completed with what it left out
+    (statistics when it shares none, pre-edit scores it lacks), or computed here for a trial alone."""
+    t = time.perf_counter()
+    need_stats = needs_stats(cfg, hp)
+    if inputs is None:
+        inputs = local_inputs(cfg, model, tok, records, need_stats, progress)
+    else:
+        if need_stats and inputs.stats is None:  # a sweep with share_stats off
+            local_stats(cfg, model, tok, inputs, progress)
+        if cfg.scoring.pre:
+            inputs.counts["scores_reused"] = sum(record_digest(r) in inputs.pre_scores for r in records)
+            fill_scores(cfg, model, tok, records, inputs)
+    return inputs, time.perf_counter() - t
+
+
+def fact_rows(records: list[Record]) -> dict[int, dict[str, Any]]:
+    """case id -> the per-record row's identity columns (the scores are merged in by stage)."""
+    return {
+        r.case_id: {
+            "case_id": r.case_id,
+            "subject": r.subject,
+            "prompt": r.rewrite_prompt,
+            "target_new": r.target_new,
+            "target_true": r.target_true,
+        }
+        for r in records
+    }
+
+
+def final_scores(
+    cfg: TrialConfig, log_: BatchLog, sched: Any, scorer: Scorer, records: list[Record]
+) -> tuple[dict[str, float], dict[str, float], list[RecordScores]]:
+    """(at-edit metrics, final metrics, final per-record scores) of the model the schedule left: in
+    ``batch`` mode final = at edit (each batch on the unedited model); otherwise the facts whose edits
+    are in the model (all of them unless the guard stopped the trial) are scored again."""
+    at_edit = aggregate(log_.scores)
+    if log_.ge:
+        at_edit["ge"] = sum(n * g for n, g in log_.ge) / sum(n for n, _ in log_.ge)
+    if log_.ppl_at_edit is not None:
+        at_edit["ppl"] = log_.ppl_at_edit
+    if cfg.mode == "batch":
+        return at_edit, dict(at_edit), log_.scores
+    per, final = scorer(records[: sched.applied])
+    if cfg.scoring.ppl:
+        final["ppl"] = scorer.ppl()
+    return at_edit, final, per
+
+
+def work_counts(inputs: TrialInputs, log_: BatchLog) -> dict[str, int]:
+    """Shared work computed vs reused by this trial (statistics, values, pre-edit scores)."""
+    c = inputs.counts
+    return {
+        "stats_computed": c.get("stats_computed", 0),
+        "stats_reused": c.get("stats_reused", 0),
+        "values_optimised": log_.values_optimised,
+        "values_reused": c.get("values_reused", 0),
+        "scores_computed": c.get("scores_computed", 0),
+        "scores_reused": c.get("scores_reused", 0),
+    }
+
+
 def run_trial(
     cfg: TrialConfig,
     *,
@@ -362,75 +434,29 @@ def run_trial(
     device = str(model_device(model))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-
-    t = time.perf_counter()
-    need_stats = needs_stats(cfg, hp)
-    if inputs is None:
-        inputs = local_inputs(cfg, model, tok, records, need_stats, progress)
-    else:
-        if need_stats and inputs.stats is None:  # a sweep with share_stats off
-            local_stats(cfg, model, tok, inputs, progress)
-        if cfg.scoring.pre:
-            inputs.counts["scores_reused"] = sum(record_digest(r) in inputs.pre_scores for r in records)
-            fill_scores(cfg, model, tok, records, inputs)
-    shared_s = time.perf_counter() - t
+    inputs, shared_s = shared_inputs(cfg, hp, model, tok, records, inputs, progress)
 
     scorer = Scorer(cfg, model, tok, spec)
-    result_metrics: dict[str, dict[str, float]] = {}
-    per_record: dict[int, dict[str, Any]] = {
-        r.case_id: {
-            "case_id": r.case_id,
-            "subject": r.subject,
-            "prompt": r.rewrite_prompt,
-            "target_new": r.target_new,
-            "target_true": r.target_true,
-        }
-        for r in records
-    }
+    metrics: dict[str, dict[str, float]] = {}
+    per_record = fact_rows(records)
     if cfg.scoring.pre:
-        per, result_metrics["pre"] = pre_scores(cfg, records, inputs, scorer)
+        per, metrics["pre"] = pre_scores(cfg, records, inputs, scorer)
         _merge(per_record, "pre", per)
-
     tpl = (templates or TemplateCache()).get(model, tok, hp.context_templates, hp.template_seed)
     log_, sched = edit_and_score(cfg, hp, model, tok, spec, records, inputs, scorer, tpl, t_start, on_batch)
-    norms: dict[str, float] = {}
     try:
-        at_edit = aggregate(log_.scores)
-        if log_.ge:
-            at_edit["ge"] = sum(n * g for n, g in log_.ge) / sum(n for n, _ in log_.ge)
-        if log_.ppl_at_edit is not None:
-            at_edit["ppl"] = log_.ppl_at_edit
-        _merge(per_record, "at_edit", log_.scores)
-        if cfg.mode == "batch":
-            final, final_scores = dict(at_edit), log_.scores  # each batch on the unedited model
-        else:  # the facts whose edits are in the model (all of them unless the guard stopped the trial)
-            final_scores, final = scorer(records[: sched.applied])
-            if cfg.scoring.ppl:
-                final["ppl"] = scorer.ppl()
-            norms = {
-                n: float((model.get_submodule(n).weight.double() - w0.double()).norm())
-                for n, w0 in sched.original.items()
-            }
-        _merge(per_record, "final", final_scores)
+        metrics["at_edit"], metrics["final"], per = final_scores(cfg, log_, sched, scorer, records)
     finally:
         sched.restore(model)  # a reused model goes back to its unedited weights, bit-identical
-    result_metrics["at_edit"] = at_edit
-    result_metrics["final"] = final
-    c = inputs.counts
-    work = {
-        "stats_computed": c.get("stats_computed", 0),
-        "stats_reused": c.get("stats_reused", 0),
-        "values_optimised": log_.values_optimised,
-        "values_reused": c.get("values_reused", 0),
-        "scores_computed": c.get("scores_computed", 0),
-        "scores_reused": c.get("scores_reused", 0),
-    }
+    _merge(per_record, "at_edit", log_.scores)
+    _merge(per_record, "final", per)
+    norms = log_.final_drift if cfg.mode != "batch" else {}
     timings = {"load": load_s, "shared": shared_s, **log_.stages, "score": scorer.seconds}
     timings["total"] = time.perf_counter() - t_start
     return TrialResult(
         config=to_dict(cfg),
         hparams=to_dict(hp),
-        metrics=result_metrics,
+        metrics=metrics,
         per_record=list(per_record.values()),
         curves=log_.curves,
         retention=log_.retention,
@@ -443,7 +469,7 @@ def run_trial(
         stats_tokens=dict(inputs.stats_tokens),
         timings=timings,
         memory=peak_memory_mb(device),
-        work=work,
+        work=work_counts(inputs, log_),
         versions=versions(model_identity(cfg.model)),
         templates=[list(g) for g in tpl],
     )

@@ -170,6 +170,7 @@ def test_forgetting_curve_equals_a_direct_rescoring_and_health_is_recorded(tiny_
         assert last[f"first_{m}"] == pytest.approx(want)
     assert [h["edits"] for h in res.health] == [1, 2, 3, 4]
     assert all(h["cond"] >= 1 and h["sigma_max"] > 0 and "ppl" in h for h in res.health)
+    assert max(res.update_norms.final_weight_change.values()) == pytest.approx(res.health[-1]["drift"])
     assert res.collapsed_at is None and res.method == "memit"
     # the model the trial handed back is unedited; re-edit 2 facts by hand and re-score them directly
     from editors import run_schedule, spec_for
