@@ -34,7 +34,6 @@ from editors.store import write_json_atomic
 from .config import SweepConfig, load_sweep, method_name, sweep_id, trial_hparams
 from .plan import Plan, format_plan, make_plan
 from .prepass import SharedPlan, plan_shared
-from .result import TrialResult
 from .shared import PplKey, ScoresStore, ValuesStore
 from .worker import TrialRefs, ppl_task, scores_task, stats_pass_task, values_task
 
@@ -311,13 +310,9 @@ def _close_parent(
 
     from . import tracking
 
-    results = []
-    for r in grid:
-        if r.checkpoint is not None:
-            with r.checkpoint.as_directory() as d:
-                results.append(TrialResult.from_dict(json.loads(Path(d, "result.json").read_text())))
+    checkpoints = {r.config["point"]["key"]: r.checkpoint for r in grid if r.checkpoint is not None}
     try:
-        if n := tracking.log_missing(c, exp, parent, sid, results):
+        if n := tracking.log_missing(c, exp, parent, sid, checkpoints):
             log.info("logged %d trial(s) that MLflow lacked", n)
         if n := tracking.close_running(c, exp, parent):
             log.info("closed %d unfinished trial run(s) as KILLED", n)

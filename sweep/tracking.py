@@ -89,17 +89,22 @@ def runs_url(uri: str, exp_id: str) -> str:
     return f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
 
 
-def log_missing(c: Any, exp_id: str, parent: str, sid: str, results: list[TrialResult]) -> int:
-    """Log every result whose trial MLflow does not hold yet (a server that was down when the trial
-    ended); returns how many were logged."""
+def result_of(checkpoint: Any) -> TrialResult:
+    """The :class:`TrialResult` a trial's Tune checkpoint holds (``result.json``)."""
+    with checkpoint.as_directory() as d:
+        return TrialResult.from_dict(json.loads(Path(d, "result.json").read_text()))
+
+
+def log_missing(c: Any, exp_id: str, parent: str, sid: str, checkpoints: dict[str, Any]) -> int:
+    """Log every trial (key -> its Tune checkpoint) that MLflow does not hold yet (a server that was
+    down when the trial ended), reading only those results; returns how many were logged."""
     have = trial_runs(c, exp_id, parent)
     running = running_trial_runs(c, exp_id, parent)
     n = 0
-    for result in results:
-        key = result.trial_key
-        if key and key not in have:
+    for key, ckpt in checkpoints.items():
+        if key not in have:
             rid = running[key].info.run_id if key in running else None
-            log_trial(c, exp_id, parent, sid, result, rid)
+            log_trial(c, exp_id, parent, sid, result_of(ckpt), rid)
             n += 1
     return n
 
@@ -386,8 +391,7 @@ def make_callback(uri: str, exp_id: str, parent: str, sid: str, configs: dict[st
             if ckpt is None:
                 log.warning("trial %s finished without a result checkpoint; not logged", key)
                 return
-            with ckpt.as_directory() as d:
-                result = TrialResult.from_dict(json.loads(Path(d, "result.json").read_text()))
+            result = result_of(ckpt)
             try:
                 c = self._c()
                 if key in self.logged or key in trial_runs(c, exp_id, parent):

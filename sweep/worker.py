@@ -20,9 +20,10 @@ import signal
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ from .shared import (
 from .trial import run_trial
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Set to a file path to make the first trial that reaches its first batch kill its own worker
 #: process (once: the file marks that it happened). Fault-injection for the retry test.
@@ -96,29 +98,39 @@ def stats_pass_task(trial: dict[str, Any], layers: list[int]) -> list[Any]:
     return [got[layer].mom2.cpu().numpy() for layer in layers] + [meta]
 
 
+def _chunk_once(path: Path, stored: Callable[[], T | None], compute: Callable[[], T]) -> T:
+    """A chunk of a store computed once among the processes sharing it: what another process stored
+    (``stored()``, None while missing), else ``compute()`` (which stores it) under the chunk's claim."""
+    with claim(path, lambda: stored() is not None):
+        got = stored()
+        return got if got is not None else compute()
+
+
 def values_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -> tuple[np.ndarray, float]:
     """(target values [n, d_model] of ``case_ids``, seconds), written to the values store before returning
     (two returns: the values' reference goes to the trials, the seconds to the driver's counters)."""
     cfg = parse_config(trial)
     t0 = time.perf_counter()
     records = select(load_counterfact(cfg.dataset.source, cfg.dataset.sha256), case_ids=case_ids)
-    if not store:
+
+    def compute() -> torch.Tensor:
         model, tok = cached_model(cfg.model)
-        return compute_values(cfg, model, tok, records).numpy(), time.perf_counter() - t0
+        v = compute_values(cfg, model, tok, records)
+        if store:
+            vs.put(key, digests, v)
+        return v
+
+    if not store:
+        return compute().numpy(), time.perf_counter() - t0
     key = values_key(cfg, trial_hparams(cfg), model_identity(cfg.model))
     digests = [request_digest(r.request()) for r in records]
     vs = ValuesStore(store)
 
-    def stored() -> dict[str, torch.Tensor]:
+    def stored() -> torch.Tensor | None:
         got = vs.get(key, digests)
-        return got if len(got) == len(digests) else {}
+        return torch.stack([got[d] for d in digests]) if len(got) == len(digests) else None
 
-    with claim(vs.store.path(key, part_name(digests)), lambda: bool(stored())):
-        if got := stored():  # another sweep sharing the store computed this chunk
-            return torch.stack([got[d] for d in digests]).numpy(), time.perf_counter() - t0
-        model, tok = cached_model(cfg.model)
-        v = compute_values(cfg, model, tok, records)
-        vs.put(key, digests, v)
+    v = _chunk_once(vs.store.path(key, part_name(digests)), stored, compute)
     return v.numpy(), time.perf_counter() - t0
 
 
@@ -127,24 +139,26 @@ def scores_task(trial: dict[str, Any], case_ids: list[int], store: str | None) -
     cfg = parse_config(trial)
     t0 = time.perf_counter()
     records = select(load_counterfact(cfg.dataset.source, cfg.dataset.sha256), case_ids=case_ids)
-    if not store:
+
+    def compute() -> list[dict[str, float]]:
         model, tok = cached_model(cfg.model)
-        return [s.fields() for s in compute_scores(cfg, model, tok, records)], time.perf_counter() - t0
+        scores = compute_scores(cfg, model, tok, records)
+        if store:
+            ss.put(key, digests, scores)
+        return [s.fields() for s in scores]
+
+    if not store:
+        return compute(), time.perf_counter() - t0
     key = scores_key(cfg, model_identity(cfg.model))
     digests = [record_digest(r) for r in records]
     ss = ScoresStore(store)
 
-    def stored() -> list[dict[str, float]]:
+    def stored() -> list[dict[str, float]] | None:
         got = ss.get(key, digests)
-        return [got[d] for d in digests] if len(got) == len(digests) else []
+        return [got[d] for d in digests] if len(got) == len(digests) else None
 
-    with claim(ss.store.path(key, part_name(digests), ext="json"), lambda: bool(stored())):
-        if rows := stored():  # another sweep sharing the store scored this chunk
-            return rows, time.perf_counter() - t0
-        model, tok = cached_model(cfg.model)
-        scores = compute_scores(cfg, model, tok, records)
-        ss.put(key, digests, scores)
-    return [s.fields() for s in scores], time.perf_counter() - t0
+    rows = _chunk_once(ss.store.path(key, part_name(digests), ext="json"), stored, compute)
+    return rows, time.perf_counter() - t0
 
 
 def ppl_task(trial: dict[str, Any], store: str | None) -> float:

@@ -111,13 +111,14 @@ def _anchor_targets(
 ) -> torch.Tensor:
     """NAS on the batch's targets zs [n, d] (float64); the anchor is the state's, or this batch's own
     when the state has none yet (the first batch: the unedited model), then kept in the state."""
+    norms = (v0 + zs - h).norm(dim=1)  # ‖v*‖ per request
     anchor = state.value_norm_anchor if state is not None else None
     if anchor is None:
-        anchor = nas.anchor_of((v0 + zs - h).norm(dim=1))
+        anchor = nas.anchor_of(norms)
         if state is not None:
             state.value_norm_anchor = anchor
     info["nas_anchor"] = anchor
-    info["nas_skipped"] = int(((v0 + zs - h).norm(dim=1) > nas.SKIP_FACTOR * anchor).sum())
+    info["nas_skipped"] = int((norms > nas.SKIP_FACTOR * anchor).sum())
     return nas.anchored(zs, h, v0, anchor)
 
 
