@@ -3,7 +3,8 @@
 A :class:`CorpusSpec` names a local text file, a local folder of text files, or a Hugging Face
 ``datasets`` text dataset (``"hf:<dataset>[:<config>][:<split>]"``). :func:`iter_texts` yields its texts
 one by one and :func:`corpus_identity` gives a string that changes when the texts change (used in the
-statistics cache key).
+statistics cache key). ``sample_seed`` draws ``max_texts`` texts at random as the ROME/MEMIT reference
+does (:func:`sample_indices`).
 
 Local formats:
 
@@ -59,6 +60,12 @@ class CorpusSpec:
             dataset's shuffle buffer of ``SHUFFLE_BUFFER`` rows, a non-streamed hf dataset a full
             shuffle, and local sources a ``SHUFFLE_BUFFER``-text buffer.
         revision: hf dataset revision (commit, tag or branch).
+        sample_seed: draw ``max_texts`` texts uniformly at random with this seed, as the reference code
+            draws its 100,000 articles (:func:`sample_indices`), and yield them in the drawn order
+            (None: the first ``max_texts`` texts in corpus order; without ``max_texts``: the whole corpus
+            in a seeded random order). A local source is read twice (once to count its texts) and the
+            drawn texts are held in memory; an hf dataset is loaded whole (random access, as the
+            reference; ``streaming`` is ignored) and the draw is over its rows.
     """
 
     source: str
@@ -67,6 +74,7 @@ class CorpusSpec:
     streaming: bool = True
     shuffle_seed: int | None = None
     revision: str | None = None
+    sample_seed: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
@@ -75,6 +83,11 @@ class CorpusSpec:
             raise ValueError("corpus.text_field: must be a non-empty column name")
         if self.max_texts is not None and (isinstance(self.max_texts, bool) or self.max_texts < 1):
             raise ValueError(f"corpus.max_texts: must be a positive integer or None, got {self.max_texts!r}")
+        if self.sample_seed is not None:
+            if isinstance(self.sample_seed, bool) or not isinstance(self.sample_seed, int) or self.sample_seed < 0:
+                raise ValueError(f"corpus.sample_seed: must be an integer >= 0 or None, got {self.sample_seed!r}")
+            if self.shuffle_seed is not None:
+                raise ValueError("corpus.sample_seed: a random sample is already in random order; drop shuffle_seed")
         if self.is_hf:
             parse_hf_source(self.source)
 
@@ -105,7 +118,10 @@ def iter_texts(spec: CorpusSpec) -> Iterator[str]:
         FileNotFoundError: naming ``corpus.source`` for a missing path or a folder without text files.
         ImportError: for an hf source when ``datasets`` is not installed.
     """
-    texts = _iter_hf(spec) if spec.is_hf else _iter_local(spec)
+    if spec.sample_seed is not None:
+        texts = _sample_hf(spec) if spec.is_hf else _sample_local(spec)
+    else:
+        texts = _iter_hf(spec) if spec.is_hf else _iter_local(spec)
     if spec.shuffle_seed is not None and not spec.is_hf:
         texts = _buffer_shuffle(texts, spec.shuffle_seed, SHUFFLE_BUFFER)
     for i, text in enumerate(texts):
@@ -116,14 +132,15 @@ def iter_texts(spec: CorpusSpec) -> Iterator[str]:
 
 def corpus_identity(spec: CorpusSpec) -> str:
     """A string that changes when the texts change: a content hash for local sources, the dataset
-    id/config/split(/revision) for hf. Shuffling and the hf text field are part of it; ``max_texts``
-    is not (the statistics cache key records the cap on its own)."""
+    id/config/split(/revision) for hf. Shuffling, the sample's seed and the hf text field are part of
+    it; ``max_texts`` is not (the statistics cache key records the cap on its own)."""
+    sample = "" if spec.sample_seed is None else f"|sample={spec.sample_seed}"
     if spec.is_hf:
         name, config, split = parse_hf_source(spec.source)
         ident = f"hf:{name}:{config or ''}:{split}@{spec.revision or 'main'}|field={spec.text_field}"
         if spec.shuffle_seed is not None:
             ident += f"|shuffle={spec.shuffle_seed}/{'stream' if spec.streaming else 'full'}"
-        return ident
+        return ident + sample
     path = _local_path(spec)
     if path.is_file():
         ident = f"file:{file_fingerprint(path)}"
@@ -136,7 +153,32 @@ def corpus_identity(spec: CorpusSpec) -> str:
         ident = f"dir:{h.hexdigest()[:16]}"
     if spec.shuffle_seed is not None:
         ident += f"|shuffle={spec.shuffle_seed}"
-    return ident
+    return ident + sample
+
+
+def sample_indices(n: int, k: int | None, seed: int) -> list[int]:
+    """The first ``k`` (all when None) of a ``random.Random(seed)`` permutation of ``range(n)``.
+
+    The draw of the ROME/MEMIT reference (``util/runningstats.py``: ``FixedRandomSubsetSampler``, which
+    ``make_loader`` builds with ``seed=random_sample, end=sample_size``; ``layer_stats`` passes
+    ``random_sample=1``), index for index: Python's ``random``, not torch's, so the same ``n`` and seed
+    give the same indices in the same order.
+    """
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order[:k]
+
+
+def _sample_local(spec: CorpusSpec) -> Iterator[str]:
+    """The texts of :func:`sample_indices` over the local corpus, in the drawn order."""
+    n = sum(1 for _ in _iter_local(spec))
+    slot = {i: j for j, i in enumerate(sample_indices(n, spec.max_texts, spec.sample_seed))}
+    drawn: list[str] = [""] * len(slot)
+    for i, text in enumerate(_iter_local(spec)):
+        j = slot.get(i)
+        if j is not None:
+            drawn[j] = text
+    yield from drawn
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -267,6 +309,22 @@ def _buffer_shuffle(texts: Iterable[str], seed: int, size: int) -> Iterator[str]
 
 
 def _iter_hf(spec: CorpusSpec) -> Iterator[str]:
+    ds = _load_hf(spec, spec.streaming)
+    if spec.shuffle_seed is not None:
+        if spec.streaming:
+            ds = ds.shuffle(seed=spec.shuffle_seed, buffer_size=SHUFFLE_BUFFER)
+        else:
+            ds = ds.shuffle(seed=spec.shuffle_seed)
+    yield from _hf_texts(spec, ds)
+
+
+def _sample_hf(spec: CorpusSpec) -> Iterator[str]:
+    """The rows of :func:`sample_indices` over the whole (non-streamed) dataset, in the drawn order."""
+    ds = _load_hf(spec, streaming=False)
+    yield from _hf_texts(spec, ds.select(sample_indices(len(ds), spec.max_texts, spec.sample_seed)))
+
+
+def _load_hf(spec: CorpusSpec, streaming: bool) -> Any:
     try:
         import datasets
     except ImportError:
@@ -274,16 +332,15 @@ def _iter_hf(spec: CorpusSpec) -> Iterator[str]:
             f"corpus.source: {spec.source!r} needs the `datasets` package: pip install 'model-editing-sweep[datasets]'"
         ) from None
     name, config, split = parse_hf_source(spec.source)
-    kwargs: dict[str, Any] = {"split": split, "streaming": spec.streaming}
+    kwargs: dict[str, Any] = {"split": split, "streaming": streaming}
     if spec.revision:
         kwargs["revision"] = spec.revision
-    log.info("reading %s (config %s, split %s, streaming=%s)", name, config, split, spec.streaming)
-    ds = datasets.load_dataset(name, config, **kwargs)
-    if spec.shuffle_seed is not None:
-        if spec.streaming:
-            ds = ds.shuffle(seed=spec.shuffle_seed, buffer_size=SHUFFLE_BUFFER)
-        else:
-            ds = ds.shuffle(seed=spec.shuffle_seed)
+    log.info("reading %s (config %s, split %s, streaming=%s)", name, config, split, streaming)
+    return datasets.load_dataset(name, config, **kwargs)
+
+
+def _hf_texts(spec: CorpusSpec, ds: Iterable[Any]) -> Iterator[str]:
+    name = parse_hf_source(spec.source)[0]
     for row in ds:
         try:
             text = row[spec.text_field]
@@ -295,4 +352,4 @@ def _iter_hf(spec: CorpusSpec) -> Iterator[str]:
             yield text.strip()
 
 
-__all__ = ["WIKIPEDIA", "CorpusSpec", "corpus_identity", "iter_texts", "parse_hf_source"]
+__all__ = ["WIKIPEDIA", "CorpusSpec", "corpus_identity", "iter_texts", "parse_hf_source", "sample_indices"]

@@ -35,7 +35,10 @@ from editors.store import Store, claim, key_digest, key_json
 
 log = logging.getLogger(__name__)
 
-MAX_SEQ_LEN_CAP = 2048
+#: Tokens per text for a model whose config declares no position limit.
+FALLBACK_MAX_SEQ_LEN = 2048
+#: ``StatsKey.max_seq_len`` of a pass that cuts each text at the model's context (``max_seq_len=None``).
+CONTEXT = "context"
 STATS_FORMAT = "editors.stats.v2"
 _ACC_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _TOKENIZE_CHUNK = 64  # texts tokenised per call (fast tokenizers batch in Rust)
@@ -61,13 +64,28 @@ class SecondMoment:
     history: tuple[tuple[int, float], ...] = ()
 
 
-def default_max_seq_len(model: nn.Module) -> int:
-    """min(the model's maximum positions, 2048). The original ROME code truncates at the model's
-    maximum positions (2048 for GPT-J, 8192 for Llama-3); 2048 keeps activation memory bounded and the
-    token count comparable across models. Models without a position limit in the config get 2048."""
+def model_max_positions(model: nn.Module) -> int | None:
+    """The model's context length as its config declares it (``n_positions``, ``max_sequence_length``,
+    ``max_position_embeddings`` or ``seq_length``, in the reference's order), or None."""
     cfg = getattr(model, "config", None)
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    return min(int(limit), MAX_SEQ_LEN_CAP) if limit else MAX_SEQ_LEN_CAP
+    for attr in ("n_positions", "max_sequence_length", "max_position_embeddings", "seq_length"):
+        limit = getattr(cfg, attr, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return limit
+    return None
+
+
+def default_max_seq_len(model: nn.Module) -> int:
+    """The model's context length (:func:`model_max_positions`; :data:`FALLBACK_MAX_SEQ_LEN` when the
+    config declares none): where the reference code cuts each text (``rome/layer_stats.py``: ``maxlen =
+    model.config.n_positions`` or ``max_position_embeddings``: 2,048 for GPT-J, 8,192 for Llama-3)."""
+    return model_max_positions(model) or FALLBACK_MAX_SEQ_LEN
+
+
+def seq_len_key(max_seq_len: int | None) -> int | str:
+    """``StatsKey.max_seq_len`` of a pass run with ``max_seq_len``: the number, or :data:`CONTEXT` for
+    None (the model's context, which the model's identity fixes)."""
+    return CONTEXT if max_seq_len is None else max_seq_len
 
 
 def default_batch_tokens(device: torch.device | str) -> int:
@@ -109,8 +127,9 @@ def collect_second_moments(
     """Second moments of the edited projection's input at ``layers``, in one pass over ``texts``.
 
     Each text is tokenised with the tokenizer's own special tokens (BOS if it adds one) and truncated to
-    ``max_seq_len`` tokens. Sequences are sorted by length within a buffer and packed into right-padded
-    batches of at most ``batch_tokens`` padded tokens (a single longer sequence forms its own batch).
+    ``max_seq_len`` tokens (by default the model's context, as the reference code). Sequences are sorted
+    by length within a buffer and packed into right-padded batches of at most ``batch_tokens`` padded
+    tokens (a single longer sequence forms its own batch).
     Each batch runs once under ``torch.no_grad()`` with forward-pre hooks on every requested rewrite
     module, and stops after the deepest one, so the layers above it never run. Keys of non-padding
     positions (``attention_mask == 1``) are cast to ``dtype`` and accumulated on the model's device.
@@ -125,7 +144,8 @@ def collect_second_moments(
         max_tokens: stop after exactly this many keys: the first ``max_tokens`` tokens of the stream
             (the text where the budget runs out is cut, which leaves its earlier keys unchanged since
             attention is causal), so ``n_tokens == max_tokens`` whenever the corpus is long enough.
-        max_seq_len: truncation length; default :func:`default_max_seq_len` (min(max positions, 2048)).
+        max_seq_len: tokens per text (truncation); default :func:`default_max_seq_len`, the model's
+            context (8,192 for Llama-3), as the reference code. At most the model's context.
         batch_tokens: padded tokens per forward pass (batch size × padded length); default
             :func:`default_batch_tokens` of the model's device. The result does not depend on it (up to
             float rounding).
@@ -147,6 +167,9 @@ def collect_second_moments(
     acc = accumulation_dtype(dtype)
     _check_caps(max_texts=max_texts, max_tokens=max_tokens, max_seq_len=max_seq_len, batch_tokens=batch_tokens)
     seq_len = max_seq_len or default_max_seq_len(model)
+    limit = model_max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"max_seq_len: {seq_len} tokens exceed the model's context of {limit} positions")
     device = model_device(model)
     batch_tokens = batch_tokens or default_batch_tokens(device)
     pad = pad_id(tok)
@@ -375,7 +398,9 @@ class StatsKey:
         layer: layer index.
         corpus: ``editors.corpus.corpus_identity(corpus_spec)``.
         max_texts, max_tokens: the caps passed to :func:`collect_second_moments` (None: none).
-        max_seq_len: the truncation length used (None: the model's default).
+        max_seq_len: tokens per text: the ``max_seq_len`` passed to :func:`collect_second_moments`, or
+            :data:`CONTEXT` when it was None (the model's context; :func:`seq_len_key`). None: not
+            recorded (keys built by hand, or stored before texts were cut at the model's context).
         dtype: accumulation dtype, ``"float32"`` or ``"float64"`` (a torch dtype is converted).
         module: the rewrite module's name, for hand-written specs (None: the default layout).
         model_dtype: the weights' dtype during the pass (None: not recorded, e.g. float32 notebooks).
@@ -387,7 +412,7 @@ class StatsKey:
     corpus: str
     max_texts: int | None
     max_tokens: int | None
-    max_seq_len: int | None
+    max_seq_len: int | str | None
     dtype: str
     module: str | None = None
     model_dtype: str | None = None
@@ -512,4 +537,6 @@ __all__ = [
     "default_batch_tokens",
     "default_max_seq_len",
     "get_or_compute",
+    "model_max_positions",
+    "seq_len_key",
 ]

@@ -328,3 +328,128 @@ def test_check_stats(model):
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"stats.*NaN"):
         check_stats(bad, spec, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokens per text and the sample of texts, as the reference code draws them (docs/ALGORITHMS.md §1)
+
+
+def test_max_seq_len_cuts_each_text_and_defaults_to_the_context(model, tok, texts):
+    from editors.stats import FALLBACK_MAX_SEQ_LEN, default_max_seq_len
+
+    lens = [len(ids) for ids in tok(texts)["input_ids"]]
+    assert max(lens) > 256  # the tiny model's context is 256: both cuts bite
+    cut = collect(model, tok, [1], texts, max_seq_len=40)[1]
+    assert cut.n_tokens == sum(min(n, 40) for n in lens) < sum(min(n, 256) for n in lens)
+    default = collect(model, tok, [1], texts)[1]
+    assert default_max_seq_len(model) == 256
+    assert default.n_tokens == sum(min(n, 256) for n in lens) != sum(lens)
+    assert not torch.allclose(cut.mom2, default.mom2)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        collect(model, tok, [1], texts, max_seq_len=257)  # beyond the model's positions
+    assert default_max_seq_len(torch.nn.Linear(2, 2)) == FALLBACK_MAX_SEQ_LEN  # no position limit declared
+
+
+def test_a_long_context_is_not_cut_at_2048(model, tok, texts):
+    """The statistics used to cut every text at 2,048 tokens whatever the model; the reference cuts at
+    the model's context. One text of over 2,048 tokens, longer than a whole token batch."""
+    parts: list[str] = []
+    while len(tok("\n\n".join(parts))["input_ids"]) < 2400:
+        parts.append(texts[len(parts)])
+    long_text = "\n\n".join(parts)
+    n = len(tok(long_text)["input_ids"])
+    assert 2400 <= n < 4096
+    model.config.max_position_embeddings = 4096  # RoPE has no position table: a longer context
+    got = collect(model, tok, [0], [long_text, texts[0]], batch_tokens=512)[0]
+    assert got.n_tokens == n + len(tok(texts[0])["input_ids"])
+    two_k = collect(model, tok, [0], [long_text, texts[0]], batch_tokens=512, max_seq_len=2048)[0]
+    assert two_k.n_tokens == 2048 + len(tok(texts[0])["input_ids"])
+
+
+def _reference_sample(n: int, sample_size: int, seed: int) -> list[int]:
+    """util/runningstats.py of ROME/MEMIT/unified-model-editing, FixedRandomSubsetSampler(data_source,
+    seed=random_sample, end=sample_size).samples, copied by hand."""
+    import random
+
+    rng = random.Random(seed)
+    shuffled = list(range(n))
+    rng.shuffle(shuffled)
+    return shuffled[None:sample_size]
+
+
+def _numbered_corpus(path: Path, n: int = 60) -> list[str]:
+    words = corpus_text(20_000).split()
+    paras = [f"{i}: " + " ".join(words[i * 37 : i * 37 + 12]) for i in range(n)]
+    path.write_text("\n\n".join(paras) + "\n", encoding="utf-8")
+    return paras
+
+
+def test_sample_seed_draws_the_references_texts(tmp_path: Path):
+    paras = _numbered_corpus(tmp_path / "c.txt")
+    src = str(tmp_path / "c.txt")
+    one = list(iter_texts(CorpusSpec(src, max_texts=10, sample_seed=1)))
+    assert one == [paras[i] for i in _reference_sample(len(paras), 10, 1)]
+    assert one == list(iter_texts(CorpusSpec(src, max_texts=10, sample_seed=1)))  # deterministic
+    assert one != paras[:10] and len(set(one)) == 10
+    two = list(iter_texts(CorpusSpec(src, max_texts=10, sample_seed=2)))
+    assert two == [paras[i] for i in _reference_sample(len(paras), 10, 2)] and set(two) != set(one)
+    everything = list(iter_texts(CorpusSpec(src, sample_seed=1)))  # no cap: the whole corpus, drawn order
+    assert everything[:10] == one and sorted(everything) == sorted(paras)
+    idents = {corpus_identity(CorpusSpec(src, sample_seed=s)) for s in (None, 1, 2)}
+    assert len(idents) == 3
+    with pytest.raises(ValueError, match=r"corpus\.sample_seed"):
+        CorpusSpec(src, sample_seed=1, shuffle_seed=1)
+    with pytest.raises(ValueError, match=r"corpus\.sample_seed"):
+        CorpusSpec(src, sample_seed=-1)
+
+
+def test_sample_seed_on_hf_draws_rows_of_the_whole_dataset(monkeypatch):
+    import sys
+    import types
+
+    rows = [{"text": f"article {i}" if i % 3 else "  "} for i in range(40)]  # a third of the rows are empty
+    calls = []
+
+    class Rows(list):
+        def select(self, indices):
+            return Rows(self[i] for i in indices)
+
+    def load_dataset(name, config, **kw):
+        calls.append((name, config, kw))
+        return Rows(rows)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    got = list(iter_texts(CorpusSpec("hf:some/wiki:en", max_texts=12, sample_seed=1)))
+    drawn = [rows[i]["text"] for i in _reference_sample(len(rows), 12, 1)]
+    assert got == [t for t in drawn if t.strip()] and len(got) < 12  # the empty rows drawn are skipped
+    assert calls == [("some/wiki", "en", {"split": "train", "streaming": False})]  # loaded whole
+
+
+def test_stats_settings_reach_the_pass_and_the_key(tmp_path: Path, model, tok):
+    from editors.config import ConfigError
+    from sweep.config import parse_config
+    from sweep.fulfil import compute_stats
+    from sweep.shared import stats_keys
+
+    paras = _numbered_corpus(tmp_path / "c.txt")
+
+    def cfg(**stats):
+        return parse_config({"stats": {"corpus": str(tmp_path / "c.txt"), "max_tokens": None, **stats}})
+
+    got = compute_stats(cfg(max_texts=8, sample_seed=3, max_seq_len=9), model, tok, [0], progress=False)[0]
+    lens = [len(tok(paras[i])["input_ids"]) for i in _reference_sample(len(paras), 8, 3)]
+    assert max(lens) > 9 and got.n_tokens == sum(min(n, 9) for n in lens)
+    first = compute_stats(cfg(max_texts=8, max_seq_len=9), model, tok, [0], progress=False)[0]
+    assert first.n_tokens == sum(min(len(tok(p)["input_ids"]), 9) for p in paras[:8])
+    assert not torch.allclose(first.mom2, got.mom2)
+
+    def key(**stats):
+        return stats_keys(cfg(max_texts=8, **stats), [0], "m")[0]
+
+    assert key().max_seq_len == "context" and key(max_seq_len=9).max_seq_len == 9
+    digests = {key(**s).digest() for s in ({}, {"max_seq_len": 9}, {"sample_seed": 1}, {"sample_seed": 2})}
+    assert len(digests) == 4
+    assert key(sample_seed=1).digest() == key(sample_seed=1).digest()
+    for bad, field in (({"max_seq_len": 0}, "stats.max_seq_len"), ({"sample_seed": -1}, "stats.sample_seed")):
+        with pytest.raises(ConfigError, match=field):
+            cfg(**bad)
