@@ -1,8 +1,10 @@
-"""cluster.yaml (`ray up`, AWS) checked offline: Ray's own schema validation, GPU sizing, no secrets."""
+"""cluster.yaml (`ray up`, AWS) checked offline: Ray's own schema validation; the GPU workers against the
+project's planner on the shipped Llama-3-8B sweeps; the AMI; setup that installs torch once; no secrets."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from pathlib import Path
 
@@ -13,20 +15,26 @@ ray = pytest.importorskip("ray")
 jsonschema = pytest.importorskip("jsonschema")
 from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402  (private API)
 
-CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+from sweep import prepass  # noqa: E402
+from sweep.config import expand, load_sweep, needs_stats, trial_hparams  # noqa: E402
+from sweep.plan import estimate  # noqa: E402
 
-GB = 10**9
-# Per instance type: GPUs, memory per GPU (bytes, nominal), vCPUs, host RAM (bytes).
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = ROOT / "cluster.yaml"
+CLUSTER_DOC = ROOT / "docs" / "CLUSTER.md"
+LLAMA3_8B = "meta-llama/Meta-Llama-3-8B"
+
+MiB, GiB = 2**20, 2**30
+# Data about AWS, per instance type: GPUs, memory per GPU as nvidia-smi reports its total (what torch sees,
+# what the planner's budget means), vCPUs, host RAM.
 INSTANCES = {
-    "g6e.2xlarge": {"gpus": 1, "gpu_mem": 48 * GB, "vcpus": 8, "ram": 64 * 2**30},  # L40S
-    "g5.4xlarge": {"gpus": 1, "gpu_mem": 24 * GB, "vcpus": 16, "ram": 64 * 2**30},  # A10G
-    "g5.2xlarge": {"gpus": 1, "gpu_mem": 24 * GB, "vcpus": 8, "ram": 32 * 2**30},  # A10G
-    "p4d.24xlarge": {"gpus": 8, "gpu_mem": 40 * GB, "vcpus": 96, "ram": 1152 * 2**30},  # A100 40 GB
+    "g6e.2xlarge": {"gpus": 1, "gpu_mem": 46068 * MiB, "vcpus": 8, "ram": 64 * GiB},  # L40S
+    "g5.2xlarge": {"gpus": 1, "gpu_mem": 23028 * MiB, "vcpus": 8, "ram": 32 * GiB},  # A10G
+    "g5.4xlarge": {"gpus": 1, "gpu_mem": 23028 * MiB, "vcpus": 16, "ram": 64 * GiB},  # A10G
+    "p4d.24xlarge": {"gpus": 8, "gpu_mem": 40960 * MiB, "vcpus": 96, "ram": 1152 * GiB},  # A100 40 GB
+    "p4de.24xlarge": {"gpus": 8, "gpu_mem": 81920 * MiB, "vcpus": 96, "ram": 1152 * GiB},  # A100 80 GB
 }
-LLAMA3_8B_BF16 = 8_030_261_248 * 2  # ~16 GB of weights
-ONE_LAYER_FP32_STATS = 14336**2 * 4  # second moments of one MLP down_proj input, ~0.8 GB
-WORKING_ROOM = 8 * GB  # activations and grads of the value optimisation, CUDA context, allocator slack
-NEEDED_ON_GPU = LLAMA3_8B_BF16 + ONE_LAYER_FP32_STATS + WORKING_ROOM
+_BYTES = {"float32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
 
 def _load() -> dict:
@@ -45,6 +53,99 @@ def _gpu_worker_types(cfg: dict) -> dict:
     }
 
 
+def _gpu_gb(instance_type: str) -> float:
+    return INSTANCES[instance_type]["gpu_mem"] / 1e9
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the shipped Llama-3-8B sweeps need, by the project's planner (sweep.plan.estimate for a trial,
+# sweep.prepass.pass_memory_gb for a statistics pass split as plan_shared splits it)
+
+
+def _llama_configs() -> list[str]:
+    out = []
+    for path in sorted((ROOT / "sweep" / "configs").glob("*.yaml")):
+        base = yaml.safe_load(path.read_text()).get("base") or {}
+        if (base.get("model") or {}).get("source") == LLAMA3_8B:
+            out.append(path.name)
+    return out
+
+
+LLAMA_CONFIGS = _llama_configs()
+
+
+def _shape() -> prepass.Shape:
+    known = prepass.KNOWN_SHAPES[LLAMA3_8B]
+    return known if isinstance(known, prepass.Shape) else prepass.Shape(**known)
+
+
+@functools.cache
+def _needs(name: str) -> dict:
+    """The config's statistics budget, its biggest trial (GB), its statistics passes (GB each, split under
+    the config's budget as the planner does) and its largest weights in host RAM (bytes)."""
+    cfg = load_sweep(str(ROOT / "sweep" / "configs" / name))
+    trials = expand(cfg)
+    assert {t.model.source for t in trials} == {LLAMA3_8B}, name
+    shape = _shape()
+    trial_gb = max(estimate(t, shape, cfg.estimate.tflops)["gpu_memory_gb"] for t in trials)
+    budget = cfg.resources.gpu_memory_gb
+    groups: dict[str, tuple] = {}
+    for t in trials:
+        if needs_stats(t):
+            groups.setdefault(prepass.stats_group(t), (t, set()))[1].update(trial_hparams(t).layers)
+    passes = []
+    for t, layers in groups.values():
+
+        def fits(n: int, t=t) -> bool:
+            return budget is None or prepass.pass_memory_gb(shape, n, t) <= prepass.BUDGET_SHARE * budget
+
+        passes += [prepass.pass_memory_gb(shape, len(run), t) for run in prepass.split_passes(sorted(layers), fits)]
+    weights = max(shape.params * _BYTES.get(t.model.dtype, 4) for t in trials)
+    return {"budget_gb": budget, "trial_gb": trial_gb, "passes_gb": passes, "weights_bytes": weights}
+
+
+def test_the_paper_sweeps_are_checked():
+    assert {"paper-batch.yaml", "paper-layer-search.yaml", "paper-sequential-batch.yaml"} <= set(LLAMA_CONFIGS)
+
+
+@pytest.mark.parametrize("name", LLAMA_CONFIGS)
+def test_gpu_workers_fit_the_biggest_trial_and_statistics_pass(name):
+    need = _needs(name)
+    assert need["passes_gb"], f"{name}: no statistics pass planned"
+    for wname, nt in _gpu_worker_types(_load()).items():
+        itype = nt["node_config"]["InstanceType"]
+        room = prepass.BUDGET_SHARE * _gpu_gb(itype)  # the planner's own headroom for fragmentation
+        # The planner splits statistics passes under the config's budget: it must not exceed the card.
+        assert need["budget_gb"] is not None and need["budget_gb"] <= _gpu_gb(itype), (name, wname)
+        assert need["trial_gb"] <= room, f"{name}: a {need['trial_gb']:.1f} GB trial on {itype} ({room:.1f} GB)"
+        assert max(need["passes_gb"]) <= room, f"{name}: a {max(need['passes_gb']):.1f} GB pass on {itype}"
+        # Host RAM (Ray's memory resource): the weights pass through it while loading.
+        assert need["weights_bytes"] < nt["resources"]["memory"], (name, wname)
+
+
+@pytest.mark.parametrize("itype", ["g5.2xlarge", "g5.4xlarge", "p4d.24xlarge"])
+def test_a10g_and_a100_40gb_are_too_small_for_the_fp32_paper_trials(itype):
+    assert _needs("paper-batch.yaml")["trial_gb"] > prepass.BUDGET_SHARE * _gpu_gb(itype)
+
+
+def test_gpu_worker_resources_match_the_instance():
+    cfg = _load()
+    workers = _gpu_worker_types(cfg)
+    assert workers, "no GPU worker type"
+    for name, nt in workers.items():
+        inst = INSTANCES[nt["node_config"]["InstanceType"]]
+        res = nt["resources"]
+        assert 1 <= res["GPU"] <= inst["gpus"], name
+        assert res["CPU"] <= inst["vcpus"], name
+        assert res["memory"] <= inst["ram"], name
+        assert nt["min_workers"] == 0 and nt["max_workers"] == 8, name
+    assert cfg["max_workers"] >= sum(nt["max_workers"] for nt in workers.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The file itself
+
+
 def test_ray_validates_the_shipped_file():
     _validate(_load())
 
@@ -56,24 +157,14 @@ def test_head_runs_no_trials():
     assert "GPU" not in head["resources"]
 
 
-def test_gpu_workers_fit_llama3_8b_and_fp32_statistics():
+def test_every_node_type_has_an_ami_and_the_file_says_how_to_look_one_up():
     cfg = _load()
-    workers = _gpu_worker_types(cfg)
-    assert workers, "no GPU worker type"
-    for name, nt in workers.items():
-        inst = INSTANCES[nt["node_config"]["InstanceType"]]
-        res = nt["resources"]
-        assert 1 <= res["GPU"] <= inst["gpus"], name
-        assert res["CPU"] <= inst["vcpus"], name
-        assert inst["gpu_mem"] >= NEEDED_ON_GPU, f"{name}: {inst['gpu_mem'] / GB:.0f} GB per GPU is too small"
-        # Host RAM: the bf16 weights pass through it while loading; Ray's memory resource is real RAM.
-        assert LLAMA3_8B_BF16 < res["memory"] <= inst["ram"], name
-        assert nt["min_workers"] == 0 and nt["max_workers"] == 8, name
-    assert cfg["max_workers"] >= sum(nt["max_workers"] for nt in workers.values())
-
-
-def test_a10g_is_too_small_by_this_sizing():
-    assert INSTANCES["g5.4xlarge"]["gpu_mem"] < NEEDED_ON_GPU <= INSTANCES["g6e.2xlarge"]["gpu_mem"]
+    for name, nt in cfg["available_node_types"].items():
+        # Without ImageId Ray falls back to its default, the old Ubuntu 18.04 Deep Learning AMI.
+        assert re.fullmatch(r"ami-[0-9a-f]{17}", nt["node_config"].get("ImageId", "")), name
+    text = CLUSTER_YAML.read_text()
+    assert "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id" in text
+    assert "aws ec2 describe-images" in text
 
 
 def test_image_is_ray_not_ray_ml_and_matches_the_installed_ray():
@@ -86,6 +177,20 @@ def test_image_is_ray_not_ray_ml_and_matches_the_installed_ray():
     assert not any("shm-size" in opt for opt in docker.get("run_options", []))
 
 
+def test_setup_installs_torch_only_when_missing_and_before_the_project():
+    cfg = _load()
+    setup = cfg["setup_commands"]
+    installs = [i for i, c in enumerate(setup) if re.search(r"pip install[^|;&]*\btorch\b", c)]
+    assert len(installs) == 1, setup
+    guard, sep, install = setup[installs[0]].partition("||")
+    assert sep and "import" in guard and "torch" in guard and "pip install" not in guard
+    assert re.search(r'pip install "?torch==\d', install)
+    project = next(i for i, c in enumerate(setup) if "pip install -e" in c)
+    assert installs[0] < project  # the project's "torch>=2.3" is then met and pip leaves torch alone
+    every = " ; ".join(setup + cfg["head_setup_commands"] + cfg["worker_setup_commands"])
+    assert not re.search(r"--force-reinstall|--upgrade\b|\s-U\b|--ignore-installed", every)
+
+
 def test_project_is_mounted_and_installed_on_every_node():
     cfg = _load()
     assert cfg["file_mounts"] == {"~/model-editing-sweep": "."}
@@ -96,6 +201,25 @@ def test_project_is_mounted_and_installed_on_every_node():
     for name in (".git", ".cache", "mlflow.db"):
         assert name in excluded
     assert any("mlflow server" in c for c in cfg["head_start_ray_commands"])
+
+
+def test_a_gpu_worker_without_a_gpu_in_its_container_fails_setup():
+    cfg = _load()
+    init = " ; ".join(cfg["initialization_commands"])
+    assert "nvidia-ctk runtime configure --runtime=docker" in init  # on the host, before the container
+    check = " ; ".join(cfg["worker_setup_commands"])
+    assert "nvidia-smi" in check and "torch.cuda.is_available()" in check and "exit 1" in check
+
+
+def test_no_placeholder_iam_profile_and_the_doc_explains_it():
+    cfg = _load()
+    for name, nt in cfg["available_node_types"].items():
+        profile = nt["node_config"].get("IamInstanceProfile")
+        if profile is not None:  # `ray up` fails on a placeholder
+            assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+", profile.get("Arn", "")), name
+    profile_name = re.search(r"instance-profile/([\w+=,.@-]+)", CLUSTER_YAML.read_text()).group(1)
+    doc = CLUSTER_DOC.read_text()
+    assert profile_name in doc and "iam:PassRole" in doc and "s3:ListBucket" in doc
 
 
 def test_no_secret_values_in_the_file():
