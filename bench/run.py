@@ -110,12 +110,12 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
     from editors.stats import StatsStore
     from sweep.config import parse_config
+    from sweep.fulfil import trial_alone
     from sweep.shared import model_identity, stats_keys
-    from sweep.trial import run_trial
 
     torch.set_num_threads(spec["threads"])
     cfg = parse_config(trial_config(spec))
-    res = run_trial(cfg, progress=False)
+    res = trial_alone(cfg, progress=False)
     layer = spec["layer"]
     key = stats_keys(cfg, [layer], model_identity(cfg.model))[layer]
     stats_file = StatsStore(cfg.stats.store).path(key)

@@ -55,6 +55,11 @@ class StatsConfig:
     corpus: str = EMBEDDED_WIKI  # text file/folder, "embedded:wiki", or "hf:<dataset>[:config][:split]"
     max_tokens: int | None = 100_000  # keys averaged into C (the reference: 100k whole articles)
     max_texts: int | None = None
+    # Tokens per text: None cuts at the model's context (8,192 for Llama-3), as the reference's layer_stats
+    max_seq_len: int | None = None
+    # Which texts: None reads the first max_texts in corpus order; a seed draws max_texts at random with
+    # it, as the reference (random_sample=1: Python's random.Random(1) permutation of the rows)
+    sample_seed: int | None = None
     dtype: Literal["float32", "float64"] = "float32"
     batch_tokens: int | None = None  # padded tokens per forward pass (None: 1024 on CPU, 8192 on GPU)
     store: str | None = ".cache/stats"  # disk cache folder (None: keep in memory only)
@@ -134,10 +139,12 @@ def parse_config(data: dict[str, Any]) -> TrialConfig:
         raise ConfigError(str(e).replace("number of requests", "n_edits")) from None
     _check_fields(cfg)
     s = cfg.stats
-    for name in ("max_tokens", "max_texts", "batch_tokens"):
+    for name in ("max_tokens", "max_texts", "batch_tokens", "max_seq_len"):
         v = getattr(s, name)
         if v is not None and v < 1:
             raise ConfigError(f"stats.{name}: must be >= 1 or null, got {v}")
+    if s.sample_seed is not None and s.sample_seed < 0:
+        raise ConfigError(f"stats.sample_seed: must be >= 0 or null, got {s.sample_seed}")
     if s.tolerance is not None and not 0 < s.tolerance < 1:
         raise ConfigError(f"stats.tolerance: must be in (0, 1) or null, got {s.tolerance}")
     if s.model_dtype is not None:
@@ -287,12 +294,10 @@ class SweepConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     retries: int = 1  # a failed trial is retried this many times
-    storage: str = ".cache/ray_results"  # Tune's storage_path (S3/NFS on a multi-node cluster)
-    values_store: str = ".cache/values"  # disk cache of shared target values
-    scores_store: str = ".cache/scores"  # disk cache of pre-edit scores and perplexities
-    share_stats: bool = True  # compute statistics once before the trials (off: each trial computes)
-    share_values: bool = True  # compute batch-mode values once for the sweep (off: each trial does)
-    share_scores: bool = True  # score the unedited model once per fact for the sweep (off: each trial does)
+    storage: str = ".cache/ray_results"  # Tune's storage_path on the driver, or a URI (s3://, gs://)
+    values_store: str = ".cache/values"  # target values, on the driver's disk (it writes every store)
+    scores_store: str = ".cache/scores"  # pre-edit scores and perplexities, on the driver's disk
+    share_values: bool = True  # compute batch-mode values once for the sweep (off: each trial optimises its own)
     values_chunk: int = 256  # facts per value / pre-score task (each stored as it finishes)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
 
@@ -337,6 +342,14 @@ def load_sweep(path: str, overrides: list[str] = ()) -> SweepConfig:
             raise ConfigError(f"variants.{vname}: a name of letters, digits, '-_+.' mapping to a dict of overrides")
     if cfg.retries < 0:
         raise ConfigError("retries: must be >= 0")
+    stores = [("values_store", cfg.values_store), ("scores_store", cfg.scores_store)]
+    stores.append(("base.stats.store", (cfg.base.get("stats") or {}).get("store")))
+    for name, value in stores:
+        if isinstance(value, str) and "://" in value:
+            raise ConfigError(
+                f"{name}: {value!r} is a URI; the shared-work stores are folders on the driver's disk (the "
+                "driver writes them and hands their contents to every node through Ray); give a local path"
+            )
     if cfg.values_chunk < 1:
         raise ConfigError(f"values_chunk: must be >= 1, got {cfg.values_chunk}")
     r = cfg.resources

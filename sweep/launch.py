@@ -18,11 +18,8 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +29,47 @@ from editors.config import ConfigError, to_dict
 from editors.store import write_json_atomic
 
 from .config import SweepConfig, load_sweep, method_name, sweep_id, trial_hparams
+from .fulfil import TrialRefs, WorkCounts, fulfil_ray
 from .plan import Plan, format_plan, make_plan
 from .prepass import SharedPlan, plan_shared
-from .shared import PplKey, ScoresStore, ValuesStore
-from .worker import TrialRefs, ppl_task, scores_task, stats_pass_task, values_task
 
 log = logging.getLogger("sweep.launch")
 
 #: Environment variables forwarded to the Ray workers.
 PASSTHROUGH = ("HF_TOKEN", "HF_HOME", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", "MODEL_EDITING_CACHE")
+#: Set by Ray's job server in a submitted job's driver: the job's config, with its runtime env.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def job_env_vars() -> dict[str, str]:
+    """The ``env_vars`` of the runtime env this driver was submitted with (``ray job submit
+    --runtime-env-json``), empty for a driver started by hand."""
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    if not raw:
+        return {}
+    try:
+        env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return dict(env) if isinstance(env, dict) else {}
+
+
+def runtime_env() -> dict[str, Any]:
+    """The runtime env the launcher adds for the workers: its fixed settings and the
+    :data:`PASSTHROUGH` variables of this shell, minus every variable a submitted job's runtime env
+    already sets (Ray refuses to merge two runtime envs that set the same variable, and the job's own
+    value reaches every worker anyway)."""
+    env_vars = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TOKENIZERS_PARALLELISM": "false"}
+    # Secrets and locations travel from the launching shell to every worker, never through a file.
+    env_vars.update({k: os.environ[k] for k in PASSTHROUGH if k in os.environ})
+    taken = job_env_vars()
+    return {"env_vars": {k: v for k, v in env_vars.items() if k not in taken}}
 
 
 def init_ray(args: argparse.Namespace) -> None:
     import ray
 
-    env_vars = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TOKENIZERS_PARALLELISM": "false"}
-    # Secrets and locations travel from the launching shell to every worker, never through a file.
-    env_vars.update({k: os.environ[k] for k in PASSTHROUGH if k in os.environ})
-    env = {"env_vars": env_vars}
+    env = runtime_env()
     if args.local:
         # address="local" always starts a fresh instance (a stale /tmp/ray session would otherwise be joined)
         ray.init(
@@ -64,199 +84,95 @@ def init_ray(args: argparse.Namespace) -> None:
         ray.init(address=args.address, runtime_env=env, log_to_driver=args.verbose)
 
 
+def is_uri(path: str) -> bool:
+    """Whether ``path`` is a URI (``s3://``, ``gs://``, any pyarrow file system) rather than a local path."""
+    return "://" in path
+
+
+def storage_path(cfg: SweepConfig) -> str:
+    """Tune's ``storage_path``: a URI unchanged (``Path`` would turn ``s3://b/x`` into a local folder
+    ``s3:/b/x``), a local path made absolute."""
+    return cfg.storage if is_uri(cfg.storage) else str(Path(cfg.storage).expanduser().resolve())
+
+
+def write_summary(cfg: SweepConfig, summary: dict[str, Any]) -> str:
+    """Write the sweep's summary JSON next to Tune's experiment (a URI through pyarrow); returns where."""
+    name = f"{cfg.name}-{sweep_id(cfg)}-summary.json"
+    root = storage_path(cfg)
+    if not is_uri(root):
+        return str(write_json_atomic(Path(root) / name, summary))
+    from pyarrow import fs
+
+    filesystem, base = fs.FileSystem.from_uri(root)
+    filesystem.create_dir(base, recursive=True)
+    with filesystem.open_output_stream(f"{base}/{name}") as f:
+        f.write(json.dumps(summary, indent=1, default=str).encode())
+    return f"{root.rstrip('/')}/{name}"
+
+
 # ----------------------------------------------------------------------------------------------------
-# The pre-pass on Ray (plan: sweep.prepass.plan_shared; task bodies: sweep.worker)
+# Planning from the cluster
 
 
-#: Set to N to make the launcher SIGKILL itself once N value/score chunks are stored (fault injection).
-CHAOS_KILL_ENV = "MODEL_EDITING_CHAOS_KILL_LAUNCHER_AFTER"
+#: How long planning waits for a GPU node to answer (an autoscaler may have to start one first).
+GPU_PROBE_TIMEOUT_S = 900.0
 
 
-def _chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def needs_gpu_budget(cfg: SweepConfig) -> bool:
+    """Whether planning needs a worker's device memory: trials on GPUs and no ``resources.gpu_memory_gb``."""
+    return cfg.resources.gpu > 0 and cfg.resources.gpu_memory_gb is None
 
 
-def _chaos_after() -> int | None:
-    v = os.environ.get(CHAOS_KILL_ENV)
-    return int(v) if v else None
-
-
-@dataclass
-class _Submitted:
-    """What the pre-pass has in flight or in the object store, by what trials ask for."""
-
-    layer_refs: dict[tuple[str, int], Any] = field(default_factory=dict)  # (group, layer) -> C
-    meta_refs: dict[tuple[str, int], Any] = field(default_factory=dict)  # (group, layer) -> its pass's meta
-    fact_refs: dict[tuple[Any, str], Any] = field(default_factory=dict)  # (key, digest) -> (chunk digests, ref)
-    ppl_refs: dict[PplKey, Any] = field(default_factory=dict)
-    pending: dict[Any, str] = field(default_factory=dict)  # ref to wait on -> kind
-    chunk_sizes: dict[Any, int] = field(default_factory=dict)  # a chunk's seconds ref -> its facts
-
-
-def run_prepass(cfg: SweepConfig, shared: SharedPlan) -> tuple[dict[str, TrialRefs], dict[str, Any]]:
-    """Compute what ``shared`` lacks on Ray, store it as it finishes, and hand every trial its refs.
-
-    Returns (trial key -> :class:`TrialRefs`, work counters).
-    """
-    gpu = cfg.resources.prepass_gpu if cfg.resources.prepass_gpu is not None else cfg.resources.gpu
-    opts = {"num_cpus": cfg.resources.cpu, "num_gpus": gpu, "max_retries": cfg.retries}
-    t0 = time.perf_counter()
-    counts = shared.counts()
-    work: dict[str, Any] = {
-        "stats_layers_computed": 0,
-        "stats_layers_cached": counts["statistics_cached"],
-        "stats_passes": 0,
-        "values_optimised": 0,
-        "values_cached": counts["values_cached"],
-        "scores_computed": 0,
-        "scores_cached": counts["scores_cached"],
-        "stats_task_s": 0.0,  # seconds the tasks of each kind ran, summed over workers
-        "values_task_s": 0.0,
-        "scores_task_s": 0.0,
-    }
-    sub = _Submitted()
-    _submit_stats(cfg, shared, opts, sub)
-    _submit_facts(cfg, shared, opts, sub)
-    _submit_ppl(cfg, shared, opts, sub)
-    log.info(
-        "pre-pass: %d statistics pass(es) for %d layer(s) (%d read from the store), %d target values and "
-        "%d pre-edit scores in %d chunk(s) (%d values, %d scores stored)",
-        counts["statistics_passes"],
-        counts["statistics_to_compute"],
-        counts["statistics_cached"],
-        counts["values_to_optimise_shared"],
-        counts["scores_to_compute"],
-        len(sub.chunk_sizes),
-        counts["values_cached"],
-        counts["scores_cached"],
-    )
-    _wait_all(sub, counts, work, t0)
-    work["prepass_s"] = time.perf_counter() - t0
-    log.info("shared work: %s", work)
-    return _hand_out(shared, sub), work
-
-
-def _submit_stats(cfg: SweepConfig, shared: SharedPlan, opts: dict[str, Any], sub: _Submitted) -> None:
-    """One task per statistics pass; a layer's matrix is in the object store when its pass ends."""
-    import ray
-
-    for p in shared.passes:
-        o = {**opts, "num_gpus": 0, "num_cpus": min(1.0, cfg.resources.cpu)} if p.read_only else opts
-        task = ray.remote(stats_pass_task).options(num_returns=len(p.layers) + 1, **o)
-        refs = task.remote(to_dict(p.trial), list(p.layers))
-        for layer, ref in zip(p.layers, refs[:-1]):
-            sub.layer_refs[(p.group, layer)] = ref
-            sub.meta_refs[(p.group, layer)] = refs[-1]
-        sub.pending[refs[-1]] = "stats"
-
-
-def _submit_facts(cfg: SweepConfig, shared: SharedPlan, opts: dict[str, Any], sub: _Submitted) -> None:
-    """Values and pre-edit scores: stored parts read here and put once; one task per missing chunk."""
-    import ray
-
-    for kind, jobs, task_fn, store_cls, root in (
-        ("values", shared.values, values_task, ValuesStore, cfg.values_store),
-        ("scores", shared.scores, scores_task, ScoresStore, cfg.scores_store),
-    ):
-        for key, job in jobs.items():
-            if job.cached:
-                stored = store_cls(root).get(key, job.cached)
-                ds = tuple(stored)
-                if kind == "values":
-                    ref = ray.put(torch.stack([stored[d] for d in ds]).numpy())
-                else:
-                    ref = ray.put([stored[d] for d in ds])
-                for d in ds:
-                    sub.fact_refs[(key, d)] = (ds, ref)
-            for chunk in _chunks(job.missing(), cfg.values_chunk):
-                ids = [r.case_id for r, _ in chunk]
-                ds = tuple(d for _, d in chunk)
-                ref, secs = ray.remote(task_fn).options(num_returns=2, **opts).remote(to_dict(job.trial), ids, root)
-                for d in ds:
-                    sub.fact_refs[(key, d)] = (ds, ref)
-                sub.chunk_sizes[secs] = len(ds)
-                sub.pending[secs] = kind
-
-
-def _submit_ppl(cfg: SweepConfig, shared: SharedPlan, opts: dict[str, Any], sub: _Submitted) -> None:
-    """The unedited perplexities the store lacks (stored ones are handed over as numbers)."""
-    import ray
-
-    for pk, t in shared.ppl.items():
-        if pk in shared.ppl_cached:
-            sub.ppl_refs[pk] = shared.ppl_cached[pk]
-        else:
-            sub.ppl_refs[pk] = ray.remote(ppl_task).options(**opts).remote(to_dict(t), cfg.scores_store)
-            sub.pending[sub.ppl_refs[pk]] = "ppl"
-
-
-def _wait_all(sub: _Submitted, counts: dict[str, int], work: dict[str, Any], t0: float) -> None:
-    """Wait on every task at once, counting and logging each as it finishes, in any order."""
-    import ray
-
-    chaos = _chaos_after()
-    chunks_done = 0
-    left = list(sub.pending)
-    while left:
-        ready, left = ray.wait(left, num_returns=1)
-        ref = ready[0]
-        kind = sub.pending[ref]
-        el = time.perf_counter() - t0
-        if kind == "stats":
-            meta = ray.get(ref)
-            work["stats_task_s"] += meta["seconds"]
-            work["stats_done_s"] = el
-            if meta["computed"]:
-                work["stats_passes"] += 1
-                work["stats_layers_computed"] += len(meta["computed"])
-                log.info(
-                    "pre-pass: statistics of layers %s ready, %s tokens (%.0f s)", meta["computed"], meta["tokens"], el
-                )
-        elif kind in ("values", "scores"):
-            work[f"{kind}_task_s"] += ray.get(ref)  # the chunk's seconds; raises the task's error, if any
-            work[f"{kind}_done_s"] = el
-            work["values_optimised" if kind == "values" else "scores_computed"] += sub.chunk_sizes[ref]
-            chunks_done += 1
-            log.info(
-                "pre-pass: %d/%d target values, %d/%d pre-edit scores (%.0f s)",
-                work["values_optimised"],
-                counts["values_to_optimise_shared"],
-                work["scores_computed"],
-                counts["scores_to_compute"],
-                el,
+def gpu_budget(cfg: SweepConfig, args: argparse.Namespace) -> float | None:
+    """A worker's device memory for the statistics passes (GB): ``resources.gpu_memory_gb``; else, for
+    ``--local``, this machine's first GPU; else asked of one of the cluster's GPU nodes (a small task
+    there); never this machine's card for a cluster (the driver's node may have none, or another one).
+    None when trials run on CPUs. Raises :class:`ConfigError` when nobody can say."""
+    r = cfg.resources
+    if r.gpu_memory_gb is not None:
+        return r.gpu_memory_gb
+    if r.gpu <= 0:
+        return None
+    if args.dry_run:
+        raise ConfigError(
+            "resources.gpu_memory_gb: a dry run asks no cluster, so the statistics passes cannot be sized; "
+            "set it to the workers' GPU memory in GB (48 for an L40S)"
+        )
+    if args.local:
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "resources.gpu_memory_gb: --local with resources.gpu > 0 but this machine has no CUDA device; "
+                "set resources.gpu: 0, or resources.gpu_memory_gb for fake GPUs (--num-gpus)"
             )
-            if chaos is not None and chunks_done >= chaos:
-                Path(os.environ.get(CHAOS_KILL_ENV + "_MARK", "/dev/null")).write_text(str(chunks_done))
-                os.kill(os.getpid(), signal.SIGKILL)
+        return torch.cuda.get_device_properties(0).total_memory / 1e9
+    return _ask_cluster_gpu()
 
 
-def _hand_out(shared: SharedPlan, sub: _Submitted) -> dict[str, TrialRefs]:
-    """Each trial's references: its layers' C, the chunks holding its facts' values and scores."""
-    refs: dict[str, TrialRefs] = {}
-    for tkey, need in shared.needs.items():
-        tr = TrialRefs()
-        if need.stats_group is not None:
-            tr.stats = {layer: sub.layer_refs[(need.stats_group, layer)] for layer in need.layers}
-            tr.stats_meta = {layer: sub.meta_refs[(need.stats_group, layer)] for layer in need.layers}
-        if need.values is not None:
-            tr.values = _dedupe([sub.fact_refs[(need.values, d)] for d in need.value_digests])
-        if need.scores is not None:
-            tr.scores = _dedupe([sub.fact_refs[(need.scores, d)] for d in need.score_digests])
-        if need.ppl is not None:
-            tr.ppl = sub.ppl_refs[need.ppl]
-        refs[tkey] = tr
-    return refs
+def _ask_cluster_gpu() -> float:
+    import ray
 
+    from .worker import gpu_memory_task
 
-def _dedupe(items: Iterable[tuple[tuple[str, ...], Any]]) -> list[tuple[tuple[str, ...], Any]]:
-    seen: dict[int, tuple[tuple[str, ...], Any]] = {}
-    for ds, ref in items:
-        seen.setdefault(id(ref), (ds, ref))
-    return list(seen.values())
+    if not ray.is_initialized():
+        raise RuntimeError("gpu budget: join the cluster first (init_ray)")
+    log.info("planning: asking a GPU node for its device memory (an autoscaler may start one first)")
+    ref = ray.remote(gpu_memory_task).options(num_gpus=1, num_cpus=0, max_retries=0).remote()
+    try:
+        got = ray.get(ref, timeout=GPU_PROBE_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise ConfigError(
+            f"resources.gpu_memory_gb: no GPU node of the cluster answered within {GPU_PROBE_TIMEOUT_S:.0f} s "
+            "(none yet, or none can start); set it to the workers' GPU memory in GB"
+        ) from None
+    log.info("planning: node %s has a %s with %.1f GB", got["node"], got["name"], got["total_gb"])
+    return float(got["total_gb"])
 
 
 def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     """Start (or resume) the sweep; returns a summary with the parent run id and work counters."""
+    import ray
+
     from . import tracking
 
     t_start = time.perf_counter()
@@ -270,13 +186,14 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
     if not reused:
         _log_sweep(c, parent, cfg, plan)
     done = tracking.trial_runs(c, exp, parent)
-    init_ray(args)
+    if not ray.is_initialized():
+        init_ray(args)
     todo = [k for k in plan.keys if k not in done]
     summary = {"parent_run_id": parent, "tracking_uri": uri}
     if args.resume and not todo:
         log.info("every trial of %s is already in MLflow: nothing to run", cfg.name)
         c.set_terminated(parent, "FINISHED")
-        work = {"stats_layers_computed": 0, "values_optimised": 0, "trials_run": 0}
+        work = {**WorkCounts().as_dict(), "trials_run": 0}
         return {
             **summary,
             "work": work,
@@ -287,8 +204,10 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
     shared = plan.shared
     if len(todo) < len(plan.keys):  # resumed: the shared work of the trials still to run, stores re-read
         left = [(k, t) for k, t in zip(plan.keys, plan.trials) if k in todo]
-        shared = plan_shared(cfg, [t for _, t in left], [k for k, _ in left])
-    refs, work = run_prepass(cfg, shared)
+        shared = plan_shared(cfg, [t for _, t in left], [k for k, _ in left], budget_gb=plan.shared.budget_gb)
+    refs, counts = fulfil_ray(shared, cfg)
+    work: dict[str, Any] = counts.as_dict()
+    log.info("shared work: %s", work)
     _log_statistics(c, parent, shared)
     callback = tracking.make_callback(uri, exp, parent, sid, {k: to_dict(t) for k, t in zip(plan.keys, plan.trials)})
     grid = _tuner(cfg, plan, todo, refs, callback, args).fit()
@@ -310,9 +229,9 @@ def _close_parent(
 
     from . import tracking
 
-    checkpoints = {r.config["point"]["key"]: r.checkpoint for r in grid if r.checkpoint is not None}
+    reports = {r.config["point"]["key"]: r.metrics for r in grid if r.metrics}
     try:
-        if n := tracking.log_missing(c, exp, parent, sid, checkpoints):
+        if n := tracking.log_missing(c, exp, parent, sid, reports):
             log.info("logged %d trial(s) that MLflow lacked", n)
         if n := tracking.close_running(c, exp, parent):
             log.info("closed %d unfinished trial run(s) as KILLED", n)
@@ -383,7 +302,7 @@ def _tuner(
     ]
     fn = tune.with_parameters(worker.trainable, refs=refs, trials=trials)
     fn = tune.with_resources(fn, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
-    storage = str(Path(cfg.storage).resolve())
+    storage = storage_path(cfg)
     name = f"{cfg.name}-{sweep_id(cfg)}"
     # A compact progress table (trial, method, layers, B, mode | edits so far, S/ES/PS/NS at edit) instead
     # of the new output engine's box per result; CLIReporter is honoured only with RAY_AIR_NEW_OUTPUT=0.
@@ -406,7 +325,7 @@ def _tuner(
         progress_reporter=reporter,
         failure_config=tune.FailureConfig(max_failures=cfg.retries),
     )
-    path = os.path.join(storage, name)
+    path = f"{storage.rstrip('/')}/{name}"
     if args.resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=fn, resume_errored=True)
     return tune.Tuner(
@@ -465,7 +384,8 @@ def _fmt(x: Any) -> str:
     return f"{x:.2f}" if isinstance(x, (int, float)) else "-"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The launcher's command line (also what tests build their arguments with)."""
     ap = argparse.ArgumentParser(prog="python -m sweep.launch", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="sweep YAML (sweep/configs/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. base.n_edits=64 retries=2")
@@ -477,26 +397,49 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue a stopped sweep; finished trials are kept")
     ap.add_argument("--verbose", action="store_true", help="forward the workers' logs to this console")
     ap.add_argument("--quiet", action="store_true", help="no Tune progress table")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_sweep(args.config, args.overrides)
-        plan = make_plan(cfg, dry_run=args.dry_run)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_plan(cfg, plan))
-    if args.dry_run:
-        return 0
     from .tracking import TrackingUnavailable
 
     try:
+        cfg = load_sweep(args.config, args.overrides)
+        if needs_gpu_budget(cfg) and not (args.dry_run or args.local):
+            init_ray(args)  # the cluster's GPU nodes size the statistics passes
+        plan = make_plan(cfg, dry_run=args.dry_run, budget_gb=gpu_budget(cfg, args))
+        print(format_plan(cfg, plan))
+        if args.dry_run:
+            return 0
         summary = run(cfg, plan, args)
-    except TrackingUnavailable as e:
+    except (ConfigError, ValueError, FileNotFoundError, TrackingUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_json_atomic(Path(cfg.storage) / f"{cfg.name}-{sweep_id(cfg)}-summary.json", summary)
+    except Exception as e:
+        cause = _no_gpu(e)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        return 2
+    log.info("summary: %s", write_summary(cfg, summary))
     return 0 if summary["errors"] == 0 else 1
+
+
+def _no_gpu(e: BaseException) -> BaseException | None:
+    """The :class:`~sweep.worker.NoGPU` behind ``e`` (a Ray task error wraps it as its cause), or None."""
+    from .worker import NoGPU
+
+    seen: BaseException | None = e
+    while seen is not None:
+        cause = getattr(seen, "cause", None)  # a RayTaskError's original exception
+        if isinstance(cause, NoGPU):
+            return cause
+        if isinstance(seen, NoGPU) and cause is None:
+            return seen
+        seen = cause or seen.__cause__
+    return None
 
 
 if __name__ == "__main__":

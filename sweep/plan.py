@@ -36,9 +36,10 @@ class Plan:
         return {"trials": len(self.trials), **self.shared.counts()}
 
 
-def make_plan(cfg: SweepConfig, dry_run: bool = False) -> Plan:
+def make_plan(cfg: SweepConfig, dry_run: bool = False, budget_gb: float | None = None) -> Plan:
     """Expand, validate against the models' shapes, and plan the shared work (no model is loaded;
-    ``dry_run``: see :func:`sweep.prepass.plan_shared`)."""
+    ``dry_run``, ``budget_gb``: see :func:`sweep.prepass.plan_shared`; the launcher's
+    :func:`sweep.launch.gpu_budget` says the budget)."""
     from editors.model import check_layer
 
     trials = expand(cfg)
@@ -61,7 +62,9 @@ def make_plan(cfg: SweepConfig, dry_run: bool = False) -> Plan:
                 st.corpus,
             )
             break
-    shared = plan_shared(cfg, trials, keys, dry_run)
+    shared = plan_shared(
+        cfg, trials, keys, dry_run, budget_gb if budget_gb is not None else cfg.resources.gpu_memory_gb
+    )
     tflops = cfg.estimate.tflops
     estimates = [
         estimate(t, model_shape(t.model.source, t.model.gguf_file, t.model.revision), tflops, shared.needs[k])

@@ -1,23 +1,19 @@
-"""The pre-pass: plan the shared work a sweep is missing, compute it once, hand each trial its inputs.
+"""Planning the shared work of a sweep: what its trials share, what the stores lack, what it will cost.
 
-Planning (:func:`plan_shared`, no model loaded) walks the expanded trials and collects, per content key
-(:mod:`sweep.shared`), what the stores lack:
+No model is loaded here. :func:`plan_shared` walks the expanded trials and builds, per content key
+(:mod:`sweep.shared`; every key is built here, once, and handed on):
 
 - statistics: per (model, statistics settings), the layers any trial edits. Layers in the store are read
-  by a light task (no model load); the rest are split into **passes** whose accumulators fit next to the
-  model in a worker's device memory (``resources.gpu_memory_gb``, or the driver's GPU; fp64 counts
-  double), shallow layers together, since each pass stops after its deepest layer;
+  by the fulfiller; the rest are split into **passes** whose accumulators fit next to the model in a
+  worker's device memory (the budget: ``resources.gpu_memory_gb``, else the cluster's GPU nodes, asked
+  by the launcher; fp64 counts double), shallow layers together, since each pass stops after its
+  deepest layer;
 - target values of batch-mode trials whose algorithm can share them (``editors`` ``TRAITS``), per
-  (value key, fact), in chunks of ``values_chunk`` facts;
-- pre-edit scores per (scores key, fact), in chunks, and the unedited perplexity per :class:`PplKey`.
+  (value key, fact);
+- pre-edit scores per (scores key, fact), and the unedited perplexity per :class:`PplKey`.
 
-Computing: the functions here do the work on a loaded model (no Ray); the sweep's Ray tasks
-(:mod:`sweep.worker`) wrap them and :func:`sweep.launch.run_prepass` submits them all at once, so
-passes and chunks run on as many workers as are free. Each task writes its result to its store as it
-finishes (a killed launcher keeps every finished chunk; the same command or ``--resume`` computes only
-the rest) and returns it as an object-store reference that goes to the trials as is: results travel
-worker -> object store -> trial, never through the driver. :func:`local_inputs` is the same work for
-one trial without Ray (``python -m sweep.trial``).
+The model's shape comes from its ``config.json`` alone (:func:`model_shape`), and the cost estimate from
+shapes. Computing the plan is :mod:`sweep.fulfil`'s job (in this process, or on Ray).
 """
 
 from __future__ import annotations
@@ -30,13 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from editors import spec_for, traits
+from editors import traits
 from editors.config import ConfigError
-from editors.corpus import CorpusSpec, iter_texts
 from editors.model import n_layers_of
-from editors.stats import StatsStore, collect_second_moments, get_or_compute
+from editors.stats import StatsKey, StatsStore
 from editors.templates import N_TEMPLATES
 
 from .config import trial_hparams
@@ -44,7 +37,6 @@ from .shared import (
     PplKey,
     ScoresKey,
     ScoresStore,
-    TrialInputs,
     ValuesKey,
     ValuesStore,
     model_identity,
@@ -58,8 +50,6 @@ from .shared import (
 )
 
 if TYPE_CHECKING:
-    from editors.stats import SecondMoment
-
     from .config import SweepConfig, TrialConfig
     from .data import Record
 
@@ -79,13 +69,14 @@ _BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "bf16": 2, "float16": 2, "f
 
 @dataclass(frozen=True)
 class StatsPass:
-    """One statistics task: ``layers`` of one model and corpus, read from the store (``read_only``) or
-    computed in one forward pass over the corpus that stops after ``layers[-1]``."""
+    """The statistics of ``layers`` of one model and corpus: held by the store at planning
+    (``read_only``), or computed in one forward pass over the corpus that stops after ``layers[-1]``."""
 
     group: str
     trial: TrialConfig
     layers: tuple[int, ...]
     read_only: bool
+    keys: dict[int, StatsKey] = field(default_factory=dict)  # layer -> its store key
     memory_gb: float = 0.0
     seconds: float = 0.0
 
@@ -271,27 +262,22 @@ def pass_seconds(shape: Shape, layers: Sequence[int], t: TrialConfig, tflops: fl
     return flops / (tflops * 1e12)
 
 
-def device_budget_gb(configured: float | None, gpu: float) -> float | None:
-    """The statistics' per-worker memory budget: configured, else the driver's first GPU when trials
-    use GPUs, else None (no limit)."""
-    if configured is not None:
-        return configured
-    if gpu > 0 and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory / 1e9
-    return None
-
-
 def plan_shared(
-    cfg: SweepConfig, trials: Sequence[TrialConfig], keys: Sequence[str], dry_run: bool = False
+    cfg: SweepConfig,
+    trials: Sequence[TrialConfig],
+    keys: Sequence[str],
+    dry_run: bool = False,
+    budget_gb: float | None = None,
 ) -> SharedPlan:
     """What the sweep's trials share and what the stores lack (no model is loaded).
 
+    ``budget_gb``: a worker's device memory for statistics passes (None: no limit, e.g. CPU trials).
     ``dry_run``: a dataset that is not at hand (a URL, offline) is counted by position instead of
     failing, so the plan of a cluster sweep prints on a laptop; nothing can run from such a plan.
     """
     from .data import DatasetError, load_selection
 
-    budget = device_budget_gb(cfg.resources.gpu_memory_gb, cfg.resources.gpu)
+    budget = budget_gb
     groups: dict[str, tuple[TrialConfig, set[int]]] = {}
     values: dict[ValuesKey, FactJob] = {}
     scores: dict[ScoresKey, FactJob] = {}
@@ -303,11 +289,11 @@ def plan_shared(
         tr = traits(t.algorithm)
         mid = model_identity(t.model)
         group = None
-        if tr.needs_stats(hp) and cfg.share_stats:
+        if tr.needs_stats(hp):
             group = stats_group(t)
             groups.setdefault(group, (t, set()))[1].update(hp.layers)
         share_v = tr.values_shareable(t.mode, t.batch_size) and cfg.share_values
-        share_s = t.scoring.pre and cfg.share_scores
+        share_s = t.scoring.pre
         vkey = skey = pkey = None
         vd: tuple[str, ...] = ()
         sd: tuple[str, ...] = ()
@@ -342,7 +328,7 @@ def plan_shared(
         skeys = stats_keys(t, sorted(layers), model_identity(t.model))
         cached = tuple(sorted(layer for layer, k in skeys.items() if store is not None and k in store))
         if cached:
-            passes.append(StatsPass(group, t, cached, read_only=True))
+            passes.append(StatsPass(group, t, cached, read_only=True, keys={la: skeys[la] for la in cached}))
         missing = sorted(set(layers) - set(cached))
         if not missing:
             continue
@@ -363,17 +349,20 @@ def plan_shared(
         for run in split_passes(missing, fits):
             mem = pass_memory_gb(shape, len(run), t, on_gpu)
             sec = pass_seconds(shape, run, t, cfg.estimate.tflops)
-            passes.append(StatsPass(group, t, run, read_only=False, memory_gb=mem, seconds=sec))
+            keys_ = {la: skeys[la] for la in run}
+            passes.append(StatsPass(group, t, run, read_only=False, keys=keys_, memory_gb=mem, seconds=sec))
 
-    for job in values.values():
-        job.cached = set(ValuesStore(cfg.values_store).get(job.key, job.digests))
+    if cfg.values_store:
+        for job in values.values():
+            job.cached = set(ValuesStore(cfg.values_store).get(job.key, job.digests))
     ppl_cached: dict[PplKey, float] = {}
-    for job in scores.values():
-        job.cached = set(ScoresStore(cfg.scores_store).get(job.key, job.digests))
-    for pk in ppl:
-        v = ScoresStore(cfg.scores_store).get_ppl(pk)
-        if v is not None:
-            ppl_cached[pk] = v
+    if cfg.scores_store:
+        for job in scores.values():
+            job.cached = set(ScoresStore(cfg.scores_store).get(job.key, job.digests))
+        for pk in ppl:
+            v = ScoresStore(cfg.scores_store).get_ppl(pk)
+            if v is not None:
+                ppl_cached[pk] = v
     return SharedPlan(passes, values, scores, ppl, ppl_cached, needs, budget)
 
 
@@ -394,128 +383,3 @@ def value_seconds(t: TrialConfig, shape: Shape, tflops: float, n_facts: int) -> 
 def score_seconds(shape: Shape, n_facts: int, tflops: float) -> float:
     """Scoring forwards of ``n_facts`` facts: ~3 prompts × 2 targets of ~13 tokens, 2 FLOP per parameter."""
     return 2 * shape.params * n_facts * 13 * 2 * 3 / (tflops * 1e12)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Computing (the bodies of the Ray tasks, and the same work for a trial without Ray)
-
-
-def compute_stats(
-    cfg: TrialConfig, model: Any, tok: Any, layers: list[int], progress: bool = True
-) -> dict[int, SecondMoment]:
-    """The statistics of ``layers`` in one pass over the configured corpus."""
-    s = cfg.stats
-    return collect_second_moments(
-        model,
-        tok,
-        spec_for(model),
-        layers,
-        iter_texts(CorpusSpec(s.corpus, max_texts=s.max_texts)),
-        max_tokens=s.max_tokens,
-        batch_tokens=s.batch_tokens,
-        dtype=s.dtype,
-        tolerance=s.tolerance,
-        progress=progress,
-    )
-
-
-def stats_from_store(
-    cfg: TrialConfig, layers: list[int], model_loader: Any, progress: bool = False
-) -> tuple[dict[int, SecondMoment], list[int]]:
-    """(statistics of ``layers``, the layers computed): stored ones read, the rest computed in ONE
-    pass and stored; ``model_loader()`` -> (model, tok) is called only when something is missing."""
-
-    def compute(missing: list[int]) -> dict[int, SecondMoment]:
-        model, tok = model_loader()
-        return compute_stats(cfg, model, tok, missing, progress)
-
-    if not cfg.stats.store:
-        return compute(list(layers)), list(layers)
-    keys = stats_keys(cfg, layers, model_identity(cfg.model))
-    store = StatsStore(cfg.stats.store)
-    missing = [layer for layer in layers if keys[layer] not in store]
-    return get_or_compute(store, keys, compute), missing
-
-
-def compute_values(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Record]) -> torch.Tensor:
-    """Batch-mode target values v* [n, d_model] float32 of ``records`` on the unedited model."""
-    from editors.targets import optimize_values
-    from editors.templates import TemplateCache, flat
-
-    hp = trial_hparams(cfg)
-    tpl = TemplateCache().get(model, tok, hp.context_templates, hp.template_seed)
-    v = optimize_values(
-        model,
-        tok,
-        spec_for(model),
-        hp.layers[-1],
-        [r.request() for r in records],
-        flat(tpl),
-        hp,
-        at=traits(cfg.algorithm).value_site,
-        max_requests=hp.value_batch,
-    )
-    return v.values.float().cpu()
-
-
-def compute_scores(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Record]) -> list[Any]:
-    """Per-record scores (``RecordScores``) of ``records`` on the model as it is."""
-    from .metrics import score_records
-
-    return score_records(model, tok, spec_for(model), records, batch_size=cfg.scoring.batch_size)
-
-
-def compute_ppl(cfg: TrialConfig, model: Any, tok: Any) -> float:
-    """Held-out perplexity on the configured slice of the statistics corpus."""
-    from .metrics import heldout_perplexity
-
-    sc = cfg.scoring
-    return heldout_perplexity(
-        model, tok, spec_for(model), cfg.stats.corpus, sc.ppl_offset, sc.ppl_texts, sc.ppl_max_len
-    )
-
-
-def local_inputs(
-    cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Record], need_stats: bool, progress: bool = True
-) -> TrialInputs:
-    """A trial's shared inputs computed here, without Ray: statistics from ``stats.store`` (the missing
-    layers computed in one pass and stored), pre-edit scores and perplexity of the unedited model.
-    Values are left to the schedule (one trial has nothing to share them with)."""
-    inputs = TrialInputs(counts={})
-    if need_stats:
-        local_stats(cfg, model, tok, inputs, progress)
-    if cfg.scoring.pre:
-        fill_scores(cfg, model, tok, records, inputs)
-    return inputs
-
-
-def local_stats(cfg: TrialConfig, model: Any, tok: Any, inputs: TrialInputs, progress: bool = True) -> None:
-    """Fill ``inputs.stats`` from ``stats.store``, computing the missing layers in one pass here."""
-
-    layers = list(trial_hparams(cfg).layers)
-
-    def loader() -> tuple[Any, Any]:
-        if stats_dtype(cfg) == cfg.model.dtype:
-            return model, tok
-        from editors import load_model  # stats.model_dtype differs: the pass gets its own copy
-
-        mc = cfg.model
-        dev = str(model.device)
-        return load_model(mc.source, gguf_file=mc.gguf_file, revision=mc.revision, dtype=stats_dtype(cfg), device=dev)
-
-    got, computed = stats_from_store(cfg, layers, loader, progress)
-    inputs.stats = {layer: sm.mom2 for layer, sm in got.items()}
-    inputs.stats_tokens = {layer: sm.n_tokens for layer, sm in got.items()}
-    inputs.counts.update(stats_computed=len(computed), stats_reused=len(layers) - len(computed))
-
-
-def fill_scores(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Record], inputs: TrialInputs) -> None:
-    """Score on the unedited model the records ``inputs`` lacks (and the perplexity), in place."""
-
-    todo = [r for r in records if record_digest(r) not in inputs.pre_scores]
-    if todo:
-        for r, s in zip(todo, compute_scores(cfg, model, tok, todo)):
-            inputs.pre_scores[record_digest(r)] = s.fields()
-    inputs.counts["scores_computed"] = inputs.counts.get("scores_computed", 0) + len(todo)
-    if cfg.scoring.ppl and inputs.pre_ppl is None:
-        inputs.pre_ppl = compute_ppl(cfg, model, tok)

@@ -3,12 +3,18 @@ reports read, and its JSON form (``trial.json`` in MLflow, ``--out`` of ``python
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 #: Scoring stages in protocol order.
 STAGES = ("pre", "at_edit", "final")
+
+#: The key of a trial's last Tune report that carries its whole result (:meth:`TrialResult.pack`).
+REPORT_KEY = "trial_result"
 
 
 @dataclass
@@ -99,5 +105,17 @@ class TrialResult:
             raise ValueError(f"trial result: unknown fields {sorted(unknown)}")
         return cls(**d)
 
+    def pack(self) -> str:
+        """The result as one string for a Tune report (zlib-compressed JSON in base64; a 2,000-fact
+        trial's per-record rows shrink about 5x). It travels to the driver through Ray, so no node needs
+        the driver's disk; the driver keeps it in Tune's experiment state, where ``--resume`` finds it."""
+        raw = json.dumps(self.to_dict(), separators=(",", ":"), default=str).encode()
+        return base64.b64encode(zlib.compress(raw, 6)).decode("ascii")
 
-__all__ = ["STAGES", "TrialResult", "UpdateNorms"]
+    @classmethod
+    def unpack(cls, packed: str) -> TrialResult:
+        """The inverse of :meth:`pack`."""
+        return cls.from_dict(json.loads(zlib.decompress(base64.b64decode(packed))))
+
+
+__all__ = ["REPORT_KEY", "STAGES", "TrialResult", "UpdateNorms"]

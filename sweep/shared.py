@@ -2,8 +2,9 @@
 
 Three results are the same in many trials of a sweep and are computed once by :mod:`sweep.prepass`:
 
-- **second moments** C of one layer: :class:`editors.stats.StatsKey` (model, layer, corpus, caps,
-  accumulation dtype, weights dtype, convergence tolerance) in an :class:`editors.stats.StatsStore`;
+- **second moments** C of one layer: :class:`editors.stats.StatsKey` (model, layer, corpus with its
+  sample seed, caps, tokens per text, accumulation dtype, weights dtype, convergence tolerance) in an
+  :class:`editors.stats.StatsStore`;
 - **target values** v* of batch-mode trials, per fact: :class:`ValuesKey` (model, value site and layer,
   value hyperparameters, context templates) in a :class:`ValuesStore`;
 - **pre-edit scores**, per fact: :class:`ScoresKey` (model, scoring settings) in a :class:`ScoresStore`,
@@ -34,7 +35,7 @@ from editors import traits
 from editors.corpus import CorpusSpec, corpus_identity
 from editors.model import ModelRef
 from editors.requests import EditRequest
-from editors.stats import StatsKey
+from editors.stats import StatsKey, seq_len_key
 from editors.store import Store, key_digest, part_name
 from editors.targets import ValueHParams
 
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
 
     from .config import ModelConfig, TrialConfig
     from .data import Record
-    from .metrics import RecordScores
 
 VALUES_FORMAT = "sweep.values.v2"
 SCORES_FORMAT = "sweep.scores.v1"
@@ -80,7 +80,7 @@ def stats_dtype(cfg: TrialConfig) -> str:
 def stats_keys(cfg: TrialConfig, layers: Iterable[int], model_id: str) -> dict[int, StatsKey]:
     """The statistics key of each of ``layers`` for the trial's model and ``stats`` settings."""
     s = cfg.stats
-    corpus = corpus_identity(CorpusSpec(s.corpus, max_texts=s.max_texts))
+    corpus = corpus_identity(CorpusSpec(s.corpus, max_texts=s.max_texts, sample_seed=s.sample_seed))
     return {
         layer: StatsKey(
             model_id,
@@ -88,7 +88,7 @@ def stats_keys(cfg: TrialConfig, layers: Iterable[int], model_id: str) -> dict[i
             corpus,
             s.max_texts,
             s.max_tokens,
-            None,
+            seq_len_key(s.max_seq_len),
             s.dtype,
             model_dtype=stats_dtype(cfg),
             tolerance=s.tolerance,
@@ -228,9 +228,9 @@ class ScoresStore:
     def __init__(self, root: str | os.PathLike) -> None:
         self.store = Store(root, SCORES_FORMAT)
 
-    def put(self, key: ScoresKey, digests: Sequence[str], scores: Sequence[RecordScores]) -> None:
-        rows = {d: s.fields() for d, s in zip(digests, scores)}
-        self.store.put_json(key, rows, part=part_name(list(digests)))
+    def put_rows(self, key: ScoresKey, digests: Sequence[str], rows: Sequence[dict[str, float]]) -> None:
+        """Store the score fields (``RecordScores.fields()``) of the facts ``digests`` as one part."""
+        self.store.put_json(key, dict(zip(digests, rows)), part=part_name(list(digests)))
 
     def get(self, key: ScoresKey, digests: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
         """Stored score fields (``es ps ns em pm nm *_acc``) of each of ``digests`` held."""
@@ -271,8 +271,7 @@ class TrialInputs:
         values: :func:`request_digest` -> v* [d_model] (batch mode; empty: the schedule optimises).
         pre_scores: :func:`record_digest` -> score fields of the unedited model.
         pre_ppl: the unedited model's held-out perplexity.
-        counts: how many of each were handed over (``stats_reused``, ``values_reused``, ``scores_reused``)
-            and computed by the trial itself (``stats_computed``, ``scores_computed``).
+        counts: how many of each were handed over (``stats_reused``, ``values_reused``, ``scores_reused``).
     """
 
     stats: dict[int, torch.Tensor] | None = None
@@ -281,6 +280,25 @@ class TrialInputs:
     pre_scores: dict[str, dict[str, float]] = field(default_factory=dict)
     pre_ppl: float | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    zero_copy: bool | None = None  # the statistics are read-only views of the object store (no per-trial copy)
+
+    def missing(self, cfg: TrialConfig, records: Sequence[Record], needs_stats: bool) -> list[str]:
+        """What the trial ``cfg`` on ``records`` needs that these inputs lack (empty: complete)."""
+        from .config import trial_hparams
+
+        out = []
+        if needs_stats:
+            layers = list(trial_hparams(cfg).layers)
+            have = set(self.stats or {})
+            if not set(layers) <= have:
+                out.append(f"statistics of layers {sorted(set(layers) - have)}")
+        if cfg.scoring.pre:
+            lack = [r.case_id for r in records if record_digest(r) not in self.pre_scores]
+            if lack:
+                out.append(f"pre-edit scores of {len(lack)} fact(s) (case ids {lack[:5]}...)")
+            if cfg.scoring.ppl and self.pre_ppl is None:
+                out.append("the unedited perplexity")
+        return out
 
 
 __all__ = [

@@ -34,7 +34,7 @@ import yaml
 from editors.config import to_dict
 
 from .colors import method_color
-from .result import TrialResult
+from .result import REPORT_KEY, TrialResult
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +89,27 @@ def runs_url(uri: str, exp_id: str) -> str:
     return f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
 
 
-def result_of(checkpoint: Any) -> TrialResult:
-    """The :class:`TrialResult` a trial's Tune checkpoint holds (``result.json``)."""
-    with checkpoint.as_directory() as d:
-        return TrialResult.from_dict(json.loads(Path(d, "result.json").read_text()))
+def result_of(report: dict[str, Any] | None) -> TrialResult | None:
+    """The :class:`TrialResult` a trial's last Tune report carries (None: the trial did not finish).
+
+    The result travels inside the report, through Ray, not as a checkpoint on the worker's disk: a
+    checkpoint needs storage every node shares, and on a cluster without it Tune fails the trial at
+    its very end (``Unable to set up cluster storage``, docs/CLUSTER.md)."""
+    packed = (report or {}).get(REPORT_KEY)
+    return TrialResult.unpack(packed) if isinstance(packed, str) else None
 
 
-def log_missing(c: Any, exp_id: str, parent: str, sid: str, checkpoints: dict[str, Any]) -> int:
-    """Log every trial (key -> its Tune checkpoint) that MLflow does not hold yet (a server that was
-    down when the trial ended), reading only those results; returns how many were logged."""
+def log_missing(c: Any, exp_id: str, parent: str, sid: str, reports: dict[str, dict[str, Any]]) -> int:
+    """Log every finished trial (key -> its last Tune report) that MLflow does not hold yet (a server
+    that was down when the trial ended), unpacking only those results; returns how many were logged."""
     have = trial_runs(c, exp_id, parent)
     running = running_trial_runs(c, exp_id, parent)
     n = 0
-    for key, ckpt in checkpoints.items():
-        if key not in have:
+    for key, report in reports.items():
+        result = result_of(report) if key not in have else None
+        if result is not None:
             rid = running[key].info.run_id if key in running else None
-            log_trial(c, exp_id, parent, sid, result_of(ckpt), rid)
+            log_trial(c, exp_id, parent, sid, result, rid)
             n += 1
     return n
 
@@ -387,11 +392,10 @@ def make_callback(uri: str, exp_id: str, parent: str, sid: str, configs: dict[st
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             key = trial.config["point"]["key"]
-            ckpt = trial.checkpoint
-            if ckpt is None:
-                log.warning("trial %s finished without a result checkpoint; not logged", key)
+            result = result_of(trial.last_result)
+            if result is None:
+                log.warning("trial %s finished without its result in the last report; not logged", key)
                 return
-            result = result_of(ckpt)
             try:
                 c = self._c()
                 if key in self.logged or key in trial_runs(c, exp_id, parent):

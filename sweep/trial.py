@@ -6,9 +6,10 @@
 Works without Ray and MLflow. Scoring follows docs/ALGORITHMS.md §4: every fact on the unedited model
 ("pre"), each batch's facts right after their own batch ("at_edit", the reference code's protocol) and
 every fact on the final model ("final", AlphaEdit's protocol; in ``batch`` mode each batch is edited
-on the unedited weights, so final = at_edit). The shared inputs (statistics, batch-mode target values,
-pre-edit scores) come from the sweep's pre-pass (:mod:`sweep.prepass`); a trial run alone computes them
-through the same functions. The stages: :func:`load_records` -> :func:`load_for_trial` -> shared inputs
+on the unedited weights, so final = at_edit). The trial consumes complete shared inputs (statistics,
+batch-mode target values, pre-edit scores, the unedited perplexity), fulfilled before it starts
+(:mod:`sweep.fulfil`: a sweep's, or :func:`sweep.fulfil.trial_alone` for a trial alone, which is what
+this command runs). The stages: :func:`load_records` -> :func:`load_for_trial` -> :func:`check_inputs`
 -> :func:`edit_and_score` (the schedule, each batch scored right after it) -> final scoring -> result.
 """
 
@@ -40,7 +41,6 @@ from editors.templates import TemplateCache, TemplateGroups
 from .config import TrialConfig, load_config, method_name, needs_stats, resolve_device, trial_hparams
 from .data import Record, load_selection
 from .metrics import METRICS, RecordScores, aggregate, generation_entropy, heldout_perplexity, score_records
-from .prepass import fill_scores, local_inputs, local_stats
 from .result import TrialResult, UpdateNorms
 from .shared import TrialInputs, model_identity, record_digest, request_digest
 
@@ -336,28 +336,21 @@ def edit_and_score(
     return log_, sched
 
 
-def shared_inputs(
-    cfg: TrialConfig,
-    hp: EditHParams,
-    model: Any,
-    tok: Any,
-    records: list[Record],
-    inputs: TrialInputs | None,
-    progress: bool,
-) -> tuple[TrialInputs, float]:
-    """(the trial's shared inputs, seconds spent on them): a sweep's, completed with what it left out
-    (statistics when it shares none, pre-edit scores it lacks), or computed here for a trial alone."""
-    t = time.perf_counter()
-    need_stats = needs_stats(cfg, hp)
+def check_inputs(cfg: TrialConfig, hp: EditHParams, records: list[Record], inputs: TrialInputs | None) -> TrialInputs:
+    """``inputs`` when it holds everything the trial needs (statistics of its layers, pre-edit scores
+    of its facts, the unedited perplexity), else one error saying what is missing and where it comes
+    from. A trial computes no shared work itself."""
     if inputs is None:
-        inputs = local_inputs(cfg, model, tok, records, need_stats, progress)
-    else:
-        if need_stats and inputs.stats is None:  # a sweep with share_stats off
-            local_stats(cfg, model, tok, inputs, progress)
-        if cfg.scoring.pre:
-            inputs.counts["scores_reused"] = sum(record_digest(r) in inputs.pre_scores for r in records)
-            fill_scores(cfg, model, tok, records, inputs)
-    return inputs, time.perf_counter() - t
+        raise ValueError(
+            "inputs: run_trial needs its shared inputs; fulfil them first "
+            "(sweep.fulfil.trial_alone(cfg) runs one trial with them, as python -m sweep.trial does)"
+        )
+    lack = inputs.missing(cfg, records, needs_stats(cfg, hp))
+    if lack:
+        raise ValueError(f"inputs: the trial's shared inputs lack {'; '.join(lack)} (sweep.fulfil fulfils them)")
+    inputs.counts["stats_reused"] = len(hp.layers) if needs_stats(cfg, hp) else 0
+    inputs.counts["scores_reused"] = sum(record_digest(r) in inputs.pre_scores for r in records) * cfg.scoring.pre
+    return inputs
 
 
 def fact_rows(records: list[Record]) -> dict[int, dict[str, Any]]:
@@ -394,14 +387,16 @@ def final_scores(
 
 
 def work_counts(inputs: TrialInputs, log_: BatchLog) -> dict[str, int]:
-    """Shared work computed vs reused by this trial (statistics, values, pre-edit scores)."""
+    """Shared work this trial was handed (statistics layers, values, pre-edit scores) and the values its
+    schedule optimised itself; a trial computes no shared work (``*_computed`` are its fulfilment's
+    when it ran alone: :func:`sweep.fulfil.trial_alone`)."""
     c = inputs.counts
     return {
-        "stats_computed": c.get("stats_computed", 0),
+        "stats_computed": 0,
         "stats_reused": c.get("stats_reused", 0),
         "values_optimised": log_.values_optimised,
         "values_reused": c.get("values_reused", 0),
-        "scores_computed": c.get("scores_computed", 0),
+        "scores_computed": 0,
         "scores_reused": c.get("scores_reused", 0),
     }
 
@@ -409,20 +404,18 @@ def work_counts(inputs: TrialInputs, log_: BatchLog) -> dict[str, int]:
 def run_trial(
     cfg: TrialConfig,
     *,
+    inputs: TrialInputs,
     model: Any = None,
     tok: Any = None,
-    inputs: TrialInputs | None = None,
     templates: TemplateCache | None = None,
     on_batch: Callable[[dict[str, Any]], None] | None = None,
-    progress: bool = True,
 ) -> TrialResult:
     """Run one trial and return its :class:`~sweep.result.TrialResult` (see the module docstring).
 
     Args:
+        inputs: the trial's shared inputs, complete (:mod:`sweep.fulfil`: a sweep's fulfilment, or
+            :func:`sweep.fulfil.trial_alone` for a trial alone); what is missing is an error.
         model, tok: a loaded model to reuse (its edited weights are restored exactly at the end).
-        inputs: the shared work a sweep hands over (:mod:`sweep.prepass`); without it the trial
-            computes it (:func:`sweep.prepass.local_inputs`: statistics through ``cfg.stats.store``,
-            pre-edit scores), and pre-edit scores it lacks are computed here too.
         on_batch: called with each batch's curve point (a sweep reports it as an intermediate result).
     """
     t_start = time.perf_counter()
@@ -434,7 +427,7 @@ def run_trial(
     device = str(model_device(model))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    inputs, shared_s = shared_inputs(cfg, hp, model, tok, records, inputs, progress)
+    inputs = check_inputs(cfg, hp, records, inputs)
 
     scorer = Scorer(cfg, model, tok, spec)
     metrics: dict[str, dict[str, float]] = {}
@@ -451,7 +444,7 @@ def run_trial(
     _merge(per_record, "at_edit", log_.scores)
     _merge(per_record, "final", per)
     norms = log_.final_drift if cfg.mode != "batch" else {}
-    timings = {"load": load_s, "shared": shared_s, **log_.stages, "score": scorer.seconds}
+    timings = {"load": load_s, **log_.stages, "score": scorer.seconds}
     timings["total"] = time.perf_counter() - t_start
     return TrialResult(
         config=to_dict(cfg),
@@ -509,8 +502,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
     try:
+        from .fulfil import trial_alone  # the CLI runs the whole chain: plan -> fulfil -> trial
+
         cfg = load_config(args.config, args.overrides)
-        result = run_trial(cfg, progress=not args.quiet)
+        result = trial_alone(cfg, progress=not args.quiet)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -74,8 +74,11 @@ SWEEP_BAD = [
     ("resources.prepass_gpu=-1", "resources.prepass_gpu"),
     ("resources.gpu_memory_gb=0", "resources.gpu_memory_gb"),
     ("estimate.tflops=0", "estimate.tflops"),
-    ("share_stats=perhaps", "share_stats"),
+    ("share_values=perhaps", "share_values"),
     ("grid.batch_size=[]", "grid.batch_size"),
+    ("values_store=s3://bucket/values", "values_store"),
+    ("scores_store=gs://bucket/scores", "scores_store"),
+    ("base.stats.store=s3://bucket/stats", "base.stats.store"),
 ]
 
 

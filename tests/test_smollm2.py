@@ -56,12 +56,13 @@ def test_edit_changes_the_answer_and_nothing_else(alg, smollm2, stats):
 def test_demo_trial_moves_efficacy(smollm2, tmp_path):
     """The demo trial (MEMIT, 8 demo facts): the unedited model prefers the true objects, the edited
     model the new ones."""
-    from sweep.trial import load_config, run_trial
+    from sweep.fulfil import trial_alone
+    from sweep.trial import load_config
 
     model, tok = smollm2
     cfg = load_config(None, ["stats.max_tokens=20000", f"stats.store={tmp_path}", "model.device=cpu"])
     assert (cfg.algorithm, cfg.n_edits, cfg.dataset.source) == ("memit", 8, "demo")
-    res = run_trial(cfg, model=model, tok=tok, progress=False)
+    res = trial_alone(cfg, model=model, tok=tok, progress=False)
     pre, final = res.metrics["pre"], res.metrics["final"]
     assert pre["es"] <= 25 and final["es"] >= 75
     assert final["ps"] > pre["ps"] and final["ns"] >= 50

@@ -106,18 +106,8 @@ def test_sweep_shares_work_tracks_in_mlflow_and_resumes(assets, local_ray, monke
 
 
 def launch_args(argv):
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config")
-    ap.add_argument("--local", action="store_true")
-    ap.add_argument("--address", default="auto")
-    ap.add_argument("--num-gpus", type=float, default=None)
-    ap.add_argument("--num-cpus", type=float, default=None)
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--verbose", action="store_true")
-    ap.add_argument("--quiet", action="store_true")
-    return ap.parse_args(argv)
+    """The launcher's own command line (``--config`` is read by ``main`` only)."""
+    return launch.parser().parse_args(["--config", "unused.yaml", *argv])
 
 
 def test_killed_trial_is_retried_and_reported_once(assets, local_ray, monkeypatch, tmp_path):
@@ -178,31 +168,6 @@ def test_bad_sweep_config_names_the_field(assets, capsys):
     assert "algorithm" in err and "mend" in err
     cfg = load_sweep(str(sweep_yaml(assets, "ok", {"batch_size": [2, 4]})))
     assert len(expand(cfg)) == 2
-
-
-def test_stats_task_reads_the_store_without_loading_the_model(assets, monkeypatch, tmp_path):
-    from sweep import worker
-
-    trial = {
-        "algorithm": "memit",
-        "hparams": "smollm2-135m",
-        "layers": [1],
-        "n_edits": 2,
-        "batch_size": 2,
-        "model": {"source": str(assets / "model"), "device": "cpu"},
-        "dataset": {"source": str(assets / "cf.json")},
-        "stats": {"corpus": str(assets / "corpus.txt"), "max_tokens": 500, "store": str(tmp_path / "stats")},
-    }
-    loads = []
-    real = worker.cached_model
-    monkeypatch.setattr(worker, "cached_model", lambda mc, dtype=None: loads.append(mc) or real(mc, dtype))
-    first = worker.stats_pass_task(trial, [1, 2])
-    assert first[-1]["computed"] == [1, 2] and len(loads) == 1  # computed in one pass: the model was needed
-    assert first[-1]["tokens"] == {1: 500, 2: 500}
-    again = worker.stats_pass_task(trial, [1, 2])
-    assert again[-1]["computed"] == [] and len(loads) == 1  # all in the store: read from disk, no model load
-    for a, b in zip(first[:-1], again[:-1]):
-        assert a.shape == b.shape and (a == b).all()
 
 
 def test_variants_and_a_collapsed_trial_do_not_stop_the_sweep(assets, local_ray):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from sweep.fulfil import trial_alone
 from sweep.trial import load_config, main, run_trial
 from tests.conftest import write_tiny_assets
 
@@ -41,16 +42,16 @@ def overrides(d, **kw):
 
 
 def test_batch_trial_alone_and_with_handed_inputs(tiny_dir):
-    """Alone, a trial computes its statistics (through the store), values and pre-scores; handed the
-    same work as a sweep's pre-pass would (sweep.prepass functions), it computes none of it and gets
-    the same metrics."""
+    """Alone, a trial's fulfilment computes its statistics (through the store) and pre-scores, and its
+    schedule its values; handed complete inputs (a one-trial plan fulfilled in-process, with the values
+    shared) it computes none of it and gets the same metrics; incomplete inputs are one clear error."""
     from editors import load_model
-    from sweep.prepass import compute_values, local_inputs
-    from sweep.shared import request_digest
-    from sweep.trial import load_records
+    from sweep.config import SweepConfig, trial_key
+    from sweep.fulfil import fulfil_local
+    from sweep.prepass import plan_shared
 
     cfg = load_config(None, overrides(tiny_dir, **{"stats.store": str(tiny_dir / "stats-batch")}))
-    first = run_trial(cfg, progress=False)
+    first = trial_alone(cfg, progress=False)
     m = first.metrics
     assert set(m) == {"pre", "at_edit", "final"}
     assert {"es", "ps", "ns", "s", "em", "pm", "nm", "ppl"} <= set(m["pre"])
@@ -69,13 +70,12 @@ def test_batch_trial_alone_and_with_handed_inputs(tiny_dir):
     assert first.versions["model"].startswith("dir:") and first.timings["total"] > 0
 
     model, tok = load_model(str(tiny_dir / "model"))
-    records = load_records(cfg)
-    inputs = local_inputs(cfg, model, tok, records, need_stats=True, progress=False)
-    assert inputs.counts == {"stats_computed": 0, "stats_reused": 1, "scores_computed": 4}
-    v = compute_values(cfg, model, tok, records)
-    inputs.values = {request_digest(r.request()): v[i] for i, r in enumerate(records)}
-    inputs.counts = {"stats_reused": 1}
-    second = run_trial(cfg, model=model, tok=tok, inputs=inputs, progress=False)
+    sweep = SweepConfig(name="t", values_store=str(tiny_dir / "values-batch"), scores_store=str(tiny_dir / "sc"))
+    key = trial_key(cfg)
+    inputs, work = fulfil_local(plan_shared(sweep, [cfg], [key]), sweep, model, tok, progress=False)
+    assert (work.stats_layers_read, work.stats_layers_computed) == (1, 0)  # the store from the first run
+    assert (work.values_optimised, work.scores_computed, work.ppl_computed) == (4, 4, 1)
+    second = run_trial(cfg, inputs=inputs[key], model=model, tok=tok)
     assert second.work == {
         "stats_computed": 0,
         "stats_reused": 1,
@@ -87,6 +87,15 @@ def test_batch_trial_alone_and_with_handed_inputs(tiny_dir):
     assert second.metrics["pre"] == first.metrics["pre"]
     for k in ("es", "ps", "ns"):
         assert second.metrics["at_edit"][k] == first.metrics["at_edit"][k]
+    _, again = fulfil_local(plan_shared(sweep, [cfg], [key]), sweep, model, tok, progress=False)
+    assert (again.values_read, again.scores_read, again.ppl_read) == (4, 4, 1)  # all from the stores now
+    assert (again.values_optimised, again.scores_computed, again.ppl_computed) == (0, 0, 0)
+
+    inputs[key].pre_scores.pop(next(iter(inputs[key].pre_scores)))
+    with pytest.raises(ValueError, match=r"inputs: .*pre-edit scores of 1 fact"):
+        run_trial(cfg, inputs=inputs[key], model=model, tok=tok)
+    with pytest.raises(ValueError, match="inputs: run_trial needs its shared inputs"):
+        run_trial(cfg, inputs=None, model=model, tok=tok)  # type: ignore[arg-type]
 
 
 def test_sequential_trial_reports_both_and_restores_the_model(tiny_dir, tok_bos):
@@ -95,7 +104,7 @@ def test_sequential_trial_reports_both_and_restores_the_model(tiny_dir, tok_bos)
     model, tok = load_model(str(tiny_dir / "model"))
     snap = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = load_config(None, overrides(tiny_dir, mode="sequential-batch"))
-    res = run_trial(cfg, model=model, tok=tok, progress=False)
+    res = trial_alone(cfg, model=model, tok=tok, progress=False)
     assert [c["applied"] for c in res.curves] == [2, 4]
     assert set(res.metrics["final"]) >= {"es", "ps", "ns", "s", "ppl"}
     assert res.update_norms.final_weight_change["model.layers.1.mlp.down_proj"] > 0
@@ -158,7 +167,7 @@ def test_forgetting_curve_equals_a_direct_rescoring_and_health_is_recorded(tiny_
     )
     cfg = load_config(None, ov)
     model, tok = load_model(str(tiny_dir / "model"), device="cpu")
-    res = run_trial(cfg, model=model, tok=tok, progress=False)
+    res = trial_alone(cfg, model=model, tok=tok, progress=False)
     assert [p["edits"] for p in res.retention] == [2, 4]  # every 2 batches
     last = res.retention[-1]
     for m in ("es", "ps", "ns", "s"):
@@ -174,18 +183,20 @@ def test_forgetting_curve_equals_a_direct_rescoring_and_health_is_recorded(tiny_
     assert res.collapsed_at is None and res.method == "memit"
     # the model the trial handed back is unedited; re-edit 2 facts by hand and re-score them directly
     from editors import run_schedule, spec_for
+    from editors.stats import StatsStore
     from sweep.config import trial_hparams
-    from sweep.prepass import local_inputs
+    from sweep.shared import model_identity, stats_keys
 
     recs = load_records(cfg)
-    inputs = local_inputs(cfg, model, tok, recs, True, False)
+    store = StatsStore(cfg.stats.store)
+    key = stats_keys(cfg, [1], model_identity(cfg.model))[1]
     sched = run_schedule(
         model,
         tok,
         [r.request() for r in recs[:2]],
         "memit",
         trial_hparams(cfg),
-        inputs.stats,
+        {1: store.get(key).mom2},
         batch_size=1,
         mode="sequential-batch",
     )
@@ -197,7 +208,7 @@ def test_forgetting_curve_equals_a_direct_rescoring_and_health_is_recorded(tiny_
 
 def test_the_collapse_guard_stops_the_trial_and_keeps_what_it_measured(tiny_dir):
     ov = overrides(tiny_dir, mode="sequential-batch", **{"guard.min_batch_es": 100, "hp.v_num_grad_steps": 1})
-    res = run_trial(load_config(None, ov), progress=False)
+    res = trial_alone(load_config(None, ov), progress=False)
     assert res.collapsed_at == 2 and "guard.min_batch_es" in res.collapse_reason
     assert [p["edits"] for p in res.curves] == [2]  # stopped after the first batch
     assert {"es", "ps", "ns", "s"} <= set(res.metrics["final"])  # the 2 facts edited, scored
@@ -208,7 +219,7 @@ def test_the_same_trial_twice_gives_identical_metrics_and_records_the_machine(ti
     """Run twice from scratch (statistics recomputed into separate stores): every metric and every
     record's scores are equal, and the result names the CPU, torch's threads and the BLAS."""
     runs = [
-        run_trial(
+        trial_alone(
             load_config(None, overrides(tiny_dir, mode="sequential-batch", **{"stats.store": str(tmp_path / f"s{i}")})),
             progress=False,
         )

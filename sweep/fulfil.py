@@ -1,0 +1,614 @@
+"""Fulfil a shared-work plan: every trial's complete inputs, each piece computed once, stored by one owner.
+
+Planning (:mod:`sweep.prepass`: shapes, memory, passes, the content keys, cost) says *what* the trials
+share; this module makes it exist. The plan becomes **units** (a statistics pass, a chunk of target values
+or of pre-edit scores, a perplexity), and each unit goes through one rule, whoever runs it:
+
+    read it from the stores  ->  else claim it (a lease, :func:`editors.store.claim`), compute it on a
+    backend, write it to the stores  ->  hand it to the trials that need it
+
+The stores live with the process that fulfils (the driver, on a cluster the head node): the backend only
+computes and *returns* its result, the fulfiller writes it. So nothing a sweep computes is stranded on a
+worker's disk, a second sweep or ``--resume`` on the same cluster reads it whichever nodes ran the first
+one, and two sweeps at once compute each unit once (the lease). Two backends:
+
+- :class:`LocalBackend` computes on a model loaded in this process (``python -m sweep.trial``, notebooks);
+  :func:`fulfil_local` returns ``{trial key: TrialInputs}``;
+- :class:`RayBackend` submits each unit as a Ray task (bodies in :mod:`sweep.worker`), all at once, so
+  passes and chunks run on every free worker; :func:`fulfil_ray` returns ``{trial key: TrialRefs}``
+  (object-store references a trial resolves on its worker; same-node reads are zero-copy).
+
+The work counters (:class:`WorkCounts`) count what this fulfilment computed and what it read, unit by unit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from editors import spec_for, traits
+from editors.corpus import CorpusSpec, iter_texts
+from editors.stats import SecondMoment, StatsKey, StatsStore, collect_second_moments
+from editors.store import claim, part_name
+
+from .config import trial_hparams
+from .shared import PplKey, ScoresKey, ScoresStore, TrialInputs, ValuesKey, ValuesStore, stats_dtype
+
+if TYPE_CHECKING:
+    from .config import SweepConfig, TrialConfig
+    from .data import Record
+    from .prepass import SharedPlan
+
+log = logging.getLogger(__name__)
+
+#: Set to N to make the fulfilling process SIGKILL itself once N value/score chunks are stored (fault drill).
+CHAOS_KILL_ENV = "MODEL_EDITING_CHAOS_KILL_LAUNCHER_AFTER"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The work itself, on a loaded model (no Ray, no store): what the backends run
+
+
+def compute_stats(
+    cfg: TrialConfig, model: Any, tok: Any, layers: Sequence[int], progress: bool = True
+) -> dict[int, SecondMoment]:
+    """The second moments of ``layers`` in one pass over the configured corpus."""
+    s = cfg.stats
+    return collect_second_moments(
+        model,
+        tok,
+        spec_for(model),
+        list(layers),
+        iter_texts(CorpusSpec(s.corpus, max_texts=s.max_texts, sample_seed=s.sample_seed)),
+        max_tokens=s.max_tokens,
+        max_seq_len=s.max_seq_len,
+        batch_tokens=s.batch_tokens,
+        dtype=s.dtype,
+        tolerance=s.tolerance,
+        progress=progress,
+    )
+
+
+def compute_values(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Record]) -> torch.Tensor:
+    """Batch-mode target values v* [n, d_model] float32 of ``records`` on the unedited model."""
+    from editors.targets import optimize_values
+    from editors.templates import TemplateCache, flat
+
+    hp = trial_hparams(cfg)
+    tpl = TemplateCache().get(model, tok, hp.context_templates, hp.template_seed)
+    v = optimize_values(
+        model,
+        tok,
+        spec_for(model),
+        hp.layers[-1],
+        [r.request() for r in records],
+        flat(tpl),
+        hp,
+        at=traits(cfg.algorithm).value_site,
+        max_requests=hp.value_batch,
+    )
+    return v.values.float().cpu()
+
+
+def compute_scores(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Record]) -> list[dict[str, float]]:
+    """The score fields (``RecordScores.fields()``) of ``records`` on the model as it is."""
+    from .metrics import score_records
+
+    return [s.fields() for s in score_records(model, tok, spec_for(model), records, batch_size=cfg.scoring.batch_size)]
+
+
+def compute_ppl(cfg: TrialConfig, model: Any, tok: Any) -> float:
+    """Held-out perplexity on the configured slice of the statistics corpus."""
+    from .metrics import heldout_perplexity
+
+    sc = cfg.scoring
+    return heldout_perplexity(
+        model, tok, spec_for(model), cfg.stats.corpus, sc.ppl_offset, sc.ppl_texts, sc.ppl_max_len
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Units: one piece of shared work, its store entries and its claim
+
+
+@dataclass(frozen=True)
+class StatsUnit:
+    """The statistics of ``layers`` (one pass; keys built at planning) in ``store`` (None: not stored)."""
+
+    trial: TrialConfig
+    keys: dict[int, StatsKey]
+    store: str | None
+    kind: str = "stats"
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.keys)
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+    def locks(self) -> list[Path]:
+        return [StatsStore(self.store).path(self.keys[layer]) for layer in self.layers] if self.store else []
+
+    def read(self) -> dict[int, SecondMoment] | None:
+        if not self.store:
+            return None
+        got = {layer: StatsStore(self.store).get(key) for layer, key in self.keys.items()}
+        return got if all(v is not None for v in got.values()) else None  # type: ignore[return-value]
+
+    def write(self, value: dict[int, SecondMoment]) -> None:
+        if self.store:
+            for layer in self.layers:
+                StatsStore(self.store).put(self.keys[layer], value[layer])
+
+
+@dataclass(frozen=True)
+class FactUnit:
+    """A chunk of per-fact work: target values (``kind="values"``, a [n, d_model] tensor) or pre-edit
+    score rows (``kind="scores"``, one dict per fact) of ``records``, under ``key`` in ``store``."""
+
+    kind: str
+    trial: TrialConfig
+    key: ValuesKey | ScoresKey
+    records: tuple[Record, ...]
+    digests: tuple[str, ...]
+    store: str | None
+
+    @property
+    def size(self) -> int:
+        return len(self.digests)
+
+    def _store(self) -> ValuesStore | ScoresStore:
+        return ValuesStore(self.store) if self.kind == "values" else ScoresStore(self.store)
+
+    def locks(self) -> list[Path]:
+        if not self.store:
+            return []
+        ext = "safetensors" if self.kind == "values" else "json"
+        return [self._store().store.path(self.key, part_name(list(self.digests)), ext=ext)]
+
+    def read(self) -> Any | None:
+        if not self.store:
+            return None
+        got = self._store().get(self.key, self.digests)  # type: ignore[arg-type]
+        if len(got) != len(self.digests):
+            return None
+        rows = [got[d] for d in self.digests]
+        return torch.stack(rows) if self.kind == "values" else rows
+
+    def write(self, value: Any) -> None:
+        if not self.store:
+            return
+        if self.kind == "values":
+            ValuesStore(self.store).put(self.key, self.digests, value)  # type: ignore[arg-type]
+        else:
+            ScoresStore(self.store).put_rows(self.key, self.digests, value)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class PplUnit:
+    """The unedited model's held-out perplexity under ``key``."""
+
+    trial: TrialConfig
+    key: PplKey
+    store: str | None
+    kind: str = "ppl"
+    size: int = 1
+
+    def locks(self) -> list[Path]:
+        return [ScoresStore(self.store).store.path(self.key, ext="json")] if self.store else []
+
+    def read(self) -> float | None:
+        return ScoresStore(self.store).get_ppl(self.key) if self.store else None
+
+    def write(self, value: float) -> None:
+        if self.store:
+            ScoresStore(self.store).put_ppl(self.key, value)
+
+
+Unit = StatsUnit | FactUnit | PplUnit
+
+
+def units_of(plan: SharedPlan, cfg: SweepConfig) -> list[Unit]:
+    """The plan's units: its statistics passes (layers the store held at planning form their own unit,
+    read, not computed), the facts of each values/scores key in chunks of ``values_chunk`` (stored facts
+    apart from missing ones), and each perplexity."""
+    out: list[Unit] = [StatsUnit(p.trial, dict(p.keys), p.trial.stats.store) for p in plan.passes]
+    for kind, jobs, store in (("values", plan.values, cfg.values_store), ("scores", plan.scores, cfg.scores_store)):
+        for job in jobs.values():
+            have = [(r, d) for r, d in zip(job.records, job.digests) if d in job.cached]
+            for part in (have, job.missing()):
+                for i in range(0, len(part), cfg.values_chunk):
+                    chunk = part[i : i + cfg.values_chunk]
+                    recs = tuple(r for r, _ in chunk)
+                    out.append(FactUnit(kind, job.trial, job.key, recs, tuple(d for _, d in chunk), store))
+    out += [PplUnit(t, key, cfg.scores_store) for key, t in plan.ppl.items()]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backends
+
+
+class Backend(Protocol):
+    """Computes a unit's value and turns values into what trials are handed (``handle``)."""
+
+    def compute(self, unit: Unit) -> tuple[Any, Any]:
+        """(the unit's value in this process, for the stores; its handle for the trials)."""
+
+    def handle(self, unit: Unit, value: Any) -> Any:
+        """The handle of a value read from the stores."""
+
+
+class LocalBackend:
+    """Computes on a model loaded in this process (a copy in ``stats.model_dtype`` for statistics when
+    that differs from the model's dtype); handles are the values themselves."""
+
+    def __init__(self, model: Any, tok: Any, progress: bool = True) -> None:
+        self.model, self.tok, self.progress = model, tok, progress
+
+    def _stats_model(self, cfg: TrialConfig) -> tuple[Any, Any]:
+        if stats_dtype(cfg) == cfg.model.dtype:
+            return self.model, self.tok
+        from editors import load_model
+
+        mc = cfg.model
+        dev = str(self.model.device)
+        return load_model(mc.source, gguf_file=mc.gguf_file, revision=mc.revision, dtype=stats_dtype(cfg), device=dev)
+
+    def compute(self, unit: Unit) -> tuple[Any, Any]:
+        t = unit.trial
+        if isinstance(unit, StatsUnit):
+            model, tok = self._stats_model(t)
+            value: Any = compute_stats(t, model, tok, unit.layers, self.progress)
+        elif isinstance(unit, PplUnit):
+            value = compute_ppl(t, self.model, self.tok)
+        elif unit.kind == "values":
+            value = compute_values(t, self.model, self.tok, unit.records)
+        else:
+            value = compute_scores(t, self.model, self.tok, unit.records)
+        return value, value
+
+    def handle(self, unit: Unit, value: Any) -> Any:
+        return value
+
+
+class RayBackend:
+    """Submits each unit as a Ray task (:mod:`sweep.worker`) with ``options`` (CPUs, GPUs, retries) and
+    waits for it; handles are object-store references (the task's own return for computed units)."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+
+    def compute(self, unit: Unit) -> tuple[Any, Any]:
+        import ray
+
+        from . import worker
+
+        t = _plain(unit.trial)
+        if isinstance(unit, StatsUnit):
+            task = ray.remote(worker.stats_task).options(num_returns=len(unit.layers) + 1, **self.options)
+            refs = task.remote(t, unit.layers)
+            meta = ray.get(refs[-1])
+            value = {
+                layer: SecondMoment(
+                    torch.from_numpy(ray.get(ref).copy()),
+                    int(meta["tokens"][layer]),
+                    meta["converged"],
+                    tuple(tuple(h) for h in meta["history"]),
+                )
+                for layer, ref in zip(unit.layers, refs[:-1])
+            }
+            return value, dict(zip(unit.layers, refs[:-1]))
+        if isinstance(unit, PplUnit):
+            v = ray.get(ray.remote(worker.ppl_task).options(**self.options).remote(t))
+            return v, v
+        fn = worker.values_task if unit.kind == "values" else worker.scores_task
+        ref = ray.remote(fn).options(**self.options).remote(t, list(unit.records))
+        got = ray.get(ref)
+        return (torch.from_numpy(got.copy()) if unit.kind == "values" else got), ref
+
+    def handle(self, unit: Unit, value: Any) -> Any:
+        import ray
+
+        if isinstance(unit, StatsUnit):
+            return {layer: ray.put(sm.mom2.numpy()) for layer, sm in value.items()}
+        if isinstance(unit, PplUnit):
+            return value
+        return ray.put(value.numpy() if unit.kind == "values" else value)
+
+
+def _plain(t: TrialConfig) -> dict[str, Any]:
+    from editors.config import to_dict
+
+    return to_dict(t)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The rule every unit goes through
+
+
+@dataclass
+class WorkCounts:
+    """What one fulfilment computed and what it read from the stores (layers or facts), and the seconds
+    each kind of unit took (computed units only, summed)."""
+
+    stats_passes: int = 0
+    stats_layers_computed: int = 0
+    stats_layers_read: int = 0
+    values_optimised: int = 0
+    values_read: int = 0
+    scores_computed: int = 0
+    scores_read: int = 0
+    ppl_computed: int = 0
+    ppl_read: int = 0
+    stats_s: float = 0.0
+    values_s: float = 0.0
+    scores_s: float = 0.0
+    ppl_s: float = 0.0
+    fulfil_s: float = 0.0
+
+    def add(self, unit: Unit, computed: bool, seconds: float) -> None:
+        n = unit.size
+        if unit.kind == "stats":
+            if computed:
+                self.stats_passes += 1
+                self.stats_layers_computed += n
+            else:
+                self.stats_layers_read += n
+        elif unit.kind == "values":
+            self.values_optimised += n * computed
+            self.values_read += n * (not computed)
+        elif unit.kind == "scores":
+            self.scores_computed += n * computed
+            self.scores_read += n * (not computed)
+        else:
+            self.ppl_computed += computed
+            self.ppl_read += not computed
+        if computed:
+            setattr(self, f"{unit.kind}_s", getattr(self, f"{unit.kind}_s") + seconds)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Done:
+    """How one unit was fulfilled: its handle for the trials, whether it was computed here (else read),
+    the seconds it took, and (statistics) the tokens averaged into each layer's C."""
+
+    handle: Any
+    computed: bool
+    seconds: float
+    tokens: dict[int, int] = field(default_factory=dict)
+
+
+def fulfil_unit(unit: Unit, backend: Backend) -> Done:
+    """Read ``unit`` from the stores, else claim it, compute it on ``backend`` and write it; a unit
+    another process is computing is waited for (its lease) and read."""
+    t0 = time.perf_counter()
+
+    def done(value: Any, handle: Any, computed: bool) -> Done:
+        tokens = {layer: sm.n_tokens for layer, sm in value.items()} if isinstance(unit, StatsUnit) else {}
+        return Done(handle, computed, time.perf_counter() - t0, tokens)
+
+    got = unit.read()
+    if got is not None:
+        return done(got, backend.handle(unit, got), False)
+    with contextlib.ExitStack() as held:
+        for lock in unit.locks():  # in a fixed order, so two fulfillers cannot deadlock
+            held.enter_context(claim(lock, lambda: unit.read() is not None))
+        got = unit.read()  # stored by another process while we waited
+        if got is not None:
+            return done(got, backend.handle(unit, got), False)
+        value, handle = backend.compute(unit)
+        unit.write(value)
+    return done(value, handle, True)
+
+
+@dataclass
+class Fulfilled:
+    """Every unit's handle by what trials ask for, and the work counters."""
+
+    stats: dict[tuple[str, int], Any] = field(default_factory=dict)  # (stats group, layer) -> handle
+    stats_tokens: dict[tuple[str, int], int] = field(default_factory=dict)
+    # (values or scores key, fact digest) -> (the digests of its chunk, the chunk's handle)
+    facts: dict[tuple[Any, str], tuple[tuple[str, ...], Any]] = field(default_factory=dict)
+    ppl: dict[PplKey, float] = field(default_factory=dict)
+    work: WorkCounts = field(default_factory=WorkCounts)
+
+    def take(self, unit: Unit, d: Done) -> None:
+        if isinstance(unit, StatsUnit):
+            from .prepass import stats_group
+
+            group = stats_group(unit.trial)
+            for layer in unit.layers:
+                self.stats[(group, layer)] = d.handle[layer]
+                self.stats_tokens[(group, layer)] = d.tokens[layer]
+        elif isinstance(unit, PplUnit):
+            self.ppl[unit.key] = float(d.handle)
+        else:
+            for digest in unit.digests:
+                self.facts[(unit.key, digest)] = (unit.digests, d.handle)
+        self.work.add(unit, d.computed, d.seconds)
+
+
+def run_units(units: Sequence[Unit], backend: Backend, parallel: bool) -> Fulfilled:
+    """Fulfil every unit (at once on threads when ``parallel``: a Ray backend's tasks then run on every
+    free worker), logging each as it ends; raises the first unit's error."""
+    out = Fulfilled()
+    t0 = time.perf_counter()
+    chaos = int(os.environ[CHAOS_KILL_ENV]) if os.environ.get(CHAOS_KILL_ENV) else None
+    lock = threading.Lock()
+    stored = [0]
+
+    def one(unit: Unit) -> None:
+        d = fulfil_unit(unit, backend)
+        with lock:
+            out.take(unit, d)
+            _log_unit(unit, d.computed, time.perf_counter() - t0)
+            if d.computed and isinstance(unit, FactUnit):
+                stored[0] += 1
+                if chaos is not None and stored[0] >= chaos:
+                    Path(os.environ.get(CHAOS_KILL_ENV + "_MARK", "/dev/null")).write_text(str(stored[0]))
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    if not parallel or len(units) <= 1:
+        for u in units:
+            one(u)
+    else:
+        with ThreadPoolExecutor(max_workers=min(len(units), 256), thread_name_prefix="fulfil") as pool:
+            for fut in as_completed([pool.submit(one, u) for u in units]):
+                fut.result()
+    out.work.fulfil_s = time.perf_counter() - t0
+    return out
+
+
+def _log_unit(unit: Unit, computed: bool, elapsed: float) -> None:
+    what = "computed" if computed else "read from the store"
+    if isinstance(unit, StatsUnit):
+        log.info("shared work: statistics of layers %s %s (%.0f s)", unit.layers, what, elapsed)
+    elif isinstance(unit, PplUnit):
+        log.info("shared work: unedited perplexity %s (%.0f s)", what, elapsed)
+    else:
+        noun = "target values" if unit.kind == "values" else "pre-edit scores"
+        log.info("shared work: %d %s %s (%.0f s)", unit.size, noun, what, elapsed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What trials are handed
+
+
+@dataclass
+class TrialRefs:
+    """A trial's shared inputs as object-store references, resolved on its worker by :func:`resolve`."""
+
+    stats: dict[int, Any] = field(default_factory=dict)  # layer -> ref of C [d_key, d_key] (numpy)
+    stats_tokens: dict[int, int] = field(default_factory=dict)
+    values: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)  # (chunk digests, ref [n, d_model])
+    scores: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)  # (chunk digests, ref of rows)
+    ppl: float | None = None
+
+
+def _hand_out(plan: SharedPlan, got: Fulfilled) -> dict[str, TrialRefs]:
+    """Each trial's handles: its layers' C, the chunks holding its facts' values and scores, its
+    perplexity (handles are values for a local fulfilment, references for Ray)."""
+    out: dict[str, TrialRefs] = {}
+    for tkey, need in plan.needs.items():
+        tr = TrialRefs()
+        if need.stats_group is not None:
+            tr.stats = {layer: got.stats[(need.stats_group, layer)] for layer in need.layers}
+            tr.stats_tokens = {layer: got.stats_tokens[(need.stats_group, layer)] for layer in need.layers}
+        if need.values is not None:
+            tr.values = _dedupe([got.facts[(need.values, d)] for d in need.value_digests])
+        if need.scores is not None:
+            tr.scores = _dedupe([got.facts[(need.scores, d)] for d in need.score_digests])
+        if need.ppl is not None:
+            tr.ppl = got.ppl[need.ppl]
+        out[tkey] = tr
+    return out
+
+
+def _dedupe(items: Sequence[tuple[tuple[str, ...], Any]]) -> list[tuple[tuple[str, ...], Any]]:
+    seen: dict[int, tuple[tuple[str, ...], Any]] = {}
+    for ds, handle in items:
+        seen.setdefault(id(handle), (ds, handle))
+    return list(seen.values())
+
+
+def _inputs(tr: TrialRefs, get: Callable[[Any], Any]) -> TrialInputs:
+    """:class:`TrialInputs` from handles, ``get`` turning a handle into its value."""
+
+    def tensor(a: Any) -> torch.Tensor:
+        if isinstance(a, torch.Tensor):
+            return a
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only zero-copy views; the solvers copy
+            return torch.from_numpy(a)
+
+    inputs = TrialInputs(counts={})
+    if tr.stats:
+        arrays = {layer: get(h) for layer, h in tr.stats.items()}
+        inputs.stats = {layer: (a.mom2 if isinstance(a, SecondMoment) else tensor(a)) for layer, a in arrays.items()}
+        inputs.stats_tokens = dict(tr.stats_tokens)
+        inputs.counts["stats_reused"] = len(arrays)
+        inputs.zero_copy = all(not getattr(a, "flags", None) or not a.flags.writeable for a in arrays.values())
+    for ds, h in tr.values:
+        arr = get(h)
+        inputs.values.update({d: tensor(arr[i]) for i, d in enumerate(ds)})
+    for ds, h in tr.scores:
+        inputs.pre_scores.update(dict(zip(ds, get(h))))
+    inputs.counts["scores_reused"] = len(inputs.pre_scores)
+    inputs.pre_ppl = tr.ppl
+    return inputs
+
+
+def resolve(tr: TrialRefs) -> TrialInputs:
+    """A trial's :class:`TrialInputs` from its references (on the trial's worker)."""
+    import ray
+
+    return _inputs(tr, ray.get)
+
+
+def fulfil_ray(plan: SharedPlan, cfg: SweepConfig) -> tuple[dict[str, TrialRefs], WorkCounts]:
+    """Fulfil ``plan`` on Ray: every missing unit a task, all at once; this process writes the stores.
+    Returns (trial key -> its references, what was computed and read)."""
+    gpu = cfg.resources.prepass_gpu if cfg.resources.prepass_gpu is not None else cfg.resources.gpu
+    backend = RayBackend({"num_cpus": cfg.resources.cpu, "num_gpus": gpu, "max_retries": cfg.retries})
+    got = run_units(units_of(plan, cfg), backend, parallel=True)
+    return _hand_out(plan, got), got.work
+
+
+def fulfil_local(
+    plan: SharedPlan, cfg: SweepConfig, model: Any, tok: Any, progress: bool = True
+) -> tuple[dict[str, TrialInputs], WorkCounts]:
+    """Fulfil ``plan`` in this process on ``model``: (trial key -> its complete inputs, work counters)."""
+    got = run_units(units_of(plan, cfg), LocalBackend(model, tok, progress), parallel=False)
+    return {k: _inputs(tr, lambda h: h) for k, tr in _hand_out(plan, got).items()}, got.work
+
+
+def trial_alone(
+    cfg: TrialConfig,
+    *,
+    model: Any = None,
+    tok: Any = None,
+    scores_store: str | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """One trial without Ray (``python -m sweep.trial``, notebooks): the model loaded (unless given), the
+    trial's shared work planned as a one-trial sweep and fulfilled here (statistics through
+    ``stats.store``; pre-edit scores through ``scores_store`` when given), then
+    :func:`sweep.trial.run_trial`. Target values stay the schedule's own work (one trial has nobody to
+    share them with). ``kwargs`` go to ``run_trial`` (``templates``, ``on_batch``). Returns its
+    ``TrialResult``."""
+    from .config import SweepConfig, trial_key
+    from .prepass import plan_shared
+    from .trial import load_for_trial, load_records, run_trial
+
+    load_records(cfg)  # a bad dataset fails before any weights are loaded
+    model, tok, _, load_s = load_for_trial(cfg, trial_hparams(cfg), model, tok)
+    sweep = SweepConfig(name="trial", share_values=False, scores_store=scores_store)  # type: ignore[arg-type]
+    key = trial_key(cfg)
+    t0 = time.perf_counter()
+    inputs, work = fulfil_local(plan_shared(sweep, [cfg], [key]), sweep, model, tok, progress)
+    shared_s = time.perf_counter() - t0
+    result = run_trial(cfg, inputs=inputs[key], model=model, tok=tok, **kwargs)
+    result.timings.update(load=load_s, shared=shared_s)
+    # what this trial's own fulfilment computed, rather than read from the stores
+    result.work.update(stats_computed=work.stats_layers_computed, scores_computed=work.scores_computed)
+    result.work.update(stats_reused=work.stats_layers_read, scores_reused=work.scores_read)
+    return result

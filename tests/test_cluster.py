@@ -1,0 +1,260 @@
+"""The sweep as it runs on a real cluster: a worker node that shares no disk with the driver, cloud
+storage (S3 on loopback), ``ray job submit``'s runtime env, and nodes that advertise a GPU they lack."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+
+from sweep import launch  # noqa: E402
+from sweep.config import load_sweep, sweep_id  # noqa: E402
+from sweep.plan import make_plan  # noqa: E402
+from tests.conftest import write_tiny_assets  # noqa: E402
+from tests.private_cluster import private_disk_cluster, unavailable  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tok_bos):
+    return write_tiny_assets(tmp_path_factory.mktemp("cluster"), tok_bos)
+
+
+def sweep_yaml(d: Path, out: Path, name: str, grid: dict, **extra) -> Path:
+    """A tiny-Llama sweep whose storage, stores and MLflow database all live under ``out`` (the driver's
+    disk); the model, data and corpus are at ``d`` on every node (the project's files, synced)."""
+    cfg = {
+        "name": name,
+        "base": {
+            "hparams": "smollm2-135m",
+            "n_edits": 4,
+            "model": {"source": str(d / "model"), "device": "cpu"},
+            "dataset": {"source": str(d / "cf.json")},
+            "stats": {"corpus": str(d / "corpus.txt"), "max_tokens": 3000, "store": str(out / "stats")},
+            "hp": {"v_num_grad_steps": 3, "context_templates": "none"},
+            "scoring": {"ppl": True, "ppl_offset": 0, "ppl_texts": 2, "ppl_max_len": 64},
+        },
+        "grid": grid,
+        "resources": {"cpu": 1, "gpu": 0},
+        "mlflow": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "test"},
+        "storage": str(out / "ray"),
+        "values_store": str(out / "values"),
+        "scores_store": str(out / "scores"),
+        "retries": 1,
+        **extra,
+    }
+    path = d / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def trial_results(uri: str, parent: str, tmp: Path) -> list[tuple[object, dict]]:
+    """(run, its trial.json) of every child run of ``parent``."""
+    c = mlflow.tracking.MlflowClient(uri)
+    exp = c.get_experiment_by_name("test")
+    out = []
+    for r in c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+        d = tmp / r.info.run_id
+        d.mkdir(parents=True)
+        out.append((r, json.loads(Path(c.download_artifacts(r.info.run_id, "trial.json", str(d))).read_text())))
+    return out
+
+
+@pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
+def test_a_worker_that_shares_no_disk_runs_every_trial_and_a_second_sweep_computes_nothing_shared(
+    assets, tmp_path, monkeypatch
+):
+    """The layout of cluster.yaml: a head with no CPUs (the driver joins it) and a worker whose view of
+    the sweep's folder is an empty private tmpfs. Every trial runs on the worker and reaches MLflow whole
+    (through Ray, not the worker's disk); a second sweep that needs the same statistics, values, scores
+    and perplexity reads them all from the driver's stores; --resume runs nothing again."""
+    out = tmp_path / "out"  # storage, stores and MLflow: the driver's disk, invisible to the worker
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with private_disk_cluster(out, tmp_path / "logs") as cluster:
+        try:
+            grid = {"algorithm": ["memit", "emmet"], "layers": [[1]], "batch_size": [2, 4], "mode": ["batch"]}
+            cfg = load_sweep(str(sweep_yaml(assets, out, "nodisk", grid)))
+            args = launch.parser().parse_args(["--config", "x", "--address", cluster.address, "--quiet"])
+            first = launch.run(cfg, make_plan(cfg), args)
+            assert first["errors"] == 0 and first["trials"] == 4, cluster.logs()
+            w = first["work"]
+            assert (w["stats_layers_computed"], w["values_optimised"], w["scores_computed"], w["ppl_computed"]) == (
+                1,
+                4,
+                4,
+                1,
+            )
+            head = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) == 0}
+            runs = trial_results(first["tracking_uri"], first["parent_run_id"], tmp_path)
+            assert len(runs) == 4 and all(r.info.status == "FINISHED" for r, _ in runs)
+            assert all(res["node"] not in head for _, res in runs), "trials must run on the worker, not the head"
+            assert all(len(res["per_record"]) == 4 and res["metrics"]["final"] for _, res in runs)
+            assert all(r.data.metrics["work.stats_reused"] == 1 for r, _ in runs)
+            assert all(res["work"]["scores_reused"] == 4 for _, res in runs)
+
+            # Another sweep on the same cluster needing the same shared work: every unit is read.
+            grid2 = {"algorithm": ["memit"], "layers": [[1]], "batch_size": [1], "mode": ["batch"]}
+            cfg2 = load_sweep(str(sweep_yaml(assets, out, "nodisk2", grid2)))
+            second = launch.run(cfg2, make_plan(cfg2), args)
+            w2 = second["work"]
+            assert second["errors"] == 0 and second["trials"] == 1
+            computed = (w2["stats_layers_computed"], w2["values_optimised"], w2["scores_computed"], w2["ppl_computed"])
+            assert computed == (0, 0, 0, 0)
+            assert (w2["stats_layers_read"], w2["values_read"], w2["scores_read"], w2["ppl_read"]) == (1, 4, 4, 1)
+
+            # --resume of the first: every trial is in MLflow, nothing runs, no new run is logged.
+            again = launch.run(cfg, make_plan(cfg), launch.parser().parse_args([*_argv(cluster), "--resume"]))
+            assert again["work"]["trials_run"] == 0 and again["parent_run_id"] == first["parent_run_id"]
+            assert len(trial_results(first["tracking_uri"], first["parent_run_id"], tmp_path / "r")) == 4
+        finally:
+            ray.shutdown()
+
+
+def _argv(cluster) -> list[str]:
+    return ["--config", "x", "--address", cluster.address, "--quiet"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cloud storage: S3 on loopback (moto in server mode) through pyarrow, as Tune reads a URI
+
+
+@pytest.fixture()
+def s3(tmp_path, monkeypatch):
+    """A moto S3 server on loopback with one bucket; the AWS_* variables point pyarrow at it."""
+    pytest.importorskip("moto")
+    from tests.private_cluster import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        from pyarrow import fs
+
+        deadline = time.time() + 30
+        while True:
+            try:
+                s3fs = fs.S3FileSystem(
+                    endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1", allow_bucket_creation=True
+                )
+                s3fs.create_dir("sweeps")
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield s3fs
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_s3_storage_reaches_tune_unchanged_and_resumes(assets, tmp_path, s3, monkeypatch):
+    """``storage: s3://...`` is handed to Tune as is (not turned into a local folder ``s3:``): the
+    experiment and the summary land in the bucket, and --resume finds the sweep there."""
+    from pyarrow import fs
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    grid = {"algorithm": ["memit"], "layers": [[1]], "batch_size": [2, 4], "mode": ["batch"]}
+    path = sweep_yaml(assets, out, "ons3", grid, storage="s3://sweeps/ray")
+    cfg = load_sweep(str(path))
+    assert cfg.storage == "s3://sweeps/ray" and launch.storage_path(cfg) == "s3://sweeps/ray"
+    try:
+        rc = launch.main(["--config", str(path), "--local", "--num-cpus", "2", "--quiet"])
+    finally:
+        ray.shutdown()
+    assert rc == 0
+    assert not any(p.name.startswith("s3:") for p in tmp_path.rglob("*")), "a local folder named s3: was made"
+    name = f"ons3-{sweep_id(cfg)}"
+    listing = {i.path for i in s3.get_file_info(fs.FileSelector("sweeps/ray", recursive=True))}
+    assert f"sweeps/ray/{name}-summary.json" in listing
+    assert any(p.startswith(f"sweeps/ray/{name}/experiment_state") for p in listing), sorted(listing)[:20]
+    with s3.open_input_stream(f"sweeps/ray/{name}-summary.json") as f:
+        summary = json.loads(f.read())
+    assert summary["errors"] == 0 and summary["trials"] == 2
+    runs = trial_results(summary["tracking_uri"], summary["parent_run_id"], tmp_path)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r, _ in runs)
+    try:
+        again = launch.run(cfg, make_plan(cfg), launch.parser().parse_args(["--config", "x", "--local", "--resume"]))
+    finally:
+        ray.shutdown()
+    assert again["work"]["trials_run"] == 0 and again["parent_run_id"] == summary["parent_run_id"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# ray job submit, and nodes without their GPU
+
+
+def test_a_submitted_jobs_env_vars_are_not_set_twice(monkeypatch):
+    """``ray job submit --runtime-env-json '{"env_vars": {"HF_TOKEN": ...}}'``: the job server hands the
+    driver its config in RAY_JOB_CONFIG_JSON_ENV_VAR; Ray refuses to merge a ray.init runtime env that
+    sets the same variable. The launcher leaves the job's variables to the job."""
+    job = {"runtime_env": {"env_vars": {"HF_TOKEN": "hf_from_the_job"}}, "metadata": {}}
+    monkeypatch.setenv(launch.JOB_CONFIG_ENV, json.dumps(job))
+    monkeypatch.setenv("HF_TOKEN", "hf_from_the_job")
+    monkeypatch.setenv("HF_HOME", "/tmp/hf-home")
+    env = launch.runtime_env()["env_vars"]
+    assert "HF_TOKEN" not in env and env["HF_HOME"] == "/tmp/hf-home" and env["RAY_CHDIR_TO_TRIAL_DIR"] == "0"
+    naive = {"env_vars": {**env, "HF_TOKEN": "hf_from_the_job"}}
+    with pytest.raises(ValueError, match="Failed to merge the Job's runtime env"):
+        ray.init(address="local", num_cpus=1, include_dashboard=False, runtime_env=naive)
+    ray.shutdown()
+    try:
+        args = launch.parser().parse_args(["--config", "x", "--local", "--num-cpus", "1"])
+        launch.init_ray(args)
+
+        @ray.remote
+        def seen() -> tuple[str | None, str | None]:
+            return os.environ.get("HF_TOKEN"), os.environ.get("HF_HOME")
+
+        assert ray.get(seen.remote()) == ("hf_from_the_job", "/tmp/hf-home")  # the job's value reaches workers
+    finally:
+        ray.shutdown()
+
+
+def test_a_node_that_advertises_a_gpu_torch_cannot_see_fails_at_once(assets, tmp_path, capsys):
+    """Ray's fake GPU stands in for a node started without the NVIDIA runtime: the first task fails with
+    one line naming the node and the fix, instead of running the model on the CPU."""
+    out = tmp_path / "out"
+    grid = {"algorithm": ["memit"], "layers": [[1]], "batch_size": [4], "mode": ["batch"]}
+    path = sweep_yaml(assets, out, "nogpu", grid, resources={"cpu": 1, "gpu": 1, "gpu_memory_gb": 24})
+    t0 = time.perf_counter()
+    try:
+        rc = launch.main(["--config", str(path), "--local", "--num-cpus", "2", "--num-gpus", "1", "--quiet"])
+    finally:
+        ray.shutdown()
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(err) == 1, err  # one line, no traceback
+    assert "sees no CUDA device" in err[0] and "node " in err[0] and "resources.gpu: 0" in err[0]
+    assert time.perf_counter() - t0 < 120
+
+
+def test_planning_never_sizes_passes_from_the_drivers_card(assets, tmp_path, capsys):
+    """GPU trials without resources.gpu_memory_gb: a dry run refuses with the field named (it asks no
+    cluster); it does not read this machine's GPU."""
+    grid = {"algorithm": ["memit"], "layers": [[1]], "batch_size": [4], "mode": ["batch"]}
+    path = sweep_yaml(assets, tmp_path / "out", "budget", grid, resources={"cpu": 1, "gpu": 1})
+    assert launch.main(["--config", str(path), "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith("error: resources.gpu_memory_gb:")
+    assert launch.main(["--config", str(path), "--dry-run", "resources.gpu_memory_gb=48"]) == 0
