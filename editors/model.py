@@ -10,10 +10,12 @@ error that says how to pass a spec by hand. Weights are always presented to the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,8 +222,8 @@ class ModelRef:
         return self.source, self.gguf_file
 
     def identity(self) -> str:
-        """A string that changes when the weights change: file fingerprint for local files,
-        ``id@revision`` for hub ids. Used in cache keys."""
+        """A string that changes when the weights change: a file fingerprint for local files, the
+        commit a hub revision resolves to for hub ids (:func:`hub_commit`). Used in cache keys."""
         folder, gguf = self.resolve()
         local = Path(folder)
         if gguf is not None and (local / gguf).is_file():
@@ -233,7 +235,55 @@ class ModelRef:
                     h.update(f.name.encode())
                     h.update(file_fingerprint(f).encode())
             return f"dir:{local.name}:{h.hexdigest()[:16]}"
-        return f"hub:{folder}@{self.revision or 'main'}"
+        commit = hub_commit(folder, self.revision)
+        if commit is None:
+            _warn_unresolved(folder, self.revision)
+            return f"hub:{folder}@{self.revision or 'main'}:unresolved"
+        return f"hub:{folder}@{commit}"
+
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_UNRESOLVED: set[tuple[str, str | None]] = set()
+
+
+@functools.lru_cache(maxsize=64)
+def hub_commit(repo: str, revision: str | None = None) -> str | None:
+    """The commit hash a hub ``revision`` (branch, tag or commit; None: ``main``) of ``repo`` points to:
+    the revision itself when it is a commit hash; else the hub's answer (unless ``HF_HUB_OFFLINE``);
+    else the ref recorded in the local Hugging Face cache by an earlier download; None when none can
+    say. Keyed on the commit, a store never mistakes a moved branch's new weights for the old ones."""
+    rev = revision or "main"
+    if _COMMIT.match(rev):
+        return rev
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            from huggingface_hub import HfApi
+
+            sha = HfApi().model_info(repo, revision=rev, timeout=10).sha
+            if sha:
+                return sha
+        except Exception as e:  # offline, gated without a token, unknown repo: try the cache
+            log.debug("hub: %s@%s not resolved online (%s)", repo, rev, e)
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / rev
+    try:
+        sha = ref.read_text().strip()
+    except OSError:
+        return None
+    return sha if _COMMIT.match(sha) else None
+
+
+def _warn_unresolved(repo: str, revision: str | None) -> None:
+    if (repo, revision) not in _UNRESOLVED:
+        _UNRESOLVED.add((repo, revision))
+        log.warning(
+            "model %s@%s: its commit is unknown (no hub access and no local download); stored statistics, "
+            "values and scores are keyed on the unresolved name and will not be shared with a resolved run; "
+            "give model.revision as a commit hash to pin it",
+            repo,
+            revision or "main",
+        )
 
 
 def file_fingerprint(path: str | os.PathLike, chunk: int = 8 << 20) -> str:

@@ -207,8 +207,10 @@ def _check_fields(cfg: TrialConfig) -> None:
         raise ConfigError(f"model.device: {m.device!r} is not one of auto, cpu, cuda, cuda:<n>, mps")
     if m.source is not None and _looks_local(m.source) and not Path(m.source).expanduser().exists():
         raise ConfigError(
-            f"model.source: {m.source!r} does not exist (give a hub id such as meta-llama/Meta-Llama-3-8B, "
-            "a folder saved with save_pretrained, a .gguf file, or null for the embedded SmolLM2)"
+            f"model.source: {m.source!r} does not exist here (give a hub id such as meta-llama/Meta-Llama-3-8B, "
+            "a folder saved with save_pretrained, a .gguf file, or null for the embedded SmolLM2; on a cluster "
+            "the driver plans from the folder's config.json and keys the stores on its files, so the folder "
+            "must be on the driver's node too, at the same path)"
         )
     if m.gguf_file is not None and m.source is None:
         raise ConfigError("model.gguf_file: needs model.source (the folder or repository that holds it)")

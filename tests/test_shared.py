@@ -420,3 +420,28 @@ def test_fulfil_reads_what_the_stores_hold_and_two_fulfillers_compute_each_unit_
     for k, (_, h) in a.facts.items():
         other = b.facts[k][1]
         assert torch.equal(torch.as_tensor(h), torch.as_tensor(other)) if torch.is_tensor(h) else h == other
+
+
+def test_hub_models_are_keyed_on_the_commit_their_revision_resolves_to(tmp_path, monkeypatch):
+    """A hub id is keyed on its commit (a moved branch is another key), from the hub or, offline, from
+    the local Hugging Face cache's ref; a commit hash is its own; unresolvable is marked so."""
+    from huggingface_hub import constants
+
+    from editors.model import ModelRef, hub_commit
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    hub_commit.cache_clear()
+    sha = "a" * 40
+    assert ModelRef("org/model", revision=sha).identity() == f"hub:org/model@{sha}"
+    assert ModelRef("org/model").identity() == "hub:org/model@main:unresolved"
+    refs = tmp_path / "models--org--model" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("b" * 40 + "\n")
+    hub_commit.cache_clear()
+    first = ModelRef("org/model").identity()
+    assert first == f"hub:org/model@{'b' * 40}"
+    (refs / "main").write_text("c" * 40)  # the branch moved: another key
+    hub_commit.cache_clear()
+    assert ModelRef("org/model").identity() != first
+    hub_commit.cache_clear()
