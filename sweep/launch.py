@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,30 @@ def _log_statistics(c: Any, parent: str, shared: SharedPlan) -> None:
     c.log_dict(parent, {"passes": passes, "budget_gb": shared.budget_gb}, "statistics.json")
 
 
+@dataclass(frozen=True)
+class TunePoint:
+    """One grid point of the Tune run: the trial's key (which names its config and its shared inputs
+    for the trainable) and what Tune's progress table and parameter columns show."""
+
+    key: str
+    method: str
+    algorithm: str
+    layers: list[int]
+    batch_size: int
+    mode: str
+    hp: dict[str, Any]
+
+    @classmethod
+    def of(cls, key: str, t: Any) -> TunePoint:
+        layers = list(trial_hparams(t).layers)
+        return cls(key, method_name(t), t.algorithm, layers, t.batch_size, t.mode, dict(t.hp))
+
+    def as_config(self) -> dict[str, Any]:
+        """The point as Tune's config holds it (``config["point"]``; hp fields as ``hp.<name>``)."""
+        out = {k: v for k, v in asdict(self).items() if k != "hp"}
+        return {**out, **{f"hp.{a}": b for a, b in self.hp.items()}}
+
+
 def _tuner(
     cfg: SweepConfig, plan: Plan, todo: list[str], refs: dict[str, TrialRefs], callback: Any, args: argparse.Namespace
 ) -> Any:
@@ -287,19 +312,7 @@ def _tuner(
     from . import worker
 
     trials = {k: to_dict(t) for k, t in zip(plan.keys, plan.trials)}
-    points = [
-        {
-            "key": k,
-            "method": method_name(t),
-            "algorithm": t.algorithm,
-            "layers": list(trial_hparams(t).layers),
-            "batch_size": t.batch_size,
-            "mode": t.mode,
-            **{f"hp.{a}": b for a, b in t.hp.items()},
-        }
-        for k, t in zip(plan.keys, plan.trials)
-        if k in todo
-    ]
+    points = [TunePoint.of(k, t).as_config() for k, t in zip(plan.keys, plan.trials) if k in todo]
     fn = tune.with_parameters(worker.trainable, refs=refs, trials=trials)
     fn = tune.with_resources(fn, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     storage = storage_path(cfg)

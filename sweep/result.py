@@ -17,6 +17,52 @@ STAGES = ("pre", "at_edit", "final")
 REPORT_KEY = "trial_result"
 
 
+#: The four scores of a curve point, in percent.
+CURVE_SCORES = ("es", "ps", "ns", "s")
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One batch's point on a trial's curves (what ``run_trial``'s ``on_batch`` receives).
+
+    Attributes:
+        batch, edits, applied: the batch's index, the facts scheduled so far, the edits in the model.
+        update_norm: ‖ΔW‖_F of this batch's update (summed over modules); drift: max ‖W − W₀‖_F.
+        elapsed_s: seconds since the trial started.
+        at_edit: ES/PS/NS/S of every fact so far, each scored right after its own batch.
+        batch_scores: ES/PS/NS/S of this batch's facts.
+        forget: the forgetting curve's point when measured (``all_*``, ``first_*``), else empty.
+        health: the edited matrices' health when measured (``drift sigma_max cond delta_sigma_max ppl``).
+    """
+
+    batch: int
+    edits: int
+    applied: int
+    update_norm: float
+    drift: float
+    elapsed_s: float
+    at_edit: dict[str, float]
+    batch_scores: dict[str, float]
+    forget: dict[str, float] = field(default_factory=dict)
+    health: dict[str, float] = field(default_factory=dict)
+
+    def flat(self) -> dict[str, Any]:
+        """The point as one flat dict, the form of ``TrialResult.curves`` and of the MLflow metrics
+        ``curve.<name>`` at step = edits (``at_edit_s``, ``batch_es``, ``forget_all_es``, ``health_cond``...)."""
+        return {
+            "batch": self.batch,
+            "edits": self.edits,
+            "applied": self.applied,
+            "update_norm": self.update_norm,
+            "drift": self.drift,
+            "elapsed_s": self.elapsed_s,
+            **{f"at_edit_{m}": v for m, v in self.at_edit.items()},
+            **{f"batch_{m}": v for m, v in self.batch_scores.items()},
+            **{f"forget_{k}": v for k, v in self.forget.items()},
+            **{f"health_{k}": v for k, v in self.health.items()},
+        }
+
+
 @dataclass
 class UpdateNorms:
     """‖ΔW‖_F of each batch's update (per module summed), and ‖W − W₀‖_F of each edited module at the
@@ -118,4 +164,4 @@ class TrialResult:
         return cls.from_dict(json.loads(zlib.decompress(base64.b64decode(packed))))
 
 
-__all__ = ["REPORT_KEY", "STAGES", "TrialResult", "UpdateNorms"]
+__all__ = ["CURVE_SCORES", "REPORT_KEY", "STAGES", "CurvePoint", "TrialResult", "UpdateNorms"]

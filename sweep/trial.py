@@ -41,7 +41,7 @@ from editors.templates import TemplateCache, TemplateGroups
 from .config import TrialConfig, load_config, method_name, needs_stats, resolve_device, trial_hparams
 from .data import Record, load_selection
 from .metrics import METRICS, RecordScores, aggregate, generation_entropy, heldout_perplexity, score_records
-from .result import TrialResult, UpdateNorms
+from .result import CURVE_SCORES, CurvePoint, TrialResult, UpdateNorms
 from .shared import TrialInputs, model_identity, record_digest, request_digest
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def edit_and_score(
     scorer: Scorer,
     templates: TemplateGroups,
     t_start: float,
-    on_batch: Callable[[dict[str, Any]], None] | None,
+    on_batch: Callable[[CurvePoint], None] | None,
 ) -> tuple[BatchLog, Any]:
     """Run the schedule, scoring each batch's facts right after their batch (the reference's protocol);
     returns the log and the schedule's result (the model is left edited in sequential modes)."""
@@ -287,33 +287,37 @@ def edit_and_score(
             log_.ppl_at_edit = scorer.ppl()  # batch mode: the last batch's model stands for all of them
         log_.final_drift = dict(ev.drift)
         so_far = aggregate(log_.scores)
-        point = {
-            "batch": ev.index,
-            "edits": ev.index * cfg.batch_size + len(ev.requests),
-            "applied": ev.applied,
-            "update_norm": sum(ev.update_norms.values()),
-            "drift": max(ev.drift.values(), default=0.0),
-            "elapsed_s": time.perf_counter() - t_start,
-            **{f"at_edit_{m}": so_far[m] for m in ("es", "ps", "ns", "s")},
-            **{f"batch_{m}": agg[m] for m in ("es", "ps", "ns", "s")},
-        }
         last = ev.index == n_batches - 1
         every = cfg.scoring.retention_every
+        forget: dict[str, float] = {}
         if every and cfg.mode != "batch" and ((ev.index + 1) % every == 0 or last):
             per_so_far, _ = scorer(records[: ev.applied])
             log_.retention.append(retention_point(ev.applied, per_so_far, cfg.batch_size))
-            point.update({f"forget_{k}": v for k, v in log_.retention[-1].items() if k != "edits"})
+            forget = {k: v for k, v in log_.retention[-1].items() if k != "edits"}
         ppl = None
+        health: dict[str, float] = {}
         if ev.health is not None:
             ppl = scorer.ppl() if cfg.scoring.ppl else None
             log_.health.append(health_point(ev, ppl))
-            point.update({f"health_{k}": v for k, v in log_.health[-1].items() if k != "edits"})
-        log_.curves.append(point)
+            health = {k: v for k, v in log_.health[-1].items() if k != "edits"}
+        point = CurvePoint(
+            batch=ev.index,
+            edits=ev.index * cfg.batch_size + len(ev.requests),
+            applied=ev.applied,
+            update_norm=sum(ev.update_norms.values()),
+            drift=max(ev.drift.values(), default=0.0),
+            elapsed_s=time.perf_counter() - t_start,
+            at_edit={m: so_far[m] for m in CURVE_SCORES},
+            batch_scores={m: agg[m] for m in CURVE_SCORES},
+            forget=forget,
+            health=health,
+        )
+        log_.curves.append(point.flat())
         if on_batch is not None:
             on_batch(point)
         why = guard_check(cfg, agg["es"], ppl, inputs.pre_ppl)
         if why is not None:
-            log_.collapsed_at, log_.collapse_reason = point["edits"], why
+            log_.collapsed_at, log_.collapse_reason = point.edits, why
             if not last:
                 raise StopSchedule(why)
 
@@ -408,7 +412,7 @@ def run_trial(
     model: Any = None,
     tok: Any = None,
     templates: TemplateCache | None = None,
-    on_batch: Callable[[dict[str, Any]], None] | None = None,
+    on_batch: Callable[[CurvePoint], None] | None = None,
 ) -> TrialResult:
     """Run one trial and return its :class:`~sweep.result.TrialResult` (see the module docstring).
 

@@ -24,7 +24,7 @@ import torch
 
 from .config import ModelConfig, TrialConfig, parse_config, resolve_device
 from .fulfil import compute_ppl, compute_scores, compute_stats, compute_values, resolve
-from .result import REPORT_KEY
+from .result import REPORT_KEY, CurvePoint
 from .shared import stats_dtype
 from .trial import run_trial
 
@@ -151,18 +151,16 @@ def trainable(config: dict[str, Any], refs: dict[str, Any], trials: dict[str, An
 
     chaos = os.environ.get(CHAOS_ENV)
 
-    def on_batch(point: dict[str, Any]) -> None:
+    def on_batch(point: CurvePoint) -> None:
         if chaos and not Path(chaos).exists():
             Path(chaos).write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
+        flat = point.flat()
         tune.report(
             {
-                "edits": point["edits"],
-                "s": point["at_edit_s"],
-                "es": point["at_edit_es"],
-                "ps": point["at_edit_ps"],
-                "ns": point["at_edit_ns"],
-                **{f"curve.{k}": v for k, v in point.items() if isinstance(v, (int, float))},
+                "edits": point.edits,
+                **point.at_edit,  # s es ps ns so far: the progress table's columns
+                **{f"curve.{k}": v for k, v in flat.items() if isinstance(v, (int, float))},
             }
         )
 
