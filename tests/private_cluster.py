@@ -54,6 +54,7 @@ class PrivateCluster:
     head: subprocess.Popen
     worker: subprocess.Popen
     log_dir: Path
+    dashboard: str | None = None  # http://127.0.0.1:<port> when the head runs the dashboard (job server)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.log_dir.glob("*.log")))
@@ -91,19 +92,38 @@ def _wait_nodes(address: str, n: int, env: dict[str, str], timeout_s: float = 90
     raise TimeoutError(f"the cluster at {address} did not reach {n} nodes in {timeout_s:.0f} s")
 
 
+def job_server_available() -> bool:
+    """Whether Ray's dashboard (the job server of ``ray job submit``) can run: ``ray[default]``."""
+    try:
+        import aiohttp_cors  # noqa: F401
+        import ray.dashboard.modules.job.sdk  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
-def private_disk_cluster(private: Path, log_dir: Path, worker_cpus: int = 2) -> Iterator[PrivateCluster]:
+def private_disk_cluster(
+    private: Path, log_dir: Path, worker_cpus: int = 2, dashboard: bool = False
+) -> Iterator[PrivateCluster]:
     """A head with ``CPU: 0`` and one worker with ``worker_cpus`` CPUs whose view of ``private`` is an
-    empty tmpfs of its own. Set ``RAY_AUTH_MODE=disabled`` in the caller's environment before joining."""
+    empty tmpfs of its own; ``dashboard``: the head also runs Ray's job server. Set
+    ``RAY_AUTH_MODE=disabled`` in the caller's environment before joining."""
     private.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_port()
     address = f"127.0.0.1:{port}"
     common = ["--block", "--disable-usage-stats"]
+    dash_port = free_port() if dashboard else None
+    dash = (
+        ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}"]
+        if dashboard
+        else ["--include-dashboard=false"]
+    )
     head = _start(
         [
-            "ray", "start", "--head", f"--port={port}", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=false",
+            "ray", "start", "--head", f"--port={port}", "--num-cpus=0", "--num-gpus=0", *dash,
             f"--dashboard-agent-listen-port={free_port()}", "--node-ip-address=127.0.0.1", *common,
         ],
         log_dir / "head.log",
@@ -121,7 +141,7 @@ def private_disk_cluster(private: Path, log_dir: Path, worker_cpus: int = 2) -> 
         script = f"mount -t tmpfs tmpfs '{private}' && {ray_start}"
         worker = _start(["unshare", "-m", "--propagation", "private", "sh", "-c", script], log_dir / "worker.log", env)
         _wait_nodes(address, 2, env)
-        yield PrivateCluster(address, head, worker, log_dir)
+        yield PrivateCluster(address, head, worker, log_dir, f"http://127.0.0.1:{dash_port}" if dashboard else None)
     finally:
         if worker is not None:
             _stop(worker)

@@ -20,7 +20,7 @@ from sweep import launch  # noqa: E402
 from sweep.config import load_sweep, sweep_id  # noqa: E402
 from sweep.plan import make_plan  # noqa: E402
 from tests.conftest import write_tiny_assets  # noqa: E402
-from tests.private_cluster import private_disk_cluster, unavailable  # noqa: E402
+from tests.private_cluster import job_server_available, private_disk_cluster, unavailable  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_a_worker_that_shares_no_disk_runs_every_trial_and_a_second_sweep_comput
     and perplexity reads them all from the driver's stores; --resume runs nothing again."""
     out = tmp_path / "out"  # storage, stores and MLflow: the driver's disk, invisible to the worker
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    with private_disk_cluster(out, tmp_path / "logs") as cluster:
+    with private_disk_cluster(out, tmp_path / "logs", dashboard=job_server_available()) as cluster:
         try:
             grid = {"algorithm": ["memit", "emmet"], "layers": [[1]], "batch_size": [2, 4], "mode": ["batch"]}
             cfg = load_sweep(str(sweep_yaml(assets, out, "nodisk", grid)))
@@ -116,6 +116,26 @@ def test_a_worker_that_shares_no_disk_runs_every_trial_and_a_second_sweep_comput
             assert len(trial_results(first["tracking_uri"], first["parent_run_id"], tmp_path / "r")) == 4
         finally:
             ray.shutdown()
+        if cluster.dashboard is None:
+            pytest.skip("ray job submit: Ray's job server needs ray[default]")
+        # The documented submission: HF_TOKEN in the job's runtime env (and in the submitting shell, so
+        # the launcher would forward it too): the job's driver starts and the sweep finishes.
+        grid3 = {"algorithm": ["emmet"], "layers": [[1]], "batch_size": [1], "mode": ["batch"]}
+        path3 = sweep_yaml(assets, out, "nodisk3", grid3)
+        job = subprocess.run(
+            [
+                "ray", "job", "submit", "--address", cluster.dashboard,
+                "--runtime-env-json", json.dumps({"env_vars": {"HF_TOKEN": "hf_test_token"}}),
+                "--", sys.executable, "-m", "sweep.launch", "--config", str(path3), "--quiet",
+            ],
+            env={**os.environ, "HF_TOKEN": "hf_test_token", "RAY_AUTH_MODE": "disabled"},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert job.returncode == 0 and "Failed to merge" not in job.stdout + job.stderr, job.stdout[-3000:]
+        cfg3 = load_sweep(str(path3))
+        summary = json.loads((out / "ray" / f"nodisk3-{sweep_id(cfg3)}-summary.json").read_text())
+        assert summary["errors"] == 0 and summary["trials"] == 1
+        assert summary["work"]["stats_layers_computed"] == 0 and summary["work"]["scores_computed"] == 0
 
 
 def _argv(cluster) -> list[str]:
