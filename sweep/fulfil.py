@@ -158,7 +158,9 @@ class StatsUnit:
 @dataclass(frozen=True)
 class FactUnit:
     """A chunk of per-fact work: target values (``kind="values"``, a [n, d_model] tensor) or pre-edit
-    score rows (``kind="scores"``, one dict per fact) of ``records``, under ``key`` in ``store``."""
+    score rows (``kind="scores"``, one dict per fact) of ``records``, under ``key`` in ``store``.
+    ``stored``: the planner found these facts in the store, maybe in parts of other chunkings (read
+    them from every part); otherwise only this chunk's own part can hold them (one file to read)."""
 
     kind: str
     trial: TrialConfig
@@ -166,6 +168,7 @@ class FactUnit:
     records: tuple[Record, ...]
     digests: tuple[str, ...]
     store: str | None
+    stored: bool = False
 
     @property
     def size(self) -> int:
@@ -183,7 +186,8 @@ class FactUnit:
     def read(self) -> Any | None:
         if not self.store:
             return None
-        got = self._store().get(self.key, self.digests)  # type: ignore[arg-type]
+        part = None if self.stored else part_name(list(self.digests))
+        got = self._store().get(self.key, self.digests, part=part)  # type: ignore[arg-type]
         if len(got) != len(self.digests):
             return None
         rows = [got[d] for d in self.digests]
@@ -230,11 +234,11 @@ def units_of(plan: SharedPlan, cfg: SweepConfig) -> list[Unit]:
     for kind, jobs, store in (("values", plan.values, cfg.values_store), ("scores", plan.scores, cfg.scores_store)):
         for job in jobs.values():
             have = [(r, d) for r, d in zip(job.records, job.digests) if d in job.cached]
-            for part in (have, job.missing()):
+            for stored, part in ((True, have), (False, job.missing())):
                 for i in range(0, len(part), cfg.values_chunk):
                     chunk = part[i : i + cfg.values_chunk]
-                    recs = tuple(r for r, _ in chunk)
-                    out.append(FactUnit(kind, job.trial, job.key, recs, tuple(d for _, d in chunk), store))
+                    recs, ds = tuple(r for r, _ in chunk), tuple(d for _, d in chunk)
+                    out.append(FactUnit(kind, job.trial, job.key, recs, ds, store, stored))
     out += [PplUnit(t, key, cfg.scores_store) for key, t in plan.ppl.items()]
     return out
 
@@ -305,7 +309,7 @@ class RayBackend:
             meta = ray.get(refs[-1])
             value = {
                 layer: SecondMoment(
-                    torch.from_numpy(ray.get(ref).copy()),
+                    _tensor(ray.get(ref)),  # a read-only view of this node's object store: no heap copy
                     int(meta["tokens"][layer]),
                     meta["converged"],
                     tuple(tuple(h) for h in meta["history"]),
@@ -319,7 +323,7 @@ class RayBackend:
         fn = worker.values_task if unit.kind == "values" else worker.scores_task
         ref = ray.remote(fn).options(**self.options).remote(t, list(unit.records))
         got = ray.get(ref)
-        return (torch.from_numpy(got.copy()) if unit.kind == "values" else got), ref
+        return (_tensor(got) if unit.kind == "values" else got), ref
 
     def handle(self, unit: Unit, value: Any) -> Any:
         import ray
@@ -329,6 +333,15 @@ class RayBackend:
         if isinstance(unit, PplUnit):
             return value
         return ray.put(value.numpy() if unit.kind == "values" else value)
+
+
+def _tensor(a: Any) -> torch.Tensor:
+    """A tensor over ``a`` (a numpy array, maybe a read-only object-store view: nothing writes to it)."""
+    if isinstance(a, torch.Tensor):
+        return a
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns about read-only memory
+        return torch.from_numpy(a)
 
 
 def _plain(t: TrialConfig) -> dict[str, Any]:
@@ -532,23 +545,16 @@ def _dedupe(items: Sequence[tuple[tuple[str, ...], Any]]) -> list[tuple[tuple[st
 def _inputs(tr: TrialRefs, get: Callable[[Any], Any]) -> TrialInputs:
     """:class:`TrialInputs` from handles, ``get`` turning a handle into its value."""
 
-    def tensor(a: Any) -> torch.Tensor:
-        if isinstance(a, torch.Tensor):
-            return a
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only zero-copy views; the solvers copy
-            return torch.from_numpy(a)
-
     inputs = TrialInputs(counts={})
     if tr.stats:
         arrays = {layer: get(h) for layer, h in tr.stats.items()}
-        inputs.stats = {layer: (a.mom2 if isinstance(a, SecondMoment) else tensor(a)) for layer, a in arrays.items()}
+        inputs.stats = {layer: (a.mom2 if isinstance(a, SecondMoment) else _tensor(a)) for layer, a in arrays.items()}
         inputs.stats_tokens = dict(tr.stats_tokens)
         inputs.counts["stats_reused"] = len(arrays)
         inputs.zero_copy = all(not getattr(a, "flags", None) or not a.flags.writeable for a in arrays.values())
     for ds, h in tr.values:
         arr = get(h)
-        inputs.values.update({d: tensor(arr[i]) for i, d in enumerate(ds)})
+        inputs.values.update({d: _tensor(arr[i]) for i, d in enumerate(ds)})
     for ds, h in tr.scores:
         inputs.pre_scores.update(dict(zip(ds, get(h))))
     inputs.counts["scores_reused"] = len(inputs.pre_scores)

@@ -198,11 +198,15 @@ class ValuesStore:
         meta = {"facts": json.dumps(list(digests))}
         self.store.put_tensors(key, {"values": values.float()}, meta, part=part_name(list(digests)))
 
-    def get(self, key: ValuesKey, digests: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """The stored v* [d_model] of each of ``digests`` the store holds (all facts when None)."""
+    def get(
+        self, key: ValuesKey, digests: Iterable[str] | None = None, part: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The stored v* [d_model] of each of ``digests`` the store holds (all facts when None), from
+        every part of ``key``, or from the one ``part`` (a chunk's own file: one read, not a scan)."""
         want = None if digests is None else set(digests)
         out: dict[str, torch.Tensor] = {}
-        for tensors, meta in self.store.iter_parts(key):
+        parts = self.store.iter_parts(key) if part is None else filter(None, [self.store.get_tensors(key, part)])
+        for tensors, meta in parts:
             try:
                 facts = json.loads(meta.get("facts", "[]"))
                 values = tensors["values"]
@@ -232,12 +236,16 @@ class ScoresStore:
         """Store the score fields (``RecordScores.fields()``) of the facts ``digests`` as one part."""
         self.store.put_json(key, dict(zip(digests, rows)), part=part_name(list(digests)))
 
-    def get(self, key: ScoresKey, digests: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
-        """Stored score fields (``es ps ns em pm nm *_acc``) of each of ``digests`` held."""
+    def get(
+        self, key: ScoresKey, digests: Iterable[str] | None = None, part: str | None = None
+    ) -> dict[str, dict[str, float]]:
+        """Stored score fields (``es ps ns em pm nm *_acc``) of each of ``digests`` held, from every part
+        of ``key`` or from the one ``part``."""
         want = None if digests is None else set(digests)
         out: dict[str, dict[str, float]] = {}
         fields = set(SCORE_FIELDS)
-        for rows in self.store.iter_parts(key, ext="json"):
+        parts = self.store.iter_parts(key, ext="json") if part is None else [self.store.get_json(key, part)]
+        for rows in parts:
             if not isinstance(rows, dict):
                 continue
             for d, r in rows.items():
