@@ -220,6 +220,11 @@ def _check_fields(cfg: TrialConfig) -> None:
             f"stats.corpus: {corpus!r} does not exist (give a text file, a folder of .txt/.utf8 files, "
             f"'{EMBEDDED_WIKI}', or 'hf:<dataset>[:<config>][:<split>]')"
         )
+    if cfg.stats.store is not None and "://" in cfg.stats.store:
+        raise ConfigError(
+            f"stats.store: {cfg.stats.store!r} is a URI; the shared-work stores are folders on the driver's disk "
+            "(the driver writes them and hands their contents to every node through Ray); give a local path"
+        )
     if cfg.dataset.case_ids is not None and len(set(cfg.dataset.case_ids)) != len(cfg.dataset.case_ids):
         raise ConfigError("dataset.case_ids: every case id at most once")
 
@@ -275,7 +280,7 @@ class ResourcesConfig:
     gpu: float = 0.0  # per trial; fractions share a card (small models only: Ray does not split VRAM)
     max_concurrent: int | None = None
     prepass_gpu: float | None = None  # GPUs of the statistics/values tasks (default: same as a trial)
-    gpu_memory_gb: float | None = None  # a worker's device memory for statistics passes (None: the driver's GPU)
+    gpu_memory_gb: float | None = None  # a worker's device memory for statistics passes (None: asked of a GPU node)
 
 
 @dataclass(frozen=True)

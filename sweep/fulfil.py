@@ -250,8 +250,9 @@ def units_of(plan: SharedPlan, cfg: SweepConfig) -> list[Unit]:
 class Backend(Protocol):
     """Computes a unit's value and turns values into what trials are handed (``handle``)."""
 
-    def compute(self, unit: Unit) -> tuple[Any, Any]:
-        """(the unit's value in this process, for the stores; its handle for the trials)."""
+    def compute(self, unit: Unit) -> tuple[Any, Any, float]:
+        """(the unit's value in this process, for the stores; its handle for the trials; the seconds
+        the computation itself took, on whichever node ran it)."""
 
     def handle(self, unit: Unit, value: Any) -> Any:
         """The handle of a value read from the stores."""
@@ -273,8 +274,9 @@ class LocalBackend:
         dev = str(self.model.device)
         return load_model(mc.source, gguf_file=mc.gguf_file, revision=mc.revision, dtype=stats_dtype(cfg), device=dev)
 
-    def compute(self, unit: Unit) -> tuple[Any, Any]:
+    def compute(self, unit: Unit) -> tuple[Any, Any, float]:
         t = unit.trial
+        t0 = time.perf_counter()
         if isinstance(unit, StatsUnit):
             model, tok = self._stats_model(t)
             value: Any = compute_stats(t, model, tok, unit.layers, self.progress)
@@ -284,7 +286,7 @@ class LocalBackend:
             value = compute_values(t, self.model, self.tok, unit.records)
         else:
             value = compute_scores(t, self.model, self.tok, unit.records)
-        return value, value
+        return value, value, time.perf_counter() - t0
 
     def handle(self, unit: Unit, value: Any) -> Any:
         return value
@@ -297,7 +299,7 @@ class RayBackend:
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = options
 
-    def compute(self, unit: Unit) -> tuple[Any, Any]:
+    def compute(self, unit: Unit) -> tuple[Any, Any, float]:
         import ray
 
         from . import worker
@@ -316,14 +318,14 @@ class RayBackend:
                 )
                 for layer, ref in zip(unit.layers, refs[:-1])
             }
-            return value, dict(zip(unit.layers, refs[:-1]))
+            return value, dict(zip(unit.layers, refs[:-1])), float(meta["seconds"])
         if isinstance(unit, PplUnit):
-            v = ray.get(ray.remote(worker.ppl_task).options(**self.options).remote(t))
-            return v, v
+            v, secs = ray.get(ray.remote(worker.ppl_task).options(num_returns=2, **self.options).remote(t))
+            return v, v, secs
         fn = worker.values_task if unit.kind == "values" else worker.scores_task
-        ref = ray.remote(fn).options(**self.options).remote(t, list(unit.records))
+        ref, secs_ref = ray.remote(fn).options(num_returns=2, **self.options).remote(t, list(unit.records))
         got = ray.get(ref)
-        return (_tensor(got) if unit.kind == "values" else got), ref
+        return (_tensor(got) if unit.kind == "values" else got), ref, float(ray.get(secs_ref))
 
     def handle(self, unit: Unit, value: Any) -> Any:
         import ray
@@ -356,8 +358,9 @@ def _plain(t: TrialConfig) -> dict[str, Any]:
 
 @dataclass
 class WorkCounts:
-    """What one fulfilment computed and what it read from the stores (layers or facts), and the seconds
-    each kind of unit took (computed units only, summed)."""
+    """What one fulfilment computed and what it read from the stores (layers or facts), the seconds the
+    computations of each kind took (summed over units, on whichever nodes ran them: more than the wall
+    time when they ran in parallel), and the fulfilment's wall time ``fulfil_s``."""
 
     stats_passes: int = 0
     stats_layers_computed: int = 0
@@ -405,7 +408,7 @@ class Done:
 
     handle: Any
     computed: bool
-    seconds: float
+    seconds: float  # computed: the computation's own seconds; read: the read's
     tokens: dict[int, int] = field(default_factory=dict)
 
 
@@ -414,9 +417,9 @@ def fulfil_unit(unit: Unit, backend: Backend) -> Done:
     another process is computing is waited for (its lease) and read."""
     t0 = time.perf_counter()
 
-    def done(value: Any, handle: Any, computed: bool) -> Done:
+    def done(value: Any, handle: Any, computed: bool, seconds: float | None = None) -> Done:
         tokens = {layer: sm.n_tokens for layer, sm in value.items()} if isinstance(unit, StatsUnit) else {}
-        return Done(handle, computed, time.perf_counter() - t0, tokens)
+        return Done(handle, computed, time.perf_counter() - t0 if seconds is None else seconds, tokens)
 
     got = unit.read()
     if got is not None:
@@ -427,9 +430,9 @@ def fulfil_unit(unit: Unit, backend: Backend) -> Done:
         got = unit.read()  # stored by another process while we waited
         if got is not None:
             return done(got, backend.handle(unit, got), False)
-        value, handle = backend.compute(unit)
+        value, handle, seconds = backend.compute(unit)
         unit.write(value)
-    return done(value, handle, True)
+    return done(value, handle, True, seconds)
 
 
 @dataclass

@@ -6,10 +6,13 @@
     python -m sweep.launch --config ... --dry-run                            # the plan, no model loaded
     python -m sweep.launch --config ... --resume                             # continue a stopped sweep
 
-Before any trial starts, the pre-pass (:mod:`sweep.prepass`) computes the shared work the stores lack:
-statistics in passes that fit a worker's memory, batch-mode target values and pre-edit scores once per
-fact, each stored as it finishes and put in the object store once; trials receive references (no
-per-trial copy; same-node reads are zero-copy).
+The chain: config -> plan (:mod:`sweep.plan`, :mod:`sweep.prepass`: trials, shared work, memory and
+cost, with a worker's GPU memory from the config or the cluster) -> shared work fulfilled before any
+trial starts (:func:`sweep.fulfil.fulfil_ray`: statistics passes, target values and pre-edit scores
+computed once as Ray tasks, written by this process to the stores on its disk, handed to the trials as
+object-store references) -> the trials on Ray Tune (:mod:`sweep.worker`), each reporting its whole
+result through Ray -> MLflow (:mod:`sweep.tracking`) -> the summary next to Tune's storage (a local
+path or a URI such as ``s3://bucket/sweeps``).
 """
 
 from __future__ import annotations

@@ -323,6 +323,15 @@ def log_failed_trial(
     return run_id
 
 
+def _error_text(trial: Any) -> str:
+    """A failed trial's error as Tune recorded it (the error file's text; its path if unreadable)."""
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace") if path else "trial failed"
+    except OSError:
+        return f"trial failed; Tune's error file: {path}"
+
+
 def close_running(c: Any, exp_id: str, parent: str) -> int:
     """Close every child run still RUNNING as KILLED (a stopped sweep's unfinished trials)."""
     left = running_trial_runs(c, exp_id, parent)
@@ -411,7 +420,7 @@ def make_callback(uri: str, exp_id: str, parent: str, sid: str, configs: dict[st
                 c = self._c()
                 if key in self.logged or key in trial_runs(c, exp_id, parent):
                     return
-                err = str(getattr(trial, "error_file", "") or "trial failed")
+                err = _error_text(trial)
                 log_failed_trial(c, exp_id, parent, sid, key, trial.config["point"], err, self.runs.get(key))
                 self.logged.add(key)
             except Exception as e:

