@@ -24,7 +24,7 @@ BEGIN, END = "<!-- bench:bf16:begin -->", "<!-- bench:bf16:end -->"
 def one(n: int, batch: int, dtype: str, threads: int, store: str) -> dict[str, Any]:
     from bench.run import FACTS
     from sweep.config import parse_config
-    from sweep.fulfil import trial_alone
+    from sweep.trial import trial_alone
 
     torch.set_num_threads(threads)
     cfg = parse_config(

@@ -96,8 +96,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     from editors.templates import context_templates
     from sweep.config import parse_config, trial_hparams
     from sweep.data import load_counterfact, select
-    from sweep.prepass import compute_stats
     from sweep.shared import model_identity, stats_keys
+    from sweep.work import compute_stats
 
     cfg = parse_config(trial_config(args.layer, sizes[-1], args.facts, args.store, args.stats_tokens))
     hp = trial_hparams(cfg)

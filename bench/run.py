@@ -110,8 +110,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
     from editors.stats import StatsStore
     from sweep.config import parse_config
-    from sweep.fulfil import trial_alone
     from sweep.shared import model_identity, stats_keys
+    from sweep.trial import trial_alone
 
     torch.set_num_threads(spec["threads"])
     cfg = parse_config(trial_config(spec))

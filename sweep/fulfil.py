@@ -12,11 +12,14 @@ computes and *returns* its result, the fulfiller writes it. So nothing a sweep c
 worker's disk, a second sweep or ``--resume`` on the same cluster reads it whichever nodes ran the first
 one, and two sweeps at once compute each unit once (the lease). Two backends:
 
-- :class:`LocalBackend` computes on a model loaded in this process (``python -m sweep.trial``, notebooks);
-  :func:`fulfil_local` returns ``{trial key: TrialInputs}``;
-- :class:`RayBackend` submits each unit as a Ray task (bodies in :mod:`sweep.worker`), all at once, so
-  passes and chunks run on every free worker; :func:`fulfil_ray` returns ``{trial key: TrialRefs}``
-  (object-store references a trial resolves on its worker; same-node reads are zero-copy).
+- :class:`LocalBackend` computes on a model loaded in this process (:func:`sweep.trial.trial_alone`, which
+  ``python -m sweep.trial`` runs, and notebooks); :func:`fulfil_local` returns ``{trial key: TrialInputs}``;
+- :class:`RayBackend` submits each unit as a Ray task (:mod:`sweep.worker`'s bodies, handed in by the
+  launcher), all at once, so passes and chunks run on every free worker; :func:`fulfil_ray` returns
+  ``{trial key: TrialRefs}`` (object-store references a trial resolves on its worker; same-node reads
+  are zero-copy).
+
+The work itself is :mod:`sweep.work`'s.
 
 The work counters (:class:`WorkCounts`) count what this fulfilment computed and what it read, unit by unit.
 """
@@ -29,8 +32,7 @@ import os
 import signal
 import threading
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,13 +40,22 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from editors import spec_for, traits
-from editors.corpus import CorpusSpec, iter_texts
-from editors.stats import SecondMoment, StatsKey, StatsStore, collect_second_moments
+from editors.stats import SecondMoment, StatsKey, StatsStore
 from editors.store import claim, part_name
 
-from .config import trial_hparams
-from .shared import PplKey, ScoresKey, ScoresStore, TrialInputs, ValuesKey, ValuesStore, stats_dtype
+from .shared import (
+    PplKey,
+    ScoresKey,
+    ScoresStore,
+    TrialInputs,
+    TrialRefs,
+    ValuesKey,
+    ValuesStore,
+    as_tensor,
+    inputs_of,
+    stats_dtype,
+)
+from .work import compute_ppl, compute_scores, compute_stats, compute_values
 
 if TYPE_CHECKING:
     from .config import SweepConfig, TrialConfig
@@ -55,68 +66,6 @@ log = logging.getLogger(__name__)
 
 #: Set to N to make the fulfilling process SIGKILL itself once N value/score chunks are stored (fault drill).
 CHAOS_KILL_ENV = "MODEL_EDITING_CHAOS_KILL_LAUNCHER_AFTER"
-
-
-# ----------------------------------------------------------------------------------------------------
-# The work itself, on a loaded model (no Ray, no store): what the backends run
-
-
-def compute_stats(
-    cfg: TrialConfig, model: Any, tok: Any, layers: Sequence[int], progress: bool = True
-) -> dict[int, SecondMoment]:
-    """The second moments of ``layers`` in one pass over the configured corpus."""
-    s = cfg.stats
-    return collect_second_moments(
-        model,
-        tok,
-        spec_for(model),
-        list(layers),
-        iter_texts(CorpusSpec(s.corpus, max_texts=s.max_texts, sample_seed=s.sample_seed)),
-        max_tokens=s.max_tokens,
-        max_seq_len=s.max_seq_len,
-        batch_tokens=s.batch_tokens,
-        dtype=s.dtype,
-        tolerance=s.tolerance,
-        progress=progress,
-    )
-
-
-def compute_values(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Record]) -> torch.Tensor:
-    """Batch-mode target values v* [n, d_model] float32 of ``records`` on the unedited model."""
-    from editors.targets import optimize_values
-    from editors.templates import TemplateCache, flat
-
-    hp = trial_hparams(cfg)
-    tpl = TemplateCache().get(model, tok, hp.context_templates, hp.template_seed)
-    v = optimize_values(
-        model,
-        tok,
-        spec_for(model),
-        hp.layers[-1],
-        [r.request() for r in records],
-        flat(tpl),
-        hp,
-        at=traits(cfg.algorithm).value_site,
-        max_requests=hp.value_batch,
-    )
-    return v.values.float().cpu()
-
-
-def compute_scores(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Record]) -> list[dict[str, float]]:
-    """The score fields (``RecordScores.fields()``) of ``records`` on the model as it is."""
-    from .metrics import score_records
-
-    return [s.fields() for s in score_records(model, tok, spec_for(model), records, batch_size=cfg.scoring.batch_size)]
-
-
-def compute_ppl(cfg: TrialConfig, model: Any, tok: Any) -> float:
-    """Held-out perplexity on the configured slice of the statistics corpus."""
-    from .metrics import heldout_perplexity
-
-    sc = cfg.scoring
-    return heldout_perplexity(
-        model, tok, spec_for(model), cfg.stats.corpus, sc.ppl_offset, sc.ppl_texts, sc.ppl_max_len
-    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -292,18 +241,27 @@ class LocalBackend:
         return value
 
 
+class RayTasks(Protocol):
+    """The task bodies a :class:`RayBackend` submits (:mod:`sweep.worker` is one: they load the model
+    once per worker process and return what they compute)."""
+
+    def stats_task(self, trial: dict[str, Any], layers: list[int]) -> list[Any]: ...
+    def values_task(self, trial: dict[str, Any], records: list[Any]) -> tuple[Any, float]: ...
+    def scores_task(self, trial: dict[str, Any], records: list[Any]) -> tuple[list[dict[str, float]], float]: ...
+    def ppl_task(self, trial: dict[str, Any]) -> tuple[float, float]: ...
+
+
 class RayBackend:
-    """Submits each unit as a Ray task (:mod:`sweep.worker`) with ``options`` (CPUs, GPUs, retries) and
+    """Submits each unit as a Ray task (``tasks``' bodies) with ``options`` (CPUs, GPUs, retries) and
     waits for it; handles are object-store references (the task's own return for computed units)."""
 
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.options = options
+    def __init__(self, options: dict[str, Any], tasks: RayTasks) -> None:
+        self.options, self.tasks = options, tasks
 
     def compute(self, unit: Unit) -> tuple[Any, Any, float]:
         import ray
 
-        from . import worker
-
+        worker = self.tasks
         t = _plain(unit.trial)
         if isinstance(unit, StatsUnit):
             task = ray.remote(worker.stats_task).options(num_returns=len(unit.layers) + 1, **self.options)
@@ -311,7 +269,7 @@ class RayBackend:
             meta = ray.get(refs[-1])
             value = {
                 layer: SecondMoment(
-                    _tensor(ray.get(ref)),  # a read-only view of this node's object store: no heap copy
+                    as_tensor(ray.get(ref)),  # a read-only view of this node's object store: no heap copy
                     int(meta["tokens"][layer]),
                     meta["converged"],
                     tuple(tuple(h) for h in meta["history"]),
@@ -325,7 +283,7 @@ class RayBackend:
         fn = worker.values_task if unit.kind == "values" else worker.scores_task
         ref, secs_ref = ray.remote(fn).options(num_returns=2, **self.options).remote(t, list(unit.records))
         got = ray.get(ref)
-        return (_tensor(got) if unit.kind == "values" else got), ref, float(ray.get(secs_ref))
+        return (as_tensor(got) if unit.kind == "values" else got), ref, float(ray.get(secs_ref))
 
     def handle(self, unit: Unit, value: Any) -> Any:
         import ray
@@ -335,15 +293,6 @@ class RayBackend:
         if isinstance(unit, PplUnit):
             return value
         return ray.put(value.numpy() if unit.kind == "values" else value)
-
-
-def _tensor(a: Any) -> torch.Tensor:
-    """A tensor over ``a`` (a numpy array, maybe a read-only object-store view: nothing writes to it)."""
-    if isinstance(a, torch.Tensor):
-        return a
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch warns about read-only memory
-        return torch.from_numpy(a)
 
 
 def _plain(t: TrialConfig) -> dict[str, Any]:
@@ -508,17 +457,6 @@ def _log_unit(unit: Unit, computed: bool, elapsed: float) -> None:
 # What trials are handed
 
 
-@dataclass
-class TrialRefs:
-    """A trial's shared inputs as object-store references, resolved on its worker by :func:`resolve`."""
-
-    stats: dict[int, Any] = field(default_factory=dict)  # layer -> ref of C [d_key, d_key] (numpy)
-    stats_tokens: dict[int, int] = field(default_factory=dict)
-    values: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)  # (chunk digests, ref [n, d_model])
-    scores: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)  # (chunk digests, ref of rows)
-    ppl: float | None = None
-
-
 def _hand_out(plan: SharedPlan, got: Fulfilled) -> dict[str, TrialRefs]:
     """Each trial's handles: its layers' C, the chunks holding its facts' values and scores, its
     perplexity (handles are values for a local fulfilment, references for Ray)."""
@@ -545,38 +483,11 @@ def _dedupe(items: Sequence[tuple[tuple[str, ...], Any]]) -> list[tuple[tuple[st
     return list(seen.values())
 
 
-def _inputs(tr: TrialRefs, get: Callable[[Any], Any]) -> TrialInputs:
-    """:class:`TrialInputs` from handles, ``get`` turning a handle into its value."""
-
-    inputs = TrialInputs(counts={})
-    if tr.stats:
-        arrays = {layer: get(h) for layer, h in tr.stats.items()}
-        inputs.stats = {layer: (a.mom2 if isinstance(a, SecondMoment) else _tensor(a)) for layer, a in arrays.items()}
-        inputs.stats_tokens = dict(tr.stats_tokens)
-        inputs.counts["stats_reused"] = len(arrays)
-        inputs.zero_copy = all(not getattr(a, "flags", None) or not a.flags.writeable for a in arrays.values())
-    for ds, h in tr.values:
-        arr = get(h)
-        inputs.values.update({d: _tensor(arr[i]) for i, d in enumerate(ds)})
-    for ds, h in tr.scores:
-        inputs.pre_scores.update(dict(zip(ds, get(h))))
-    inputs.counts["scores_reused"] = len(inputs.pre_scores)
-    inputs.pre_ppl = tr.ppl
-    return inputs
-
-
-def resolve(tr: TrialRefs) -> TrialInputs:
-    """A trial's :class:`TrialInputs` from its references (on the trial's worker)."""
-    import ray
-
-    return _inputs(tr, ray.get)
-
-
-def fulfil_ray(plan: SharedPlan, cfg: SweepConfig) -> tuple[dict[str, TrialRefs], WorkCounts]:
-    """Fulfil ``plan`` on Ray: every missing unit a task, all at once; this process writes the stores.
-    Returns (trial key -> its references, what was computed and read)."""
+def fulfil_ray(plan: SharedPlan, cfg: SweepConfig, tasks: RayTasks) -> tuple[dict[str, TrialRefs], WorkCounts]:
+    """Fulfil ``plan`` on Ray: every missing unit a task (``tasks``: :mod:`sweep.worker`), all at once;
+    this process writes the stores. Returns (trial key -> its references, what was computed and read)."""
     gpu = cfg.resources.prepass_gpu if cfg.resources.prepass_gpu is not None else cfg.resources.gpu
-    backend = RayBackend({"num_cpus": cfg.resources.cpu, "num_gpus": gpu, "max_retries": cfg.retries})
+    backend = RayBackend({"num_cpus": cfg.resources.cpu, "num_gpus": gpu, "max_retries": cfg.retries}, tasks)
     got = run_units(units_of(plan, cfg), backend, parallel=True)
     return _hand_out(plan, got), got.work
 
@@ -586,38 +497,4 @@ def fulfil_local(
 ) -> tuple[dict[str, TrialInputs], WorkCounts]:
     """Fulfil ``plan`` in this process on ``model``: (trial key -> its complete inputs, work counters)."""
     got = run_units(units_of(plan, cfg), LocalBackend(model, tok, progress), parallel=False)
-    return {k: _inputs(tr, lambda h: h) for k, tr in _hand_out(plan, got).items()}, got.work
-
-
-def trial_alone(
-    cfg: TrialConfig,
-    *,
-    model: Any = None,
-    tok: Any = None,
-    scores_store: str | None = None,
-    progress: bool = True,
-    **kwargs: Any,
-) -> Any:
-    """One trial without Ray (``python -m sweep.trial``, notebooks): the model loaded (unless given), the
-    trial's shared work planned as a one-trial sweep and fulfilled here (statistics through
-    ``stats.store``; pre-edit scores through ``scores_store`` when given), then
-    :func:`sweep.trial.run_trial`. Target values stay the schedule's own work (one trial has nobody to
-    share them with). ``kwargs`` go to ``run_trial`` (``templates``, ``on_batch``). Returns its
-    ``TrialResult``."""
-    from .config import SweepConfig, trial_key
-    from .prepass import plan_shared
-    from .trial import load_for_trial, load_records, run_trial
-
-    load_records(cfg)  # a bad dataset fails before any weights are loaded
-    model, tok, _, load_s = load_for_trial(cfg, trial_hparams(cfg), model, tok)
-    sweep = SweepConfig(name="trial", share_values=False, scores_store=scores_store)  # type: ignore[arg-type]
-    key = trial_key(cfg)
-    t0 = time.perf_counter()
-    inputs, work = fulfil_local(plan_shared(sweep, [cfg], [key]), sweep, model, tok, progress)
-    shared_s = time.perf_counter() - t0
-    result = run_trial(cfg, inputs=inputs[key], model=model, tok=tok, **kwargs)
-    result.timings.update(load=load_s, shared=shared_s)
-    # what this trial's own fulfilment computed, rather than read from the stores
-    result.work.update(stats_computed=work.stats_layers_computed, scores_computed=work.scores_computed)
-    result.work.update(stats_reused=work.stats_layers_read, scores_reused=work.scores_read)
-    return result
+    return {k: inputs_of(tr, lambda h: h) for k, tr in _hand_out(plan, got).items()}, got.work

@@ -33,9 +33,10 @@ from editors.config import ConfigError, to_dict
 from editors.store import write_json_atomic
 
 from .config import SweepConfig, load_sweep, method_name, sweep_id, trial_hparams
-from .fulfil import TrialRefs, WorkCounts, fulfil_ray
+from .fulfil import WorkCounts, fulfil_ray
 from .plan import Plan, format_plan, make_plan
 from .prepass import SharedPlan, plan_shared
+from .shared import TrialRefs
 
 log = logging.getLogger("sweep.launch")
 
@@ -209,7 +210,9 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
     if len(todo) < len(plan.keys):  # resumed: the shared work of the trials still to run, stores re-read
         left = [(k, t) for k, t in zip(plan.keys, plan.trials) if k in todo]
         shared = plan_shared(cfg, [t for _, t in left], [k for k, _ in left], budget_gb=plan.shared.budget_gb)
-    refs, counts = fulfil_ray(shared, cfg)
+    from . import worker
+
+    refs, counts = fulfil_ray(shared, cfg, worker)
     work: dict[str, Any] = counts.as_dict()
     log.info("shared work: %s", work)
     _log_statistics(c, parent, shared)

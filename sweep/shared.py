@@ -25,7 +25,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,7 @@ from editors import traits
 from editors.corpus import CorpusSpec, corpus_identity
 from editors.model import ModelRef
 from editors.requests import EditRequest
-from editors.stats import StatsKey, seq_len_key
+from editors.stats import SecondMoment, StatsKey, seq_len_key
 from editors.store import Store, key_digest, part_name
 from editors.targets import ValueHParams
 
@@ -309,13 +310,57 @@ class TrialInputs:
         return out
 
 
+@dataclass
+class TrialRefs:
+    """A trial's shared inputs as object-store references, resolved on its worker by :func:`resolve`."""
+
+    stats: dict[int, Any] = field(default_factory=dict)  # layer -> ref of C [d_key, d_key] (numpy)
+    stats_tokens: dict[int, int] = field(default_factory=dict)
+    values: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)  # (chunk digests, ref [n, d_model])
+    scores: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)  # (chunk digests, ref of rows)
+    ppl: float | None = None
+
+
+def as_tensor(a: Any) -> torch.Tensor:
+    """A tensor over ``a`` (a numpy array, maybe a read-only object-store view: nothing writes to it)."""
+    if isinstance(a, torch.Tensor):
+        return a
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns about read-only memory
+        return torch.from_numpy(a)
+
+
+def inputs_of(tr: TrialRefs, get: Callable[[Any], Any]) -> TrialInputs:
+    """:class:`TrialInputs` from ``tr``'s handles, ``get`` turning a handle into its value (``ray.get`` on a
+    trial's worker; the identity for a fulfilment in this process)."""
+
+    inputs = TrialInputs(counts={})
+    if tr.stats:
+        arrays = {layer: get(h) for layer, h in tr.stats.items()}
+        inputs.stats = {layer: (a.mom2 if isinstance(a, SecondMoment) else as_tensor(a)) for layer, a in arrays.items()}
+        inputs.stats_tokens = dict(tr.stats_tokens)
+        inputs.counts["stats_reused"] = len(arrays)
+        inputs.zero_copy = all(not getattr(a, "flags", None) or not a.flags.writeable for a in arrays.values())
+    for ds, h in tr.values:
+        arr = get(h)
+        inputs.values.update({d: as_tensor(arr[i]) for i, d in enumerate(ds)})
+    for ds, h in tr.scores:
+        inputs.pre_scores.update(dict(zip(ds, get(h))))
+    inputs.counts["scores_reused"] = len(inputs.pre_scores)
+    inputs.pre_ppl = tr.ppl
+    return inputs
+
+
 __all__ = [
     "PplKey",
     "ScoresKey",
     "ScoresStore",
     "TrialInputs",
+    "TrialRefs",
     "ValuesKey",
     "ValuesStore",
+    "as_tensor",
+    "inputs_of",
     "model_identity",
     "ppl_key",
     "record_digest",

@@ -8,7 +8,7 @@ Works without Ray and MLflow. Scoring follows docs/ALGORITHMS.md §4: every fact
 every fact on the final model ("final", AlphaEdit's protocol; in ``batch`` mode each batch is edited
 on the unedited weights, so final = at_edit). The trial consumes complete shared inputs (statistics,
 batch-mode target values, pre-edit scores, the unedited perplexity), fulfilled before it starts
-(:mod:`sweep.fulfil`: a sweep's, or :func:`sweep.fulfil.trial_alone` for a trial alone, which is what
+(:mod:`sweep.fulfil`: a sweep's, or :func:`trial_alone` for a trial alone, which is what
 this command runs). The stages: :func:`load_records` -> :func:`load_for_trial` -> :func:`check_inputs`
 -> :func:`edit_and_score` (the schedule, each batch scored right after it) -> final scoring -> result.
 """
@@ -347,7 +347,7 @@ def check_inputs(cfg: TrialConfig, hp: EditHParams, records: list[Record], input
     if inputs is None:
         raise ValueError(
             "inputs: run_trial needs its shared inputs; fulfil them first "
-            "(sweep.fulfil.trial_alone(cfg) runs one trial with them, as python -m sweep.trial does)"
+            "(trial_alone(cfg) runs one trial with them, as python -m sweep.trial does)"
         )
     lack = inputs.missing(cfg, records, needs_stats(cfg, hp))
     if lack:
@@ -393,7 +393,7 @@ def final_scores(
 def work_counts(inputs: TrialInputs, log_: BatchLog) -> dict[str, int]:
     """Shared work this trial was handed (statistics layers, values, pre-edit scores) and the values its
     schedule optimised itself; a trial computes no shared work (``*_computed`` are its fulfilment's
-    when it ran alone: :func:`sweep.fulfil.trial_alone`)."""
+    when it ran alone: :func:`trial_alone`)."""
     c = inputs.counts
     return {
         "stats_computed": 0,
@@ -418,7 +418,7 @@ def run_trial(
 
     Args:
         inputs: the trial's shared inputs, complete (:mod:`sweep.fulfil`: a sweep's fulfilment, or
-            :func:`sweep.fulfil.trial_alone` for a trial alone); what is missing is an error.
+            :func:`trial_alone` for a trial alone); what is missing is an error.
         model, tok: a loaded model to reuse (its edited weights are restored exactly at the end).
         on_batch: called with each batch's curve point (a sweep reports it as an intermediate result).
     """
@@ -472,6 +472,40 @@ def run_trial(
     )
 
 
+def trial_alone(
+    cfg: TrialConfig,
+    *,
+    model: Any = None,
+    tok: Any = None,
+    scores_store: str | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> TrialResult:
+    """One trial without Ray (``python -m sweep.trial``, notebooks): the model loaded (unless given), the
+    trial's shared work planned as a one-trial sweep and fulfilled here (statistics through
+    ``stats.store``; pre-edit scores through ``scores_store`` when given), then
+    :func:`run_trial`. Target values stay the schedule's own work (one trial has nobody to
+    share them with). ``kwargs`` go to ``run_trial`` (``templates``, ``on_batch``). Returns its
+    ``TrialResult``."""
+    from .config import SweepConfig, trial_key
+    from .fulfil import fulfil_local  # the in-process fulfilment: this module's CLI path only
+    from .prepass import plan_shared
+
+    load_records(cfg)  # a bad dataset fails before any weights are loaded
+    model, tok, _, load_s = load_for_trial(cfg, trial_hparams(cfg), model, tok)
+    sweep = SweepConfig(name="trial", share_values=False, scores_store=scores_store)  # type: ignore[arg-type]
+    key = trial_key(cfg)
+    t0 = time.perf_counter()
+    inputs, work = fulfil_local(plan_shared(sweep, [cfg], [key]), sweep, model, tok, progress)
+    shared_s = time.perf_counter() - t0
+    result = run_trial(cfg, inputs=inputs[key], model=model, tok=tok, **kwargs)
+    result.timings.update(load=load_s, shared=shared_s)
+    # what this trial's own fulfilment computed, rather than read from the stores
+    result.work.update(stats_computed=work.stats_layers_computed, scores_computed=work.scores_computed)
+    result.work.update(stats_reused=work.stats_layers_read, scores_reused=work.scores_read)
+    return result
+
+
 def _merge(per_record: dict[int, dict[str, Any]], stage: str, scores: list[RecordScores]) -> None:
     for s in scores:
         per_record[s.case_id].update({f"{stage}_{m}": getattr(s, m) for m in METRICS if m != "s"})
@@ -506,8 +540,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
     try:
-        from .fulfil import trial_alone  # the CLI runs the whole chain: plan -> fulfil -> trial
-
         cfg = load_config(args.config, args.overrides)
         result = trial_alone(cfg, progress=not args.quiet)
     except (ConfigError, ValueError, FileNotFoundError) as e:

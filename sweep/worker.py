@@ -2,7 +2,7 @@
 
 - The model is loaded once per worker process (:func:`cached_model`); with Tune's actor reuse every
   trial of that worker gets the same model, whose edited weights ``run_trial`` restores exactly.
-- The shared-work tasks only compute: their bodies are :mod:`sweep.fulfil`'s ``compute_*`` functions,
+- The shared-work tasks only compute: their bodies are :mod:`sweep.work`'s ``compute_*`` functions,
   and they *return* their results, which :func:`sweep.fulfil.fulfil_ray` (in the driver) writes to the
   stores and hands to the trials as object-store references. No task writes to its node's disk, so a
   worker node that shares no disk with the driver, or is gone, loses nothing.
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, TrialConfig, parse_config, resolve_device
-from .fulfil import compute_ppl, compute_scores, compute_stats, compute_values, resolve
 from .result import REPORT_KEY, CurvePoint
-from .shared import stats_dtype
+from .shared import TrialInputs, TrialRefs, inputs_of, stats_dtype
 from .trial import run_trial
+from .work import compute_ppl, compute_scores, compute_stats, compute_values
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,16 @@ def gpu_memory_task() -> dict[str, Any]:
 # A trial
 
 
+def resolve(refs: TrialRefs) -> TrialInputs:
+    """A trial's :class:`~sweep.shared.TrialInputs` from its references (same-node reads are zero-copy)."""
+    import ray
+
+    return inputs_of(refs, ray.get)
+
+
 def trainable(config: dict[str, Any], refs: dict[str, Any], trials: dict[str, Any]) -> None:
     """One Tune trial: ``config["point"]["key"]`` names the trial config in ``trials`` and its shared
-    inputs in ``refs`` (:class:`sweep.fulfil.TrialRefs`; the grid point's other fields are for Tune's
+    inputs in ``refs`` (:class:`sweep.shared.TrialRefs`; the grid point's other fields are for Tune's
     progress table).
 
     Reports one intermediate result per batch (edits, S/ES/PS/NS so far) and a final result with the

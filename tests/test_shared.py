@@ -18,10 +18,10 @@ import yaml
 
 from editors.store import Store
 from sweep.config import load_sweep, parse_config, trial_hparams
-from sweep.fulfil import compute_stats
 from sweep.plan import make_plan
 from sweep.prepass import pass_memory_gb, split_passes
 from sweep.shared import ValuesStore, model_identity, values_key
+from sweep.work import compute_stats
 from tests.conftest import make_model, write_tiny_assets
 
 ROOT = Path(__file__).resolve().parents[1]

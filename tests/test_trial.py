@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from sweep.fulfil import trial_alone
-from sweep.trial import load_config, main, run_trial
+from sweep.trial import load_config, main, run_trial, trial_alone
 from tests.conftest import write_tiny_assets
 
 

@@ -1,0 +1,81 @@
+"""The shared work itself, on a loaded model: no Ray, no store, no claim.
+
+What :mod:`sweep.fulfil`'s backends run (in this process, or inside :mod:`sweep.worker`'s Ray tasks):
+second moments of some layers in one pass over the corpus, target values v* of batch-mode facts,
+pre-edit scores of facts, and the unedited model's held-out perplexity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from editors import spec_for, traits
+from editors.corpus import CorpusSpec, iter_texts
+from editors.stats import SecondMoment, collect_second_moments
+
+from .config import trial_hparams
+
+if TYPE_CHECKING:
+    from .config import TrialConfig
+    from .data import Record
+
+
+def compute_stats(
+    cfg: TrialConfig, model: Any, tok: Any, layers: Sequence[int], progress: bool = True
+) -> dict[int, SecondMoment]:
+    """The second moments of ``layers`` in one pass over the configured corpus."""
+    s = cfg.stats
+    return collect_second_moments(
+        model,
+        tok,
+        spec_for(model),
+        list(layers),
+        iter_texts(CorpusSpec(s.corpus, max_texts=s.max_texts, sample_seed=s.sample_seed)),
+        max_tokens=s.max_tokens,
+        max_seq_len=s.max_seq_len,
+        batch_tokens=s.batch_tokens,
+        dtype=s.dtype,
+        tolerance=s.tolerance,
+        progress=progress,
+    )
+
+
+def compute_values(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Record]) -> torch.Tensor:
+    """Batch-mode target values v* [n, d_model] float32 of ``records`` on the unedited model."""
+    from editors.targets import optimize_values
+    from editors.templates import TemplateCache, flat
+
+    hp = trial_hparams(cfg)
+    tpl = TemplateCache().get(model, tok, hp.context_templates, hp.template_seed)
+    v = optimize_values(
+        model,
+        tok,
+        spec_for(model),
+        hp.layers[-1],
+        [r.request() for r in records],
+        flat(tpl),
+        hp,
+        at=traits(cfg.algorithm).value_site,
+        max_requests=hp.value_batch,
+    )
+    return v.values.float().cpu()
+
+
+def compute_scores(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Record]) -> list[dict[str, float]]:
+    """The score fields (``RecordScores.fields()``) of ``records`` on the model as it is."""
+    from .metrics import score_records
+
+    return [s.fields() for s in score_records(model, tok, spec_for(model), records, batch_size=cfg.scoring.batch_size)]
+
+
+def compute_ppl(cfg: TrialConfig, model: Any, tok: Any) -> float:
+    """Held-out perplexity on the configured slice of the statistics corpus."""
+    from .metrics import heldout_perplexity
+
+    sc = cfg.scoring
+    return heldout_perplexity(
+        model, tok, spec_for(model), cfg.stats.corpus, sc.ppl_offset, sc.ppl_texts, sc.ppl_max_len
+    )
