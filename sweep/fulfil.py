@@ -74,9 +74,11 @@ CHAOS_KILL_ENV = "MODEL_EDITING_CHAOS_KILL_LAUNCHER_AFTER"
 
 @dataclass(frozen=True)
 class StatsUnit:
-    """The statistics of ``layers`` (one pass; keys built at planning) in ``store`` (None: not stored)."""
+    """The statistics of the layers of ``keys`` (one pass; keys built at planning) in ``store`` (None: not
+    stored), shared by the trials of ``group``."""
 
     trial: TrialConfig
+    group: str  # the trials that share these statistics (sweep.prepass.stats_group)
     keys: dict[int, StatsKey]
     store: str | None
     kind: str = "stats"
@@ -179,7 +181,7 @@ def units_of(plan: SharedPlan, cfg: SweepConfig) -> list[Unit]:
     """The plan's units: its statistics passes (layers the store held at planning form their own unit,
     read, not computed), the facts of each values/scores key in chunks of ``values_chunk`` (stored facts
     apart from missing ones), and each perplexity."""
-    out: list[Unit] = [StatsUnit(p.trial, dict(p.keys), p.trial.stats.store) for p in plan.passes]
+    out: list[Unit] = [StatsUnit(p.trial, p.group, dict(p.keys), p.trial.stats.store) for p in plan.passes]
     for kind, jobs, store in (("values", plan.values, cfg.values_store), ("scores", plan.scores, cfg.scores_store)):
         for job in jobs.values():
             have = [(r, d) for r, d in zip(job.records, job.digests) if d in job.cached]
@@ -397,12 +399,9 @@ class Fulfilled:
 
     def take(self, unit: Unit, d: Done) -> None:
         if isinstance(unit, StatsUnit):
-            from .prepass import stats_group
-
-            group = stats_group(unit.trial)
             for layer in unit.layers:
-                self.stats[(group, layer)] = d.handle[layer]
-                self.stats_tokens[(group, layer)] = d.tokens[layer]
+                self.stats[(unit.group, layer)] = d.handle[layer]
+                self.stats_tokens[(unit.group, layer)] = d.tokens[layer]
         elif isinstance(unit, PplUnit):
             self.ppl[unit.key] = float(d.handle)
         else:
