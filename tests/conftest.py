@@ -132,3 +132,34 @@ def write_tiny_assets(d: Path, tok) -> Path:
         )
     (d / "cf.json").write_text(json.dumps(recs))
     return d
+
+
+def write_sweep_yaml(d: Path, name: str, grid: dict, out: Path | None = None, **extra) -> Path:
+    """A tiny-Llama sweep over ``write_tiny_assets(d)`` (``d/<name>.yaml``) whose storage, stores and
+    MLflow database live under ``out`` (default ``d/<name>``: the driver's disk in the cluster tests)."""
+    import yaml
+
+    out = out or d / name
+    cfg = {
+        "name": name,
+        "base": {
+            "hparams": "smollm2-135m",
+            "n_edits": 4,
+            "model": {"source": str(d / "model"), "device": "cpu"},
+            "dataset": {"source": str(d / "cf.json")},
+            "stats": {"corpus": str(d / "corpus.txt"), "max_tokens": 3000, "store": str(out / "stats")},
+            "hp": {"v_num_grad_steps": 3, "context_templates": "none"},
+            "scoring": {"ppl": True, "ppl_offset": 0, "ppl_texts": 2, "ppl_max_len": 64},
+        },
+        "grid": grid,
+        "resources": {"cpu": 1, "gpu": 0},
+        "mlflow": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "test"},
+        "storage": str(out / "ray"),
+        "values_store": str(out / "values"),
+        "scores_store": str(out / "scores"),
+        "retries": 1,
+        **extra,
+    }
+    path = d / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
@@ -19,7 +18,7 @@ mlflow = pytest.importorskip("mlflow")
 from sweep import launch  # noqa: E402
 from sweep.config import load_sweep, sweep_id  # noqa: E402
 from sweep.plan import make_plan  # noqa: E402
-from tests.conftest import write_tiny_assets  # noqa: E402
+from tests.conftest import write_sweep_yaml, write_tiny_assets  # noqa: E402
 from tests.private_cluster import job_server_available, private_disk_cluster, unavailable  # noqa: E402
 
 
@@ -29,31 +28,9 @@ def assets(tmp_path_factory, tok_bos):
 
 
 def sweep_yaml(d: Path, out: Path, name: str, grid: dict, **extra) -> Path:
-    """A tiny-Llama sweep whose storage, stores and MLflow database all live under ``out`` (the driver's
-    disk); the model, data and corpus are at ``d`` on every node (the project's files, synced)."""
-    cfg = {
-        "name": name,
-        "base": {
-            "hparams": "smollm2-135m",
-            "n_edits": 4,
-            "model": {"source": str(d / "model"), "device": "cpu"},
-            "dataset": {"source": str(d / "cf.json")},
-            "stats": {"corpus": str(d / "corpus.txt"), "max_tokens": 3000, "store": str(out / "stats")},
-            "hp": {"v_num_grad_steps": 3, "context_templates": "none"},
-            "scoring": {"ppl": True, "ppl_offset": 0, "ppl_texts": 2, "ppl_max_len": 64},
-        },
-        "grid": grid,
-        "resources": {"cpu": 1, "gpu": 0},
-        "mlflow": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "test"},
-        "storage": str(out / "ray"),
-        "values_store": str(out / "values"),
-        "scores_store": str(out / "scores"),
-        "retries": 1,
-        **extra,
-    }
-    path = d / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """The tiny-Llama sweep with its storage, stores and MLflow database under ``out`` (the driver's
+    disk); the model, data and corpus at ``d`` on every node (the project's files, synced)."""
+    return write_sweep_yaml(d, name, grid, out=out, **extra)
 
 
 def trial_results(uri: str, parent: str, tmp: Path) -> list[tuple[object, dict]]:

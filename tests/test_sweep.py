@@ -14,7 +14,7 @@ mlflow = pytest.importorskip("mlflow")
 from sweep import launch  # noqa: E402
 from sweep.config import expand, load_sweep  # noqa: E402
 from sweep.plan import make_plan  # noqa: E402
-from tests.conftest import write_tiny_assets  # noqa: E402
+from tests.conftest import write_sweep_yaml, write_tiny_assets  # noqa: E402
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "sweep" / "configs").glob("*.yaml"))
 
@@ -25,29 +25,7 @@ def assets(tmp_path_factory, tok_bos):
 
 
 def sweep_yaml(d: Path, name: str, grid: dict, **extra) -> Path:
-    cfg = {
-        "name": name,
-        "base": {
-            "hparams": "smollm2-135m",
-            "n_edits": 4,
-            "model": {"source": str(d / "model"), "device": "cpu"},
-            "dataset": {"source": str(d / "cf.json")},
-            "stats": {"corpus": str(d / "corpus.txt"), "max_tokens": 3000, "store": str(d / name / "stats")},
-            "hp": {"v_num_grad_steps": 3, "context_templates": "none"},
-            "scoring": {"ppl": True, "ppl_offset": 0, "ppl_texts": 2, "ppl_max_len": 64},
-        },
-        "grid": grid,
-        "resources": {"cpu": 1, "gpu": 0},
-        "mlflow": {"tracking_uri": f"sqlite:///{d / name / 'mlflow.db'}", "experiment": "test"},
-        "storage": str(d / name / "ray"),
-        "values_store": str(d / name / "values"),
-        "scores_store": str(d / name / "scores"),
-        "retries": 1,
-        **extra,
-    }
-    path = d / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_sweep_yaml(d, name, grid, **extra)
 
 
 def children(d: Path, name: str, parent: str):
