@@ -444,6 +444,14 @@ class StatsStore:
     def __contains__(self, key: object) -> bool:
         return isinstance(key, StatsKey) and self._store.has(key)
 
+    def n_tokens(self, key: StatsKey) -> int | None:
+        """Tokens averaged into the stored C of ``key``, from the file header (no matrix read), or None."""
+        meta = self._store.metadata(key)
+        try:
+            return int(meta["n_tokens"]) if meta is not None else None
+        except (KeyError, ValueError):
+            return None
+
     def get(self, key: StatsKey, device: str | torch.device | None = None) -> SecondMoment | None:
         """The cached statistics (on CPU, or on ``device``), or None on a miss. A file whose stored key
         differs from ``key``, that cannot be read or whose matrix is malformed is a miss, with a

@@ -425,6 +425,17 @@ class Store:
             _warn_once(path, f"is unreadable ({e})")
             return None
 
+    def metadata(self, key: Any, part: str | None = None) -> dict[str, str] | None:
+        """The metadata of ``key``'s entry from its file header alone (no tensor read), or None when
+        absent, unreadable or of another key."""
+        path = self.path(key, part)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+        except (OSError, SafetensorError, ValueError, RuntimeError):
+            return None
+        return meta if self._matches(meta, key) else None
+
     def has(self, key: Any, part: str | None = None) -> bool:
         """Whether a readable entry of ``key`` exists (reads the header only)."""
         path = self.path(key, part)

@@ -32,7 +32,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,24 +94,67 @@ class StatsUnit:
     def locks(self) -> list[Path]:
         return [StatsStore(self.store).path(self.keys[layer]) for layer in self.layers] if self.store else []
 
-    def read(self) -> dict[int, SecondMoment] | None:
-        if not self.store:
-            return None
-        got = {layer: StatsStore(self.store).get(key) for layer, key in self.keys.items()}
-        return got if all(v is not None for v in got.values()) else None  # type: ignore[return-value]
+    def stored(self) -> bool:
+        """Whether the store holds every layer (file headers only: a claim's waiter polls this)."""
+        return bool(self.store) and all(key in StatsStore(self.store) for key in self.keys.values())
 
-    def write(self, value: dict[int, SecondMoment]) -> None:
+    def read(self) -> Moments | None:
+        """The stored statistics, each layer read from disk only when asked for."""
+        if not self.stored():
+            return None
+        store = StatsStore(self.store)  # type: ignore[arg-type]
+
+        def fetch(key: StatsKey) -> SecondMoment:
+            sm = store.get(key)
+            if sm is None:
+                raise FileNotFoundError(f"statistics of layer {key.layer} left the store {store.root}")
+            return sm
+
+        tokens = {layer: store.n_tokens(key) for layer, key in self.keys.items()}
+        fetches = {layer: (lambda k=key: fetch(k)) for layer, key in self.keys.items()}
+        return Moments(fetches, tokens if all(n is not None for n in tokens.values()) else None)  # type: ignore[arg-type]
+
+    def write(self, value: Moments) -> None:
         if self.store:
-            for layer in self.layers:
+            for layer in self.layers:  # one layer in memory at a time
                 StatsStore(self.store).put(self.keys[layer], value[layer])
+
+
+class Moments(Mapping[int, SecondMoment]):
+    """A pass's statistics, layer -> :class:`SecondMoment`, each fetched when asked for (from a store or
+    the object store) and not kept: a 29-layer pass of Llama-3-8B (24 GB) never sits in memory whole."""
+
+    def __init__(self, fetch: dict[int, Callable[[], SecondMoment]], tokens: dict[int, int] | None = None) -> None:
+        self._fetch, self._tokens = fetch, tokens
+
+    @classmethod
+    def of(cls, got: Mapping[int, SecondMoment]) -> Moments:
+        """Statistics already in memory."""
+        return cls(
+            {layer: (lambda sm=sm: sm) for layer, sm in got.items()}, {la: sm.n_tokens for la, sm in got.items()}
+        )
+
+    def __getitem__(self, layer: int) -> SecondMoment:
+        return self._fetch[layer]()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(self._fetch))
+
+    def __len__(self) -> int:
+        return len(self._fetch)
+
+    @property
+    def tokens(self) -> dict[int, int]:
+        """Tokens averaged into each layer's C (from the pass's record when known, else the matrices)."""
+        return dict(self._tokens) if self._tokens is not None else {la: self[la].n_tokens for la in self}
 
 
 @dataclass(frozen=True)
 class FactUnit:
     """A chunk of per-fact work: target values (``kind="values"``, a [n, d_model] tensor) or pre-edit
     score rows (``kind="scores"``, one dict per fact) of ``records``, under ``key`` in ``store``.
-    ``stored``: the planner found these facts in the store, maybe in parts of other chunkings (read
-    them from every part); otherwise only this chunk's own part can hold them (one file to read)."""
+    ``planned_stored``: the planner found these facts in the store, maybe in parts of other chunkings
+    (read them from every part); otherwise only this chunk's own part can hold them (one file to read)."""
 
     kind: str
     trial: TrialConfig
@@ -119,7 +162,7 @@ class FactUnit:
     records: tuple[Record, ...]
     digests: tuple[str, ...]
     store: str | None
-    stored: bool = False
+    planned_stored: bool = False
 
     @property
     def size(self) -> int:
@@ -127,6 +170,9 @@ class FactUnit:
 
     def _store(self) -> ValuesStore | ScoresStore:
         return ValuesStore(self.store) if self.kind == "values" else ScoresStore(self.store)
+
+    def stored(self) -> bool:
+        return self.read() is not None
 
     def locks(self) -> list[Path]:
         if not self.store:
@@ -137,7 +183,7 @@ class FactUnit:
     def read(self) -> Any | None:
         if not self.store:
             return None
-        part = None if self.stored else part_name(list(self.digests))
+        part = None if self.planned_stored else part_name(list(self.digests))
         got = self._store().get(self.key, self.digests, part=part)  # type: ignore[arg-type]
         if len(got) != len(self.digests):
             return None
@@ -165,6 +211,9 @@ class PplUnit:
 
     def locks(self) -> list[Path]:
         return [ScoresStore(self.store).store.path(self.key, ext="json")] if self.store else []
+
+    def stored(self) -> bool:
+        return self.read() is not None
 
     def read(self) -> float | None:
         return ScoresStore(self.store).get_ppl(self.key) if self.store else None
@@ -230,7 +279,7 @@ class LocalBackend:
         t0 = time.perf_counter()
         if isinstance(unit, StatsUnit):
             model, tok = self._stats_model(t)
-            value: Any = compute_stats(t, model, tok, unit.layers, self.progress)
+            value: Any = Moments.of(compute_stats(t, model, tok, unit.layers, self.progress))
         elif isinstance(unit, PplUnit):
             value = compute_ppl(t, self.model, self.tok)
         elif unit.kind == "values":
@@ -269,16 +318,14 @@ class RayBackend:
             task = ray.remote(worker.stats_task).options(num_returns=len(unit.layers) + 1, **self.options)
             refs = task.remote(t, unit.layers)
             meta = ray.get(refs[-1])
-            value = {
-                layer: SecondMoment(
-                    as_tensor(ray.get(ref)),  # a read-only view of this node's object store: no heap copy
-                    int(meta["tokens"][layer]),
-                    meta["converged"],
-                    tuple(tuple(h) for h in meta["history"]),
-                )
-                for layer, ref in zip(unit.layers, refs[:-1])
-            }
-            return value, dict(zip(unit.layers, refs[:-1])), float(meta["seconds"])
+            tokens = {layer: int(meta["tokens"][layer]) for layer in unit.layers}
+            history = tuple(tuple(h) for h in meta["history"])
+
+            def fetch(layer: int, ref: Any) -> SecondMoment:  # a read-only view of the object store
+                return SecondMoment(as_tensor(ray.get(ref)), tokens[layer], meta["converged"], history)
+
+            fetches = {layer: (lambda la=layer, r=ref: fetch(la, r)) for layer, ref in zip(unit.layers, refs[:-1])}
+            return Moments(fetches, tokens), dict(zip(unit.layers, refs[:-1])), float(meta["seconds"])
         if isinstance(unit, PplUnit):
             v, secs = ray.get(ray.remote(worker.ppl_task).options(num_returns=2, **self.options).remote(t))
             return v, v, secs
@@ -291,7 +338,7 @@ class RayBackend:
         import ray
 
         if isinstance(unit, StatsUnit):
-            return {layer: ray.put(sm.mom2.numpy()) for layer, sm in value.items()}
+            return {layer: ray.put(value[layer].mom2.numpy()) for layer in value}  # one layer at a time
         if isinstance(unit, PplUnit):
             return value
         return ray.put(value.numpy() if unit.kind == "values" else value)
@@ -369,7 +416,7 @@ def fulfil_unit(unit: Unit, backend: Backend) -> Done:
     t0 = time.perf_counter()
 
     def done(value: Any, handle: Any, computed: bool, seconds: float | None = None) -> Done:
-        tokens = {layer: sm.n_tokens for layer, sm in value.items()} if isinstance(unit, StatsUnit) else {}
+        tokens = value.tokens if isinstance(value, Moments) else {}
         return Done(handle, computed, time.perf_counter() - t0 if seconds is None else seconds, tokens)
 
     got = unit.read()
@@ -377,7 +424,7 @@ def fulfil_unit(unit: Unit, backend: Backend) -> Done:
         return done(got, backend.handle(unit, got), False)
     with contextlib.ExitStack() as held:
         for lock in unit.locks():  # in a fixed order, so two fulfillers cannot deadlock
-            held.enter_context(claim(lock, lambda: unit.read() is not None))
+            held.enter_context(claim(lock, unit.stored))
         got = unit.read()  # stored by another process while we waited
         if got is not None:
             return done(got, backend.handle(unit, got), False)

@@ -445,3 +445,31 @@ def test_hub_models_are_keyed_on_the_commit_their_revision_resolves_to(tmp_path,
     hub_commit.cache_clear()
     assert ModelRef("org/model").identity() != first
     hub_commit.cache_clear()
+
+
+def test_a_pass_of_many_layers_is_read_and_written_one_layer_at_a_time(tmp_path, monkeypatch):
+    """A statistics unit's claim is polled on file headers only, and its matrices are fetched one layer
+    at a time when asked for (a 29-layer pass of Llama-3-8B is 24 GB: never in memory whole)."""
+    from editors.stats import SecondMoment, StatsKey, StatsStore
+    from sweep.config import parse_config
+    from sweep.fulfil import Moments, StatsUnit
+
+    keys = {layer: StatsKey(**{**_KEY, "layer": layer}) for layer in range(3)}
+    unit = StatsUnit(parse_config({}), "g", keys, str(tmp_path))
+    assert not unit.stored() and unit.read() is None
+    fetched: list[int] = []
+
+    def fetch(layer: int) -> SecondMoment:
+        fetched.append(layer)
+        return SecondMoment(torch.full((2, 2), float(layer)), 10 + layer)
+
+    value = Moments({layer: (lambda la=layer: fetch(la)) for layer in range(3)}, {la: 10 + la for la in range(3)})
+    unit.write(value)
+    assert fetched == [0, 1, 2] and unit.stored()
+    gets: list[int] = []
+    real = StatsStore.get
+    monkeypatch.setattr(StatsStore, "get", lambda self, key, device=None: gets.append(key.layer) or real(self, key))
+    assert unit.stored() and gets == []  # headers only
+    got = unit.read()
+    assert gets == [] and got.tokens == {0: 10, 1: 11, 2: 12} and gets == []  # tokens without the matrices
+    assert torch.equal(got[2].mom2, torch.full((2, 2), 2.0)) and gets == [2]
