@@ -228,17 +228,18 @@ Unit = StatsUnit | FactUnit | PplUnit
 
 def units_of(plan: SharedPlan, cfg: SweepConfig) -> list[Unit]:
     """The plan's units: its statistics passes (layers the store held at planning form their own unit,
-    read, not computed), the facts of each values/scores key in chunks of ``values_chunk`` (stored facts
-    apart from missing ones), and each perplexity."""
+    read, not computed); per values/scores key, the facts the store held at planning as one unit (one
+    scan of the key's parts) and the missing ones in chunks of ``values_chunk``; each perplexity."""
     out: list[Unit] = [StatsUnit(p.trial, p.group, dict(p.keys), p.trial.stats.store) for p in plan.passes]
     for kind, jobs, store in (("values", plan.values, cfg.values_store), ("scores", plan.scores, cfg.scores_store)):
         for job in jobs.values():
             have = [(r, d) for r, d in zip(job.records, job.digests) if d in job.cached]
-            for stored, part in ((True, have), (False, job.missing())):
-                for i in range(0, len(part), cfg.values_chunk):
-                    chunk = part[i : i + cfg.values_chunk]
-                    recs, ds = tuple(r for r, _ in chunk), tuple(d for _, d in chunk)
-                    out.append(FactUnit(kind, job.trial, job.key, recs, ds, store, stored))
+            missing = job.missing()
+            chunks = [(True, have)] * bool(have)
+            chunks += [(False, missing[i : i + cfg.values_chunk]) for i in range(0, len(missing), cfg.values_chunk)]
+            for stored, chunk in chunks:
+                recs, ds = tuple(r for r, _ in chunk), tuple(d for _, d in chunk)
+                out.append(FactUnit(kind, job.trial, job.key, recs, ds, store, stored))
     out += [PplUnit(t, key, cfg.scores_store) for key, t in plan.ppl.items()]
     return out
 
