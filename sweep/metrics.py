@@ -32,8 +32,10 @@ from editors.requests import encode, pad_id, pad_right, target_ids
 from editors.targets import PrefixCache, cache_kwarg
 
 from .data import Record
+from .registry import NAMES, RECORD_FIELDS
 
-METRICS = ("es", "ps", "ns", "s", "em", "pm", "nm", "es_acc", "ps_acc", "ns_acc")
+#: what :func:`aggregate` returns, in the registry's order: the per-record scores and S
+AGGREGATED = tuple(m for m in NAMES if m in RECORD_FIELDS or m == "s")
 
 
 class _TargetTokens:
@@ -236,7 +238,7 @@ class RecordScores:
 
     def fields(self) -> dict[str, float]:
         """The scores without the case id (what the pre-edit scores store keeps per fact)."""
-        return {m: getattr(self, m) for m in METRICS if m != "s"}
+        return {m: getattr(self, m) for m in RECORD_FIELDS}
 
 
 def score_records(
@@ -280,9 +282,9 @@ def aggregate(scores: Sequence[RecordScores]) -> dict[str, float]:
     """Means over records ×100, plus S = hmean(ES, PS, NS)."""
     if not scores:
         return {}
-    agg = {m: 100.0 * sum(getattr(s, m) for s in scores) / len(scores) for m in METRICS if m != "s"}
+    agg = {m: 100.0 * sum(getattr(s, m) for s in scores) / len(scores) for m in RECORD_FIELDS}
     agg["s"] = hmean([agg["es"], agg["ps"], agg["ns"]])
-    return {m: agg[m] for m in METRICS}
+    return {m: agg[m] for m in AGGREGATED}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,15 +10,10 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Scoring stages in protocol order.
-STAGES = ("pre", "at_edit", "final")
+from .registry import CORE, STAGES
 
 #: The key of a trial's last Tune report that carries its whole result (:meth:`TrialResult.pack`).
 REPORT_KEY = "trial_result"
-
-
-#: The four scores of a curve point, in percent.
-CURVE_SCORES = ("es", "ps", "ns", "s")
 
 
 @dataclass(frozen=True)
@@ -165,4 +160,4 @@ class TrialResult:
         return cls.from_dict(json.loads(zlib.decompress(base64.b64decode(packed))))
 
 
-__all__ = ["CURVE_SCORES", "REPORT_KEY", "STAGES", "CurvePoint", "TrialResult", "UpdateNorms"]
+__all__ = ["CORE", "REPORT_KEY", "STAGES", "CurvePoint", "TrialResult", "UpdateNorms"]

@@ -40,6 +40,8 @@ from editors.stats import SecondMoment, StatsKey, seq_len_key
 from editors.store import Store, key_digest, part_name
 from editors.targets import ValueHParams
 
+from .registry import RECORD_FIELDS
+
 log = logging.getLogger(__name__)
 
 _WARNED: set[str] = set()
@@ -50,9 +52,6 @@ def _warn_once(what: str, msg: str, *args: Any) -> None:
         _WARNED.add(what)
         log.warning(msg, *args)
 
-
-#: the fields of a stored pre-edit score row (RecordScores.fields())
-SCORE_FIELDS = ("es", "ps", "ns", "em", "pm", "nm", "es_acc", "ps_acc", "ns_acc")
 
 if TYPE_CHECKING:
     from editors.hparams import EditHParams
@@ -244,7 +243,7 @@ class ScoresStore:
         of ``key`` or from the one ``part``."""
         want = None if digests is None else set(digests)
         out: dict[str, dict[str, float]] = {}
-        fields = set(SCORE_FIELDS)
+        fields = set(RECORD_FIELDS)  # a stored row: RecordScores.fields()
         parts = self.store.iter_parts(key, ext="json") if part is None else [self.store.get_json(key, part)]
         for rows in parts:
             if not isinstance(rows, dict):

@@ -34,6 +34,7 @@ import yaml
 from editors.config import to_dict
 
 from .colors import method_color
+from .registry import RECORD_FIELDS, STAGES
 from .result import REPORT_KEY, TrialResult
 
 log = logging.getLogger(__name__)
@@ -342,7 +343,6 @@ def close_running(c: Any, exp_id: str, parent: str) -> int:
 
 #: per_record.csv: the fact's identity, then every score in protocol order (pre, at edit, final)
 _FACT_COLUMNS = ("case_id", "subject", "prompt", "target_new", "target_true")
-_SCORE_ORDER = ("es", "ps", "ns", "em", "pm", "nm", "es_acc", "ps_acc", "ns_acc")
 
 
 def _per_record_csv(rows: list[dict[str, Any]]) -> str:
@@ -352,7 +352,7 @@ def _per_record_csv(rows: list[dict[str, Any]]) -> str:
     import csv
 
     present = {k for r in rows for k in r}
-    scores = [f"{st}_{m}" for st in ("pre", "at_edit", "final") for m in _SCORE_ORDER if f"{st}_{m}" in present]
+    scores = [f"{st}_{m}" for st in STAGES for m in RECORD_FIELDS if f"{st}_{m}" in present]
     cols = [c for c in _FACT_COLUMNS if c in present] + scores
     cols += sorted(present - set(cols))
     buf = io.StringIO()

@@ -40,8 +40,9 @@ from editors.templates import TemplateCache, TemplateGroups
 
 from .config import TrialConfig, load_config, method_name, needs_stats, resolve_device, trial_hparams
 from .data import Record, load_selection
-from .metrics import METRICS, RecordScores, aggregate, generation_entropy, heldout_perplexity, score_records
-from .result import CURVE_SCORES, CurvePoint, TrialResult, UpdateNorms
+from .metrics import RecordScores, aggregate, generation_entropy, heldout_perplexity, score_records
+from .registry import CORE, RECORD_FIELDS, SUMMARY
+from .result import CurvePoint, TrialResult, UpdateNorms
 from .shared import TrialInputs, model_identity, record_digest, request_digest
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ def retention_point(edits: int, per: list[RecordScores], first_batch: int) -> di
     point: dict[str, Any] = {"edits": edits}
     for prefix, group in (("all", per), ("first", per[:first_batch])):
         agg = aggregate(group)
-        point.update({f"{prefix}_{m}": agg[m] for m in ("es", "ps", "ns", "s")})
+        point.update({f"{prefix}_{m}": agg[m] for m in CORE})
     return point
 
 
@@ -307,8 +308,8 @@ def edit_and_score(
             update_norm=sum(ev.update_norms.values()),
             drift=max(ev.drift.values(), default=0.0),
             elapsed_s=time.perf_counter() - t_start,
-            at_edit={m: so_far[m] for m in CURVE_SCORES},
-            batch_scores={m: agg[m] for m in CURVE_SCORES},
+            at_edit={m: so_far[m] for m in CORE},
+            batch_scores={m: agg[m] for m in CORE},
             forget=forget,
             health=health,
         )
@@ -508,7 +509,7 @@ def trial_alone(
 
 def _merge(per_record: dict[int, dict[str, Any]], stage: str, scores: list[RecordScores]) -> None:
     for s in scores:
-        per_record[s.case_id].update({f"{stage}_{m}": getattr(s, m) for m in METRICS if m != "s"})
+        per_record[s.case_id].update({f"{stage}_{m}": getattr(s, m) for m in RECORD_FIELDS})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -516,11 +517,7 @@ def _merge(per_record: dict[int, dict[str, Any]], stage: str, scores: list[Recor
 
 
 def format_table(result: TrialResult) -> str:
-    cols = [
-        m
-        for m in ("es", "ps", "ns", "s", "em", "pm", "nm", "ge", "ppl")
-        if any(m in v for v in result.metrics.values())
-    ]
+    cols = [m for m in SUMMARY if any(m in v for v in result.metrics.values())]
     lines = ["          " + "".join(f"{c:>8}" for c in cols)]
     for name, vals in result.metrics.items():
         lines.append(f"{name:<10}" + "".join(f"{vals.get(c, float('nan')):>8.2f}" for c in cols))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, TrialConfig, parse_config, resolve_device
+from .registry import CORE
 from .result import REPORT_KEY, CurvePoint
 from .shared import TrialInputs, TrialRefs, inputs_of, stats_dtype
 from .trial import run_trial
@@ -186,7 +187,7 @@ def trainable(config: dict[str, Any], refs: dict[str, Any], trials: dict[str, An
     tune.report(
         {
             "edits": cfg.n_edits,
-            **{m: result.metrics["final"][m] for m in ("s", "es", "ps", "ns")},
+            **{m: result.metrics["final"][m] for m in CORE},
             **result.flat_metrics(),
             REPORT_KEY: result.pack(),
         }

@@ -231,3 +231,21 @@ def test_the_same_trial_twice_gives_identical_metrics_and_records_the_machine(ti
         and a.curves[-1]["at_edit_s"] == b.curves[-1]["at_edit_s"]
     )
     assert {"cpu", "threads", "blas"} <= set(a.versions) and a.versions["threads"].isdigit()
+
+
+def test_every_metric_a_trial_reports_is_declared_once_in_the_registry(tiny_dir):
+    """The registry is the one list of metrics: a trial's stages hold only declared names, its per-record
+    rows only declared per-record fields, and each declaration is complete and unique."""
+    from sweep.registry import BY_NAME, CORE, METRICS, NAMES, RECORD_FIELDS, STAGES
+
+    assert len(set(NAMES)) == len(NAMES) and set(CORE) <= set(NAMES)
+    assert all(m.meaning and m.label and m.protocol in ("teacher_forced", "sampled", "model") for m in METRICS)
+    assert not BY_NAME["s"].per_record and BY_NAME["ppl"].higher_is_better is False
+    res = trial_alone(load_config(None, overrides(tiny_dir, mode="sequential-batch")), progress=False)
+    assert set(res.metrics) == set(STAGES)
+    for stage in res.metrics.values():
+        assert set(stage) <= set(NAMES), set(stage) - set(NAMES)
+    fields = {f"{st}_{m}" for st in STAGES for m in RECORD_FIELDS}
+    identity = {"case_id", "subject", "prompt", "target_new", "target_true"}
+    assert all(set(row) <= fields | identity for row in res.per_record)
+    assert set(res.per_record[0]) - identity == fields  # every declared field of every stage is there

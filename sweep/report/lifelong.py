@@ -16,6 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..colors import method_color
+from ..registry import CORE
 from .files import markdown_table, write_csv, write_figure, write_text
 from .schema import COLLAPSED_AT, METHOD_ORDER, SEQUENTIAL_MODES, Section
 
@@ -92,7 +93,7 @@ def _draw(
 def forgetting_section(curves: pd.DataFrame, out: Path) -> Section | None:
     """Forgetting curves: ES/PS/NS/S of every fact edited so far (solid) and of the first batch's facts
     (dashed), re-scored every ``scoring.retention_every`` batches, against the edits applied."""
-    keys = [f"curve.forget_{g}_{m}" for g in ("all", "first") for m in ("es", "ps", "ns", "s")]
+    keys = [f"curve.forget_{g}_{m}" for g in ("all", "first") for m in CORE]
     runs = _runs(curves, keys)
     if not runs:
         return None
@@ -148,7 +149,7 @@ def _with_first_batch(curves: pd.DataFrame, runs: Sequence[str]) -> pd.DataFrame
     extra = []
     for rid in runs:
         c = curves[curves["run_id"] == rid]
-        for m in ("es", "ps", "ns", "s"):
+        for m in CORE:
             first = c[c["key"] == f"curve.batch_{m}"].sort_values("step").head(1)
             for g in ("all", "first"):
                 key = f"curve.forget_{g}_{m}"
@@ -186,7 +187,7 @@ def health_section(trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Sec
                 "cond": last("curve.health_cond"),
                 "pre.ppl": t.get("pre.ppl"),
                 "final.ppl": t.get("final.ppl"),
-                **{f"final.{m}": t.get(f"final.{m}") for m in ("es", "ps", "ns", "s")},
+                **{f"final.{m}": t.get(f"final.{m}") for m in CORE},
                 "collapse.reason": t.get("collapse.reason") or "",
             }
         )

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..registry import CORE, NAMES, STAGES, label
+
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "model-editing"
-STAGES = ("pre", "at_edit", "final")
-SCORES = ("es", "ps", "ns", "s", "em", "pm", "nm", "es_acc", "ps_acc", "ns_acc", "ge", "ppl")
+SCORES = NAMES  # every metric a stage may hold (sweep.registry)
 TIME_STAGES = tuple(f"time.{s}" for s in ("load", "shared", "statistics", "keys", "values", "solve", "score"))
 TIMINGS = (*TIME_STAGES, "time.total")
 MEMORY = ("memory.cpu_rss_peak_mb", "memory.gpu_peak_mb")
@@ -24,7 +25,7 @@ UPDATE_NORM = "update_norm.mean"
 COLLAPSED_AT = "collapsed_at"
 METRIC_COLUMNS = (*(f"{st}.{m}" for st in STAGES for m in SCORES), UPDATE_NORM, COLLAPSED_AT, *TIMINGS, *MEMORY)
 #: the forgetting curves: every fact edited so far (all) and the first batch's (first), re-scored
-FORGET_CURVES = tuple(f"curve.forget_{g}_{m}" for g in ("all", "first") for m in ("es", "ps", "ns", "s"))
+FORGET_CURVES = tuple(f"curve.forget_{g}_{m}" for g in ("all", "first") for m in CORE)
 #: the edited matrices' health: ‖W − W₀‖_F every batch, the rest every ``scoring.health_every`` batches
 HEALTH_CURVES = (
     "curve.drift",
@@ -34,11 +35,8 @@ HEALTH_CURVES = (
     "curve.health_ppl",
 )
 CURVES = (
-    *(f"curve.batch_{m}" for m in ("es", "ps", "ns", "s")),
-    "curve.at_edit_es",
-    "curve.at_edit_ps",
-    "curve.at_edit_ns",
-    "curve.at_edit_s",
+    *(f"curve.batch_{m}" for m in CORE),
+    *(f"curve.at_edit_{m}" for m in CORE),
     "curve.update_norm",
     *FORGET_CURVES,
     *HEALTH_CURVES,
@@ -52,7 +50,7 @@ METHOD_ORDER = ("rome", "memit", "emmet", "alphaedit", "encore", "memit+nas", "m
 SEQUENTIAL_MODES = ("sequential-batch", "sequential")
 #: optional columns added to the section tables when any trial of the section has them
 EXTRA_COLUMNS = ("at_edit.ge", "final.ge", "pre.ppl", "final.ppl", UPDATE_NORM)
-LABELS = {"s": "S (score)", "es": "ES (efficacy)", "ps": "PS (paraphrase)", "ns": "NS (neighbourhood)"}
+LABELS = {m: label(m) for m in CORE}
 #: every file a report may write, per section (files not written this time are removed from --out)
 SECTION_FILES = {
     "runs": ("runs.csv",),

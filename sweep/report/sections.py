@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..registry import CORE
 from .aggregate import aggregate_series, present, stage_metric
 from .figures import series_colors, series_figure
 from .files import markdown_table, write_csv, write_figure, write_text
@@ -60,7 +61,7 @@ def layer_search_section(trials: pd.DataFrame, out: Path) -> tuple[Section | Non
     sec.title = f"Layer search (batch mode, batch size {'/'.join(map(str, sizes))}, at edit)"
     if sel["layer"].nunique() < 2:  # one layer (a batch or λ sweep's batch-size-1 trials) is no layer search
         return None, {}
-    core = [c for m in ("s", "es", "ps", "ns") if (c := stage_metric(sel, m, ("at_edit", "final")))]
+    core = [c for m in ("s", *CORE[:3]) if (c := stage_metric(sel, m, ("at_edit", "final")))]  # S first
     if not core:
         log.info("layer_search: the batch-mode trials have no at_edit metrics")
         return None, {}
@@ -88,7 +89,7 @@ def batch_section(trials: pd.DataFrame, out: Path) -> Section | None:
     """Paper Figs. 2-3: batch mode, ES/PS/NS/S vs batch size (log2), at edit (= final in batch mode)."""
     sec = Section("batch", "Batch editing (batch mode)")
     sel = trials[(trials["mode"] == "batch") & trials["batch_size"].notna()]
-    core = [c for m in ("es", "ps", "ns", "s") if (c := stage_metric(sel, m, ("at_edit", "final")))]
+    core = [c for m in CORE if (c := stage_metric(sel, m, ("at_edit", "final")))]
     if sel.empty or not core:
         return None
     metrics = [*core, *(c for c in present(sel, EXTRA_COLUMNS) if c not in core)]
@@ -107,14 +108,14 @@ def sequential_section(trials: pd.DataFrame, out: Path) -> Section | None:
     """Paper Figs. 4-5: sequential-batch / sequential modes, at edit (solid) and final (dashed) vs batch size."""
     sec = Section("sequential", "Sequential-batch editing (at edit solid, final dashed)")
     sel = trials[trials["mode"].isin(SEQUENTIAL_MODES) & trials["batch_size"].notna()]
-    core = present(sel, [f"{st}.{m}" for m in ("es", "ps", "ns", "s") for st in ("at_edit", "final")])
+    core = present(sel, [f"{st}.{m}" for m in CORE for st in ("at_edit", "final")])
     if sel.empty or not core:
         return None
     metrics = [*core, *(c for c in present(sel, EXTRA_COLUMNS) if c not in core)]
     table = aggregate_series(sel, "batch_size", metrics, "sequential", keep_main_layers=True)
     _write_table(out, "sequential", table, sec)
     panels = []
-    for m in ("es", "ps", "ns", "s"):
+    for m in CORE:
         lines = [(c, style) for c, style in ((f"at_edit.{m}", "-"), (f"final.{m}", "--")) if c in core]
         if lines:
             panels.append((LABELS[m], lines))
@@ -158,7 +159,7 @@ def hparam_section(trials: pd.DataFrame, col: str, out: Path) -> Section | None:
     sel = sel[sel.groupby(setting)[col].transform("nunique") >= 2]
     stages = ("at_edit", "final") if sel["mode"].isin(SEQUENTIAL_MODES).any() else ("at_edit",)
     sec.title += " (at edit solid, final dashed)" if len(stages) == 2 else " (at edit)"
-    core = present(sel, [f"{st}.{m}" for m in ("es", "ps", "ns", "s") for st in stages])
+    core = present(sel, [f"{st}.{m}" for m in CORE for st in stages])
     if sel.empty or not core:
         return None
     metrics = [*core, *(c for c in present(sel, EXTRA_COLUMNS) if c not in core)]
@@ -166,7 +167,7 @@ def hparam_section(trials: pd.DataFrame, col: str, out: Path) -> Section | None:
     table = aggregate_series(sel, col, metrics, sec.name, extra_dims=dims)
     _write_table(out, stem, table, sec)
     panels = []
-    for m in ("es", "ps", "ns", "s"):
+    for m in CORE:
         lines = [(c, style) for c, style in ((f"at_edit.{m}", "-"), (f"final.{m}", "--")) if c in core]
         if lines:
             panels.append((LABELS[m], lines))
