@@ -166,10 +166,7 @@ def collect_second_moments(
     layers = _check_layers(spec, layers)
     acc = accumulation_dtype(dtype)
     _check_caps(max_texts=max_texts, max_tokens=max_tokens, max_seq_len=max_seq_len, batch_tokens=batch_tokens)
-    seq_len = max_seq_len or default_max_seq_len(model)
-    limit = model_max_positions(model)
-    if limit is not None and seq_len > limit:
-        raise ValueError(f"max_seq_len: {seq_len} tokens exceed the model's context of {limit} positions")
+    seq_len = _seq_len(model, max_seq_len)
     device = model_device(model)
     batch_tokens = batch_tokens or default_batch_tokens(device)
     pad = pad_id(tok)
@@ -189,14 +186,7 @@ def collect_second_moments(
             input_ids, mask = pad_right(batch, pad, device)
             store.clear()
             run_until(model, input_ids=input_ids, attention_mask=mask)
-            keep = mask.bool()
-            for layer, name in names.items():
-                feats = _layer_keys(store, name, spec.d_key)[keep].to(acc)  # [n, d_key]
-                if check is not None:
-                    feats = check.hold_out(layer, feats)
-                if len(feats):
-                    sums[layer].addmm_(feats.T, feats)
-            n = len(feats)
+            n = _accumulate(store, names, mask.bool(), sums, check, spec.d_key)
             n_tokens += n
             bar.update(n)
             if check is not None and check.due(n_tokens) and check.converged(sums, n_tokens):
@@ -212,6 +202,36 @@ def collect_second_moments(
     )
     converged, hist = (check.done, tuple(check.history)) if check is not None else (None, ())
     return {layer: SecondMoment(sums[layer].div_(n_tokens), n_tokens, converged, hist) for layer in layers}
+
+
+def _seq_len(model: nn.Module, max_seq_len: int | None) -> int:
+    """Tokens per text: ``max_seq_len``, else the model's context; more than the context is an error."""
+    seq_len = max_seq_len or default_max_seq_len(model)
+    limit = model_max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"max_seq_len: {seq_len} tokens exceed the model's context of {limit} positions")
+    return seq_len
+
+
+def _accumulate(
+    store: Mapping[str, torch.Tensor],
+    names: Mapping[int, str],
+    keep: torch.Tensor,
+    sums: dict[int, torch.Tensor],
+    check: _Convergence | None,
+    d_key: int,
+) -> int:
+    """Add one batch's keys (non-padding positions ``keep``, cast to the sums' dtype; the convergence
+    check's held-out probes set aside) to each layer's sum of k kᵀ; returns the keys added per layer."""
+    n = 0
+    for layer, name in names.items():
+        feats = _layer_keys(store, name, d_key)[keep].to(sums[layer].dtype)  # [n, d_key]
+        if check is not None:
+            feats = check.hold_out(layer, feats)
+        if len(feats):
+            sums[layer].addmm_(feats.T, feats)
+        n = len(feats)
+    return n
 
 
 def _check_caps(**caps: int | None) -> None:
