@@ -200,13 +200,15 @@ def model_shape(source: str | None, gguf_file: str | None, revision: str | None)
     return Shape(n, d, dk, v, params)
 
 
-def stats_group(t: TrialConfig) -> str:
-    """Trials of one group share statistics: same model weights and statistics settings."""
+def stats_group(t: TrialConfig, model_id: str | None = None) -> str:
+    """Trials of one group share statistics: same model weights (``model_id``: the model's identity when
+    already known) and statistics settings."""
     import json
 
     from editors.config import to_dict
 
-    return json.dumps([model_identity(t.model), stats_dtype(t), to_dict(t.stats)], sort_keys=True, default=str)
+    mid = model_id if model_id is not None else model_identity(t.model)
+    return json.dumps([mid, stats_dtype(t), to_dict(t.stats)], sort_keys=True, default=str)
 
 
 def pass_memory_gb(shape: Shape, n_layers: int, t: TrialConfig, on_gpu: bool = True) -> float:
@@ -269,28 +271,31 @@ def plan_shared(
     dry_run: bool = False,
     budget_gb: float | None = None,
 ) -> SharedPlan:
-    """What the sweep's trials share and what the stores lack (no model is loaded).
+    """What the sweep's trials share and what the stores lack (no model is loaded): per trial, the
+    statistics group and the values, scores and perplexity keys it reads; then the statistics passes
+    (:func:`_stats_passes`) and what the fact stores hold (:func:`_mark_stored`).
 
     ``budget_gb``: a worker's device memory for statistics passes (None: no limit, e.g. CPU trials).
     ``dry_run``: a dataset that is not at hand (a URL, offline) is counted by position instead of
     failing, so the plan of a cluster sweep prints on a laptop; nothing can run from such a plan.
     """
-    from .data import DatasetError, load_selection
-
-    budget = budget_gb
     groups: dict[str, tuple[TrialConfig, set[int]]] = {}
     values: dict[ValuesKey, FactJob] = {}
     scores: dict[ScoresKey, FactJob] = {}
     ppl: dict[PplKey, TrialConfig] = {}
     needs: dict[str, TrialNeeds] = {}
     datasets: dict[tuple, list[Record]] = {}
+    identities: dict[tuple, str] = {}  # a model's identity hashes its files: once per model, not per trial
     for tkey, t in zip(keys, trials):
         hp = trial_hparams(t)
         tr = traits(t.algorithm)
-        mid = model_identity(t.model)
+        mref = (t.model.source, t.model.gguf_file, t.model.revision)
+        if mref not in identities:
+            identities[mref] = model_identity(t.model)
+        mid = identities[mref]
         group = None
         if tr.needs_stats(hp):
-            group = stats_group(t)
+            group = stats_group(t, mid)
             groups.setdefault(group, (t, set()))[1].update(hp.layers)
         share_v = tr.values_shareable(t.mode, t.batch_size) and cfg.share_values
         share_s = t.scoring.pre
@@ -298,17 +303,7 @@ def plan_shared(
         vd: tuple[str, ...] = ()
         sd: tuple[str, ...] = ()
         if share_v or share_s:
-            d = t.dataset
-            dkey = (d.source, d.sha256, d.case_ids, d.sample_file, d.sample, d.unique_subjects_seed, t.n_edits)
-            if dkey not in datasets:
-                try:
-                    datasets[dkey] = load_selection(d, t.n_edits)
-                except DatasetError:
-                    if not dry_run:
-                        raise
-                    log.warning("dry run: dataset %s is not at hand; facts counted by position", d.source)
-                    datasets[dkey] = [None] * t.n_edits
-            recs = datasets[dkey]
+            dkey, recs = _selection(t, datasets, dry_run)
             if share_v:
                 vkey = values_key(t, hp, mid)
                 vd = _digests(recs, dkey, lambda r: request_digest(r.request()))
@@ -321,11 +316,42 @@ def plan_shared(
                     pkey = ppl_key(t, mid)
                     ppl.setdefault(pkey, t)
         needs[tkey] = TrialNeeds(group, tuple(hp.layers), vkey, vd, skey, sd, pkey)
+    passes = _stats_passes(cfg, groups, identities, budget_gb)
+    ppl_cached = _mark_stored(cfg, values, scores, ppl)
+    return SharedPlan(passes, values, scores, ppl, ppl_cached, needs, budget_gb)
 
+
+def _selection(t: TrialConfig, datasets: dict[tuple, list[Any]], dry_run: bool) -> tuple[tuple, list[Any]]:
+    """(the selection's key, its records) of trial ``t``, loaded once per selection; in a dry run, a
+    dataset not at hand gives ``None`` per fact (counted by position)."""
+    from .data import DatasetError, load_selection
+
+    d = t.dataset
+    dkey = (d.source, d.sha256, d.case_ids, d.sample_file, d.sample, d.unique_subjects_seed, t.n_edits)
+    if dkey not in datasets:
+        try:
+            datasets[dkey] = load_selection(d, t.n_edits)
+        except DatasetError:
+            if not dry_run:
+                raise
+            log.warning("dry run: dataset %s is not at hand; facts counted by position", d.source)
+            datasets[dkey] = [None] * t.n_edits
+    return dkey, datasets[dkey]
+
+
+def _stats_passes(
+    cfg: SweepConfig,
+    groups: dict[str, tuple[TrialConfig, set[int]]],
+    identities: dict[tuple, str],
+    budget: float | None,
+) -> list[StatsPass]:
+    """Per statistics group, the layers its store holds (one read-only pass) and the missing ones in
+    passes that fit ``budget`` (a layer that cannot fit alone is a config error naming the field)."""
     passes: list[StatsPass] = []
     for group, (t, layers) in groups.items():
         store = StatsStore(t.stats.store) if t.stats.store else None
-        skeys = stats_keys(t, sorted(layers), model_identity(t.model))
+        mid = identities[(t.model.source, t.model.gguf_file, t.model.revision)]
+        skeys = stats_keys(t, sorted(layers), mid)
         cached = tuple(sorted(layer for layer, k in skeys.items() if store is not None and k in store))
         if cached:
             passes.append(StatsPass(group, t, cached, read_only=True, keys={la: skeys[la] for la in cached}))
@@ -351,7 +377,16 @@ def plan_shared(
             sec = pass_seconds(shape, run, t, cfg.estimate.tflops)
             keys_ = {la: skeys[la] for la in run}
             passes.append(StatsPass(group, t, run, read_only=False, keys=keys_, memory_gb=mem, seconds=sec))
+    return passes
 
+
+def _mark_stored(
+    cfg: SweepConfig,
+    values: dict[ValuesKey, FactJob],
+    scores: dict[ScoresKey, FactJob],
+    ppl: dict[PplKey, TrialConfig],
+) -> dict[PplKey, float]:
+    """Set each fact job's ``cached`` to the facts its store holds; returns the stored perplexities."""
     if cfg.values_store:
         for job in values.values():
             job.cached = set(ValuesStore(cfg.values_store).get(job.key, job.digests))
@@ -363,7 +398,7 @@ def plan_shared(
             v = ScoresStore(cfg.scores_store).get_ppl(pk)
             if v is not None:
                 ppl_cached[pk] = v
-    return SharedPlan(passes, values, scores, ppl, ppl_cached, needs, budget)
+    return ppl_cached
 
 
 def _digests(recs: Sequence[Record | None], dkey: tuple, digest_of: Any) -> tuple[str, ...]:
