@@ -279,7 +279,8 @@ class TrialInputs:
         values: :func:`request_digest` -> v* [d_model] (batch mode; empty: the schedule optimises).
         pre_scores: :func:`record_digest` -> score fields of the unedited model.
         pre_ppl: the unedited model's held-out perplexity.
-        counts: how many of each were handed over (``stats_reused``, ``values_reused``, ``scores_reused``).
+        counts: how many of each the trial used (``stats_reused``, ``values_reused``, ``scores_reused``),
+            set afresh by each run of :func:`sweep.trial.run_trial`.
     """
 
     stats: dict[int, torch.Tensor] | None = None
@@ -333,19 +334,17 @@ def inputs_of(tr: TrialRefs, get: Callable[[Any], Any]) -> TrialInputs:
     """:class:`TrialInputs` from ``tr``'s handles, ``get`` turning a handle into its value (``ray.get`` on a
     trial's worker; the identity for a fulfilment in this process)."""
 
-    inputs = TrialInputs(counts={})
+    inputs = TrialInputs()
     if tr.stats:
         arrays = {layer: get(h) for layer, h in tr.stats.items()}
         inputs.stats = {layer: (a.mom2 if isinstance(a, SecondMoment) else as_tensor(a)) for layer, a in arrays.items()}
         inputs.stats_tokens = dict(tr.stats_tokens)
-        inputs.counts["stats_reused"] = len(arrays)
         inputs.zero_copy = all(not getattr(a, "flags", None) or not a.flags.writeable for a in arrays.values())
     for ds, h in tr.values:
         arr = get(h)
         inputs.values.update({d: as_tensor(arr[i]) for i, d in enumerate(ds)})
     for ds, h in tr.scores:
         inputs.pre_scores.update(dict(zip(ds, get(h))))
-    inputs.counts["scores_reused"] = len(inputs.pre_scores)
     inputs.pre_ppl = tr.ppl
     return inputs
 

@@ -350,11 +350,15 @@ def check_inputs(cfg: TrialConfig, hp: EditHParams, records: list[Record], input
             "inputs: run_trial needs its shared inputs; fulfil them first "
             "(trial_alone(cfg) runs one trial with them, as python -m sweep.trial does)"
         )
-    lack = inputs.missing(cfg, records, needs_stats(cfg, hp))
+    stats = needs_stats(cfg, hp)
+    lack = inputs.missing(cfg, records, stats)
     if lack:
         raise ValueError(f"inputs: the trial's shared inputs lack {'; '.join(lack)} (sweep.fulfil fulfils them)")
-    inputs.counts["stats_reused"] = len(hp.layers) if needs_stats(cfg, hp) else 0
-    inputs.counts["scores_reused"] = sum(record_digest(r) in inputs.pre_scores for r in records) * cfg.scoring.pre
+    inputs.counts = {  # this run's use of them (values_reused grows as the schedule takes values)
+        "stats_reused": len(hp.layers) if stats else 0,
+        "values_reused": 0,
+        "scores_reused": sum(record_digest(r) in inputs.pre_scores for r in records) * cfg.scoring.pre,
+    }
     return inputs
 
 
