@@ -220,13 +220,19 @@ def _check_fields(cfg: TrialConfig) -> None:
             f"stats.corpus: {corpus!r} does not exist (give a text file, a folder of .txt/.utf8 files, "
             f"'{EMBEDDED_WIKI}', or 'hf:<dataset>[:<config>][:<split>]')"
         )
-    if cfg.stats.store is not None and "://" in cfg.stats.store:
-        raise ConfigError(
-            f"stats.store: {cfg.stats.store!r} is a URI; the shared-work stores are folders on the driver's disk "
-            "(the driver writes them and hands their contents to every node through Ray); give a local path"
-        )
+    check_local_store("stats.store", cfg.stats.store)
     if cfg.dataset.case_ids is not None and len(set(cfg.dataset.case_ids)) != len(cfg.dataset.case_ids):
         raise ConfigError("dataset.case_ids: every case id at most once")
+
+
+def check_local_store(name: str, value: Any) -> None:
+    """A shared-work store must be a folder, not a URI: the driver writes every store and hands its
+    contents to the nodes through Ray (sweep.fulfil); the error names ``name``."""
+    if isinstance(value, str) and "://" in value:
+        raise ConfigError(
+            f"{name}: {value!r} is a URI; the shared-work stores are folders on the driver's disk (the "
+            "driver writes them and hands their contents to every node through Ray); give a local path"
+        )
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> TrialConfig:
@@ -349,14 +355,9 @@ def load_sweep(path: str, overrides: list[str] = ()) -> SweepConfig:
             raise ConfigError(f"variants.{vname}: a name of letters, digits, '-_+.' mapping to a dict of overrides")
     if cfg.retries < 0:
         raise ConfigError("retries: must be >= 0")
-    stores = [("values_store", cfg.values_store), ("scores_store", cfg.scores_store)]
-    stores.append(("base.stats.store", (cfg.base.get("stats") or {}).get("store")))
-    for name, value in stores:
-        if isinstance(value, str) and "://" in value:
-            raise ConfigError(
-                f"{name}: {value!r} is a URI; the shared-work stores are folders on the driver's disk (the "
-                "driver writes them and hands their contents to every node through Ray); give a local path"
-            )
+    check_local_store("values_store", cfg.values_store)
+    check_local_store("scores_store", cfg.scores_store)
+    check_local_store("base.stats.store", (cfg.base.get("stats") or {}).get("store"))
     if cfg.values_chunk < 1:
         raise ConfigError(f"values_chunk: must be >= 1, got {cfg.values_chunk}")
     r = cfg.resources
