@@ -1,0 +1,404 @@
+"""Generation-based ("WILD") scoring: greedy decoding to a natural stop, then exact match.
+
+Yang et al., "The Mirage of Model Editing: Revisiting Evaluation in the Wild" (ACL 2025, arXiv 2502.11177;
+code WanliYoung/Revisit-Editing-Evaluation, ``test_prediction_acc_real``) show that teacher forcing, which
+feeds the target's tokens and so tells the model how long the answer is, overstates editing success. Their
+WILD protocol scores what the model actually says (``../shared/data/qaedit/README.md``):
+
+1. context (``scoring.gen_context``, :func:`context_prompt`): the question alone (``bare``, their
+   ``question-only``, the default), ``"Please answer the question:\\n\\nQ: {question}\\nA:"`` (``qa``, their
+   ``qa_inst``), or the tokenizer's own chat template (``chat``; theirs hard-codes Llama-2's);
+2. greedy decoding, at most 50 new tokens, stopping at EOS or as soon as the new text holds ``"."`` or
+   ``"\\n"`` (:func:`greedy_generate`, batched on the KV cache);
+3. the new text is cut at its first stop (:func:`cut_answer`) and scored by exact match after SQuAD
+   normalisation against the target and its aliases (:func:`exact_match`; the authors' LLM judge, used
+   only when an API key is given, is not reproduced).
+
+Per fact (:func:`generated_scores`), each in [0, 1]: ``gen_es`` the rewrite question's exact match,
+``gen_ps`` the mean over its paraphrases, ``gen_ns`` the mean over neighbourhood prompts of [the generated
+token ids equal the unedited model's] (:func:`reference_generations` makes that reference once, before
+editing). The registry's ``gen_*`` metrics are these ×100.
+
+The first ``"."`` stops, as in the authors' ``stop_strings``: an answer such as ``"3.5 million"`` is cut to
+``"3"``. A model that starts its reply with a newline (common for ``bare`` questions) answers ``""``; that is
+the protocol, not a bug here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import re
+import string
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import nn
+
+from editors.model import model_device
+from editors.requests import encode, pad_id
+from editors.targets import cache_kwarg
+
+log = logging.getLogger(__name__)
+
+GenContext = Literal["bare", "qa", "chat"]
+#: the WILD code's ``qa_inst`` template
+QA_TEMPLATE = "Please answer the question:\n\nQ: {question}\nA:"
+#: the stop strings of the WILD protocol (besides EOS)
+STOP_TEXTS: tuple[str, ...] = (".", "\n")
+#: end-of-text strings cut from a decoded answer (the WILD code's, plus the chat models' usual ones)
+EOS_TEXTS: tuple[str, ...] = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Greedy decoding
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists: (input_ids [n, L], attention_mask [n, L]), so every row's last token is at
+    column L − 1 and new tokens append in one column for all rows."""
+    n, length = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((n, length), pad, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, length - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, length - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _stop_hits(tok: Any, seqs: Sequence[Sequence[int]], stop_texts: Sequence[str]) -> list[bool]:
+    """Whether the decoded text of each of ``seqs`` (the new tokens of a row) holds a stop text."""
+    if not stop_texts or not seqs:
+        return [False] * len(seqs)
+    texts = tok.batch_decode([list(s) for s in seqs])
+    return [any(s in t for s in stop_texts) for t in texts]
+
+
+def _last_logits(model: nn.Module, keep_last: bool, **batch: Any) -> torch.Tensor:
+    """Logits of the last position of every row [rows, vocab], float32."""
+    if keep_last:
+        batch["logits_to_keep"] = 1
+    return model(**batch).logits[:, -1].float()
+
+
+def end_ids(model: nn.Module, tok: Any) -> set[int]:
+    """The token ids that end a generation: the tokenizer's EOS and every id of the model's
+    ``generation_config.eos_token_id`` (a chat model's end-of-turn, e.g. Llama-3-Instruct's <|eot_id|>)."""
+    out = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    out |= set(extra) if isinstance(extra, (list, tuple)) else {extra} if isinstance(extra, int) else set()
+    return out
+
+
+def _generate_batch(
+    model: nn.Module, tok: Any, seqs: Sequence[Sequence[int]], max_new_tokens: int, stop_texts: Sequence[str]
+) -> list[list[int]]:
+    """Greedy decoding of one batch of prompts on a ``DynamicCache``: one prefill forward over the
+    left-padded prompts, then one forward of one token per still-running row. Finished rows leave the
+    batch (and the cache), so a long-running row does not carry the finished ones."""
+    from transformers import DynamicCache
+
+    device = model_device(model)
+    eos = end_ids(model, tok)
+    ids, mask = pad_left(seqs, pad_id(tok), device)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # [rows, L]: pads get 0, real tokens 0..len-1
+    cache = DynamicCache()
+    params = inspect.signature(model.forward).parameters
+    common = {cache_kwarg(model): cache, "use_cache": True}
+    keep_last = "logits_to_keep" in params
+    logits = _last_logits(model, keep_last, input_ids=ids, attention_mask=mask, position_ids=positions, **common)
+    next_pos = positions[:, -1] + 1  # [rows]
+    new: list[list[int]] = [[] for _ in seqs]
+    live = list(range(len(seqs)))  # the input row of each batch row
+    for step in range(max_new_tokens):
+        picked = logits.argmax(-1).tolist()
+        grown = [(r, t) for r, t in enumerate(picked) if t not in eos]
+        for r, t in grown:
+            new[live[r]].append(t)
+        hits = _stop_hits(tok, [new[live[r]] for r, _ in grown], stop_texts)
+        keep = [r for (r, _), hit in zip(grown, hits) if not hit]
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(live):
+            sel = torch.tensor(keep, device=device)
+            cache.batch_select_indices(sel)
+            mask, next_pos = mask[sel], next_pos[sel]
+            live = [live[r] for r in keep]
+        step_ids = torch.tensor([[picked[r]] for r in keep], device=device)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = _last_logits(
+            model, keep_last, input_ids=step_ids, attention_mask=mask, position_ids=next_pos[:, None], **common
+        )
+        next_pos = next_pos + 1
+    return new
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module,
+    tok: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop_texts: Sequence[str] = STOP_TEXTS,
+    batch_size: int = 32,
+) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, batched on the KV cache.
+
+    Args:
+        prompts: token ids, encoded by the caller (BOS included where the tokenizer adds one:
+            :func:`editors.requests.encode`, or :func:`encode_context`).
+        max_new_tokens: the cap on new tokens per prompt.
+        stop_texts: a row stops as soon as the decoded text of its new tokens holds one of these (the
+            token that completed it is kept; :func:`cut_answer` cuts the text). ``()``: only EOS and the cap.
+        batch_size: prompts per batch; prompts are sorted by length so a batch pads little.
+
+    Returns:
+        The new token ids of each prompt, in input order; an end id (:func:`end_ids`: EOS, a chat
+        model's end of turn) ends a row and is not included.
+
+    Batches are left-padded with an attention mask and position ids = cumsum(mask) − 1, so every row
+    sees the positions it would see alone.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+    if empty := [i for i, p in enumerate(prompts) if not len(p)]:
+        raise ValueError(f"greedy_generate: prompt {empty[0]} has no tokens, so nothing conditions its continuation")
+    out: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens == 0:
+        return out
+    t0 = time.perf_counter()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        gens = _generate_batch(model, tok, [prompts[i] for i in chunk], max_new_tokens, stop_texts)
+        for i, g in zip(chunk, gens):
+            out[i] = g
+    log.debug(
+        "greedy_generate: %d prompts, %d new tokens, %.2f s",
+        len(prompts),
+        sum(len(g) for g in out),
+        time.perf_counter() - t0,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Contexts and answers
+
+
+def context_prompt(tok: Any, question: str, context: GenContext) -> str:
+    """The text the model continues: the question alone (``bare``), the WILD ``qa_inst`` template
+    (``qa``), or the tokenizer's chat template with the question as the user turn and the generation
+    prompt (``chat``)."""
+    if context == "bare":
+        return question
+    if context == "qa":
+        return QA_TEMPLATE.format(question=question)
+    if context == "chat":
+        if not getattr(tok, "chat_template", None):
+            name = getattr(tok, "name_or_path", "") or type(tok).__name__
+            raise ValueError(
+                f"scoring.gen_context: 'chat' needs a tokenizer with a chat template, and {name!r} has none "
+                "(a base model); use 'bare' or 'qa'"
+            )
+        return tok.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+    raise ValueError(f"scoring.gen_context: unknown context {context!r}; use one of {get_args(GenContext)}")
+
+
+def encode_context(tok: Any, text: str, context: GenContext) -> list[int]:
+    """Token ids of a :func:`context_prompt` text: a chat-templated text already holds its special
+    tokens (BOS included), so it is encoded without adding any; ``bare``/``qa`` as
+    :func:`editors.requests.encode` (BOS where the tokenizer adds one)."""
+    if context == "chat":
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+    return encode(tok, text)[0]
+
+
+def cut_answer(text: str, stops: Sequence[str] = STOP_TEXTS, eos_texts: Sequence[str] = EOS_TEXTS) -> str:
+    """The answer in a generated text: everything before the first stop (``"."``, ``"\\n"``) or
+    end-of-text string, stripped.
+
+    Like the WILD code's ``stop_strings``, the first ``"."`` ends the answer even inside a number
+    (``"3.5 million"`` -> ``"3"``) or an abbreviation: that is what their greedy generation returns.
+    Where a stop shares its token with more text (``". The"``) the rest is dropped too.
+    """
+    cut = len(text)
+    for s in (*stops, *eos_texts):
+        i = text.find(s) if s else -1
+        if 0 <= i < cut:
+            cut = i
+    return text[:cut].strip()
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lower-case, drop ASCII punctuation, drop the articles a/an/the, squeeze
+    whitespace (the WILD code's ``normalize_answer``, in that order)."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def exact_match(pred: str, answers: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised answer (the target or an alias), else 0.0."""
+    p = normalize_answer(pred)
+    return float(any(p == normalize_answer(a) for a in answers))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-fact scores
+
+
+@dataclass(frozen=True)
+class GenFact:
+    """The questions of one fact for generation-based scoring.
+
+    Attributes:
+        rewrite: the edited question (the edit's prompt with its subject).
+        paraphrases: rephrased questions of the same fact.
+        neighbourhood: unrelated prompts whose generations editing should leave unchanged.
+        answers: the target and its aliases (any one matches).
+    """
+
+    rewrite: str
+    paraphrases: tuple[str, ...]
+    neighbourhood: tuple[str, ...]
+    answers: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        for name in ("paraphrases", "neighbourhood", "answers"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ValueError(f"GenFact.{name}: expected a sequence of strings, got the string {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if not self.answers:
+            raise ValueError(f"GenFact {self.rewrite!r}: answers is empty, so nothing can match")
+
+
+@dataclass(frozen=True)
+class GenScores:
+    """Generation-based scores of one fact, each in [0, 1] (nan where undefined).
+
+    Attributes:
+        gen_es: exact match of the rewrite question's answer (0 or 1).
+        gen_ps: mean exact match over the paraphrases (nan without any).
+        gen_ns: mean over neighbourhood prompts of [generated ids == reference ids] (nan without a
+            reference or without neighbourhood prompts).
+        texts: the cut answers, rewrite first, then the paraphrases, then the neighbourhood prompts.
+        neighbour_ids: the generated token ids of each neighbourhood prompt (EOS excluded), to keep as
+            the reference when the model is the unedited one.
+    """
+
+    gen_es: float
+    gen_ps: float
+    gen_ns: float
+    texts: tuple[str, ...]
+    neighbour_ids: tuple[tuple[int, ...], ...]
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def _generate_questions(
+    model: nn.Module, tok: Any, questions: Sequence[str], context: GenContext, max_new_tokens: int, batch_size: int
+) -> list[tuple[int, ...]]:
+    """Generated ids of each question in ``context``, one :func:`greedy_generate` call; a question asked
+    more than once (a neighbourhood prompt shared by facts) is generated once."""
+    encoded = [tuple(encode_context(tok, context_prompt(tok, q, context), context)) for q in questions]
+    unique = list(dict.fromkeys(encoded))
+    gens = greedy_generate(model, tok, unique, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    by_prompt = {p: tuple(g) for p, g in zip(unique, gens)}
+    return [by_prompt[p] for p in encoded]
+
+
+def _check_reference(facts: Sequence[GenFact], reference: Sequence[Sequence[Sequence[int]]]) -> None:
+    if len(reference) != len(facts):
+        raise ValueError(f"reference: {len(reference)} entries for {len(facts)} facts")
+    for i, (f, ref) in enumerate(zip(facts, reference)):
+        if len(ref) != len(f.neighbourhood):
+            raise ValueError(
+                f"reference: fact {i} ({f.rewrite!r}) has {len(f.neighbourhood)} neighbourhood prompts but "
+                f"{len(ref)} reference generations"
+            )
+
+
+def generated_scores(
+    model: nn.Module,
+    tok: Any,
+    facts: Sequence[GenFact],
+    *,
+    context: GenContext,
+    max_new_tokens: int = 50,
+    batch_size: int = 32,
+    reference: Sequence[tuple[tuple[int, ...], ...]] | None = None,
+) -> list[GenScores]:
+    """WILD scores of every fact (see the module docstring); all prompts of all facts go through one
+    :func:`greedy_generate` call.
+
+    Args:
+        context: ``bare``, ``qa`` or ``chat`` (:func:`context_prompt`).
+        max_new_tokens: the generation cap (50 in the WILD protocol).
+        batch_size: prompts per generation batch.
+        reference: per fact, the unedited model's generated ids of each neighbourhood prompt
+            (:func:`reference_generations`, or an earlier result's ``neighbour_ids``); None: ``gen_ns`` is nan.
+    """
+    if reference is not None:
+        _check_reference(facts, reference)
+    questions = [q for f in facts for q in (f.rewrite, *f.paraphrases, *f.neighbourhood)]
+    gens = _generate_questions(model, tok, questions, context, max_new_tokens, batch_size)
+    eos_texts = (*EOS_TEXTS, tok.eos_token) if getattr(tok, "eos_token", None) else EOS_TEXTS
+    out: list[GenScores] = []
+    at = 0
+    for i, f in enumerate(facts):
+        n_para, n_neigh = len(f.paraphrases), len(f.neighbourhood)
+        ids = gens[at : at + 1 + n_para + n_neigh]
+        at += len(ids)
+        texts = tuple(cut_answer(t, eos_texts=eos_texts) for t in tok.batch_decode([list(g) for g in ids]))
+        neighbours = tuple(ids[1 + n_para :])
+        if reference is None:
+            ns = math.nan
+        else:
+            ns = _mean([float(g == tuple(r)) for g, r in zip(neighbours, reference[i])])
+        out.append(
+            GenScores(
+                gen_es=exact_match(texts[0], f.answers),
+                gen_ps=_mean([exact_match(t, f.answers) for t in texts[1 : 1 + n_para]]),
+                gen_ns=ns,
+                texts=texts,
+                neighbour_ids=neighbours,
+            )
+        )
+    return out
+
+
+def reference_generations(
+    model: nn.Module,
+    tok: Any,
+    facts: Sequence[GenFact],
+    context: GenContext,
+    max_new_tokens: int = 50,
+    batch_size: int = 32,
+) -> list[tuple[tuple[int, ...], ...]]:
+    """The generated ids of every fact's neighbourhood prompts (run it on the unedited model), the
+    ``reference`` of :func:`generated_scores`; only the neighbourhood prompts are generated."""
+    questions = [q for f in facts for q in f.neighbourhood]
+    gens = _generate_questions(model, tok, questions, context, max_new_tokens, batch_size)
+    out: list[tuple[tuple[int, ...], ...]] = []
+    at = 0
+    for f in facts:
+        out.append(tuple(gens[at : at + len(f.neighbourhood)]))
+        at += len(f.neighbourhood)
+    return out
