@@ -1,4 +1,4 @@
-"""CounterFact: loading (ROME and EasyEdit formats), downloading, selection, and the demo set.
+"""Edit benchmarks: CounterFact, ZsRE and QAEdit — loading, downloading, selection, and the demo set.
 
 CounterFact (Meng et al., NeurIPS 2022) comes in two shapes, detected per file:
 
@@ -8,8 +8,20 @@ CounterFact (Meng et al., NeurIPS 2022) comes in two shapes, detected per file:
 - the EasyEdit split (``counterfact-edit.json`` ...): the subject written into ``prompt``, one
   ``rephrase_prompt`` and one ``locality_prompt`` with its ``locality_ground_truth``.
 
-Both become one typed :class:`Record`. Every record is validated when loaded, before any model work,
-and an error names the case id and the field.
+ZsRE (question answering; MEND's evaluation split) comes in two shapes, detected per record:
+
+- the MEND format (``zsre_mend_eval.json``, EasyEdit's ZsRE files): ``src``,
+  ``subject``, ``answers``, ``alt``, ``rephrase``, ``loc``, ``loc_ans``; read as MEMIT's
+  ``dsets/zsre.py`` reads it (see :func:`parse_zsre_mend`);
+- the KnowEdit format (``ZsRE-test-all.json``): ``prompt``, ``target_new``, ``ground_truth`` (a list),
+  ``rephrase_prompt``, ``locality.Relation_Specificity`` (see :func:`parse_zsre_knowedit`).
+
+QAEdit (Yang et al., ACL 2025): ``prompt``, ``target``, ``subject``, ``rephrase``, ``locality`` (see
+:func:`parse_qaedit`).
+
+All become one typed :class:`Record`. Every record is validated when loaded, before any model work,
+and an error names the case and the field. ZsRE and QAEdit records have no case ids of their own: a
+record's case id is its position in the file (as MEMIT's), which is what ZsRE sample lists index.
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from editors.requests import EditRequest
 from editors.store import atomic_write, write_text_atomic
@@ -35,6 +47,16 @@ log = logging.getLogger(__name__)
 
 #: The ROME authors' copy of CounterFact (21,919 records, ~45 MB): the cluster configs' default.
 ROME_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
+#: The ROME/MEMIT authors' copy of MEND's zsRE evaluation split (19,086 records, ~8 MB; ROME's and MEMIT's
+#: ``dsets/zsre.py`` download ``<root>/data/dsets/zsre_mend_eval.json``): the cluster configs' default for
+#: ZsRE. The ZsRE sample lists (``zsre_sampled_unique_10_10000.json``) index its positions.
+ZSRE_URL = "https://rome.baulab.info/data/dsets/zsre_mend_eval.json"
+#: The benchmarks :func:`load_dataset` reads (``DatasetConfig.name``).
+BENCHMARKS = ("counterfact", "zsre", "qaedit", "mquake")
+#: ZsRE's edit target (``DatasetConfig.target``): the first gold answer, or MEND's alternative answer.
+Target = Literal["answers", "alt"]
+#: What a benchmark is called in messages.
+_LABEL = {"counterfact": "CounterFact", "zsre": "ZsRE", "qaedit": "QAEdit", "mquake": "MQuAKE"}
 #: The project's own demo set: 30 counterfactual records about facts SmolLM2-135M gets right.
 DEMO = Path(__file__).parent / "data" / "demo_counterfact.json"
 
@@ -45,13 +67,22 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One CounterFact case.
+    """One edit case of any benchmark.
 
     Attributes:
         prompt: the rewrite prompt with ``{}`` for the subject.
-        neighborhood_prompts: prompts about other subjects whose answer is ``neighborhood_answer``
-            (the record's true object in CounterFact); NS asks that it still beats ``target_new``.
+        target_true: the true object, for display and CounterFact's scores. ZsRE (target ``answers``)
+            and QAEdit edit in the true answer itself, so there it equals ``target_new``; under ZsRE's
+            ``alt`` target it is the first gold answer.
+        neighborhood_prompts: prompts whose answer must not change: about other subjects whose answer
+            is ``neighborhood_answer`` (the record's true object in CounterFact; NS asks that it still
+            beats ``target_new``), or unrelated questions (ZsRE, QAEdit).
         generation_prompts: prompts for the generation-entropy test (ROME format only).
+        dataset: the benchmark (one of :data:`BENCHMARKS`); it decides how the record is scored.
+        neighborhood_answers: one answer per neighbourhood prompt when they differ (KnowEdit's
+            Relation_Specificity); empty: every prompt's answer is ``neighborhood_answer``.
+        target_aliases: other answers that count as ``target_new`` under exact match (ZsRE's other
+            gold answers when the target is the first one).
     """
 
     case_id: int
@@ -64,6 +95,18 @@ class Record:
     neighborhood_answer: str
     generation_prompts: tuple[str, ...] = ()
     relation_id: str | None = None
+    dataset: str = "counterfact"
+    neighborhood_answers: tuple[str, ...] = ()
+    target_aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.dataset not in BENCHMARKS:
+            raise DatasetError(f"case {self.case_id}: dataset {self.dataset!r} is not one of {BENCHMARKS}")
+        if self.neighborhood_answers and len(self.neighborhood_answers) != len(self.neighborhood_prompts):
+            raise DatasetError(
+                f"case {self.case_id}: neighborhood_answers has {len(self.neighborhood_answers)} answers for "
+                f"{len(self.neighborhood_prompts)} neighborhood_prompts"
+            )
 
     @property
     def rewrite_prompt(self) -> str:
@@ -71,6 +114,11 @@ class Record:
 
     def request(self) -> EditRequest:
         return EditRequest(self.prompt, self.subject, self.target_new, self.target_true, self.case_id)
+
+    def neighbourhood_pairs(self) -> tuple[tuple[str, str], ...]:
+        """(prompt, its answer) for every neighbourhood prompt."""
+        answers = self.neighborhood_answers or (self.neighborhood_answer,) * len(self.neighborhood_prompts)
+        return tuple(zip(self.neighborhood_prompts, answers, strict=True))
 
 
 def _field(rec: dict[str, Any], path: str, cid: Any) -> Any:
@@ -161,6 +209,185 @@ def _bad(r: Any, source: str) -> Record:
 
 
 # ----------------------------------------------------------------------------------------------------
+# ZsRE and QAEdit: question-answering records; the case id is the record's position in the file
+
+
+def _answers(value: Any, path: str, cid: Any) -> tuple[str, ...]:
+    """A non-empty list of answers (or one answer) -> stripped answers."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise DatasetError(f"case {cid}: field {path!r} must be a non-empty list of answers, got {value!r}")
+    return tuple(_text(v, path, cid).strip() for v in value)
+
+
+def _template(text: str, subject: str, path: str, cid: Any) -> str:
+    """``text`` with the first occurrence of ``subject`` replaced by ``{}``."""
+    if "{}" in text:
+        raise DatasetError(f"case {cid}: field {path!r} already holds '{{}}': {text!r}")
+    i = text.find(subject)
+    if i < 0:
+        raise DatasetError(f"case {cid}: field 'subject' {subject!r} is not in field {path!r} {text!r}")
+    return text[:i] + "{}" + text[i + len(subject) :]
+
+
+def parse_zsre_mend(rec: dict[str, Any], cid: int, target: Target = "answers") -> Record | None:
+    """One MEND-format ZsRE record (position ``cid`` in its file) -> :class:`Record`, as MEMIT's
+    ``dsets/zsre.py`` builds it: prompt = ``src`` with the subject as ``{}``; target_new = ``answers[0]``
+    (``target="answers"``: MEMIT/AlphaEdit; the other answers become ``target_aliases``) or ``alt``
+    (``target="alt"``: EasyEdit; ``None`` when ``alt`` is empty, a record EasyEdit skips); target_true =
+    ``answers[0]`` (the gold answer; MEMIT's request has the placeholder ``"<|endoftext|>"`` there);
+    paraphrase = ``rephrase``; neighbourhood = MEMIT's ``loc + "?"`` answered by ``loc_ans``.
+    Extra fields (``pred``, ``cond``, ``portability`` ...) are ignored."""
+    subject = _text(_field(rec, "subject", cid), "subject", cid)
+    prompt = _template(_text(_field(rec, "src", cid), "src", cid), subject, "src", cid)
+    answers = _answers(_field(rec, "answers", cid), "answers", cid)
+    loc = _text(_field(rec, "loc", cid), "loc", cid)
+    if "nq question: " not in loc:  # MEMIT asserts it
+        raise DatasetError(f"case {cid}: field 'loc' must hold 'nq question: ' (a Natural Questions question): {loc!r}")
+    loc_ans = _text(_field(rec, "loc_ans", cid), "loc_ans", cid).strip()
+    if target == "alt":
+        alt = _field(rec, "alt", cid)
+        if isinstance(alt, str) and not alt.strip():
+            return None
+        new, aliases = _text(alt, "alt", cid).strip(), ()
+    else:
+        new, aliases = answers[0], answers[1:]
+    return Record(
+        case_id=cid,
+        prompt=prompt,
+        subject=subject,
+        target_new=new,
+        target_true=answers[0],
+        paraphrase_prompts=(_text(_field(rec, "rephrase", cid), "rephrase", cid),),
+        neighborhood_prompts=(loc + "?",),
+        neighborhood_answer=loc_ans,
+        dataset="zsre",
+        target_aliases=aliases,
+    )
+
+
+def parse_zsre_knowedit(rec: dict[str, Any], cid: int, target: Target = "answers") -> Record:
+    """One KnowEdit-format ZsRE record (``ZsRE-test-all.json``) -> :class:`Record`: target_new =
+    ``ground_truth[0]`` (``target="answers"``; the others become ``target_aliases``) or ``target_new``
+    (``target="alt"``, MEND's alt); target_true = ``ground_truth[0]``; paraphrase = ``rephrase_prompt``;
+    neighbourhood = the ``locality.Relation_Specificity`` prompts, each answered by its first ground truth."""
+    subject = _text(_field(rec, "subject", cid), "subject", cid)
+    prompt = _template(_text(_field(rec, "prompt", cid), "prompt", cid), subject, "prompt", cid)
+    truths = _answers(_field(rec, "ground_truth", cid), "ground_truth", cid)
+    if target == "alt":
+        new, aliases = _text(_field(rec, "target_new", cid), "target_new", cid).strip(), ()
+    else:
+        new, aliases = truths[0], truths[1:]
+    path = "locality.Relation_Specificity"
+    items = _field(rec, path, cid)
+    if not isinstance(items, list) or not items or not all(isinstance(x, dict) for x in items):
+        raise DatasetError(f"case {cid}: field {path!r} must be a non-empty list of {{prompt, ground_truth}}")
+    prompts = tuple(_text(x.get("prompt"), f"{path}[{j}].prompt", cid) for j, x in enumerate(items))
+    answers = tuple(_answers(x.get("ground_truth"), f"{path}[{j}].ground_truth", cid)[0] for j, x in enumerate(items))
+    return Record(
+        case_id=cid,
+        prompt=prompt,
+        subject=subject,
+        target_new=new,
+        target_true=truths[0],
+        paraphrase_prompts=_prompts(_field(rec, "rephrase_prompt", cid), "rephrase_prompt", cid),
+        neighborhood_prompts=prompts,
+        neighborhood_answer=answers[0],
+        dataset="zsre",
+        neighborhood_answers=answers,
+        target_aliases=aliases,
+    )
+
+
+def parse_qaedit(rec: dict[str, Any], cid: int) -> Record:
+    """One QAEdit record -> :class:`Record`, as the WILD code (``edit.py --datatype qaedit``) reads it:
+    target_new = target_true = ``target`` (the real answer; its text kept, whitespace stripped);
+    paraphrase = ``rephrase``; neighbourhood = ``locality[0].loc`` (a natural question, no "?" added)
+    answered by ``locality[0].loc_ans`` — the code uses only the first locality question."""
+    subject = _text(_field(rec, "subject", cid), "subject", cid)
+    prompt = _template(_text(_field(rec, "prompt", cid), "prompt", cid), subject, "prompt", cid)
+    target = _text(_field(rec, "target", cid), "target", cid).strip()
+    loc = _field(rec, "locality", cid)
+    if not isinstance(loc, list) or not loc or not isinstance(loc[0], dict):
+        raise DatasetError(f"case {cid}: field 'locality' must be a non-empty list of {{loc, loc_ans}}, got {loc!r}")
+    return Record(
+        case_id=cid,
+        prompt=prompt,
+        subject=subject,
+        target_new=target,
+        target_true=target,
+        paraphrase_prompts=(_text(_field(rec, "rephrase", cid), "rephrase", cid),),
+        neighborhood_prompts=(_text(loc[0].get("loc"), "locality[0].loc", cid),),
+        neighborhood_answer=_text(loc[0].get("loc_ans"), "locality[0].loc_ans", cid).strip(),
+        dataset="qaedit",
+    )
+
+
+def looks_like(rec: Any) -> str | None:
+    """The benchmark a record's fields suggest (``None``: none recognisable), to catch a file read as
+    the wrong benchmark."""
+    if not isinstance(rec, dict):
+        return None
+    if "requested_rewrite" in rec or "locality_prompt" in rec:
+        return "counterfact"
+    if "src" in rec or isinstance(rec.get("locality"), dict):
+        return "zsre"
+    if "target" in rec and isinstance(rec.get("locality"), list):
+        return "qaedit"
+    return None
+
+
+def _check_benchmark(rec: Any, cid: Any, name: str) -> None:
+    kind = looks_like(rec)
+    if kind is not None and kind != name:
+        raise DatasetError(
+            f"case {cid}: dataset.name is {name!r} but the record looks like {_LABEL[kind]} "
+            f"(fields {sorted(rec)}); set dataset.name: {kind}"
+        )
+
+
+def parse_qa_record(rec: Any, cid: int, name: str, target: Target = "answers") -> Record | None:
+    """Record ``cid`` (its position) of a ZsRE or QAEdit file, its format detected from its fields;
+    ``None`` for a record skipped under ``target="alt"`` (empty ``alt``)."""
+    if not isinstance(rec, dict):
+        raise DatasetError(f"case {cid}: every record must be a JSON object, got {type(rec).__name__}")
+    _check_benchmark(rec, cid, name)
+    if name == "qaedit":
+        return parse_qaedit(rec, cid)
+    if "src" in rec:
+        return parse_zsre_mend(rec, cid, target)
+    if "prompt" in rec:
+        return parse_zsre_knowedit(rec, cid, target)
+    raise DatasetError(f"case {cid}: missing field 'src' (ZsRE MEND format) or 'prompt' (KnowEdit format)")
+
+
+def parse_qa_records(data: Any, name: str, target: Target = "answers", source: str = "dataset") -> list[Record]:
+    """A JSON list of ZsRE (``name="zsre"``) or QAEdit records -> records, case id = position.
+
+    Under ``target="alt"`` ZsRE records with an empty ``alt`` are skipped (EasyEdit's ZsRE loader does the
+    same) and the count is logged; the others keep their positions as case ids."""
+    if name not in ("zsre", "qaedit"):
+        raise DatasetError(f"dataset.name: {name!r} is not a question-answering benchmark (zsre, qaedit)")
+    if target == "alt" and name != "zsre":
+        raise DatasetError(f"dataset.target: 'alt' applies to zsre only; {_LABEL[name]} records have one edit target")
+    if not isinstance(data, list) or not data:
+        raise DatasetError(f"{source}: expected a non-empty JSON list of {_LABEL[name]} records")
+    parsed = [parse_qa_record(rec, i, name, target) for i, rec in enumerate(data)]
+    records = [r for r in parsed if r is not None]
+    if len(records) < len(parsed):
+        log.info(
+            "%s: skipped %d of %d records with an empty 'alt' (dataset.target: alt; as EasyEdit's ZsRE loader)",
+            source,
+            len(parsed) - len(records),
+            len(parsed),
+        )
+    if not records:
+        raise DatasetError(f"{source}: every record has an empty 'alt'; nothing to edit with dataset.target: alt")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------
 # Sources: a local path, a URL (downloaded once into a cache), or "demo"
 
 
@@ -225,14 +452,56 @@ def resolve_source(source: str, sha256: str | None = None) -> Path:
     return path
 
 
-def load_counterfact(source: str = "demo", sha256: str | None = None) -> list[Record]:
-    """All records of a CounterFact file (ROME or EasyEdit format, detected per record)."""
+def _read_json(source: str, sha256: str | None = None) -> tuple[Path, Any]:
     path = resolve_source(source, sha256)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return path, json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DatasetError(f"dataset.source: {path} is not valid JSON ({e})") from None
+
+
+def load_counterfact(source: str = "demo", sha256: str | None = None) -> list[Record]:
+    """All records of a CounterFact file (ROME or EasyEdit format, detected per record)."""
+    path, data = _read_json(source, sha256)
     return parse_records(data, str(path))
+
+
+def _load(name: str, source: str, sha256: str | None, target: Target) -> tuple[list[Record], int]:
+    """(the records of benchmark ``name`` in ``source``, how many records the file holds)."""
+    if name not in BENCHMARKS:
+        raise DatasetError(f"dataset.name: {name!r} is not one of {', '.join(BENCHMARKS)}")
+    if target not in ("answers", "alt"):
+        raise DatasetError(f"dataset.target: {target!r} is not 'answers' or 'alt'")
+    if target == "alt" and name != "zsre":
+        raise DatasetError(
+            f"dataset.target: 'alt' applies to zsre only (MEND's alt / KnowEdit's target_new); {_LABEL[name]} "
+            "records have one edit target: use 'answers'"
+        )
+    if source == "demo" and name != "counterfact":
+        raise DatasetError(
+            f"dataset.source: 'demo' is the CounterFact demo set; for dataset.name {name!r} give a local "
+            f"file or a URL" + (f" (the cluster default: {ZSRE_URL})" if name == "zsre" else "")
+        )
+    path, data = _read_json(source, sha256)
+    if name == "mquake":  # cases of rewrites (sweep.mquake): one record per rewrite
+        from .mquake import case_records, parse_cases
+
+        return case_records(parse_cases(data, str(path))), len(data)
+    if name == "counterfact":
+        if isinstance(data, list) and data:
+            _check_benchmark(data[0], 0, name)
+        return parse_records(data, str(path)), len(data)
+    return parse_qa_records(data, name, target, str(path)), len(data)
+
+
+def load_dataset(name: str, source: str, sha256: str | None = None, target: Target = "answers") -> list[Record]:
+    """All records of benchmark ``name`` (``counterfact``, ``zsre`` or ``qaedit``) in ``source`` (a path,
+    a URL, or ``"demo"`` for CounterFact), validated before any model work.
+
+    ``target`` is ZsRE's edit target: ``"answers"`` (the first gold answer: ROME/MEMIT/AlphaEdit) or
+    ``"alt"`` (MEND's alternative answer: EasyEdit). The other benchmarks have one target per record,
+    their own, which ``"answers"`` stands for; ``"alt"`` is refused there."""
+    return _load(name, source, sha256, target)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -242,13 +511,15 @@ def load_counterfact(source: str = "demo", sha256: str | None = None) -> list[Re
 def load_selection(dataset: DatasetConfig, n: int | None) -> list[Record]:
     """The records a trial with ``dataset`` settings and ``n`` edits uses, in their fixed order."""
     d = dataset
+    records, size = _load(d.name, d.source, d.sha256, d.target)
     return select(
-        load_counterfact(d.source, d.sha256),
+        records,
         n=n,
         case_ids=d.case_ids,
         sample_file=d.sample_file,
         sample=d.sample,
         unique_subjects_seed=d.unique_subjects_seed,
+        file_records=None if d.name == "counterfact" else size,
     )
 
 
@@ -260,31 +531,28 @@ def select(
     sample_file: str | None = None,
     sample: int = 0,
     unique_subjects_seed: int | None = None,
+    file_records: int | None = None,
 ) -> list[Record]:
     """Choose the records a trial edits, in a fixed order.
 
     - ``case_ids``: exactly these, in this order;
-    - ``sample_file`` (``counterfact_sampled_unique_cf_10_20000.json`` format: ``{"0": [ids...], ...}``):
-      the ids of sample ``sample``, in order — the paper edits the first 4,096 of sample 0;
+    - ``sample_file`` (``counterfact_sampled_unique_cf_10_20000.json`` / ``zsre_sampled_unique_10_10000.json``
+      format: ``{"0": [ids...], ...}``): the ids of sample ``sample``, in order — the paper edits the first
+      4,096 of sample 0 (see :func:`sample_ids` for ids the file lacks);
     - ``unique_subjects_seed``: shuffle with this seed and keep the first record of each subject;
     - otherwise the file order. Then the first ``n``.
+
+    ``file_records``: for ZsRE/QAEdit records (case id = position), how many records the file holds,
+    skipped ones included (default: the largest case id + 1).
     """
     by_id = {r.case_id: r for r in records}
     if case_ids is not None and sample_file is not None:
         raise DatasetError("dataset.case_ids: give case_ids or sample_file, not both")
     if sample_file is not None:
-        if sample_file.startswith(("http://", "https://")):
-            sample_file = str(fetch(sample_file))
-        try:
-            samples = json.loads(Path(sample_file).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise DatasetError(f"dataset.sample_file: cannot read {sample_file} ({e})") from None
-        if str(sample) not in samples:
-            raise DatasetError(f"dataset.sample: {sample} not in {sample_file} (has {sorted(samples)[:10]})")
-        ids = samples[str(sample)]
-        # The sample files cover all of CounterFact; keep the ids this file has (EasyEdit splits hold a part).
-        ids = [i for i in ids if i in by_id] if case_ids is None else ids
-        case_ids = ids
+        positional = any(r.dataset != "counterfact" for r in records)
+        if positional and file_records is None:
+            file_records = max(by_id) + 1
+        case_ids = sample_ids(sample_file, sample, by_id, file_records if positional else None)
     if case_ids is not None:
         missing = [i for i in case_ids if i not in by_id]
         if missing:
@@ -308,3 +576,40 @@ def select(
             raise DatasetError(f"n_edits: {n} requested but the selection has only {len(chosen)} records")
         chosen = chosen[:n]
     return chosen
+
+
+def sample_ids(sample_file: str, sample: int, by_id: dict[int, Record], file_records: int | None = None) -> list[int]:
+    """The ids of sample ``sample`` of ``sample_file`` that ``by_id`` holds, in order.
+
+    - CounterFact (``file_records=None``): the case ids are the ROME file's own, and the sample files cover
+      all of CounterFact; ids the file lacks are dropped (EasyEdit splits hold a part).
+    - ZsRE/QAEdit (``file_records`` = the file's record count): ids are positions, and the ZsRE sample lists
+      index ``zsre_mend_eval.json`` (19,086 records, :data:`ZSRE_URL`); a position in any other file is a
+      different question, so an id at or beyond the file's end is an error (the file is not the one the
+      list indexes). Ids of records skipped at load (empty ``alt``) are dropped, and the count logged.
+    """
+    if sample_file.startswith(("http://", "https://")):
+        sample_file = str(fetch(sample_file))
+    try:
+        samples = json.loads(Path(sample_file).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"dataset.sample_file: cannot read {sample_file} ({e})") from None
+    if not isinstance(samples, dict) or str(sample) not in samples:
+        have = sorted(samples)[:10] if isinstance(samples, dict) else type(samples).__name__
+        raise DatasetError(f"dataset.sample: {sample} not in {sample_file} (has {have})")
+    ids = samples[str(sample)]
+    if file_records is not None:
+        beyond = [i for i in ids if not 0 <= i < file_records]
+        if beyond:
+            raise DatasetError(
+                f"dataset.sample_file: {len(beyond)} of the {len(ids)} ids of sample {sample} in {sample_file} "
+                f"are not positions in this {file_records}-record file (e.g. {beyond[:5]}); ZsRE sample lists "
+                f"index zsre_mend_eval.json (19,086 records, {ZSRE_URL}) by position and a position in another "
+                "file is another question: use that file, or choose records with dataset.case_ids"
+            )
+        skipped = sum(i not in by_id for i in ids)
+        if skipped:
+            log.info(
+                "dataset.sample_file: %d ids of sample %d are records skipped at load (empty alt)", skipped, sample
+            )
+    return [i for i in ids if i in by_id]
