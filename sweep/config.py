@@ -27,6 +27,8 @@ from editors.model import parse_dtype
 from editors.schedule import MODES, check_schedule
 from editors.stats import accumulation_dtype
 
+from .registry import PROBE_TASKS
+
 # ----------------------------------------------------------------------------------------------------
 # One trial
 
@@ -42,12 +44,19 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    source: str = "demo"  # "demo", a local CounterFact file (ROME or EasyEdit format), or a URL
+    # Which benchmark: counterfact (ROME/EasyEdit formats), zsre (MEND/KnowEdit formats), qaedit, or mquake
+    # (MQuAKE cases: n_edits counts rewrites; a case's multi-hop questions are asked once all its rewrites are in)
+    name: Literal["counterfact", "zsre", "qaedit", "mquake"] = "counterfact"
+    source: str = "demo"  # "demo" (CounterFact only), a local file of that benchmark, or a URL
+    # ZsRE's edit target: "answers" (answers[0]: ROME/MEMIT/AlphaEdit) or "alt" (EasyEdit); not comparable
+    target: Literal["answers", "alt"] = "answers"
     sha256: str | None = None  # checked when downloading a URL
     case_ids: tuple[int, ...] | None = None  # exactly these records, in order
     sample_file: str | None = None  # counterfact_sampled_unique_cf_10_20000.json format
     sample: int = 0  # which sample of sample_file (the paper uses sample 0)
     unique_subjects_seed: int | None = None  # shuffle with this seed, one record per subject
+    prompts: str | None = None  # MQuAKE: the folder of its prompt files (multihop-prompts.txt, ...)
+    multihop: Literal["direct", "cot"] = "direct"  # MQuAKE: few-shot answers or chain of thought
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,16 @@ class ScoringConfig:
     ppl_max_len: int = 256
     retention_every: int = 0  # sequential modes: re-score every fact edited so far every this many batches (0: off)
     health_every: int = 0  # every this many batches: σ_max and cond of each edited W (+ ppl if ppl is on) (0: off)
+    # Generation-based scores (WILD, docs/ALGORITHMS.md): greedy, natural stop, exact match; gen_* metrics
+    generated: bool = False
+    gen_context: Literal["bare", "qa", "chat"] = "bare"  # the prompt alone, a QA instruction, the chat template
+    gen_max_new_tokens: int = 50  # the cap (the WILD protocol's max_new_tokens)
+    gen_batch_size: int = 32  # prompts per generation batch
+    # Capability probes (AlphaEdit's glue_eval): before editing, every probe_every batches, and at the end
+    probes: tuple[str, ...] = ()  # of sst2, mrpc, cola, rte, nli, mmlu (sentiment_analysis, dialogue)
+    probe_every: int = 0  # batches between probe points (0: before editing and at the end only)
+    probe_items: int = 100  # items per task (AlphaEdit: records[10:110])
+    probe_data: str | None = None  # the folder of the probe JSON lines (python -m sweep.probes fetch makes one)
 
 
 @dataclass(frozen=True)
@@ -167,6 +186,7 @@ def parse_config(data: dict[str, Any]) -> TrialConfig:
             "guard.max_ppl_ratio: must be > 1 and needs scoring.ppl=true and scoring.health_every >= 1 "
             f"(the perplexity is measured at the health points), got {g.max_ppl_ratio}"
         )
+    _check_protocols(cfg)
     if g.min_batch_es is not None and not 0 <= g.min_batch_es <= 100:
         raise ConfigError(f"guard.min_batch_es: a percentage in [0, 100], got {g.min_batch_es}")
     return cfg
@@ -182,6 +202,10 @@ _LOWER_BOUNDS = (
     ("scoring.ppl_offset", 0),
     ("scoring.ppl_texts", 1),
     ("scoring.ppl_max_len", 2),
+    ("scoring.gen_max_new_tokens", 1),
+    ("scoring.gen_batch_size", 1),
+    ("scoring.probe_every", 0),
+    ("scoring.probe_items", 1),
 )
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -223,6 +247,44 @@ def _check_fields(cfg: TrialConfig) -> None:
     check_local_store("stats.store", cfg.stats.store)
     if cfg.dataset.case_ids is not None and len(set(cfg.dataset.case_ids)) != len(cfg.dataset.case_ids):
         raise ConfigError("dataset.case_ids: every case id at most once")
+
+
+def _check_protocols(cfg: TrialConfig) -> None:
+    """The dataset's target setting, the generation-based protocol and the probes."""
+    d, sc = cfg.dataset, cfg.scoring
+    if d.target == "alt" and d.name != "zsre":
+        raise ConfigError(f"dataset.target: 'alt' is ZsRE's EasyEdit target; {d.name} has one target (use 'answers')")
+    if d.source == "demo" and d.name != "counterfact":
+        raise ConfigError(f"dataset.source: the demo set is CounterFact; give a {d.name} file or URL")
+    if d.name == "mquake":
+        if d.prompts is None or not Path(d.prompts).expanduser().is_dir():
+            raise ConfigError(
+                f"dataset.prompts: MQuAKE needs the folder of its prompt files (multihop-prompts.txt, "
+                f"multihop-cot-prompts.txt from princeton-nlp/MQuAKE), got {d.prompts!r}"
+            )
+        if d.unique_subjects_seed is not None or d.sample_file is not None:
+            raise ConfigError("dataset.unique_subjects_seed: MQuAKE's rewrites are taken case by case, in file order")
+        if cfg.mode == "batch" and cfg.batch_size < cfg.n_edits:
+            raise ConfigError(
+                "mode: MQuAKE's multi-hop questions need every rewrite of a case in one model; use "
+                "sequential-batch (or batch with batch_size >= n_edits)"
+            )
+    if sc.generated and not sc.pre:
+        raise ConfigError(
+            "scoring.generated: needs scoring.pre=true (the unedited model's generations are the reference "
+            "of the generated NS)"
+        )
+    if bad := [t for t in sc.probes if t not in PROBE_TASKS]:
+        raise ConfigError(f"scoring.probes: unknown task(s) {bad}; choose from {list(PROBE_TASKS)}")
+    if len(set(sc.probes)) != len(sc.probes):
+        raise ConfigError("scoring.probes: every task at most once")
+    if sc.probe_every and not sc.probes:
+        raise ConfigError("scoring.probe_every: set scoring.probes too (e.g. [sst2, mrpc, cola, rte, nli, mmlu])")
+    if sc.probe_data is not None and not Path(sc.probe_data).expanduser().is_dir():
+        raise ConfigError(
+            f"scoring.probe_data: {sc.probe_data!r} is not a folder (python -m sweep.probes fetch --out DIR makes "
+            "one; null fetches the authors' files once into the cache)"
+        )
 
 
 def check_local_store(name: str, value: Any) -> None:
@@ -292,6 +354,7 @@ class ResourcesConfig:
 @dataclass(frozen=True)
 class EstimateConfig:
     tflops: float = 200.0  # sustained bf16 TFLOP/s assumed for the time estimate (H100: ~200-400)
+    bandwidth_gbs: float = 2000.0  # device memory GB/s for decoding steps (H100 SXM: ~3,350 peak)
 
 
 @dataclass(frozen=True)
@@ -316,7 +379,15 @@ class SweepConfig:
 
 
 #: Config paths made absolute before the trials run (Tune moves trials into their own directories).
-_PATHS = ("stats.store", "stats.corpus", "dataset.source", "dataset.sample_file", "model.source")
+_PATHS = (
+    "stats.store",
+    "stats.corpus",
+    "dataset.source",
+    "dataset.sample_file",
+    "model.source",
+    "scoring.probe_data",
+    "dataset.prompts",
+)
 
 
 def _absolute(base: dict[str, Any]) -> dict[str, Any]:
@@ -368,6 +439,7 @@ def load_sweep(path: str, overrides: list[str] = ()) -> SweepConfig:
         ("resources.prepass_gpu", r.prepass_gpu, r.prepass_gpu is None or r.prepass_gpu >= 0, ">= 0 or null"),
         ("resources.gpu_memory_gb", r.gpu_memory_gb, r.gpu_memory_gb is None or r.gpu_memory_gb > 0, "> 0 or null"),
         ("estimate.tflops", cfg.estimate.tflops, cfg.estimate.tflops > 0, "> 0"),
+        ("estimate.bandwidth_gbs", cfg.estimate.bandwidth_gbs, cfg.estimate.bandwidth_gbs > 0, "> 0"),
     ):
         if not ok:
             raise ConfigError(f"{name}: must be {want}, got {value}")
@@ -401,7 +473,7 @@ def expand(cfg: SweepConfig) -> list[TrialConfig]:
             for k, v in zip(keys, combo):
                 data = _set(data, k, v)
             try:
-                trials.append(parse_config(data))
+                trials.append(parse_config(_absolute(data)))  # a grid or variant may name files too
             except ConfigError as e:
                 where = ", ".join([f"variants.{name}"] * (name is not None) + [f"{k}={v}" for k, v in zip(keys, combo)])
                 raise ConfigError(f"grid ({where}): {e}") from None

@@ -34,9 +34,6 @@ from editors.targets import PrefixCache, cache_kwarg
 from .data import Record
 from .registry import NAMES, RECORD_FIELDS
 
-#: what :func:`aggregate` returns, in the registry's order: the per-record scores and S
-AGGREGATED = tuple(m for m in NAMES if m in RECORD_FIELDS or m == "s")
-
 
 class _TargetTokens:
     """Accumulates, per (prompt, target) pair, the NLL of its target tokens and how many of them are
@@ -66,7 +63,6 @@ def _final_hidden(model: nn.Module, spec: ModelSpec, **batch: Any) -> torch.Tens
     return st[f"out:{spec.final_norm}"]
 
 
-@torch.no_grad()
 def target_scores(
     model: nn.Module,
     tok: Any,
@@ -76,7 +72,33 @@ def target_scores(
     batch_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean per-token NLL of each ``target`` after its ``prompt``, and whether every target token is
-    the argmax: ([n] float64, [n] bool).
+    the argmax: ([n] float64, [n] bool). See :func:`target_tokens` for how the forwards are run."""
+    nll, miss, lengths = target_tokens(model, tok, spec, pairs, batch_size=batch_size)
+    return nll / lengths, miss == 0
+
+
+def token_accuracy(
+    model: nn.Module, tok: Any, spec: ModelSpec, pairs: Sequence[tuple[str, str]], *, batch_size: int = 64
+) -> torch.Tensor:
+    """The fraction of each ``target``'s tokens that are the argmax after its ``prompt`` and the
+    target's earlier tokens (teacher forcing): [n] float64 in [0, 1]. The ZsRE metric of ROME/MEMIT/
+    AlphaEdit (memit ``eval_utils_zsre.py``: per token, argmax == the target token; the mean over the
+    target's tokens per prompt)."""
+    _, miss, lengths = target_tokens(model, tok, spec, pairs, batch_size=batch_size)
+    return 1.0 - miss.double() / lengths
+
+
+@torch.no_grad()
+def target_tokens(
+    model: nn.Module,
+    tok: Any,
+    spec: ModelSpec,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per ``(prompt, target)`` pair: the summed NLL of the target's tokens, how many of them are not
+    the argmax, and how many there are: ([n] float64, [n] long, [n] float64).
 
     Pairs that share a prompt (CounterFact scores the new and the true object after every prompt) share
     one pass over it: every prompt of a batch runs once, right-padded with no mask (a real token never
@@ -109,7 +131,7 @@ def target_scores(
             rows = [(j, i) for j, g in enumerate(groups) for i in g]
             _score_full_rows(model, tok, spec, [enc[p] for p in chunk], rows, tids, acc)
     lengths = torch.tensor([len(t) for t in tids], dtype=torch.float64)
-    return acc.nll / lengths, acc.miss == 0
+    return acc.nll, acc.miss, lengths
 
 
 BATCH_COST_TOKENS = 80
@@ -223,28 +245,110 @@ def hmean(values: Sequence[float]) -> float:
 
 @dataclass
 class RecordScores:
-    """Per-record scores in [0, 1] (magnitudes in [−1, 1])."""
+    """Per-record scores in [0, 1] (magnitudes in [−1, 1]). ``es ps ns`` are every dataset's efficacy,
+    generalisation and specificity under teacher forcing (CounterFact: probability comparisons; ZsRE and
+    QAEdit: token accuracy); a field is None where the record's dataset or the trial's protocols do not
+    define it (the magnitudes and ``*_acc`` are CounterFact's; ``gen_*`` need ``scoring.generated``).
+    The fields are :data:`sweep.registry.RECORD_FIELDS`, in order."""
 
     case_id: int
     es: float
     ps: float
     ns: float
-    em: float
-    pm: float
-    nm: float
-    es_acc: float
-    ps_acc: float
-    ns_acc: float
+    em: float | None = None
+    pm: float | None = None
+    nm: float | None = None
+    es_acc: float | None = None
+    ps_acc: float | None = None
+    ns_acc: float | None = None
+    gen_es: float | None = None
+    gen_ps: float | None = None
+    gen_ns: float | None = None
 
     def fields(self) -> dict[str, float]:
-        """The scores without the case id (what the pre-edit scores store keeps per fact)."""
-        return {m: getattr(self, m) for m in RECORD_FIELDS}
+        """The defined scores without the case id (what the pre-edit scores store keeps per fact)."""
+        return {m: v for m in RECORD_FIELDS if (v := getattr(self, m)) is not None}
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    """The generation-based (WILD) protocol of a trial (``scoring.gen_*``; :mod:`sweep.generation`)."""
+
+    context: str = "bare"
+    max_new_tokens: int = 50
+    batch_size: int = 32
+
+
+def gen_settings(scoring: Any) -> GenSettings | None:
+    """The generation protocol of a ``ScoringConfig`` (None when ``scoring.generated`` is off)."""
+    if not scoring.generated:
+        return None
+    return GenSettings(scoring.gen_context, scoring.gen_max_new_tokens, scoring.gen_batch_size)
+
+
+#: a fact's reference generations: the unedited model's token ids on each neighbourhood prompt
+Reference = tuple[tuple[int, ...], ...]
 
 
 def score_records(
+    model: nn.Module,
+    tok: Any,
+    spec: ModelSpec,
+    records: Sequence[Record],
+    *,
+    batch_size: int = 64,
+    generated: GenSettings | None = None,
+    reference: Sequence[Reference] | None = None,
+) -> list[RecordScores]:
+    """Score ``records`` (one dataset) on the model as it is: teacher-forced, by the dataset's metric
+    (:func:`score_counterfact` or :func:`score_qa`), and with ``generated`` also by greedy generation
+    (``gen_*``; ``gen_ns`` against ``reference``, one per record, else left undefined)."""
+    if not records:
+        return []
+    kinds = {r.dataset for r in records}
+    if len(kinds) > 1:
+        raise ValueError(f"score_records: records of one dataset at a time, got {sorted(kinds)}")
+    score = score_counterfact if records[0].dataset == "counterfact" else score_qa
+    out = score(model, tok, spec, records, batch_size=batch_size)
+    if generated is not None:
+        gen = generated_scores(model, tok, records, generated, reference)
+        for s, g in zip(out, gen):
+            s.gen_es, s.gen_ps = g.gen_es, g.gen_ps
+            s.gen_ns = None if reference is None else g.gen_ns
+    return out
+
+
+def generated_scores(
+    model: nn.Module, tok: Any, records: Sequence[Record], gs: GenSettings, reference: Sequence[Reference] | None
+) -> list[Any]:
+    """:func:`sweep.generation.generated_scores` of ``records`` (the target and its aliases accepted)."""
+    from .generation import GenFact
+    from .generation import generated_scores as wild
+
+    facts = [
+        GenFact(
+            rewrite=r.rewrite_prompt,
+            paraphrases=r.paraphrase_prompts,
+            neighbourhood=tuple(p for p, _ in r.neighbourhood_pairs()),
+            answers=(r.target_new, *r.target_aliases),
+        )
+        for r in records
+    ]
+    return wild(
+        model,
+        tok,
+        facts,
+        context=gs.context,
+        max_new_tokens=gs.max_new_tokens,
+        batch_size=gs.batch_size,
+        reference=reference,
+    )
+
+
+def score_counterfact(
     model: nn.Module, tok: Any, spec: ModelSpec, records: Sequence[Record], *, batch_size: int = 64
 ) -> list[RecordScores]:
-    """Score every record's rewrite, paraphrase and neighbourhood prompts in batched forwards."""
+    """CounterFact: every record's rewrite, paraphrase and neighbourhood prompts in batched forwards."""
     pairs: list[tuple[str, str]] = []
     slots: list[tuple[int, str, int]] = []  # (record, kind, n prompts)
     for i, r in enumerate(records):
@@ -278,13 +382,51 @@ def score_records(
     return [RecordScores(case_id=records[i].case_id, **out[i]) for i in range(len(records))]
 
 
+def score_qa(
+    model: nn.Module, tok: Any, spec: ModelSpec, records: Sequence[Record], *, batch_size: int = 64
+) -> list[RecordScores]:
+    """ZsRE and QAEdit as ROME/MEMIT/AlphaEdit score them (memit ``eval_utils_zsre.py``): per record, the
+    token accuracy (:func:`token_accuracy`) of the new target after the rewrite question (ES), after its
+    paraphrases (PS, their mean) and of each neighbourhood question's own answer (NS, their mean:
+    accuracy against the dataset's answer, not agreement with the unedited model)."""
+    pairs: list[tuple[str, str]] = []
+    spans: list[tuple[int, int, int]] = []  # per record: rewrite + paraphrases, neighbourhood counts
+    for r in records:
+        pp = (r.rewrite_prompt, *r.paraphrase_prompts)
+        nb = r.neighbourhood_pairs()
+        pairs += [(p, r.target_new) for p in pp] + list(nb)
+        spans.append((1, len(r.paraphrase_prompts), len(nb)))
+    acc = token_accuracy(model, tok, spec, pairs, batch_size=batch_size).tolist()
+    out, at = [], 0
+    for r, (n_rw, n_pp, n_nb) in zip(records, spans):
+        rw, pp, nb = (
+            acc[at : at + n_rw],
+            acc[at + n_rw : at + n_rw + n_pp],
+            acc[at + n_rw + n_pp : at + n_rw + n_pp + n_nb],
+        )
+        at += n_rw + n_pp + n_nb
+        out.append(RecordScores(case_id=r.case_id, es=rw[0], ps=_mean(pp), ns=_mean(nb)))
+    return out
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
 def aggregate(scores: Sequence[RecordScores]) -> dict[str, float]:
-    """Means over records ×100, plus S = hmean(ES, PS, NS)."""
+    """Means over records ×100 of every score all records define, plus S = hmean(ES, PS, NS) and, under
+    generation, gen_S = hmean(gen_ES, gen_PS, gen_NS) (nan where a part is undefined)."""
     if not scores:
         return {}
-    agg = {m: 100.0 * sum(getattr(s, m) for s in scores) / len(scores) for m in RECORD_FIELDS}
+    agg = {
+        m: 100.0 * sum(getattr(s, m) for s in scores) / len(scores)
+        for m in RECORD_FIELDS
+        if all(getattr(s, m) is not None for s in scores)
+    }
     agg["s"] = hmean([agg["es"], agg["ps"], agg["ns"]])
-    return {m: agg[m] for m in AGGREGATED}
+    if all(m in agg for m in ("gen_es", "gen_ps", "gen_ns")):
+        agg["gen_s"] = hmean([agg["gen_es"], agg["gen_ps"], agg["gen_ns"]])
+    return {m: agg[m] for m in NAMES if m in agg}
 
 
 # ----------------------------------------------------------------------------------------------------

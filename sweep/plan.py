@@ -67,29 +67,51 @@ def make_plan(cfg: SweepConfig, dry_run: bool = False, budget_gb: float | None =
     )
     tflops = cfg.estimate.tflops
     estimates = [
-        estimate(t, model_shape(t.model.source, t.model.gguf_file, t.model.revision), tflops, shared.needs[k])
+        estimate(
+            t,
+            model_shape(t.model.source, t.model.gguf_file, t.model.revision),
+            tflops,
+            shared.needs[k],
+            cfg.estimate.bandwidth_gbs,
+        )
         for k, t in zip(keys, trials)
     ]
     seconds = {"statistics": sum(p.seconds for p in shared.passes if not p.read_only)}
     seconds["values"] = sum(
         value_seconds(j.trial, _shape(j.trial), tflops, len(j.missing())) for j in shared.values.values()
     )
-    seconds["scores"] = sum(score_seconds(_shape(j.trial), len(j.missing()), tflops) for j in shared.scores.values())
+    seconds["scores"] = sum(
+        _pre_score_seconds(j.trial, len(j.missing()), tflops, cfg.estimate.bandwidth_gbs)
+        for j in shared.scores.values()
+    )
     return Plan(trials, keys, shared, estimates, seconds)
+
+
+def _pre_score_seconds(t: TrialConfig, n: int, tflops: float, bandwidth: float) -> float:
+    """The unedited model's scores of ``n`` facts: teacher-forced, and generated when configured."""
+    shape, sc = _shape(t), t.scoring
+    out = score_seconds(shape, n, tflops)
+    if sc.generated:
+        bytes_w = 2 if t.model.dtype in ("bfloat16", "bf16", "float16", "fp16") else 4
+        out += generation_seconds(shape, 3 * n, sc.gen_max_new_tokens, sc.gen_batch_size, tflops, bandwidth, bytes_w)
+    return out
 
 
 def _shape(t: TrialConfig) -> Shape:
     return model_shape(t.model.source, t.model.gguf_file, t.model.revision)
 
 
-def estimate(t: TrialConfig, shape: Shape, tflops: float, needs: Any = None) -> dict[str, float]:
+def estimate(
+    t: TrialConfig, shape: Shape, tflops: float, needs: Any = None, bandwidth: float = 2000.0
+) -> dict[str, float]:
     """Rough GPU memory (GB) and time (s) of a trial, from shapes alone.
 
     Memory: weights in the model dtype + C of each edited layer (fp32) and its fp64 solve copy + the value
     optimisation's saved activations (rows × ~12 tokens after the cached prefix × layers above the edit
     × ~(10·d + 4·dk) values in the model dtype). Time: the value optimisation (none when the sweep shares
     the values) plus the scoring forwards (at edit and, in sequential modes, final; pre-edit scores
-    only when the sweep does not share them).
+    only when the sweep does not share them), the generation-based scoring (:func:`generation_seconds`)
+    and the probe points (:func:`probe_seconds`) when configured.
     """
     hp = trial_hparams(t)
     bytes_w = 2 if t.model.dtype in ("bfloat16", "bf16", "float16", "fp16") else 4
@@ -104,7 +126,49 @@ def estimate(t: TrialConfig, shape: Shape, tflops: float, needs: Any = None) -> 
     values = 0.0 if values_shared else value_seconds(t, shape, tflops, t.n_edits)
     rounds = (1 if t.mode == "batch" else 2) + (1 if t.scoring.pre and not scores_shared else 0)
     score = score_seconds(shape, t.n_edits, tflops) * rounds
+    sc = t.scoring
+    if sc.generated:  # rewrite, paraphrase and neighbourhood prompts, greedy to the stop or the cap
+        score += (
+            generation_seconds(
+                shape, 3 * t.n_edits, sc.gen_max_new_tokens, sc.gen_batch_size, tflops, bandwidth, bytes_w
+            )
+            * rounds
+        )
+    if sc.probes:  # before editing, every probe_every batches, after the last
+        n_batches = -(-t.n_edits // t.batch_size)
+        points = 2 + (n_batches // sc.probe_every if sc.probe_every else 0)
+        score += points * probe_seconds(
+            shape, len(sc.probes), sc.probe_items, sc.gen_batch_size, tflops, bandwidth, bytes_w
+        )
     return {"gpu_memory_gb": mem / 1e9, "time_s": values + score, "value_steps": float(hp.v_num_grad_steps)}
+
+
+def generation_seconds(
+    shape: Shape, n_prompts: int, max_new: int, batch: int, tflops: float, bandwidth_gbs: float, bytes_w: int
+) -> float:
+    """Greedy generation of ``n_prompts`` prompts (~20 tokens) in batches of ``batch``, each batch run
+    to ``max_new`` steps (the worst case: it stops when its last row does): the prompts' FLOPs, and per
+    step one read of the weights at ``bandwidth_gbs`` (decoding is bound by memory, not compute)."""
+    steps = -(-n_prompts // batch) * max_new
+    flops = 2 * shape.params * n_prompts * (20 + max_new)
+    return flops / (tflops * 1e12) + steps * shape.params * bytes_w / (bandwidth_gbs * 1e9)
+
+
+#: mean prompt tokens of a probe item (AlphaEdit's glue_eval: SST-2 ~30, MRPC/RTE/NLI ~70-120, MMLU ~90)
+PROBE_PROMPT_TOKENS = 80
+#: new tokens each probe item generates (AlphaEdit's gen_len)
+PROBE_GEN_TOKENS = 5
+
+
+def probe_seconds(
+    shape: Shape, n_tasks: int, items: int, batch: int, tflops: float, bandwidth_gbs: float, bytes_w: int
+) -> float:
+    """One probe point: each task's items prefilled once (the generation's prompt also gives the label
+    words' likelihoods) and decoded :data:`PROBE_GEN_TOKENS` steps per batch."""
+    n = n_tasks * items
+    flops = 2 * shape.params * n * (PROBE_PROMPT_TOKENS + PROBE_GEN_TOKENS + 2)
+    steps = n_tasks * -(-items // batch) * PROBE_GEN_TOKENS
+    return flops / (tflops * 1e12) + steps * shape.params * bytes_w / (bandwidth_gbs * 1e9)
 
 
 def _fmt_s(x: float) -> str:
@@ -119,12 +183,13 @@ def format_plan(cfg: SweepConfig, plan: Plan) -> str:
     s = plan.summary()
     lines = [f"sweep {cfg.name}: {s['trials']} trials (id {sweep_id(cfg)})"]
     lines.append(
-        f"{'#':>3} {'method':<13} {'layers':<10} {'B':>5} {'mode':<17} {'n':>5} {'GPU GB':>7} {'est. s':>8}  hp"
+        f"{'#':>3} {'method':<13} {'data':<11} {'layers':<10} {'B':>5} {'mode':<17} {'n':>5} {'GPU GB':>7} "
+        f"{'est. s':>8}  hp"
     )
     for i, (t, e) in enumerate(zip(plan.trials, plan.estimates)):
         hp = ", ".join(f"{k}={v}" for k, v in t.hp.items())
         lines.append(
-            f"{i:>3} {method_name(t):<13} {list(trial_hparams(t).layers)!s:<10} {t.batch_size:>5} "
+            f"{i:>3} {method_name(t):<13} {t.dataset.name:<11} {list(trial_hparams(t).layers)!s:<10} {t.batch_size:>5} "
             f"{t.mode:<17} {t.n_edits:>5} {e['gpu_memory_gb']:>7.1f} {e['time_s']:>8.0f}  {hp}"
         )
     sh = plan.shared

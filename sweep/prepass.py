@@ -327,7 +327,17 @@ def _selection(t: TrialConfig, datasets: dict[tuple, list[Any]], dry_run: bool) 
     from .data import DatasetError, load_selection
 
     d = t.dataset
-    dkey = (d.source, d.sha256, d.case_ids, d.sample_file, d.sample, d.unique_subjects_seed, t.n_edits)
+    dkey = (
+        d.name,
+        d.target,
+        d.source,
+        d.sha256,
+        d.case_ids,
+        d.sample_file,
+        d.sample,
+        d.unique_subjects_seed,
+        t.n_edits,
+    )
     if dkey not in datasets:
         try:
             datasets[dkey] = load_selection(d, t.n_edits)

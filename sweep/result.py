@@ -28,6 +28,7 @@ class CurvePoint:
         batch_scores: ES/PS/NS/S of this batch's facts.
         forget: the forgetting curve's point when measured (``all_*``, ``first_*``), else empty.
         health: the edited matrices' health when measured (``drift sigma_max cond delta_sigma_max ppl``).
+        probes: the capability probes when measured (``probe_<task>_<metric>``, :mod:`sweep.probes`).
     """
 
     batch: int
@@ -40,6 +41,7 @@ class CurvePoint:
     batch_scores: dict[str, float]
     forget: dict[str, float] = field(default_factory=dict)
     health: dict[str, float] = field(default_factory=dict)
+    probes: dict[str, float] = field(default_factory=dict)
 
     def flat(self) -> dict[str, Any]:
         """The point as one flat dict, the form of ``TrialResult.curves`` and of the MLflow metrics
@@ -55,6 +57,7 @@ class CurvePoint:
             **{f"batch_{m}": v for m, v in self.batch_scores.items()},
             **{f"forget_{k}": v for k, v in self.forget.items()},
             **{f"health_{k}": v for k, v in self.health.items()},
+            **self.probes,
         }
 
 
@@ -77,8 +80,8 @@ class TrialResult:
 
     Attributes:
         config, hparams: the resolved trial config and hyperparameters (as plain data).
-        metrics: stage (``pre``, ``at_edit``, ``final``) -> metric (``es ps ns s em pm nm *_acc ge ppl``)
-            -> value, in percent (ES...) or as is (ppl).
+        metrics: stage (``pre``, ``at_edit``, ``final``) -> metric (``es ps ns s em pm nm *_acc ge ppl
+            gen_* probe_*``, :mod:`sweep.registry`) -> value, in percent (ES...) or as is (ppl).
         per_record: one row per fact: ``case_id`` and ``<stage>_<metric>``.
         curves: one point per batch (``edits``, ``applied``, ``update_norm``, S/ES/PS/NS so far...).
         stats_tokens: layer -> tokens averaged into its C.
@@ -95,6 +98,9 @@ class TrialResult:
             and why (None: it ran to the end).
         method: the method's name in reports (:func:`sweep.config.method_name`).
         trial_key, node, pid, stats_zero_copy: set by a sweep's worker.
+        dataset: the benchmark the facts come from (``dataset.name``).
+        metric_info: each metric's dataset, protocol and label (:func:`sweep.registry.describe`), so a
+            teacher-forced number is never read as a generated one.
     """
 
     config: dict[str, Any]
@@ -119,6 +125,8 @@ class TrialResult:
     node: str | None = None
     pid: int | None = None
     stats_zero_copy: bool | None = None
+    dataset: str = "counterfact"
+    metric_info: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[int]:

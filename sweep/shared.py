@@ -135,7 +135,14 @@ class ScoresKey:
 
 
 def scores_key(cfg: TrialConfig, model_id: str) -> ScoresKey:
-    return ScoresKey(model_id, cfg.model.dtype, cfg.scoring.batch_size)
+    """The key of a trial's pre-edit scores: its dataset's metric and, under ``scoring.generated``, the
+    generation protocol (a row then also holds the unedited model's neighbourhood generations,
+    ``gen_ref``, which the edited model's ``gen_ns`` is compared with)."""
+    sc = cfg.scoring
+    metrics = ScoresKey.metrics if cfg.dataset.name == "counterfact" else "sweep.metrics.score_qa.v1"
+    if sc.generated:
+        metrics += f"+sweep.generation.wild.v1:{sc.gen_context}:{sc.gen_max_new_tokens}:{sc.gen_batch_size}"
+    return ScoresKey(model_id, cfg.model.dtype, sc.batch_size, metrics)
 
 
 @dataclass(frozen=True)
@@ -177,6 +184,8 @@ def record_digest(r: Record) -> str:
             list(r.paraphrase_prompts),
             list(r.neighborhood_prompts),
             r.neighborhood_answer,
+            # the fields other datasets add; CounterFact's digests are unchanged (stores stay valid)
+            *([r.dataset, list(r.neighborhood_answers), list(r.target_aliases)] if r.dataset != "counterfact" else []),
         ]
     )
 
@@ -243,7 +252,7 @@ class ScoresStore:
         of ``key`` or from the one ``part``."""
         want = None if digests is None else set(digests)
         out: dict[str, dict[str, float]] = {}
-        fields = set(RECORD_FIELDS)  # a stored row: RecordScores.fields()
+        fields = set(RECORD_FIELDS)  # a stored row: RecordScores.fields(), and gen_ref under generation
         parts = self.store.iter_parts(key, ext="json") if part is None else [self.store.get_json(key, part)]
         for rows in parts:
             if not isinstance(rows, dict):
@@ -251,7 +260,7 @@ class ScoresStore:
             for d, r in rows.items():
                 if want is not None and d not in want:
                     continue
-                if isinstance(r, dict) and fields <= set(r) and all(isinstance(r[f], (int, float)) for f in fields):
+                if isinstance(r, dict) and _valid_row(r, fields):
                     out[d] = r
                 else:  # a malformed row (a hand-edited or foreign file): a miss, scored again
                     _warn_once(f"scores:{d}", "scores store: a malformed row for fact %s; it is scored again", d[:12])
@@ -263,6 +272,18 @@ class ScoresStore:
     def get_ppl(self, key: PplKey) -> float | None:
         got = self.store.get_json(key)
         return float(got["ppl"]) if isinstance(got, dict) and isinstance(got.get("ppl"), (int, float)) else None
+
+
+def _valid_row(row: dict[str, Any], fields: set[str]) -> bool:
+    """A stored score row: ES/PS/NS and any other declared score as numbers, ``gen_ref`` as lists of ids."""
+    ref = row.get("gen_ref", [])
+    return (
+        {"es", "ps", "ns"} <= set(row)
+        and set(row) <= fields | {"gen_ref"}
+        and all(isinstance(v, (int, float)) for k, v in row.items() if k != "gen_ref")
+        and isinstance(ref, list)
+        and all(isinstance(g, list) and all(isinstance(i, int) for i in g) for g in ref)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------

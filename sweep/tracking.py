@@ -157,19 +157,27 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+#: the benchmarks' names in words
+DATASET_NAMES = {"counterfact": "CounterFact", "zsre": "ZsRE", "qaedit": "QAEdit", "mquake": "MQuAKE"}
+
+
 def describe(result: TrialResult) -> str:
     """The run's description in words (the UI shows it on the run's page)."""
     cfg = result.config
     layers = ", ".join(map(str, result.layers))
     model = cfg["model"]["source"] or "SmolLM2-135M (embedded)"
+    data = DATASET_NAMES.get(result.dataset, result.dataset)
     text = (
-        f"{result.method or cfg['algorithm']} on {model}, layer(s) {layers}: {cfg['n_edits']} CounterFact edits "
+        f"{result.method or cfg['algorithm']} on {model}, layer(s) {layers}: {cfg['n_edits']} {data} edits "
         f"in batches of {cfg['batch_size']} ({cfg['mode']})."
     )
     final = result.metrics.get("final", {})
     if final:
         text += f" Final S {final.get('s', float('nan')):.1f} (ES {final.get('es', float('nan')):.1f}, "
-        text += f"PS {final.get('ps', float('nan')):.1f}, NS {final.get('ns', float('nan')):.1f})."
+        text += f"PS {final.get('ps', float('nan')):.1f}, NS {final.get('ns', float('nan')):.1f}; teacher-forced)."
+    if "gen_s" in final:
+        text += f" Generated (WILD): S {final['gen_s']:.1f} (ES {final['gen_es']:.1f}, PS {final['gen_ps']:.1f}, "
+        text += f"NS {final['gen_ns']:.1f})."
     if result.collapsed_at is not None:
         text += f" Stopped by the collapse guard after {result.collapsed_at} edits: {result.collapse_reason}."
     return text
@@ -194,6 +202,11 @@ def trial_params(config: dict[str, Any], hp: dict[str, Any], method: str) -> dic
         "model": config["model"]["source"] or "smollm2-135m (embedded)",
         "hparams": config["hparams"],
         "dataset": config["dataset"]["source"],
+        "dataset.name": config["dataset"].get("name", "counterfact"),
+        "dataset.target": config["dataset"].get("target", "answers"),
+        "scoring.generated": config["scoring"].get("generated", False),
+        "scoring.gen_context": config["scoring"].get("gen_context", "bare"),
+        "scoring.probes": ",".join(config["scoring"].get("probes", ())),
         "stats.max_tokens": config["stats"]["max_tokens"],
         "stats.tolerance": config["stats"].get("tolerance"),
         **{f"hp.{k}": v for k, v in hp.items() if k != "layers"},
@@ -267,6 +280,8 @@ def log_trial(
     layers = result.layers
     method = result.method or cfg["algorithm"]
     tags = {"mlflow.note.content": describe(result)}
+    for m, info in result.metric_info.items():  # which protocol produced each number, on which data
+        tags[f"metric.{m}"] = f"{info['protocol']} on {info['dataset']}: {info['label']}"
     if result.collapse_reason:
         tags["collapse.reason"] = result.collapse_reason
     if run_id is None:

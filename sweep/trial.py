@@ -40,8 +40,16 @@ from editors.templates import TemplateCache, TemplateGroups
 
 from .config import TrialConfig, load_config, method_name, needs_stats, resolve_device, trial_hparams
 from .data import Record, load_selection
-from .metrics import RecordScores, aggregate, generation_entropy, heldout_perplexity, score_records
-from .registry import CORE, RECORD_FIELDS, SUMMARY
+from .metrics import (
+    RecordScores,
+    Reference,
+    aggregate,
+    gen_settings,
+    generation_entropy,
+    heldout_perplexity,
+    score_records,
+)
+from .registry import CORE, GEN_CORE, SUMMARY, describe
 from .result import CurvePoint, TrialResult, UpdateNorms
 from .shared import TrialInputs, model_identity, record_digest, request_digest
 
@@ -130,17 +138,27 @@ def load_for_trial(cfg: TrialConfig, hp: EditHParams, model: Any, tok: Any) -> t
 
 
 class Scorer:
-    """CounterFact scoring of the model as it is now (with generation entropy when configured), timed."""
+    """Scoring of the model as it is now, timed: the dataset's teacher-forced scores, the generated ones
+    under ``scoring.generated`` (``gen_ns`` against the unedited model's generations, ``reference``:
+    case id -> token ids per neighbourhood prompt), generation entropy and the capability probes when
+    configured."""
 
     def __init__(self, cfg: TrialConfig, model: Any, tok: Any, spec: ModelSpec) -> None:
         self.cfg, self.model, self.tok, self.spec = cfg, model, tok, spec
         self.seconds = 0.0
+        self.probe_seconds = 0.0
+        self.reference: dict[int, Reference] = {}
+        self._cases: list[Any] | None = None  # MQuAKE's cases, read once
 
     def __call__(self, recs: list[Record]) -> tuple[list[RecordScores], dict[str, float]]:
         sc = self.cfg.scoring
+        gs = gen_settings(sc)
+        ref = [self.reference[r.case_id] for r in recs] if gs is not None else None
         sync(self.model.device)
         t0 = time.perf_counter()
-        per = score_records(self.model, self.tok, self.spec, recs, batch_size=sc.batch_size)
+        per = score_records(
+            self.model, self.tok, self.spec, recs, batch_size=sc.batch_size, generated=gs, reference=ref
+        )
         out = aggregate(per)
         if sc.generation:
             out["ge"] = self.generation_entropy(recs)
@@ -166,6 +184,44 @@ class Scorer:
             seed=self.cfg.seed,
         )
 
+    def probes(self) -> dict[str, float]:
+        """The capability probes (``scoring.probes``) on the model as it is (:mod:`sweep.probes`)."""
+        from .probes import probe_folder, run_probes
+
+        sc = self.cfg.scoring
+        sync(self.model.device)
+        t0 = time.perf_counter()
+        out = run_probes(
+            self.model,
+            self.tok,
+            list(sc.probes),
+            probe_folder(sc.probe_data, sc.probes),
+            n_items=sc.probe_items,
+            batch_size=sc.gen_batch_size,
+        ).metrics()
+        sync(self.model.device)
+        self.probe_seconds += time.perf_counter() - t0
+        return out
+
+    def multihop(self, recs: list[Record]) -> dict[str, float]:
+        """MQuAKE's multi-hop scores of the cases whose every rewrite is among ``recs`` (the edits in the
+        model; :func:`sweep.mquake.multihop_metrics`), or nothing for another dataset."""
+        d = self.cfg.dataset
+        if d.name != "mquake":
+            return {}
+        from .data import resolve_source
+        from .mquake import complete_cases, load_cases, multihop_metrics
+
+        if self._cases is None:
+            self._cases = load_cases(resolve_source(d.source, d.sha256))
+        t0 = time.perf_counter()
+        cases = complete_cases(self._cases, [r.case_id for r in recs])
+        out = multihop_metrics(
+            self.model, self.tok, cases, d.prompts, d.multihop, batch_size=self.cfg.scoring.gen_batch_size
+        )
+        self.seconds += time.perf_counter() - t0
+        return out
+
     def ppl(self) -> float:
         t0 = time.perf_counter()
         sc = self.cfg.scoring
@@ -180,8 +236,15 @@ def pre_scores(
     cfg: TrialConfig, records: list[Record], inputs: TrialInputs, scorer: Scorer
 ) -> tuple[list[RecordScores], dict[str, float]]:
     """The unedited model's scores of ``records`` from the shared inputs (GE, which samples over the
-    trial's own prompts, is computed here)."""
-    per = [RecordScores(case_id=r.case_id, **inputs.pre_scores[record_digest(r)]) for r in records]
+    trial's own prompts, is computed here); the stored neighbourhood generations become the scorer's
+    reference for ``gen_ns``."""
+    rows = [inputs.pre_scores[record_digest(r)] for r in records]
+    per = [
+        RecordScores(case_id=r.case_id, **{k: v for k, v in row.items() if k != "gen_ref"})
+        for r, row in zip(records, rows)
+    ]
+    if cfg.scoring.generated:
+        scorer.reference = {r.case_id: tuple(tuple(g) for g in row["gen_ref"]) for r, row in zip(records, rows)}
     agg = aggregate(per)
     if cfg.scoring.generation:
         agg["ge"] = scorer.generation_entropy(records)
@@ -206,6 +269,47 @@ class BatchLog:
     collapsed_at: int | None = None
     collapse_reason: str | None = None
     final_drift: dict[str, float] = field(default_factory=dict)  # module -> ‖W − W₀‖_F after the last batch
+    probes_final: dict[str, float] = field(default_factory=dict)  # the probes after the last batch
+    multihop_final: dict[str, float] = field(default_factory=dict)  # MQuAKE, after the last batch
+
+    def count(self, ev: BatchEvent) -> None:
+        """Add a batch's stage times, optimised values, solver fallbacks and weight drift."""
+        info = ev.result.info
+        for k in self.stages:
+            self.stages[k] += info.get(f"time_{k}", 0.0)
+        if "value_loss" in info:
+            self.values_optimised += len(ev.requests)
+        for layer_info in info.get("solver", {}).values():
+            for rec in layer_info if isinstance(layer_info, list) else [layer_info]:
+                self.solver_fallbacks += bool(rec.get("fallback"))
+        self.final_drift = dict(ev.drift)
+
+
+def periodic_points(
+    cfg: TrialConfig, ev: BatchEvent, last: bool, scorer: Scorer, records: list[Record], log_: BatchLog
+) -> tuple[dict[str, float], dict[str, float], dict[str, float], float | None]:
+    """The measurements taken every few batches and after the last one, each logged in ``log_``:
+    (the forgetting point, the probes, the matrices' health, the held-out perplexity measured with it)."""
+    sc = cfg.scoring
+    forget: dict[str, float] = {}
+    if sc.retention_every and cfg.mode != "batch" and ((ev.index + 1) % sc.retention_every == 0 or last):
+        per_so_far, _ = scorer(records[: ev.applied])
+        log_.retention.append(retention_point(ev.applied, per_so_far, cfg.batch_size))
+        forget = {k: v for k, v in log_.retention[-1].items() if k != "edits"}
+    probes: dict[str, float] = {}
+    if sc.probes and (last or (sc.probe_every and (ev.index + 1) % sc.probe_every == 0)):
+        probes = scorer.probes()
+        if last:
+            log_.probes_final = probes
+    if last:  # batch mode: the last batch's model; otherwise every edit is in
+        log_.multihop_final = scorer.multihop(records[: ev.applied] if cfg.mode != "batch" else records)
+    ppl = None
+    health: dict[str, float] = {}
+    if ev.health is not None:
+        ppl = scorer.ppl() if sc.ppl else None
+        log_.health.append(health_point(ev, ppl))
+        health = {k: v for k, v in log_.health[-1].items() if k != "edits"}
+    return forget, probes, health, ppl
 
 
 def retention_point(edits: int, per: list[RecordScores], first_batch: int) -> dict[str, Any]:
@@ -271,36 +375,17 @@ def edit_and_score(
         return torch.stack([torch.as_tensor(inputs.values[d]) for d in digests]).to(model.device)
 
     def callback(ev: BatchEvent) -> None:
-        info = ev.result.info
-        for k in log_.stages:
-            log_.stages[k] += info.get(f"time_{k}", 0.0)
-        if "value_loss" in info:
-            log_.values_optimised += len(ev.requests)
-        for layer_info in info.get("solver", {}).values():
-            for rec in layer_info if isinstance(layer_info, list) else [layer_info]:
-                log_.solver_fallbacks += bool(rec.get("fallback"))
+        log_.count(ev)
         recs = records[ev.index * cfg.batch_size : ev.index * cfg.batch_size + len(ev.requests)]
         per, agg = scorer(recs)
         log_.scores.extend(per)
         if "ge" in agg:
             log_.ge.append((len(recs), agg["ge"]))
-        if cfg.scoring.ppl and cfg.mode == "batch" and ev.index == n_batches - 1:
-            log_.ppl_at_edit = scorer.ppl()  # batch mode: the last batch's model stands for all of them
-        log_.final_drift = dict(ev.drift)
-        so_far = aggregate(log_.scores)
         last = ev.index == n_batches - 1
-        every = cfg.scoring.retention_every
-        forget: dict[str, float] = {}
-        if every and cfg.mode != "batch" and ((ev.index + 1) % every == 0 or last):
-            per_so_far, _ = scorer(records[: ev.applied])
-            log_.retention.append(retention_point(ev.applied, per_so_far, cfg.batch_size))
-            forget = {k: v for k, v in log_.retention[-1].items() if k != "edits"}
-        ppl = None
-        health: dict[str, float] = {}
-        if ev.health is not None:
-            ppl = scorer.ppl() if cfg.scoring.ppl else None
-            log_.health.append(health_point(ev, ppl))
-            health = {k: v for k, v in log_.health[-1].items() if k != "edits"}
+        if cfg.scoring.ppl and cfg.mode == "batch" and last:
+            log_.ppl_at_edit = scorer.ppl()  # batch mode: the last batch's model stands for all of them
+        so_far = aggregate(log_.scores)
+        forget, probes, health, ppl = periodic_points(cfg, ev, last, scorer, records, log_)
         point = CurvePoint(
             batch=ev.index,
             edits=ev.index * cfg.batch_size + len(ev.requests),
@@ -308,10 +393,11 @@ def edit_and_score(
             update_norm=sum(ev.update_norms.values()),
             drift=max(ev.drift.values(), default=0.0),
             elapsed_s=time.perf_counter() - t_start,
-            at_edit={m: so_far[m] for m in CORE},
-            batch_scores={m: agg[m] for m in CORE},
+            at_edit={m: so_far[m] for m in (*CORE, *GEN_CORE) if m in so_far},
+            batch_scores={m: agg[m] for m in (*CORE, *GEN_CORE) if m in agg},
             forget=forget,
             health=health,
+            probes=probes,
         )
         log_.curves.append(point.flat())
         if on_batch is not None:
@@ -388,10 +474,12 @@ def final_scores(
     if log_.ppl_at_edit is not None:
         at_edit["ppl"] = log_.ppl_at_edit
     if cfg.mode == "batch":
-        return at_edit, dict(at_edit), log_.scores
+        return at_edit, {**at_edit, **log_.probes_final, **log_.multihop_final}, log_.scores
     per, final = scorer(records[: sched.applied])
     if cfg.scoring.ppl:
         final["ppl"] = scorer.ppl()
+    final.update(log_.probes_final or (scorer.probes() if cfg.scoring.probes else {}))  # a guard stop: now
+    final.update(log_.multihop_final or scorer.multihop(records[: sched.applied]))
     return at_edit, final, per
 
 
@@ -444,6 +532,9 @@ def run_trial(
     if cfg.scoring.pre:
         per, metrics["pre"] = pre_scores(cfg, records, inputs, scorer)
         _merge(per_record, "pre", per)
+        if cfg.scoring.probes:
+            metrics["pre"].update(scorer.probes())
+        metrics["pre"].update(scorer.multihop(records))  # MQuAKE: the unedited model on every case
     tpl = (templates or TemplateCache()).get(model, tok, hp.context_templates, hp.template_seed)
     log_, sched = edit_and_score(cfg, hp, model, tok, spec, records, inputs, scorer, tpl, t_start, on_batch)
     try:
@@ -454,6 +545,8 @@ def run_trial(
     _merge(per_record, "final", per)
     norms = log_.final_drift if cfg.mode != "batch" else {}
     timings = {"load": load_s, **log_.stages, "score": scorer.seconds}
+    if cfg.scoring.probes:
+        timings["probes"] = scorer.probe_seconds
     timings["total"] = time.perf_counter() - t_start
     return TrialResult(
         config=to_dict(cfg),
@@ -474,6 +567,8 @@ def run_trial(
         work=work_counts(inputs, log_),
         versions=versions(model_identity(cfg.model)),
         templates=[list(g) for g in tpl],
+        dataset=cfg.dataset.name,
+        metric_info=describe(sorted({k for m in metrics.values() for k in m}), cfg.dataset.name),
     )
 
 
@@ -513,7 +608,7 @@ def trial_alone(
 
 def _merge(per_record: dict[int, dict[str, Any]], stage: str, scores: list[RecordScores]) -> None:
     for s in scores:
-        per_record[s.case_id].update({f"{stage}_{m}": getattr(s, m) for m in RECORD_FIELDS})
+        per_record[s.case_id].update({f"{stage}_{m}": v for m, v in s.fields().items()})
 
 
 # ----------------------------------------------------------------------------------------------------

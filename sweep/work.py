@@ -64,11 +64,21 @@ def compute_values(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Rec
     return v.values.float().cpu()
 
 
-def compute_scores(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Record]) -> list[dict[str, float]]:
-    """The score fields (``RecordScores.fields()``) of ``records`` on the model as it is."""
-    from .metrics import score_records
+def compute_scores(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Record]) -> list[dict[str, Any]]:
+    """The score fields (``RecordScores.fields()``) of ``records`` on the model as it is; under
+    ``scoring.generated`` each row also holds ``gen_ref``, the model's neighbourhood generations (token
+    ids per prompt) that an edited model's ``gen_ns`` is compared with (so its own ``gen_ns`` is 1)."""
+    from .metrics import gen_settings, score_records
 
-    return [s.fields() for s in score_records(model, tok, spec_for(model), records, batch_size=cfg.scoring.batch_size)]
+    gs = gen_settings(cfg.scoring)
+    scores = score_records(model, tok, spec_for(model), records, batch_size=cfg.scoring.batch_size)
+    rows: list[dict[str, Any]] = [s.fields() for s in scores]
+    if gs is not None:
+        from .metrics import generated_scores
+
+        for row, g in zip(rows, generated_scores(model, tok, records, gs, None)):
+            row.update(gen_es=g.gen_es, gen_ps=g.gen_ps, gen_ns=1.0, gen_ref=[list(ids) for ids in g.neighbour_ids])
+    return rows
 
 
 def compute_ppl(cfg: TrialConfig, model: Any, tok: Any) -> float:

@@ -239,7 +239,9 @@ def test_every_metric_a_trial_reports_is_declared_once_in_the_registry(tiny_dir)
     from sweep.registry import BY_NAME, CORE, METRICS, NAMES, RECORD_FIELDS, STAGES
 
     assert len(set(NAMES)) == len(NAMES) and set(CORE) <= set(NAMES)
-    assert all(m.meaning and m.label and m.protocol in ("teacher_forced", "sampled", "model") for m in METRICS)
+    assert len({(m.name, m.dataset) for m in METRICS}) == len(METRICS)  # one declaration per name and dataset
+    protocols = ("teacher_forced", "generated", "likelihood", "sampled", "model")
+    assert all(m.meaning and m.label and m.protocol in protocols for m in METRICS)
     assert not BY_NAME["s"].per_record and BY_NAME["ppl"].higher_is_better is False
     res = trial_alone(load_config(None, overrides(tiny_dir, mode="sequential-batch")), progress=False)
     assert set(res.metrics) == set(STAGES)
@@ -248,4 +250,6 @@ def test_every_metric_a_trial_reports_is_declared_once_in_the_registry(tiny_dir)
     fields = {f"{st}_{m}" for st in STAGES for m in RECORD_FIELDS}
     identity = {"case_id", "subject", "prompt", "target_new", "target_true"}
     assert all(set(row) <= fields | identity for row in res.per_record)
-    assert set(res.per_record[0]) - identity == fields  # every declared field of every stage is there
+    teacher_forced = {f for f in fields if "gen_" not in f}  # generation is off in this trial
+    assert set(res.per_record[0]) - identity == teacher_forced  # every CounterFact field of every stage is there
+    assert res.dataset == "counterfact" and res.metric_info["es"]["protocol"] == "teacher_forced"
