@@ -160,6 +160,11 @@ def test_every_file_written(report: tuple[dict[str, Path], Path, str]) -> None:
         if name.endswith(".png"):
             assert f.read_bytes()[:8] == PNG, name
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    # one dataset (runs without dataset.name are CounterFact's): one folder, no generated scores or probes
+    assert not [p for p in out.iterdir() if p.is_dir()] and all("/" not in name for name in paths)
+    assert not [p for p in out.iterdir() if p.name.startswith(("protocols", "probes", "fig_protocols", "fig_probes"))]
+    assert set(pd.read_csv(out / "runs.csv")["dataset.name"]) == {"counterfact"}
+    assert "- dataset: CounterFact (`counterfact`)" in (out / "report.md").read_text()
 
 
 def test_runs_only_this_sweep(report: tuple[dict[str, Path], Path, str], sweep_store: dict[str, Any]) -> None:

@@ -21,6 +21,19 @@ Reproduces the figures of arXiv 2405.00664 from the trial runs (children of the 
 - ``hparam_<name>``: one per numeric ``hp.*`` swept within an algorithm (MEMIT's λ, EMMET's μ, ...), ES/PS/
   NS/S, held-out perplexity and update norm vs its value (log axis), one line per setting swept over it:
   the λ tuning of the paper's App. A.1 (Tables 3-4).
+- ``forgetting`` and ``health`` (:mod:`.lifelong`): the lifelong-editing curves;
+- ``protocols`` (:mod:`.protocols`): per dataset and method, the final ES/PS/NS/S teacher-forced beside the
+  generated (WILD, arXiv 2502.11177) ``gen_*``, the drop between them, the ranks under either protocol and
+  whether the ranking changes, in words;
+- ``probes`` (:mod:`.probes`): the capability probes (``probe_<task>_<metric>``) from the unedited model
+  through every probe point to the final one, a panel per task with its chance level
+  (:data:`.schema.CHANCE`), and the held-out perplexity beside them.
+
+Datasets are kept apart: ES/PS/NS/S mean different things on CounterFact and on ZsRE/QAEdit
+(:func:`sweep.registry.label`). A sweep over one dataset (``dataset.name``; a run without it is
+CounterFact's) writes every section into ``--out``; over several, each dataset's sections go into
+``<out>/<dataset>/`` with its own ``report.md``, and ``<out>`` holds ``protocols``, ``probes`` (a row,
+panel or line per dataset) and a ``report.md`` linking the datasets'.
 
 One line per algorithm, and per value of anything else that varies within it (an ``hp.*`` such as λ,
 ``n_edits``, the edited layers), so no point averages different settings; repeated trials of the same

@@ -8,9 +8,12 @@ from typing import Any
 
 import pandas as pd
 
-from .schema import METHOD_ORDER, SETTINGS
+from .schema import DATASET, METHOD_ORDER, SETTINGS
 
 log = logging.getLogger(__name__)
+
+#: data and protocol settings that split a series when they vary within a method
+DATA_DIMS = (DATASET, "dataset.target", "scoring.gen_context")
 
 # ----------------------------------------------------------------------------------------------------
 # Aggregation into series
@@ -71,10 +74,12 @@ def aggregate_series(
     """Mean of ``metrics`` per (algorithm, varying settings, x): columns algorithm, series, dims, x, n_trials, metrics.
 
     ``series`` names the line: the algorithm plus ``name=value`` for every setting that varies within it
-    (model, hparams, n_edits, layers, every ``hp.*``, and ``extra_dims``).
+    (model, hparams, n_edits, layers, every ``hp.*``, and ``extra_dims``; the dataset, its target and the
+    generation context too, so no line averages two benchmarks or two protocols' settings).
     """
     candidates = [
         *extra_dims,
+        *DATA_DIMS,
         "model",
         "hparams",
         "n_edits",

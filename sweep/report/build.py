@@ -10,15 +10,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from .files import write_csv, write_text
 from .lifelong import forgetting_section, health_section
+from .probes import probes_section
+from .protocols import protocols_section
 from .runs import check_store, curves_frame, fetch_trials, find_sweep, resolve_tracking_uri, trials_frame
-from .schema import DEFAULT_EXPERIMENT, HPARAM_FILES, SECTION_FILES, ReportError, Section, Sweep
+from .schema import (
+    DATASET,
+    DATASET_TITLES,
+    DEFAULT_EXPERIMENT,
+    HPARAM_FILES,
+    SECTION_FILES,
+    ReportError,
+    Section,
+    Sweep,
+    dataset_order,
+    dataset_title,
+)
 from .sections import (
     batch_section,
     curves_section,
     hparam_section,
     layer_search_section,
+    metric_glossary,
     report_markdown,
     sequential_section,
     swept_hparams,
@@ -28,53 +44,167 @@ from .sections import (
 log = logging.getLogger(__name__)
 
 
-def build_report(client: Any, sweep: Sweep, out: Path) -> tuple[dict[str, Path], list[str]]:
-    """Read the sweep's trials and write every section into ``out``; returns (paths by file name, best-layer lines)."""
-    runs = fetch_trials(client, sweep)
-    if not runs:
-        raise ReportError(f"sweep {sweep.name!r} (parent run {sweep.parent_run_id}) has no trial runs")
-    trials = trials_frame(runs)
-    log.info("sweep %s: %d trials (parent run %s)", sweep.name, len(trials), sweep.parent_run_id)
-    paths: dict[str, Path] = {"runs.csv": write_csv(out / "runs.csv", trials)}
-    finished = trials[trials["status"] == "FINISHED"]
-    if len(finished) < len(trials):
-        statuses = trials.loc[trials["status"] != "FINISHED", "status"].value_counts().to_dict()
-        log.warning("%d trials not FINISHED are left out of the sections: %s", len(trials) - len(finished), statuses)
-    finished_runs = [r for r in runs if r.info.status == "FINISHED"]
+Best = dict[str, tuple[int, float, str]]
 
-    layer_sec, best = layer_search_section(finished, out)
+
+def _folder(dataset: str) -> str:
+    """A dataset's subfolder name."""
+    return re.sub(r"[^\w.-]+", "_", dataset)
+
+
+def _dataset_sections(
+    trials: pd.DataFrame, curves: pd.DataFrame, out: Path, dataset: str
+) -> tuple[dict[str, Section | None], Best]:
+    """The sections of one dataset's finished trials (labels on ``dataset``), written into ``out``;
+    returns them by name and the best layer per method."""
+    layer_sec, best = layer_search_section(trials, out, dataset)
     sections: dict[str, Section | None] = {
         "layer_search": layer_sec,
-        "batch": batch_section(finished, out),
-        "sequential": sequential_section(finished, out),
-        "timings": timings_section(finished, out),
-        "curves": curves_section(curves := curves_frame(client, finished_runs, finished), out),
-        "forgetting": forgetting_section(curves, out),
-        "health": health_section(finished, curves, out),
+        "batch": batch_section(trials, out, dataset),
+        "sequential": sequential_section(trials, out, dataset),
+        "timings": timings_section(trials, out),
+        "curves": curves_section(curves, out, dataset),
+        "forgetting": forgetting_section(curves, out, dataset),
+        "health": health_section(trials, curves, out),
     }
-    for col in swept_hparams(finished):
-        sec = hparam_section(finished, col, out)
+    for col in swept_hparams(trials):
+        sec = hparam_section(trials, col, out, dataset)
         if sec is not None:
             sections[sec.name] = sec
+    return sections, best
+
+
+def _cross_sections(trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> dict[str, Section | None]:
+    """The sections that compare per dataset in one table and figure: protocols and probes."""
+    return {"protocols": protocols_section(trials, out), "probes": probes_section(trials, curves, out)}
+
+
+def _written(sections: dict[str, Section | None]) -> list[Section]:
+    """The sections written (the skipped ones logged)."""
     for name, sec in sections.items():
         if sec is None:
             log.info("%s: no trials for this section, skipped", name)
-    written = [sec for sec in sections.values() if sec is not None]
-    for sec in written:
-        paths.update(sec.paths)
-    # Every report file this run did not write is left from an earlier report of another shape: remove it.
-    current = {*paths, "report.md"}
+    return [sec for sec in sections.values() if sec is not None]
+
+
+def _remove_stale(out: Path, current: set[str]) -> None:
+    """Remove every report file in ``out`` not in ``current``: left from an earlier report of another shape."""
     for pattern in (*(f for files in SECTION_FILES.values() for f in files), *HPARAM_FILES):
         for stale in out.glob(pattern):
             if stale.name not in current:
                 log.info("removing %s from an earlier report", stale)
                 stale.unlink()
-    best_lines = [
-        f"{alg}: layer {layer} (S {s:.2f}{'' if series == alg else f'; {series}'})"
+
+
+def _remove_dataset_folders(out: Path, keep: Sequence[str]) -> None:
+    """Remove the report files of the dataset subfolders not in ``keep`` (an earlier report of a sweep
+    over other datasets), and each folder left empty."""
+    for folder in (out / _folder(d) for d in DATASET_TITLES):
+        if folder.name in keep or not folder.is_dir():
+            continue
+        _remove_stale(folder, set())
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _best_lines(best: Best, dataset: str | None = None) -> list[str]:
+    """The best layer of each method in words ("memit: layer 2 (S 90.00)"; "memit (ZsRE): ..." with a dataset)."""
+    where = f" ({dataset_title(dataset)})" if dataset else ""
+    return [
+        f"{alg}{where}: layer {layer} (S {s:.2f}{'' if series == alg else f'; {series}'})"
         for alg, (layer, s, series) in best.items()
     ]
-    paths["report.md"] = write_text(out / "report.md", report_markdown(sweep, len(trials), written, best_lines))
-    return paths, best_lines
+
+
+def _report_folder(
+    sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame, out: Path, dataset: str, cross: bool
+) -> tuple[dict[str, Path], Best]:
+    """One dataset's report in ``out``: its runs.csv, sections (and the cross-dataset ones when ``cross``:
+    a sweep of one dataset), report.md; stale files removed. Returns the paths by file name and the best layers."""
+    paths = {"runs.csv": write_csv(out / "runs.csv", trials)}
+    finished = _finished(trials)
+    curves = curves[curves["run_id"].isin(finished["run_id"])]
+    sections, best = _dataset_sections(finished, curves, out, dataset)
+    if cross:
+        sections.update(_cross_sections(finished, curves, out))
+    written = _written(sections)
+    for sec in written:
+        paths.update(sec.paths)
+    _remove_stale(out, {*paths, "report.md"})
+    text = report_markdown(sweep, len(trials), written, _best_lines(best), dataset, metric_glossary(finished, dataset))
+    paths["report.md"] = write_text(out / "report.md", text)
+    return paths, best
+
+
+def _finished(trials: pd.DataFrame) -> pd.DataFrame:
+    """The FINISHED trials (the only ones in the sections)."""
+    return trials[trials["status"] == "FINISHED"]
+
+
+def _top_report(
+    sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame, out: Path, best: dict[str, Best]
+) -> dict[str, Path]:
+    """The top folder of a sweep over several datasets: runs.csv, the cross-dataset sections, report.md
+    linking each dataset's report."""
+    paths = {"runs.csv": write_csv(out / "runs.csv", trials)}
+    finished = _finished(trials)
+    written = _written(_cross_sections(finished, curves, out))
+    for sec in written:
+        paths.update(sec.paths)
+    _remove_stale(out, {*paths, "report.md"})
+    counts = trials[DATASET].value_counts()
+    links = [
+        f"- [{dataset_title(d)}]({_folder(d)}/report.md): {counts[d]} trials, every section on its own"
+        for d in dataset_order(trials[DATASET])
+    ]
+    preamble = [
+        "## Datasets",
+        "",
+        "Each dataset's numbers are reported apart (ES/PS/NS/S mean different things on each); the tables",
+        "and figures below name the dataset of every row, panel and line.",
+        "",
+        *links,
+        "",
+    ]
+    lines = [line for d, b in best.items() for line in _best_lines(b, d)]
+    paths["report.md"] = write_text(
+        out / "report.md", report_markdown(sweep, len(trials), written, lines, None, preamble)
+    )
+    return paths
+
+
+def build_report(client: Any, sweep: Sweep, out: Path) -> tuple[dict[str, Path], list[str]]:
+    """Read the sweep's trials and write every section into ``out``; returns (paths by file name, relative
+    to ``out``, and best-layer lines).
+
+    A sweep over one dataset writes every section into ``out``; over several, each dataset's sections go
+    into ``out/<dataset>/`` (its own report.md) and ``out`` holds the cross-dataset sections (protocols,
+    probes) and a report.md linking the datasets' reports.
+    """
+    runs = fetch_trials(client, sweep)
+    if not runs:
+        raise ReportError(f"sweep {sweep.name!r} (parent run {sweep.parent_run_id}) has no trial runs")
+    trials = trials_frame(runs)
+    log.info("sweep %s: %d trials (parent run %s)", sweep.name, len(trials), sweep.parent_run_id)
+    finished = _finished(trials)
+    if len(finished) < len(trials):
+        statuses = trials.loc[trials["status"] != "FINISHED", "status"].value_counts().to_dict()
+        log.warning("%d trials not FINISHED are left out of the sections: %s", len(trials) - len(finished), statuses)
+    curves = curves_frame(client, [r for r in runs if r.info.status == "FINISHED"], finished)
+    datasets = dataset_order(trials[DATASET])
+    if len(datasets) == 1:
+        _remove_dataset_folders(out, ())
+        paths, best = _report_folder(sweep, trials, curves, out, datasets[0], cross=True)
+        return paths, _best_lines(best)
+    log.info("sweep %s: %d datasets (%s), one subfolder each", sweep.name, len(datasets), ", ".join(datasets))
+    paths, bests = {}, {}
+    for d in datasets:
+        sub, folder = trials[trials[DATASET] == d], _folder(d)
+        got, bests[d] = _report_folder(sweep, sub, curves, out / folder, d, cross=False)
+        paths.update({f"{folder}/{name}": p for name, p in got.items()})
+    _remove_dataset_folders(out, [_folder(d) for d in datasets])
+    paths.update(_top_report(sweep, trials, curves, out, bests))
+    return paths, [line for d, b in bests.items() for line in _best_lines(b, d)]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,14 +16,15 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..colors import method_color
-from ..registry import CORE
+from ..registry import CORE, label
 from .files import markdown_table, write_csv, write_figure, write_text
-from .schema import COLLAPSED_AT, METHOD_ORDER, SEQUENTIAL_MODES, Section
+from .schema import COLLAPSED_AT, DEFAULT_DATASET, METHOD_ORDER, SEQUENTIAL_MODES, Section
 
 log = logging.getLogger(__name__)
 
 
 def _label(row: pd.Series, several_batch_sizes: bool) -> str:
+    """A run's legend entry: its method, with the batch size when the figure has several."""
     return f"{row['method']} B{row['batch_size']}" if several_batch_sizes else str(row["method"])
 
 
@@ -80,6 +81,7 @@ def _draw(
     lines: Sequence[tuple[str, str]],
     several: bool,
 ) -> None:
+    """Each run's ``lines`` (curve key, line style) on ``ax`` in its method's colour; the solid ones labelled."""
     for rid in runs:
         row = info.loc[rid]
         for key, style in lines:
@@ -90,9 +92,10 @@ def _draw(
             ax.plot(d["step"], d["value"], style, color=method_color(str(row["method"])), marker="o", ms=3, label=label)
 
 
-def forgetting_section(curves: pd.DataFrame, out: Path) -> Section | None:
+def forgetting_section(curves: pd.DataFrame, out: Path, dataset: str = DEFAULT_DATASET) -> Section | None:
     """Forgetting curves: ES/PS/NS/S of every fact edited so far (solid) and of the first batch's facts
-    (dashed), re-scored every ``scoring.retention_every`` batches, against the edits applied."""
+    (dashed), re-scored every ``scoring.retention_every`` batches, against the edits applied; panels
+    titled with the metrics' labels on ``dataset``."""
     keys = [f"curve.forget_{g}_{m}" for g in ("all", "first") for m in CORE]
     runs = _runs(curves, keys)
     if not runs:
@@ -124,19 +127,14 @@ def forgetting_section(curves: pd.DataFrame, out: Path) -> Section | None:
     sec.paths["forgetting.md"] = write_text(out / "forgetting.md", markdown_table(summary))
     sec.table = summary
     sec.notes.append("Table: the last point of each curve (all facts edited, and the first batch's ES then).")
+    what = {"es": "facts edited so far", "ps": "paraphrases", "ns": "unrelated facts kept", "s": "hmean of ES, PS, NS"}
     panels = [
         (
-            "ES: efficacy of the facts edited so far",
-            [("curve.forget_all_es", "-"), ("curve.forget_first_es", "--")],
-            "ES (%)",
-        ),
-        ("PS: paraphrases", [("curve.forget_all_ps", "-"), ("curve.forget_first_ps", "--")], "PS (%)"),
-        (
-            "NS: neighbourhood (unrelated facts kept)",
-            [("curve.forget_all_ns", "-"), ("curve.forget_first_ns", "--")],
-            "NS (%)",
-        ),
-        ("S: harmonic mean of ES, PS, NS", [("curve.forget_all_s", "-"), ("curve.forget_first_s", "--")], "S (%)"),
+            f"{label(m, dataset)}: {what[m]}",
+            [(f"curve.forget_all_{m}", "-"), (f"curve.forget_first_{m}", "--")],
+            f"{m.upper()} (%)",
+        )
+        for m in CORE
     ]
     fig = _curve_panels(curves, runs, panels, sec.title)
     sec.paths["fig_forgetting.png"] = write_figure(out / "fig_forgetting.png", fig)

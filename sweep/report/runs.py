@@ -12,7 +12,23 @@ from typing import Any
 
 import pandas as pd
 
-from .schema import CURVES, INT_PARAMS, METHOD_ORDER, METRIC_COLUMNS, PARAMS, RUN_ID, SETTINGS, ReportError, Sweep
+from ..registry import STAGES
+from .schema import (
+    CURVES,
+    DATASET,
+    DEFAULT_DATASET,
+    INT_PARAMS,
+    METHOD_ORDER,
+    METRIC_COLUMNS,
+    PARAMS,
+    PROBE_CURVE_PREFIX,
+    PROBE_PREFIX,
+    RUN_ID,
+    SETTINGS,
+    ReportError,
+    Sweep,
+    is_probe_score,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +125,13 @@ def _maybe_numeric(col: pd.Series) -> pd.Series:
     return num if num.notna().sum() == col.notna().sum() else col
 
 
+#: the stage metrics of the capability probes (``pre.probe_sst2_f1``...): their names vary with the tasks
+_PROBE_METRICS = tuple(f"{st}.{PROBE_PREFIX}" for st in STAGES)
+
+
 def trials_frame(runs: Sequence[Any]) -> pd.DataFrame:
-    """One row per trial: ids, status, the contract's params (typed), ``hp.*`` and the scalar metrics."""
+    """One row per trial: ids, status, the contract's params (typed), ``hp.*`` and the scalar metrics
+    (the probes' after the declared ones, by name); a run without ``dataset.name`` is CounterFact's."""
     rows = []
     for r in runs:
         row: dict[str, Any] = {
@@ -123,15 +144,17 @@ def trials_frame(runs: Sequence[Any]) -> pd.DataFrame:
         params = r.data.params
         row.update({p: params.get(p) for p in PARAMS})
         row.update({k: v for k, v in params.items() if k.startswith(SETTINGS)})
-        row.update({k: v for k, v in r.data.metrics.items() if k in METRIC_COLUMNS})
+        row.update({k: v for k, v in r.data.metrics.items() if k in METRIC_COLUMNS or k.startswith(_PROBE_METRICS)})
         rows.append(row)
     df = pd.DataFrame(rows)
     hp_cols = sorted(c for c in df.columns if c.startswith(SETTINGS))
     metric_cols = [c for c in METRIC_COLUMNS if c in df.columns]
+    metric_cols += sorted(c for c in df.columns if c.startswith(_PROBE_METRICS))
     for c in PARAMS:
         if c not in df.columns:
             df[c] = None
     df["method"] = df["method"].fillna(df["algorithm"])  # runs logged before methods had names
+    df[DATASET] = df[DATASET].fillna(DEFAULT_DATASET)  # runs logged before datasets had names
     missing_layer = df["layer"].isna()
     df.loc[missing_layer, "layer"] = df.loc[missing_layer, "layers"].map(_first_int)
     for c in INT_PARAMS:
@@ -144,16 +167,23 @@ def trials_frame(runs: Sequence[Any]) -> pd.DataFrame:
     return df.sort_values(["_alg", "method", "mode", "layer", "batch_size"], kind="stable").drop(columns="_alg")
 
 
+def curve_keys(run: Any) -> list[str]:
+    """The curve keys a run has: the declared ones (:data:`.schema.CURVES`) in order, then its probes'
+    (``curve.probe_<task>_<metric>``, named by the tasks it ran; not ``probe_seconds``) by name.
+    ``run.data.metrics`` holds each key's latest value, so only histories that exist are fetched."""
+    have = run.data.metrics
+    probes = sorted(k for k in have if k.startswith(PROBE_CURVE_PREFIX) and is_probe_score(k))
+    return [*(k for k in CURVES if k in have), *probes]
+
+
 def curves_frame(client: Any, runs: Sequence[Any], trials: pd.DataFrame) -> pd.DataFrame:
     """Every curve.* metric history of the given runs, long format (run_id, algorithm, ..., key, step, value)."""
     info = trials.set_index("run_id")
     order = {rid: i for i, rid in enumerate(trials["run_id"])}
     rows = []
     for r in sorted(runs, key=lambda r: order.get(r.info.run_id, len(order))):
-        for key in CURVES:
-            if key not in r.data.metrics:
-                continue
-            t = info.loc[r.info.run_id]
+        t = info.loc[r.info.run_id]
+        for key in curve_keys(r):
             for m in sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: (m.step, m.timestamp)):
                 rows.append(
                     {

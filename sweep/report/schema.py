@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from ..registry import CORE, NAMES, STAGES, label
+from ..registry import CORE, GEN_CORE, NAMES, STAGES
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,33 @@ HEALTH_CURVES = (
     "curve.health_delta_sigma_max",
     "curve.health_ppl",
 )
+#: the generation-based (WILD) curves: every fact so far at its own edit, and each batch's facts
+GEN_CURVES = (*(f"curve.at_edit_{m}" for m in GEN_CORE), *(f"curve.batch_{m}" for m in GEN_CORE))
 CURVES = (
     *(f"curve.batch_{m}" for m in CORE),
     *(f"curve.at_edit_{m}" for m in CORE),
+    *GEN_CURVES,
     "curve.update_norm",
     *FORGET_CURVES,
     *HEALTH_CURVES,
 )
-PARAMS = ("method", "algorithm", "layers", "layer", "batch_size", "mode", "n_edits", "model", "hparams")
+#: the param naming the benchmark a trial edits (runs logged before it existed: CounterFact)
+DATASET = "dataset.name"
+DEFAULT_DATASET = "counterfact"
+#: the params that say what a trial's numbers were measured on and how (:func:`sweep.tracking.trial_params`)
+DATA_PARAMS = (DATASET, "dataset.target", "scoring.generated", "scoring.gen_context", "scoring.probes")
+PARAMS = (
+    "method",
+    "algorithm",
+    "layers",
+    "layer",
+    "batch_size",
+    "mode",
+    "n_edits",
+    "model",
+    "hparams",
+    *DATA_PARAMS,
+)
 #: params that are swept settings: hyperparameters and statistics settings (``stats.max_tokens``...)
 SETTINGS = ("hp.", "stats.")
 INT_PARAMS = ("layer", "batch_size", "n_edits")
@@ -50,7 +70,35 @@ METHOD_ORDER = ("rome", "memit", "emmet", "alphaedit", "encore", "memit+nas", "m
 SEQUENTIAL_MODES = ("sequential-batch", "sequential")
 #: optional columns added to the section tables when any trial of the section has them
 EXTRA_COLUMNS = ("at_edit.ge", "final.ge", "pre.ppl", "final.ppl", UPDATE_NORM)
-LABELS = {m: label(m) for m in CORE}
+#: the protocols in words, as column headers and legends say them (:mod:`sweep.registry`)
+PROTOCOL_WORDS = {"teacher_forced": "teacher-forced", "generated": "generated (WILD)"}
+#: capability probes: ``<stage>.probe_<task>_<metric>`` and ``curve.probe_<task>_<metric>``
+PROBE_PREFIX = "probe_"
+PROBE_CURVE_PREFIX = f"curve.{PROBE_PREFIX}"
+#: the figure's metric per probe task: the first of these the trials have (AlphaEdit plots the
+#: generation-based F1; ``lik_*`` compare the label words' likelihoods)
+PROBE_HEADLINE = ("f1", "acc", "lik_f1", "lik_acc", "mcc", "lik_mcc")
+#: (task, metric) -> the score of uniform random guessing, in percent (the probes' scale,
+#: :meth:`sweep.probes.ProbeResult.metrics`), drawn as the figure's "chance" line. Binary tasks (sst2 mrpc
+#: cola rte nli sentiment_analysis) guess one of two labels: accuracy 50, and F1 (the authors' *weighted*
+#: F1, sum over classes of share_c · F1_c = sum share_c² / (share_c + 1/2)) 50 on a balanced slice (52 on a
+#: 70/30 slice, as CoLA's and MRPC's roughly are); MCC is 0 for any guess that ignores the input. mmlu and
+#: dialogue pick one of four options: accuracy 25, weighted F1 25 (balanced), MCC 0. ``lik_*`` are the same
+#: measures of the likelihood prediction and share the levels; ``invalid`` (unparsed answers) has none.
+CHANCE: dict[tuple[str, str], float] = {
+    **{
+        (task, m): v
+        for task in ("sst2", "mrpc", "cola", "rte", "nli", "sentiment_analysis")
+        for m, v in (("f1", 50.0), ("acc", 50.0), ("mcc", 0.0))
+    },
+    **{(task, m): v for task in ("mmlu", "dialogue") for m, v in (("f1", 25.0), ("acc", 25.0), ("mcc", 0.0))},
+}
+#: a probe metric in words (:func:`sweep.probes.task_metrics`; ``lik_<m>``: the same of the likelihood prediction)
+PROBE_METRIC_WORDS = {"f1": "weighted F1", "acc": "accuracy", "mcc": "MCC", "invalid": "unparsed answers"}
+#: probe keys that are not scores (the probes' wall time)
+PROBE_NOT_SCORES = ("probe_seconds",)
+#: the probe tasks known by name (longest first, so ``sentiment_analysis_f1`` parses as that task)
+PROBE_TASKS = tuple(sorted({t for t, _ in CHANCE}, key=lambda t: (-len(t), t)))
 #: every file a report may write, per section (files not written this time are removed from --out)
 SECTION_FILES = {
     "runs": ("runs.csv",),
@@ -61,13 +109,57 @@ SECTION_FILES = {
     "curves": ("curves.csv", "fig_curves.png"),
     "forgetting": ("forgetting.csv", "forgetting.md", "fig_forgetting.png"),
     "health": ("health.csv", "health.md", "fig_health.png"),
+    "protocols": ("protocols.csv", "protocols.md", "fig_protocols.png"),
+    "probes": ("probes.csv", "probes.md", "fig_probes.png"),
     "report": ("report.md",),
 }
 #: the files of the per-hyperparameter sections (``hparam_<name>``); stale ones are removed from --out
 HPARAM_FILES = ("hparam_*.csv", "hparam_*.md", "fig_hparam_*.png")
 #: settings that make separate lines in a hyperparameter figure
 HPARAM_DIMS = ("mode", "batch_size", "layers", "n_edits", "model", "hparams")
+#: the benchmarks' names in words, as the runs' descriptions write them (:data:`sweep.tracking.DATASET_NAMES`)
+DATASET_TITLES = {"counterfact": "CounterFact", "zsre": "ZsRE", "qaedit": "QAEdit", "mquake": "MQuAKE"}
 RUN_ID = re.compile(r"^[0-9a-zA-Z_-]+$")
+
+
+def dataset_title(dataset: str) -> str:
+    """A benchmark's name in words ("zsre" -> "ZsRE"); the name itself when it is not a known one."""
+    return DATASET_TITLES.get(dataset, dataset)
+
+
+def dataset_order(datasets: Iterable[str]) -> list[str]:
+    """The distinct benchmarks in their usual order (CounterFact, ZsRE, QAEdit, MQuAKE), then any other by name."""
+    known = list(DATASET_TITLES)
+    return sorted(dict.fromkeys(datasets), key=lambda d: (known.index(d) if d in known else len(known), d))
+
+
+def probe_parts(name: str) -> tuple[str, str]:
+    """(task, metric) of a probe name (``probe_sst2_lik_f1`` -> ("sst2", "lik_f1"); a stage or ``curve.``
+    prefix is dropped); an unknown task is the text up to the first underscore."""
+    rest = name.split(".", 1)[-1].removeprefix(PROBE_PREFIX)
+    for task in PROBE_TASKS:
+        if rest.startswith(f"{task}_"):
+            return task, rest[len(task) + 1 :]
+    task, _, metric = rest.partition("_")
+    return task, metric
+
+
+def is_probe_score(name: str) -> bool:
+    """Whether ``name`` (with or without a stage or ``curve.`` prefix) is a probe score ``probe_<task>_<metric>``."""
+    bare = name.split(".", 1)[-1]
+    return bare.startswith(PROBE_PREFIX) and bare not in PROBE_NOT_SCORES and bool(probe_parts(bare)[1])
+
+
+def probe_label(task: str, metric: str) -> str:
+    """A probe metric in words with its protocol: "sst2 weighted F1 (generated)", "mmlu accuracy (likelihood)"."""
+    bare = metric.removeprefix("lik_")
+    protocol = "likelihood" if metric.startswith("lik_") else "generated"
+    return f"{task} {PROBE_METRIC_WORDS.get(bare, bare)} ({protocol})"
+
+
+def chance(task: str, metric: str) -> float | None:
+    """The score of random guessing on a probe (:data:`CHANCE`; ``lik_*`` as their plain metric), or None."""
+    return CHANCE.get((task, metric.removeprefix("lik_")))
 
 
 class ReportError(Exception):

@@ -11,15 +11,16 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..registry import CORE
+from ..registry import CORE, NAMES, STAGES, label, metric
 from .aggregate import aggregate_series, present, stage_metric
 from .figures import series_colors, series_figure
 from .files import markdown_table, write_csv, write_figure, write_text
 from .schema import (
+    DEFAULT_DATASET,
     EXTRA_COLUMNS,
     HPARAM_DIMS,
-    LABELS,
     MEMORY,
+    PROTOCOL_WORDS,
     SEQUENTIAL_MODES,
     SETTINGS,
     TIME_STAGES,
@@ -27,6 +28,7 @@ from .schema import (
     UPDATE_NORM,
     Section,
     Sweep,
+    dataset_title,
 )
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,27 @@ def _write_table(out: Path, stem: str, table: pd.DataFrame, section: Section) ->
     section.table = table
 
 
-def layer_search_section(trials: pd.DataFrame, out: Path) -> tuple[Section | None, dict[str, tuple[int, float, str]]]:
-    """Paper Fig. 1: S/ES/PS/NS at edit vs layer, batch mode at batch size 1; returns the best layer per algorithm."""
+def _panels(core: Sequence[str], dataset: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """One panel per ``<stage>.<metric>`` column, titled with the metric's label on ``dataset``."""
+    return [(label(c.split(".")[1], dataset), [(c, "-")]) for c in core]
+
+
+def _stage_panels(core: Sequence[str], dataset: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """One panel per core metric: at edit solid, final dashed (the columns of ``core`` there are)."""
+    panels = []
+    for m in CORE:
+        lines = [(c, style) for c, style in ((f"at_edit.{m}", "-"), (f"final.{m}", "--")) if c in core]
+        if lines:
+            panels.append((label(m, dataset), lines))
+    return panels
+
+
+def layer_search_section(
+    trials: pd.DataFrame, out: Path, dataset: str = DEFAULT_DATASET
+) -> tuple[Section | None, dict[str, tuple[int, float, str]]]:
+    """Paper Fig. 1: S/ES/PS/NS at edit vs layer, batch mode at batch size 1; returns the best layer per algorithm.
+
+    ``dataset`` names the trials' benchmark (their metrics' labels, :func:`sweep.registry.label`)."""
     sec = Section("layer_search", "Layer search (batch mode, batch size 1, at edit)")
     batch = trials[(trials["mode"] == "batch") & trials["batch_size"].notna() & trials["layer"].notna()]
     picked = []
@@ -73,8 +94,7 @@ def layer_search_section(trials: pd.DataFrame, out: Path) -> tuple[Section | Non
         sel.groupby("method")["batch_size"].min().reindex(table["method"]).to_numpy(),
     )
     _write_table(out, "layer_search", table, sec)
-    panels = [(LABELS[c.split(".")[1]], [(c, "-")]) for c in core]
-    fig = series_figure(table, "layer", panels, sec.title, log2=False)
+    fig = series_figure(table, "layer", _panels(core, dataset), sec.title, log2=False)
     sec.paths["fig_layer_search.png"] = write_figure(out / "fig_layer_search.png", fig)
     best: dict[str, tuple[int, float, str]] = {}
     s_col = core[0] if core[0].endswith(".s") else None
@@ -85,7 +105,7 @@ def layer_search_section(trials: pd.DataFrame, out: Path) -> tuple[Section | Non
     return sec, best
 
 
-def batch_section(trials: pd.DataFrame, out: Path) -> Section | None:
+def batch_section(trials: pd.DataFrame, out: Path, dataset: str = DEFAULT_DATASET) -> Section | None:
     """Paper Figs. 2-3: batch mode, ES/PS/NS/S vs batch size (log2), at edit (= final in batch mode)."""
     sec = Section("batch", "Batch editing (batch mode)")
     sel = trials[(trials["mode"] == "batch") & trials["batch_size"].notna()]
@@ -98,13 +118,12 @@ def batch_section(trials: pd.DataFrame, out: Path) -> Section | None:
         log.info("batch: no setting has two batch sizes (%s)", ", ".join(map(str, table["batch_size"].unique())))
         return None
     _write_table(out, "batch", table, sec)
-    panels = [(LABELS[c.split(".")[1]], [(c, "-")]) for c in core]
-    fig = series_figure(table, "batch_size", panels, sec.title, log2=True)
+    fig = series_figure(table, "batch_size", _panels(core, dataset), sec.title, log2=True)
     sec.paths["fig_batch.png"] = write_figure(out / "fig_batch.png", fig)
     return sec
 
 
-def sequential_section(trials: pd.DataFrame, out: Path) -> Section | None:
+def sequential_section(trials: pd.DataFrame, out: Path, dataset: str = DEFAULT_DATASET) -> Section | None:
     """Paper Figs. 4-5: sequential-batch / sequential modes, at edit (solid) and final (dashed) vs batch size."""
     sec = Section("sequential", "Sequential-batch editing (at edit solid, final dashed)")
     sel = trials[trials["mode"].isin(SEQUENTIAL_MODES) & trials["batch_size"].notna()]
@@ -114,12 +133,7 @@ def sequential_section(trials: pd.DataFrame, out: Path) -> Section | None:
     metrics = [*core, *(c for c in present(sel, EXTRA_COLUMNS) if c not in core)]
     table = aggregate_series(sel, "batch_size", metrics, "sequential", keep_main_layers=True)
     _write_table(out, "sequential", table, sec)
-    panels = []
-    for m in CORE:
-        lines = [(c, style) for c, style in ((f"at_edit.{m}", "-"), (f"final.{m}", "--")) if c in core]
-        if lines:
-            panels.append((LABELS[m], lines))
-    fig = series_figure(table, "batch_size", panels, sec.title, log2=True)
+    fig = series_figure(table, "batch_size", _stage_panels(core, dataset), sec.title, log2=True)
     sec.paths["fig_sequential.png"] = write_figure(out / "fig_sequential.png", fig)
     return sec
 
@@ -141,7 +155,7 @@ def swept_hparams(trials: pd.DataFrame) -> list[str]:
     return found
 
 
-def hparam_section(trials: pd.DataFrame, col: str, out: Path) -> Section | None:
+def hparam_section(trials: pd.DataFrame, col: str, out: Path, dataset: str = DEFAULT_DATASET) -> Section | None:
     """arXiv 2405.00664 App. A.1 (Tables 3-4): ES/PS/NS/S and perplexity vs one swept ``hp.*`` (e.g. λ).
 
     One line per algorithm and setting (mode, batch size, layers, other hyperparameters) that has two or
@@ -166,11 +180,7 @@ def hparam_section(trials: pd.DataFrame, col: str, out: Path) -> Section | None:
     dims = [d for d in ("mode", "batch_size") if d in sel.columns]
     table = aggregate_series(sel, col, metrics, sec.name, extra_dims=dims)
     _write_table(out, stem, table, sec)
-    panels = []
-    for m in CORE:
-        lines = [(c, style) for c, style in ((f"at_edit.{m}", "-"), (f"final.{m}", "--")) if c in core]
-        if lines:
-            panels.append((LABELS[m], lines))
+    panels = _stage_panels(core, dataset)
     if "final.ppl" in metrics:
         panels.append(("held-out perplexity (after editing)", [("final.ppl", "-")]))
     if UPDATE_NORM in metrics:
@@ -231,7 +241,14 @@ def timings_section(trials: pd.DataFrame, out: Path) -> Section | None:
     return sec
 
 
-def curves_section(curves: pd.DataFrame, out: Path) -> Section | None:
+def _curve_title(key: str, dataset: str) -> str:
+    """A curve's panel title: its key, with the metric's label on ``dataset`` when it is a declared one."""
+    name = key.removeprefix("curve.")
+    m = name.removeprefix("at_edit_").removeprefix("batch_")
+    return f"{name}: {label(m, dataset)}" if m != name and metric(m, dataset) is not None else name
+
+
+def curves_section(curves: pd.DataFrame, out: Path, dataset: str = DEFAULT_DATASET) -> Section | None:
     """The per-batch curves of the sequential trials: S at edit and the update norm vs edits applied."""
     sec = Section("curves", "Sequential editing curves (vs edits applied)")
     seq = curves[curves["mode"].isin(SEQUENTIAL_MODES)]
@@ -262,7 +279,7 @@ def curves_section(curves: pd.DataFrame, out: Path) -> Section | None:
         positive = d["value"][d["value"] > 0]
         if key == "curve.update_norm" and len(positive) and positive.max() / positive.min() > 100:
             ax.set_yscale("log")  # norms of a collapsing run are orders of magnitude above the rest
-        ax.set_title(key.removeprefix("curve."))
+        ax.set_title(_curve_title(key, dataset))
         ax.set_xlabel("edits applied")
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -272,21 +289,51 @@ def curves_section(curves: pd.DataFrame, out: Path) -> Section | None:
     return sec
 
 
-def report_markdown(sweep: Sweep, n_trials: int, sections: Sequence[Section], best_lines: Sequence[str]) -> str:
-    """``report.md``: the sweep, the best layers, then every section's table and figure."""
+def metric_glossary(trials: pd.DataFrame, dataset: str) -> list[str]:
+    """Markdown lines: what each stage metric the trials have means on ``dataset`` (label, protocol, meaning),
+    so a number is never read under another benchmark's or protocol's meaning."""
+    names = [n for n in NAMES if any(f"{st}.{n}" in trials and trials[f"{st}.{n}"].notna().any() for st in STAGES)]
+    decl = [(n, m) for n in names if (m := metric(n, dataset)) is not None]
+    if not decl:
+        return []
+    table = pd.DataFrame(
+        {
+            "metric": [n for n, _ in decl],
+            "label": [m.label for _, m in decl],
+            "protocol": [PROTOCOL_WORDS.get(m.protocol, m.protocol) for _, m in decl],
+            "meaning": [m.meaning for _, m in decl],
+        }
+    )
+    return [f"## Metrics on {dataset_title(dataset)}", "", markdown_table(table)]
+
+
+def report_markdown(
+    sweep: Sweep,
+    n_trials: int,
+    sections: Sequence[Section],
+    best_lines: Sequence[str],
+    dataset: str | None = None,
+    preamble: Sequence[str] = (),
+) -> str:
+    """``report.md``: the sweep (and its benchmark, when ``dataset`` is given), ``preamble`` (the metrics'
+    meanings, or the links to each dataset's report), the best layers, then every section's table and figure."""
+    title = f"# Sweep {sweep.name}" + (f": {dataset_title(dataset)}" if dataset else "")
     lines = [
-        f"# Sweep {sweep.name}",
+        title,
         "",
         f"- parent run: `{sweep.parent_run_id}` (experiment {sweep.experiment_id})",
         f"- sweep id: `{sweep.sweep_id}`" if sweep.sweep_id else "- sweep id: (none)",
         f"- trials: {n_trials} (`runs.csv`)",
+        *([f"- dataset: {dataset_title(dataset)} (`{dataset}`)"] if dataset else []),
         "",
+        *preamble,
     ]
     if best_lines:
         lines += ["## Best layer (max S, layer search)", "", *(f"- {b}" for b in best_lines), ""]
     for sec in sections:
         lines += [f"## {sec.title}", ""]
-        lines += [f"> {n}" for n in sec.notes]
+        if sec.notes:  # one quoted paragraph per note, apart from the figure
+            lines += ["\n>\n".join(f"> {n}" for n in sec.notes), ""]
         figs = [p for p in sec.paths if p.endswith(".png")]
         lines += [f"![{sec.name}]({p})" for p in figs]
         lines += [""]
