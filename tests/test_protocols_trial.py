@@ -1,0 +1,122 @@
+"""Trials on ZsRE and MQuAKE end to end on a tiny Llama: both protocols side by side, capability probes
+over the edits, multi-hop questions once a case's rewrites are in, and the settings' errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from editors.config import ConfigError
+from sweep.config import load_config
+from sweep.registry import NAMES, describe
+from sweep.trial import trial_alone
+from tests.conftest import write_tiny_assets
+from tests.test_trial import overrides
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tok_bos):
+    return write_tiny_assets(tmp_path_factory.mktemp("tiny"), tok_bos)
+
+
+def test_zsre_trial_reports_both_protocols_and_probes_over_the_edits(tiny_dir):
+    cfg = load_config(
+        None,
+        overrides(
+            tiny_dir,
+            **{
+                "dataset.name": "zsre",
+                "dataset.source": str(DATA / "zsre" / "zsre_mend_eval_portability_gpt4.json"),
+                "mode": "sequential-batch",
+                "scoring.ppl": "false",
+                "scoring.generated": "true",
+                "scoring.gen_max_new_tokens": 6,
+                "scoring.probes": "[sst2,mmlu]",
+                "scoring.probe_items": 3,
+                "scoring.probe_every": 1,
+                "scoring.probe_data": str(DATA / "glue_eval"),
+            },
+        ),
+    )
+    res = trial_alone(cfg, progress=False)
+    pre, final = res.metrics["pre"], res.metrics["final"]
+    assert res.dataset == "zsre"
+    for stage in res.metrics.values():
+        assert set(stage) <= set(NAMES)
+    # teacher-forced and generated side by side, each labelled with its protocol and the data it is on
+    assert {"es", "ps", "ns", "s", "gen_es", "gen_ps", "gen_ns", "gen_s"} <= set(final)
+    assert "em" not in final  # CounterFact's probability gaps are not ZsRE measures
+    assert res.metric_info["es"] == describe(["es"], "zsre")["es"]
+    assert res.metric_info["es"]["protocol"] == "teacher_forced" and "token acc" in res.metric_info["es"]["label"]
+    assert res.metric_info["gen_es"]["protocol"] == "generated" and res.metric_info["gen_es"]["dataset"] == "zsre"
+    assert pre["gen_ns"] == 100.0  # the unedited model's own generations are its reference
+    # per record: the generated fields beside the teacher-forced ones, at every stage
+    row = res.per_record[0]
+    assert {"pre_gen_es", "at_edit_gen_es", "final_gen_ns", "final_es"} <= set(row)
+    # probes before editing, after every batch (curve points), and in the final stage
+    probe_keys = {"probe_sst2_f1", "probe_mmlu_acc", "probe_sst2_lik_acc"}
+    assert probe_keys <= set(pre) and probe_keys <= set(final)
+    assert all(probe_keys <= set(p) for p in res.curves)
+    assert res.curves[-1]["probe_sst2_f1"] == final["probe_sst2_f1"]
+    assert res.timings["probes"] > 0
+    assert res.metric_info["probe_sst2_lik_acc"]["protocol"] == "likelihood"
+
+
+def test_mquake_trial_asks_the_multihop_questions_of_complete_cases(tiny_dir, monkeypatch):
+    """Two cases of 4 rewrites; 6 edits leave the second case incomplete, so only the first case's
+    questions are asked, on the unedited model and after editing (new and old answers both scored)."""
+    import sweep.mquake as mq
+
+    asked: list[list[int]] = []
+    real = mq.multihop_scores
+
+    def spy(model, tok, cases, *a, **kw):
+        asked.append([c.case_id for c in cases])
+        return real(model, tok, cases, *a, **kw)
+
+    monkeypatch.setattr(mq, "multihop_scores", spy)
+    cfg = load_config(
+        None,
+        overrides(
+            tiny_dir,
+            **{
+                "dataset.name": "mquake",
+                "dataset.source": str(DATA / "mquake" / "MQuAKE-hard.json"),
+                "dataset.prompts": str(DATA / "mquake" / "prompts"),
+                "n_edits": 6,
+                "batch_size": 3,
+                "mode": "sequential-batch",
+                "scoring.ppl": "false",
+            },
+        ),
+    )
+    res = trial_alone(cfg, progress=False)
+    cases = mq.load_cases(DATA / "mquake" / "MQuAKE-hard.json", n=2)
+    assert asked[0] == [cases[0].case_id] and asked[-1] == [cases[0].case_id]  # only complete cases
+    assert res.metrics["pre"]["mquake_cases"] == 1 and res.metrics["final"]["mquake_cases"] == 1
+    for stage in ("pre", "final"):
+        m = res.metrics[stage]
+        assert 0 <= m["mquake_multihop"] <= 100 and 0 <= m["mquake_edit_wise"] <= 100
+    assert res.metric_info["mquake_multihop"]["protocol"] == "generated"
+    assert res.per_record[0]["case_id"] == cases[0].case_id * mq.CASE_STRIDE
+
+
+@pytest.mark.parametrize(
+    ("over", "field"),
+    [
+        ({"scoring.generated": "true", "scoring.pre": "false"}, "scoring.generated"),
+        ({"scoring.probes": "[glue]"}, "scoring.probes"),
+        ({"scoring.probe_every": 2}, "scoring.probe_every"),
+        ({"scoring.probes": "[sst2]", "scoring.probe_data": "/nonexistent"}, "scoring.probe_data"),
+        ({"dataset.target": "alt"}, "dataset.target"),
+        ({"dataset.name": "zsre", "dataset.source": "demo"}, "dataset.source"),
+        ({"dataset.name": "mquake", "dataset.source": "x.json"}, "dataset.prompts"),
+        ({"scoring.gen_context": "system"}, "scoring.gen_context"),
+    ],
+)
+def test_protocol_settings_errors_name_the_field(over, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [f"{k}={v}" for k, v in over.items()])
