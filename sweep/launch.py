@@ -36,6 +36,7 @@ from .config import SweepConfig, load_sweep, method_name, sweep_id, trial_hparam
 from .fulfil import WorkCounts, fulfil_ray
 from .plan import Plan, format_plan, make_plan
 from .prepass import SharedPlan, plan_shared
+from .probes import check_probe_data
 from .shared import TrialRefs
 
 log = logging.getLogger("sweep.launch")
@@ -432,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_plan(cfg, plan))
         if args.dry_run:
             return 0
+        check_probe_data(plan.trials)  # before any work: probe files given or fetchable
         summary = run(cfg, plan, args)
     except (ConfigError, ValueError, FileNotFoundError, TrackingUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)

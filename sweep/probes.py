@@ -859,8 +859,24 @@ def probe_folder(data: str | Path | None, tasks: Sequence[str]) -> Path:
     missing = [t for t in tasks if not (folder / f"{t}.jsonl").is_file()]
     if missing:
         log.info("probe files %s not in %s: fetching the authors' files once", missing, folder)
-        fetch(folder, missing)
+        try:
+            fetch(folder, missing)
+        except ProbeDataError as e:
+            raise ProbeDataError(
+                f"scoring.probe_data: null, and {e}; offline? give a folder of the probe JSON lines "
+                "(python -m sweep.probes fetch --out DIR where there is a network)"
+            ) from None
     return folder
+
+
+def check_probe_data(trials: list[Any]) -> None:
+    """The probe files each trial reads, at hand before any work starts: a ``scoring.probe_data``
+    folder holding every task's file, or the authors' files fetched once into the driver's cache (each
+    node fetches its own the same way); a ``ProbeDataError`` (a ValueError) names the setting."""
+    for data, tasks in {(t.scoring.probe_data, t.scoring.probes) for t in trials if t.scoring.probes}:
+        folder = probe_folder(data, tasks)
+        if missing := [task for task in tasks if not (folder / f"{task}.jsonl").is_file()]:
+            raise ValueError(f"scoring.probe_data: {folder} has no file for {missing} ({missing[0]}.jsonl)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -592,6 +592,10 @@ def trial_alone(
     from .prepass import plan_shared
 
     load_records(cfg)  # a bad dataset fails before any weights are loaded
+    if cfg.scoring.probes:  # so do probe files that are neither given nor fetchable
+        from .probes import check_probe_data
+
+        check_probe_data([cfg])
     model, tok, _, load_s = load_for_trial(cfg, trial_hparams(cfg), model, tok)
     sweep = SweepConfig(name="trial", share_values=False, scores_store=scores_store)  # type: ignore[arg-type]
     key = trial_key(cfg)

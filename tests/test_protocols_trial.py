@@ -120,3 +120,20 @@ def test_mquake_trial_asks_the_multihop_questions_of_complete_cases(tiny_dir, mo
 def test_protocol_settings_errors_name_the_field(over, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, [f"{k}={v}" for k, v in over.items()])
+
+
+def test_probe_files_neither_given_nor_fetchable_fail_before_any_weights(tiny_dir, tmp_path, monkeypatch):
+    import sweep.probes as probes
+    import sweep.trial as trial
+
+    def offline(url: str, timeout: float) -> bytes:
+        raise probes.ProbeDataError(f"cannot download {url}: no network")
+
+    monkeypatch.setenv("MODEL_EDITING_CACHE", str(tmp_path))
+    monkeypatch.setattr(probes, "_download", offline)
+    loaded = []
+    monkeypatch.setattr(trial, "load_for_trial", lambda *a, **k: loaded.append(1))
+    cfg = load_config(None, overrides(tiny_dir, **{"scoring.probes": "[sst2]"}))
+    with pytest.raises(probes.ProbeDataError, match=r"scoring\.probe_data: null.*offline"):
+        trial_alone(cfg, progress=False)
+    assert not loaded and not list(tmp_path.rglob("*.jsonl"))  # nothing half-written
