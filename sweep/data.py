@@ -196,12 +196,17 @@ def parse_records(data: Any, source: str = "dataset") -> list[Record]:
     if not isinstance(data, list) or not data:
         raise DatasetError(f"{source}: expected a non-empty JSON list of CounterFact records")
     records = [parse_record(r) if isinstance(r, dict) else _bad(r, source) for r in data]
-    seen: set[int] = set()
-    for r in records:
-        if r.case_id in seen:
-            raise DatasetError(f"case {r.case_id}: duplicate case_id in {source}")
-        seen.add(r.case_id)
+    check_unique([r.case_id for r in records], source)
     return records
+
+
+def check_unique(case_ids: Sequence[Any], source: str, error: type[DatasetError] = DatasetError) -> None:
+    """Every case id at most once in ``source``, else ``error`` naming the first repeated one."""
+    seen: set[Any] = set()
+    for cid in case_ids:
+        if cid in seen:
+            raise error(f"case {cid}: duplicate case_id in {source}")
+        seen.add(cid)
 
 
 def _bad(r: Any, source: str) -> Record:

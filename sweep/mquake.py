@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from editors.requests import EditRequest, encode, fill, target_ids
 
-from .data import DatasetError
+from .data import DatasetError, check_unique
 from .generation import exact_match, greedy_generate, normalize_answer
 
 log = logging.getLogger(__name__)
@@ -231,11 +231,7 @@ def parse_cases(data: Any, source: str = "MQuAKE") -> list[Case]:
     if not isinstance(data, list) or not data:
         raise MQuAKEError(f"{source}: expected a non-empty JSON list of MQuAKE records")
     cases = [parse_case(r) for r in data]
-    seen: set[int] = set()
-    for c in cases:
-        if c.case_id in seen:
-            raise MQuAKEError(f"case {c.case_id}: duplicate case_id in {source}")
-        seen.add(c.case_id)
+    check_unique([c.case_id for c in cases], source, MQuAKEError)
     return cases
 
 

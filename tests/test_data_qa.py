@@ -248,7 +248,9 @@ def test_wrong_benchmark_suggests_dataset_name(tmp_path):
     ke = write(tmp_path, "ke.json", [knowedit_record()])
     with pytest.raises(DatasetError, match=r"case 0: dataset.name is 'qaedit' but .* ZsRE"):
         load_dataset("qaedit", ke)
-    with pytest.raises(DatasetError, match=r"dataset\.name: 'mquake' is not one of"):
+    with pytest.raises(DatasetError, match=r"dataset\.name: 'wikidata' is not one of"):
+        load_dataset("wikidata", zsre)
+    with pytest.raises(DatasetError, match="field 'case_id' must be an integer"):  # a ZsRE file read as MQuAKE
         load_dataset("mquake", zsre)
 
 
@@ -349,5 +351,5 @@ def test_record_neighbourhood_pairs_and_checks():
     assert ke.neighbourhood_pairs() == (("a", "c"), ("b", "d"))
     with pytest.raises(DatasetError, match="case 2: neighborhood_answers has 1 answers for 2 neighborhood_prompts"):
         Record(2, "{} is", "X", "y", "y", ("p",), ("a", "b"), "c", neighborhood_answers=("c",))
-    with pytest.raises(DatasetError, match="case 3: dataset 'mquake' is not one of"):
-        Record(3, "{} is", "X", "y", "y", ("p",), ("a",), "c", dataset="mquake")
+    with pytest.raises(DatasetError, match="case 3: dataset 'wikidata' is not one of"):
+        Record(3, "{} is", "X", "y", "y", ("p",), ("a",), "c", dataset="wikidata")
