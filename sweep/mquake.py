@@ -35,8 +35,8 @@ from typing import Any, Literal
 
 from editors.requests import EditRequest, encode, fill, target_ids
 
-from .data import DatasetError, check_unique
 from .generation import exact_match, greedy_generate, normalize_answer
+from .records import DatasetError, Record, check_unique
 
 log = logging.getLogger(__name__)
 
@@ -566,8 +566,6 @@ def case_records(cases: Sequence[Case]) -> list[Any]:
     in order, ``case_id = case × CASE_STRIDE + j``. A rewrite has no paraphrase or neighbourhood prompt:
     its teacher-forced ES is CounterFact's (P(new) > P(true) after the cloze); MQuAKE's own measure is
     the multi-hop one (:func:`multihop_metrics`)."""
-    from .data import Record
-
     out = []
     for c in cases:
         if len(c.rewrites) > CASE_STRIDE:
