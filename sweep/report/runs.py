@@ -149,7 +149,7 @@ def trials_frame(runs: Sequence[Any]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     hp_cols = sorted(c for c in df.columns if c.startswith(SETTINGS))
     metric_cols = [c for c in METRIC_COLUMNS if c in df.columns]
-    metric_cols += sorted(c for c in df.columns if c.startswith(_PROBE_METRICS))
+    metric_cols += sorted(c for c in df.columns if c.startswith(_PROBE_METRICS) and c not in metric_cols)
     for c in PARAMS:
         if c not in df.columns:
             df[c] = None
