@@ -32,7 +32,7 @@ from editors.requests import encode, pad_id, pad_right, target_ids
 from editors.targets import PrefixCache, cache_kwarg
 
 from .data import Record
-from .registry import NAMES, RECORD_FIELDS
+from .registry import NAMES, RECORD_FIELDS, TEACHER_FORCED
 
 
 class _TargetTokens:
@@ -308,7 +308,7 @@ def score_records(
     kinds = {r.dataset for r in records}
     if len(kinds) > 1:
         raise ValueError(f"score_records: records of one dataset at a time, got {sorted(kinds)}")
-    score = score_counterfact if records[0].dataset == "counterfact" else score_qa
+    score = score_counterfact if TEACHER_FORCED[records[0].dataset] == "probability" else score_qa
     out = score(model, tok, spec, records, batch_size=batch_size)
     if generated is not None:
         gen = generated_scores(model, tok, records, generated, reference)

@@ -134,6 +134,15 @@ METRICS += tuple(
     for kind, protocol, lab, meaning in _PROBE_KINDS
 )
 
+#: each dataset's teacher-forced ES/PS/NS: CounterFact's probability comparisons (MQuAKE's rewrites are
+#: CounterFact facts) or the ZsRE lineage's token accuracy (sweep.metrics.score_counterfact / score_qa)
+TEACHER_FORCED = {
+    "counterfact": "probability",
+    "mquake": "probability",
+    "zsre": "token_accuracy",
+    "qaedit": "token_accuracy",
+}
+
 BY_NAME = {m.name: m for m in reversed(METRICS)}  # a name's first declaration (CounterFact's, for es ps ns s)
 #: the four headline scores, in the order tables and curves show them
 CORE = ("es", "ps", "ns", "s")
@@ -175,5 +184,5 @@ def describe(names: Iterable[str], dataset: str) -> dict[str, dict[str, str]]:
 
 __all__ = [
     "BY_NAME", "CORE", "GEN_CORE", "METRICS", "NAMES", "PROBE_TASKS", "RECORD_FIELDS", "STAGES", "SUMMARY",
-    "Metric", "describe", "label", "metric",
+    "TEACHER_FORCED", "Metric", "describe", "label", "metric",
 ]  # fmt: skip

@@ -40,7 +40,7 @@ from editors.stats import SecondMoment, StatsKey, seq_len_key
 from editors.store import Store, key_digest, part_name
 from editors.targets import ValueHParams
 
-from .registry import RECORD_FIELDS
+from .registry import RECORD_FIELDS, TEACHER_FORCED
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ def scores_key(cfg: TrialConfig, model_id: str) -> ScoresKey:
     generation protocol (a row then also holds the unedited model's neighbourhood generations,
     ``gen_ref``, which the edited model's ``gen_ns`` is compared with)."""
     sc = cfg.scoring
-    metrics = ScoresKey.metrics if cfg.dataset.name == "counterfact" else "sweep.metrics.score_qa.v1"
+    qa = TEACHER_FORCED[cfg.dataset.name] == "token_accuracy"
+    metrics = "sweep.metrics.score_qa.v1" if qa else ScoresKey.metrics
     if sc.generated:
         metrics += f"+sweep.generation.wild.v1:{sc.gen_context}:{sc.gen_max_new_tokens}:{sc.gen_batch_size}"
     return ScoresKey(model_id, cfg.model.dtype, sc.batch_size, metrics)

@@ -101,6 +101,8 @@ def test_mquake_trial_asks_the_multihop_questions_of_complete_cases(tiny_dir, mo
         m = res.metrics[stage]
         assert 0 <= m["mquake_multihop"] <= 100 and 0 <= m["mquake_edit_wise"] <= 100
     assert res.metric_info["mquake_multihop"]["protocol"] == "generated"
+    # each rewrite is a CounterFact fact: P(new) > P(true) after its cloze, with the probability margins
+    assert {"es", "em", "es_acc"} <= set(res.metrics["final"]) and res.metric_info["es"]["label"] == "ES (efficacy)"
     assert res.per_record[0]["case_id"] == cases[0].case_id * mq.CASE_STRIDE
 
 
