@@ -1,4 +1,5 @@
-"""CounterFact metrics: one scoring path for every algorithm (docs/ALGORITHMS.md §7).
+"""The teacher-forced metrics of every dataset, one scoring path for every algorithm (docs/ALGORITHMS.md
+§7, §9), and the entry to the generation-based ones (:mod:`sweep.generation`).
 
 For each prompt, the mean per-token NLL of ``" " + target`` by teacher forcing (memit
 ``eval_utils_counterfact.py``): the prompt is tokenised with the tokenizer's special tokens (BOS where the
@@ -12,6 +13,9 @@ Per record, ×100 after averaging over records:
 - EM/PM: mean of exp(−nll_new) − exp(−nll_true) (geometric-mean token probabilities); NM: the reverse;
 - ``*_acc``: every target token is the argmax (new target for ES/PS, true answer for NS);
 - S: the harmonic mean of ES, PS and NS (``scipy.stats.hmean``);
+- ZsRE and QAEdit (:func:`score_qa`): ES/PS/NS are token accuracies of the target after the question
+  and its paraphrase, and of the unrelated question's own answer (memit ``eval_utils_zsre.py``);
+- under ``scoring.generated``, ``gen_es gen_ps gen_ns`` (:func:`generated_scores`) beside them;
 - GE: generation entropy, mean over texts of ((2/3)·H₂ + (4/3)·H₃)/2 in bits over word n-grams,
   ×100 (memit ``n_gram_entropy``).
 """
