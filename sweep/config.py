@@ -262,8 +262,9 @@ def _check_protocols(cfg: TrialConfig) -> None:
                 f"dataset.prompts: MQuAKE needs the folder of its prompt files (multihop-prompts.txt, "
                 f"multihop-cot-prompts.txt from princeton-nlp/MQuAKE), got {d.prompts!r}"
             )
-        if d.unique_subjects_seed is not None or d.sample_file is not None:
-            raise ConfigError("dataset.unique_subjects_seed: MQuAKE's rewrites are taken case by case, in file order")
+        for name in ("unique_subjects_seed", "sample_file"):
+            if getattr(d, name) is not None:
+                raise ConfigError(f"dataset.{name}: MQuAKE's rewrites are taken case by case, in file order")
         if cfg.mode == "batch" and cfg.batch_size < cfg.n_edits:
             raise ConfigError(
                 "mode: MQuAKE's multi-hop questions need every rewrite of a case in one model; use "
