@@ -45,6 +45,7 @@ from editors.store import claim, part_name
 
 from .shared import (
     PplKey,
+    ProbesKey,
     ScoresKey,
     ScoresStore,
     TrialInputs,
@@ -55,7 +56,7 @@ from .shared import (
     inputs_of,
     stats_dtype,
 )
-from .work import compute_ppl, compute_scores, compute_stats, compute_values
+from .work import compute_ppl, compute_probes, compute_scores, compute_stats, compute_values
 
 if TYPE_CHECKING:
     from .config import SweepConfig, TrialConfig
@@ -200,11 +201,13 @@ class FactUnit:
 
 
 @dataclass(frozen=True)
-class PplUnit:
-    """The unedited model's held-out perplexity under ``key``."""
+class MeasureUnit:
+    """A measure of the unedited model under ``key``: its held-out perplexity (``kind`` ``ppl``, a
+    float under a :class:`PplKey`) or its capability probes (``probes``, ``probe_<task>_<metric>`` ->
+    value under a :class:`ProbesKey`)."""
 
     trial: TrialConfig
-    key: PplKey
+    key: PplKey | ProbesKey
     store: str | None
     kind: str = "ppl"
     size: int = 1
@@ -215,15 +218,19 @@ class PplUnit:
     def stored(self) -> bool:
         return self.read() is not None
 
-    def read(self) -> float | None:
-        return ScoresStore(self.store).get_ppl(self.key) if self.store else None
+    def read(self) -> Any:
+        if not self.store:
+            return None
+        ss = ScoresStore(self.store)
+        return ss.get_ppl(self.key) if self.kind == "ppl" else ss.get_probes(self.key)  # type: ignore[arg-type]
 
-    def write(self, value: float) -> None:
+    def write(self, value: Any) -> None:
         if self.store:
-            ScoresStore(self.store).put_ppl(self.key, value)
+            ss = ScoresStore(self.store)
+            ss.put_ppl(self.key, value) if self.kind == "ppl" else ss.put_probes(self.key, value)  # type: ignore[arg-type]
 
 
-Unit = StatsUnit | FactUnit | PplUnit
+Unit = StatsUnit | FactUnit | MeasureUnit
 
 
 def units_of(plan: SharedPlan, cfg: SweepConfig) -> list[Unit]:
@@ -240,7 +247,8 @@ def units_of(plan: SharedPlan, cfg: SweepConfig) -> list[Unit]:
             for stored, chunk in chunks:
                 recs, ds = tuple(r for r, _ in chunk), tuple(d for _, d in chunk)
                 out.append(FactUnit(kind, job.trial, job.key, recs, ds, store, stored))
-    out += [PplUnit(t, key, cfg.scores_store) for key, t in plan.ppl.items()]
+    out += [MeasureUnit(t, key, cfg.scores_store) for key, t in plan.ppl.items()]
+    out += [MeasureUnit(t, key, cfg.scores_store, "probes") for key, t in plan.probes.items()]
     return out
 
 
@@ -281,8 +289,9 @@ class LocalBackend:
         if isinstance(unit, StatsUnit):
             model, tok = self._stats_model(t)
             value: Any = Moments.of(compute_stats(t, model, tok, unit.layers, self.progress))
-        elif isinstance(unit, PplUnit):
-            value = compute_ppl(t, self.model, self.tok)
+        elif isinstance(unit, MeasureUnit):
+            measure = compute_ppl if unit.kind == "ppl" else compute_probes
+            value = measure(t, self.model, self.tok)
         elif unit.kind == "values":
             value = compute_values(t, self.model, self.tok, unit.records)
         else:
@@ -301,6 +310,8 @@ class RayTasks(Protocol):
     def values_task(self, trial: dict[str, Any], records: list[Any]) -> tuple[Any, float]: ...
     def scores_task(self, trial: dict[str, Any], records: list[Any]) -> tuple[list[dict[str, float]], float]: ...
     def ppl_task(self, trial: dict[str, Any]) -> tuple[float, float]: ...
+
+    def probes_task(self, trial: dict[str, Any]) -> tuple[dict[str, float], float]: ...
 
 
 class RayBackend:
@@ -327,8 +338,9 @@ class RayBackend:
 
             fetches = {layer: (lambda la=layer, r=ref: fetch(la, r)) for layer, ref in zip(unit.layers, refs[:-1])}
             return Moments(fetches, tokens), dict(zip(unit.layers, refs[:-1])), float(meta["seconds"])
-        if isinstance(unit, PplUnit):
-            v, secs = ray.get(ray.remote(worker.ppl_task).options(num_returns=2, **self.options).remote(t))
+        if isinstance(unit, MeasureUnit):
+            fn = worker.ppl_task if unit.kind == "ppl" else worker.probes_task
+            v, secs = ray.get(ray.remote(fn).options(num_returns=2, **self.options).remote(t))
             return v, v, secs
         fn = worker.values_task if unit.kind == "values" else worker.scores_task
         ref, secs_ref = ray.remote(fn).options(num_returns=2, **self.options).remote(t, list(unit.records))
@@ -340,7 +352,7 @@ class RayBackend:
 
         if isinstance(unit, StatsUnit):
             return {layer: ray.put(value[layer].mom2.numpy()) for layer in value}  # one layer at a time
-        if isinstance(unit, PplUnit):
+        if isinstance(unit, MeasureUnit):
             return value
         return ray.put(value.numpy() if unit.kind == "values" else value)
 
@@ -370,10 +382,13 @@ class WorkCounts:
     scores_read: int = 0
     ppl_computed: int = 0
     ppl_read: int = 0
+    probes_computed: int = 0
+    probes_read: int = 0
     stats_s: float = 0.0
     values_s: float = 0.0
     scores_s: float = 0.0
     ppl_s: float = 0.0
+    probes_s: float = 0.0
     fulfil_s: float = 0.0
 
     def add(self, unit: Unit, computed: bool, seconds: float) -> None:
@@ -390,9 +405,9 @@ class WorkCounts:
         elif unit.kind == "scores":
             self.scores_computed += n * computed
             self.scores_read += n * (not computed)
-        else:
-            self.ppl_computed += computed
-            self.ppl_read += not computed
+        else:  # a measure of the unedited model: ppl or probes
+            setattr(self, f"{unit.kind}_computed", getattr(self, f"{unit.kind}_computed") + computed)
+            setattr(self, f"{unit.kind}_read", getattr(self, f"{unit.kind}_read") + (not computed))
         if computed:
             setattr(self, f"{unit.kind}_s", getattr(self, f"{unit.kind}_s") + seconds)
 
@@ -443,6 +458,7 @@ class Fulfilled:
     # (values or scores key, fact digest) -> (the digests of its chunk, the chunk's handle)
     facts: dict[tuple[Any, str], tuple[tuple[str, ...], Any]] = field(default_factory=dict)
     ppl: dict[PplKey, float] = field(default_factory=dict)
+    probes: dict[ProbesKey, dict[str, float]] = field(default_factory=dict)
     work: WorkCounts = field(default_factory=WorkCounts)
 
     def take(self, unit: Unit, d: Done) -> None:
@@ -450,8 +466,10 @@ class Fulfilled:
             for layer in unit.layers:
                 self.stats[(unit.group, layer)] = d.handle[layer]
                 self.stats_tokens[(unit.group, layer)] = d.tokens[layer]
-        elif isinstance(unit, PplUnit):
-            self.ppl[unit.key] = float(d.handle)
+        elif isinstance(unit, MeasureUnit) and unit.kind == "ppl":
+            self.ppl[unit.key] = float(d.handle)  # type: ignore[index]
+        elif isinstance(unit, MeasureUnit):
+            self.probes[unit.key] = dict(d.handle)  # type: ignore[index]
         else:
             for digest in unit.digests:
                 self.facts[(unit.key, digest)] = (unit.digests, d.handle)
@@ -493,8 +511,9 @@ def _log_unit(unit: Unit, computed: bool, elapsed: float) -> None:
     what = "computed" if computed else "read from the store"
     if isinstance(unit, StatsUnit):
         log.info("shared work: statistics of layers %s %s (%.0f s)", unit.layers, what, elapsed)
-    elif isinstance(unit, PplUnit):
-        log.info("shared work: unedited perplexity %s (%.0f s)", what, elapsed)
+    elif isinstance(unit, MeasureUnit):
+        noun = "perplexity" if unit.kind == "ppl" else "capability probes"
+        log.info("shared work: the unedited model's %s %s (%.0f s)", noun, what, elapsed)
     else:
         noun = "target values" if unit.kind == "values" else "pre-edit scores"
         log.info("shared work: %d %s %s (%.0f s)", unit.size, noun, what, elapsed)
@@ -519,6 +538,8 @@ def _hand_out(plan: SharedPlan, got: Fulfilled) -> dict[str, TrialRefs]:
             tr.scores = _dedupe([got.facts[(need.scores, d)] for d in need.score_digests])
         if need.ppl is not None:
             tr.ppl = got.ppl[need.ppl]
+        if need.probes is not None:
+            tr.probes = got.probes[need.probes]
         out[tkey] = tr
     return out
 

@@ -10,7 +10,8 @@ No model is loaded here. :func:`plan_shared` walks the expanded trials and build
   deepest layer;
 - target values of batch-mode trials whose algorithm can share them (``editors`` ``TRAITS``), per
   (value key, fact);
-- pre-edit scores per (scores key, fact), and the unedited perplexity per :class:`PplKey`.
+- pre-edit scores per (scores key, fact), the unedited perplexity per :class:`PplKey` and the unedited
+  model's capability probes per :class:`ProbesKey`.
 
 The model's shape comes from its ``config.json`` alone (:func:`model_shape`), and the cost estimate from
 shapes. Computing the plan is :mod:`sweep.fulfil`'s job (in this process, or on Ray).
@@ -35,12 +36,14 @@ from editors.templates import N_TEMPLATES
 from .config import trial_hparams
 from .shared import (
     PplKey,
+    ProbesKey,
     ScoresKey,
     ScoresStore,
     ValuesKey,
     ValuesStore,
     model_identity,
     ppl_key,
+    probes_key,
     record_digest,
     request_digest,
     scores_key,
@@ -116,6 +119,7 @@ class TrialNeeds:
     scores: ScoresKey | None
     score_digests: tuple[str, ...]
     ppl: PplKey | None
+    probes: ProbesKey | None = None
 
 
 @dataclass
@@ -130,6 +134,8 @@ class SharedPlan:
     ppl_cached: dict[PplKey, float]
     needs: dict[str, TrialNeeds]  # trial key -> needs
     budget_gb: float | None
+    probes: dict[ProbesKey, TrialConfig] = field(default_factory=dict)
+    probes_cached: dict[ProbesKey, dict[str, float]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         computed = [p for p in self.passes if not p.read_only]
@@ -283,6 +289,7 @@ def plan_shared(
     values: dict[ValuesKey, FactJob] = {}
     scores: dict[ScoresKey, FactJob] = {}
     ppl: dict[PplKey, TrialConfig] = {}
+    probes: dict[ProbesKey, TrialConfig] = {}
     needs: dict[str, TrialNeeds] = {}
     datasets: dict[tuple, list[Record]] = {}
     identities: dict[tuple, str] = {}  # a model's identity hashes its files: once per model, not per trial
@@ -299,7 +306,7 @@ def plan_shared(
             groups.setdefault(group, (t, set()))[1].update(hp.layers)
         share_v = tr.values_shareable(t.mode, t.batch_size) and cfg.share_values
         share_s = t.scoring.pre
-        vkey = skey = pkey = None
+        vkey = skey = pkey = qkey = None
         vd: tuple[str, ...] = ()
         sd: tuple[str, ...] = ()
         if share_v or share_s:
@@ -315,10 +322,17 @@ def plan_shared(
                 if t.scoring.ppl:
                     pkey = ppl_key(t, mid)
                     ppl.setdefault(pkey, t)
-        needs[tkey] = TrialNeeds(group, tuple(hp.layers), vkey, vd, skey, sd, pkey)
+                if t.scoring.probes:
+                    qkey = probes_key(t, mid)
+                    probes.setdefault(qkey, t)
+        needs[tkey] = TrialNeeds(group, tuple(hp.layers), vkey, vd, skey, sd, pkey, qkey)
     passes = _stats_passes(cfg, groups, identities, budget_gb)
     ppl_cached = _mark_stored(cfg, values, scores, ppl)
-    return SharedPlan(passes, values, scores, ppl, ppl_cached, needs, budget_gb)
+    probes_cached = {}
+    if cfg.scores_store:
+        got = {q: ScoresStore(cfg.scores_store).get_probes(q) for q in probes}
+        probes_cached = {q: v for q, v in got.items() if v is not None}
+    return SharedPlan(passes, values, scores, ppl, ppl_cached, needs, budget_gb, probes, probes_cached)
 
 
 def _selection(t: TrialConfig, datasets: dict[tuple, list[Any]], dry_run: bool) -> tuple[tuple, list[Any]]:

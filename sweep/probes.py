@@ -847,6 +847,21 @@ def fetch(out: str | Path, names: Sequence[str] = tuple(FILES), *, timeout: floa
     return made
 
 
+def files_digest(data: str | Path | None, tasks: Sequence[str]) -> str:
+    """What the probe files of ``tasks`` hold, without fetching anything: the sha256 of each file in the
+    ``scoring.probe_data`` folder, or, when it is null, the authors' files' md5s (:data:`FILES`; a
+    fetch checks them, so the content is known before it is fetched)."""
+    h = hashlib.sha256()
+    for task in tasks:
+        if data is None:
+            h.update(f"{task}:md5:{FILES[task][1]}\n".encode())
+        else:
+            path = Path(data) / f"{task}.jsonl"
+            content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "-"
+            h.update(f"{task}:sha256:{content}\n".encode())
+    return h.hexdigest()[:24]
+
+
 def probe_folder(data: str | Path | None, tasks: Sequence[str]) -> Path:
     """The folder of the probe files a trial reads: ``scoring.probe_data`` when given, else the cache's
     ``glue_eval`` folder, where the authors' files are fetched and converted once per node

@@ -8,7 +8,8 @@ Three results are the same in many trials of a sweep and are computed once by :m
 - **target values** v* of batch-mode trials, per fact: :class:`ValuesKey` (model, value site and layer,
   value hyperparameters, context templates) in a :class:`ValuesStore`;
 - **pre-edit scores**, per fact: :class:`ScoresKey` (model, scoring settings) in a :class:`ScoresStore`,
-  and the unedited model's held-out perplexity under a :class:`PplKey`.
+  the unedited model's held-out perplexity under a :class:`PplKey` and its capability probes under a
+  :class:`ProbesKey`.
 
 Every key is built from content, never from a path: the model is ``ModelRef.identity()`` (a fingerprint
 of its weight and tokenizer files) plus the weights' dtype; a corpus is ``corpus_identity`` (a content
@@ -164,6 +165,28 @@ def ppl_key(cfg: TrialConfig, model_id: str) -> PplKey:
     return PplKey(model_id, cfg.model.dtype, corpus, sc.ppl_offset, sc.ppl_texts, sc.ppl_max_len)
 
 
+@dataclass(frozen=True)
+class ProbesKey:
+    """The unedited model's capability probes: the model, the tasks, items and batch size, and the
+    probe files' content (never their path)."""
+
+    model: str
+    model_dtype: str
+    tasks: tuple[str, ...]
+    items: int
+    batch_size: int
+    files: str  # a digest of the tasks' files: their sha256, or the authors' md5s when fetched
+    protocol: str = "sweep.probes.run_probes.v1"
+
+
+def probes_key(cfg: TrialConfig, model_id: str) -> ProbesKey:
+    from .probes import files_digest
+
+    sc = cfg.scoring
+    files = files_digest(sc.probe_data, sc.probes)
+    return ProbesKey(model_id, cfg.model.dtype, tuple(sc.probes), sc.probe_items, sc.gen_batch_size, files)
+
+
 def _digest(fields: Sequence[Any]) -> str:
     return hashlib.sha256(json.dumps(list(fields), separators=(",", ":")).encode()).hexdigest()[:24]
 
@@ -274,6 +297,15 @@ class ScoresStore:
         got = self.store.get_json(key)
         return float(got["ppl"]) if isinstance(got, dict) and isinstance(got.get("ppl"), (int, float)) else None
 
+    def put_probes(self, key: ProbesKey, metrics: dict[str, float]) -> None:
+        self.store.put_json(key, {"probes": {k: float(v) for k, v in metrics.items()}})
+
+    def get_probes(self, key: ProbesKey) -> dict[str, float] | None:
+        got = self.store.get_json(key)
+        m = got.get("probes") if isinstance(got, dict) else None
+        ok = isinstance(m, dict) and m and all(isinstance(v, (int, float)) for v in m.values())
+        return {k: float(v) for k, v in m.items()} if ok else None
+
 
 def _valid_row(row: dict[str, Any], fields: set[str]) -> bool:
     """A stored score row: ES/PS/NS and any other declared score as numbers, ``gen_ref`` as lists of ids."""
@@ -301,6 +333,7 @@ class TrialInputs:
         values: :func:`request_digest` -> v* [d_model] (batch mode; empty: the schedule optimises).
         pre_scores: :func:`record_digest` -> score fields of the unedited model.
         pre_ppl: the unedited model's held-out perplexity.
+        pre_probes: the unedited model's capability probes (``probe_<task>_<metric>``).
         counts: how many of each the trial used (``stats_reused``, ``values_reused``, ``scores_reused``),
             set afresh by each run of :func:`sweep.trial.run_trial`.
     """
@@ -310,6 +343,7 @@ class TrialInputs:
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     pre_scores: dict[str, dict[str, float]] = field(default_factory=dict)
     pre_ppl: float | None = None
+    pre_probes: dict[str, float] | None = None
     counts: dict[str, int] = field(default_factory=dict)
     zero_copy: bool | None = None  # the statistics are read-only views of the object store (no per-trial copy)
 
@@ -329,6 +363,8 @@ class TrialInputs:
                 out.append(f"pre-edit scores of {len(lack)} fact(s) (case ids {lack[:5]}...)")
             if cfg.scoring.ppl and self.pre_ppl is None:
                 out.append("the unedited perplexity")
+            if cfg.scoring.probes and self.pre_probes is None:
+                out.append("the unedited model's capability probes")
         return out
 
 
@@ -341,6 +377,7 @@ class TrialRefs:
     values: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)  # (chunk digests, ref [n, d_model])
     scores: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)  # (chunk digests, ref of rows)
     ppl: float | None = None
+    probes: dict[str, float] | None = None
 
 
 def as_tensor(a: Any) -> torch.Tensor:
@@ -368,11 +405,13 @@ def inputs_of(tr: TrialRefs, get: Callable[[Any], Any]) -> TrialInputs:
     for ds, h in tr.scores:
         inputs.pre_scores.update(dict(zip(ds, get(h))))
     inputs.pre_ppl = tr.ppl
+    inputs.pre_probes = tr.probes
     return inputs
 
 
 __all__ = [
     "PplKey",
+    "ProbesKey",
     "ScoresKey",
     "ScoresStore",
     "TrialInputs",
@@ -383,6 +422,7 @@ __all__ = [
     "inputs_of",
     "model_identity",
     "ppl_key",
+    "probes_key",
     "record_digest",
     "request_digest",
     "scores_key",

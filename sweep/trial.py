@@ -186,19 +186,11 @@ class Scorer:
 
     def probes(self) -> dict[str, float]:
         """The capability probes (``scoring.probes``) on the model as it is (:mod:`sweep.probes`)."""
-        from .probes import probe_folder, run_probes
+        from .work import compute_probes
 
-        sc = self.cfg.scoring
         sync(self.model.device)
         t0 = time.perf_counter()
-        out = run_probes(
-            self.model,
-            self.tok,
-            list(sc.probes),
-            probe_folder(sc.probe_data, sc.probes),
-            n_items=sc.probe_items,
-            batch_size=sc.gen_batch_size,
-        ).metrics()
+        out = compute_probes(self.cfg, self.model, self.tok)
         sync(self.model.device)
         self.probe_seconds += time.perf_counter() - t0
         return out
@@ -429,7 +421,7 @@ def edit_and_score(
 
 def check_inputs(cfg: TrialConfig, hp: EditHParams, records: list[Record], inputs: TrialInputs | None) -> TrialInputs:
     """``inputs`` when it holds everything the trial needs (statistics of its layers, pre-edit scores
-    of its facts, the unedited perplexity), else one error saying what is missing and where it comes
+    of its facts, the unedited perplexity and probes), else one error saying what is missing and where it comes
     from. A trial computes no shared work itself."""
     if inputs is None:
         raise ValueError(
@@ -532,8 +524,7 @@ def run_trial(
     if cfg.scoring.pre:
         per, metrics["pre"] = pre_scores(cfg, records, inputs, scorer)
         _merge(per_record, "pre", per)
-        if cfg.scoring.probes:
-            metrics["pre"].update(scorer.probes())
+        metrics["pre"].update(inputs.pre_probes or {})  # the unedited model's probes: shared work
         metrics["pre"].update(scorer.multihop(records))  # MQuAKE: the unedited model on every case
     tpl = (templates or TemplateCache()).get(model, tok, hp.context_templates, hp.template_seed)
     log_, sched = edit_and_score(cfg, hp, model, tok, spec, records, inputs, scorer, tpl, t_start, on_batch)

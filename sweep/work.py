@@ -89,3 +89,14 @@ def compute_ppl(cfg: TrialConfig, model: Any, tok: Any) -> float:
     return heldout_perplexity(
         model, tok, spec_for(model), cfg.stats.corpus, sc.ppl_offset, sc.ppl_texts, sc.ppl_max_len
     )
+
+
+def compute_probes(cfg: TrialConfig, model: Any, tok: Any) -> dict[str, float]:
+    """The capability probes (``scoring.probes``) of the model as it is: ``probe_<task>_<metric>``."""
+    from .probes import probe_folder, run_probes
+
+    sc = cfg.scoring
+    folder = probe_folder(sc.probe_data, sc.probes)
+    return run_probes(
+        model, tok, list(sc.probes), folder, n_items=sc.probe_items, batch_size=sc.gen_batch_size
+    ).metrics()

@@ -27,7 +27,7 @@ from .registry import CORE
 from .result import REPORT_KEY, CurvePoint
 from .shared import TrialInputs, TrialRefs, inputs_of, stats_dtype
 from .trial import run_trial
-from .work import compute_ppl, compute_scores, compute_stats, compute_values
+from .work import compute_ppl, compute_probes, compute_scores, compute_stats, compute_values
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,14 @@ def ppl_task(trial: dict[str, Any]) -> tuple[float, float]:
     t0 = time.perf_counter()
     model, tok = cached_model(cfg.model)
     return compute_ppl(cfg, model, tok), time.perf_counter() - t0
+
+
+def probes_task(trial: dict[str, Any]) -> tuple[dict[str, float], float]:
+    """(the unedited model's capability probes, seconds)."""
+    cfg = parse_config(trial)
+    t0 = time.perf_counter()
+    model, tok = cached_model(cfg.model)
+    return compute_probes(cfg, model, tok), time.perf_counter() - t0
 
 
 def gpu_memory_task() -> dict[str, Any]:

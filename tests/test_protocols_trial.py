@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from editors.config import ConfigError
 from sweep.config import load_config
@@ -139,3 +140,51 @@ def test_probe_files_neither_given_nor_fetchable_fail_before_any_weights(tiny_di
     with pytest.raises(probes.ProbeDataError, match=r"scoring\.probe_data: null.*offline"):
         trial_alone(cfg, progress=False)
     assert not loaded and not list(tmp_path.rglob("*.jsonl"))  # nothing half-written
+
+
+def test_the_unedited_probes_are_shared_work_computed_once(tiny_dir, tmp_path, monkeypatch):
+    """Four trials of a sweep share one probe point of the unedited model: computed once, stored under
+    a key of the model, tasks, items and the probe files' content, read by a second fulfilment, and
+    handed to every trial as its pre-edit probes (none of them probes the unedited model itself)."""
+    import sweep.probes as probes
+    import sweep.work as work
+    from editors import load_model
+    from sweep.config import load_sweep
+    from sweep.fulfil import fulfil_local
+    from sweep.plan import make_plan
+    from sweep.shared import probes_key
+    from sweep.trial import run_trial
+    from tests.test_shared import sweep_file
+
+    runs: list[tuple[str, ...]] = []
+    real = probes.run_probes
+
+    def counted(model, tok, tasks, *a, **kw):
+        runs.append(tuple(tasks))
+        return real(model, tok, tasks, *a, **kw)
+
+    monkeypatch.setattr(probes, "run_probes", counted)
+    scoring = {
+        "ppl": False,
+        "probes": ["sst2", "rte"],
+        "probe_items": 2,
+        "probe_data": str(DATA / "glue_eval"),
+    }
+    for f in ("model", "cf.json", "corpus.txt"):
+        (tmp_path / f).symlink_to(tiny_dir / f)
+    base = {**yaml.safe_load(sweep_file(tmp_path).read_text())["base"], "scoring": scoring, "mode": "sequential-batch"}
+    cfg = load_sweep(str(sweep_file(tmp_path, base=base)))
+    plan = make_plan(cfg)
+    assert len(plan.shared.probes) == 1  # four trials, one model, one probe setting: one point
+    model, tok = load_model(str(tmp_path / "model"))
+    inputs, counts = fulfil_local(plan.shared, cfg, model, tok, progress=False)
+    assert (counts.probes_computed, counts.probes_read) == (1, 0) and runs == [("sst2", "rte")]
+    again_plan = make_plan(cfg)
+    (key,) = again_plan.shared.probes
+    assert key == probes_key(plan.trials[0], key.model) and again_plan.shared.probes_cached
+    _, again = fulfil_local(again_plan.shared, cfg, model, tok, progress=False)
+    assert (again.probes_computed, again.probes_read) == (0, 1) and len(runs) == 1
+    res = run_trial(plan.trials[0], inputs=inputs[plan.keys[0]], model=model, tok=tok)
+    assert res.metrics["pre"]["probe_sst2_f1"] == again_plan.shared.probes_cached[key]["probe_sst2_f1"]
+    assert len(runs) == 1 + 1  # the trial probed after its last batch, never the unedited model
+    assert work.compute_probes(plan.trials[0], model, tok) == again_plan.shared.probes_cached[key]
