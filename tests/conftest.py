@@ -134,9 +134,12 @@ def write_tiny_assets(d: Path, tok) -> Path:
     return d
 
 
-def write_sweep_yaml(d: Path, name: str, grid: dict, out: Path | None = None, **extra) -> Path:
+def write_sweep_yaml(
+    d: Path, name: str, grid: dict, out: Path | None = None, scoring: dict | None = None, **extra
+) -> Path:
     """A tiny-Llama sweep over ``write_tiny_assets(d)`` (``d/<name>.yaml``) whose storage, stores and
-    MLflow database live under ``out`` (default ``d/<name>``: the driver's disk in the cluster tests)."""
+    MLflow database live under ``out`` (default ``d/<name>``: the driver's disk in the cluster tests);
+    ``scoring`` adds to the base trial's scoring settings."""
     import yaml
 
     out = out or d / name
@@ -149,7 +152,7 @@ def write_sweep_yaml(d: Path, name: str, grid: dict, out: Path | None = None, **
             "dataset": {"source": str(d / "cf.json")},
             "stats": {"corpus": str(d / "corpus.txt"), "max_tokens": 3000, "store": str(out / "stats")},
             "hp": {"v_num_grad_steps": 3, "context_templates": "none"},
-            "scoring": {"ppl": True, "ppl_offset": 0, "ppl_texts": 2, "ppl_max_len": 64},
+            "scoring": {"ppl": True, "ppl_offset": 0, "ppl_texts": 2, "ppl_max_len": 64, **(scoring or {})},
         },
         "grid": grid,
         "resources": {"cpu": 1, "gpu": 0},

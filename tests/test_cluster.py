@@ -21,6 +21,9 @@ from sweep.plan import make_plan  # noqa: E402
 from tests.conftest import write_sweep_yaml, write_tiny_assets  # noqa: E402
 from tests.private_cluster import job_server_available, private_disk_cluster, unavailable  # noqa: E402
 
+#: AlphaEdit's probe files as JSON lines (../shared/data/glue_eval), a path every node sees, as the data
+GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue_eval"
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tok_bos):
@@ -58,7 +61,8 @@ def test_a_worker_that_shares_no_disk_runs_every_trial_and_a_second_sweep_comput
     with private_disk_cluster(out, tmp_path / "logs", dashboard=job_server_available()) as cluster:
         try:
             grid = {"algorithm": ["memit", "emmet"], "layers": [[1]], "batch_size": [2, 4], "mode": ["batch"]}
-            cfg = load_sweep(str(sweep_yaml(assets, out, "nodisk", grid)))
+            probes = {"probes": ["sst2"], "probe_items": 2, "probe_data": str(GLUE)}  # on every node, as the data
+            cfg = load_sweep(str(sweep_yaml(assets, out, "nodisk", grid, scoring=probes)))
             args = launch.parser().parse_args(["--config", "x", "--address", cluster.address, "--quiet"])
             first = launch.run(cfg, make_plan(cfg), args)
             assert first["errors"] == 0 and first["trials"] == 4, cluster.logs()
@@ -69,6 +73,7 @@ def test_a_worker_that_shares_no_disk_runs_every_trial_and_a_second_sweep_comput
                 4,
                 1,
             )
+            assert (w["probes_computed"], w["probes_read"]) == (1, 0)  # the unedited model's probes: one task
             head = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) == 0}
             runs = trial_results(first["tracking_uri"], first["parent_run_id"], tmp_path)
             assert len(runs) == 4 and all(r.info.status == "FINISHED" for r, _ in runs)
@@ -76,16 +81,21 @@ def test_a_worker_that_shares_no_disk_runs_every_trial_and_a_second_sweep_comput
             assert all(len(res["per_record"]) == 4 and res["metrics"]["final"] for _, res in runs)
             assert all(r.data.metrics["work.stats_reused"] == 1 for r, _ in runs)
             assert all(res["work"]["scores_reused"] == 4 for _, res in runs)
+            assert all(
+                "probe_sst2_f1" in res["metrics"]["pre"] and "probe_sst2_f1" in res["metrics"]["final"]
+                for _, res in runs
+            )
 
             # Another sweep on the same cluster needing the same shared work: every unit is read.
             grid2 = {"algorithm": ["memit"], "layers": [[1]], "batch_size": [1], "mode": ["batch"]}
-            cfg2 = load_sweep(str(sweep_yaml(assets, out, "nodisk2", grid2)))
+            cfg2 = load_sweep(str(sweep_yaml(assets, out, "nodisk2", grid2, scoring=probes)))
             second = launch.run(cfg2, make_plan(cfg2), args)
             w2 = second["work"]
             assert second["errors"] == 0 and second["trials"] == 1
             computed = (w2["stats_layers_computed"], w2["values_optimised"], w2["scores_computed"], w2["ppl_computed"])
             assert computed == (0, 0, 0, 0)
             assert (w2["stats_layers_read"], w2["values_read"], w2["scores_read"], w2["ppl_read"]) == (1, 4, 4, 1)
+            assert (w2["probes_computed"], w2["probes_read"]) == (0, 1)
 
             # --resume of the first: every trial is in MLflow, nothing runs, no new run is logged.
             again = launch.run(cfg, make_plan(cfg), launch.parser().parse_args([*_argv(cluster), "--resume"]))
