@@ -62,7 +62,7 @@ def test_zsre_scores_are_token_accuracies_of_the_chosen_target(target, tok_bos):
     for r, s in zip(records, scores):
         assert s.es == pytest.approx(hand_accuracy(model, tok_bos, r.rewrite_prompt, r.target_new))
         assert s.ps == pytest.approx(hand_accuracy(model, tok_bos, r.paraphrase_prompts[0], r.target_new))
-        (loc, ans), = r.neighbourhood_pairs()
+        ((loc, ans),) = r.neighbourhood_pairs()
         assert loc.endswith("?") and loc.startswith("nq question: ")
         assert s.ns == pytest.approx(hand_accuracy(model, tok_bos, loc, ans))
         assert s.em is None and s.es_acc is None  # CounterFact's measures are not defined here
