@@ -3,7 +3,7 @@
 Yang et al., "The Mirage of Model Editing: Revisiting Evaluation in the Wild" (ACL 2025, arXiv 2502.11177;
 code WanliYoung/Revisit-Editing-Evaluation, ``test_prediction_acc_real``) show that teacher forcing, which
 feeds the target's tokens and so tells the model how long the answer is, overstates editing success. Their
-WILD protocol scores what the model actually says (``../shared/data/qaedit/README.md``):
+WILD protocol scores what the model actually says (docs/ALGORITHMS.md §9):
 
 1. context (``scoring.gen_context``, :func:`context_prompt`): the question alone (``bare``, their
    ``question-only``, the default), ``"Please answer the question:\\n\\nQ: {question}\\nA:"`` (``qa``, their

@@ -1,10 +1,11 @@
 """AlphaEdit's general-capability probes (``glue_eval``), run exactly as the authors run them.
 
 Source: ``jianghoucheng/AlphaEdit`` at :data:`COMMIT`, ``glue_eval/*_eval.py`` (copied from
-scalable-model-editing/unified-model-editing); the procedure is written out in
-``shared/data/glue_eval/README.md`` and every string in its ``protocol.json``, which :data:`TASKS` holds
-as constants (a test checks they are equal). AlphaEdit runs six tasks (:data:`ENABLED`) before the first
-edit and after every ``downstream_eval_steps`` batches; sentiment_analysis and dialogue exist but are off.
+scalable-model-editing/unified-model-editing); the procedure is written out in docs/ALGORITHMS.md §9,
+and every template string, label word and parse rule is held here as constants (:data:`TASKS`; a test
+checks them against the authors' strings as the test data records them). AlphaEdit runs six tasks
+(:data:`ENABLED`) before the first edit and after every ``downstream_eval_steps`` batches;
+sentiment_analysis and dialogue exist but are off.
 
 Per task (0 shots, the test items records[10:110] of the file, ``gen_len`` 5):
 
@@ -741,7 +742,7 @@ def run_probes(
 # Fetching the authors' pickles
 
 
-#: the authors' files: name -> (md5 of the pickle, md5 of its JSON lines) (shared/data/glue_eval/README.md)
+#: the authors' files at :data:`COMMIT`: name -> (md5 of the pickle, md5 of its JSON lines as converted here)
 FILES: dict[str, tuple[str, str]] = {
     "sst2": ("dd751a16a50850480fc663584f4f1133", "a64d409b4bb2120d146a24e789fe5988"),
     "mrpc": ("6dddc4e39b015ca086c879070ae77120", "f478d2a17c1a103839986364f1089979"),
