@@ -96,7 +96,12 @@ def end_ids(model: nn.Module, tok: Any) -> set[int]:
 
 
 def _generate_batch(
-    model: nn.Module, tok: Any, seqs: Sequence[Sequence[int]], max_new_tokens: int, stop_texts: Sequence[str]
+    model: nn.Module,
+    tok: Any,
+    seqs: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_texts: Sequence[str],
+    keep_end: bool = False,
 ) -> list[list[int]]:
     """Greedy decoding of one batch of prompts on a ``DynamicCache``: one prefill forward over the
     left-padded prompts, then one forward of one token per still-running row. Finished rows leave the
@@ -118,6 +123,10 @@ def _generate_batch(
     for step in range(max_new_tokens):
         picked = logits.argmax(-1).tolist()
         grown = [(r, t) for r, t in enumerate(picked) if t not in eos]
+        if keep_end:  # a row that picked an end id ends with it
+            for r, t in enumerate(picked):
+                if t in eos:
+                    new[live[r]].append(t)
         for r, t in grown:
             new[live[r]].append(t)
         hits = _stop_hits(tok, [new[live[r]] for r, _ in grown], stop_texts)
@@ -147,6 +156,7 @@ def greedy_generate(
     max_new_tokens: int,
     stop_texts: Sequence[str] = STOP_TEXTS,
     batch_size: int = 32,
+    keep_end: bool = False,
 ) -> list[list[int]]:
     """Greedy continuations of token-id prompts, batched on the KV cache.
 
@@ -157,10 +167,11 @@ def greedy_generate(
         stop_texts: a row stops as soon as the decoded text of its new tokens holds one of these (the
             token that completed it is kept; :func:`cut_answer` cuts the text). ``()``: only EOS and the cap.
         batch_size: prompts per batch; prompts are sorted by length so a batch pads little.
+        keep_end: keep the end id that ended a row as its last token (so a caller can tell which).
 
     Returns:
         The new token ids of each prompt, in input order; an end id (:func:`end_ids`: EOS, a chat
-        model's end of turn) ends a row and is not included.
+        model's end of turn) ends a row and is not included unless ``keep_end``.
 
     Batches are left-padded with an attention mask and position ids = cumsum(mask) − 1, so every row
     sees the positions it would see alone.
@@ -178,7 +189,7 @@ def greedy_generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        gens = _generate_batch(model, tok, [prompts[i] for i in chunk], max_new_tokens, stop_texts)
+        gens = _generate_batch(model, tok, [prompts[i] for i in chunk], max_new_tokens, stop_texts, keep_end)
         for i, g in zip(chunk, gens):
             out[i] = g
     log.debug(

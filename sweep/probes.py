@@ -610,31 +610,27 @@ def _generate(model: nn.Module, tok: Any, prompts: Sequence[Sequence[int]], gen_
     """``gen_len`` greedy new tokens per prompt, ended as ``model.generate`` ends one sequence: at the first
     of the model's EOS ids (:func:`eos_ids`, kept, as ``generate`` keeps it).
 
-    :func:`~sweep.generation.greedy_generate` ends a row at its own end ids (the tokenizer's EOS too) and
-    drops the id; such a row's next token is read from one forward and appended, and where it is not one
-    of the model's EOS ids (``generate`` would go on) the row is continued.
+    :func:`~sweep.generation.greedy_generate` ends a row at any of its end ids (the tokenizer's EOS too)
+    and keeps that id here (``keep_end``); a row ended by an id that is not one of the model's EOS ids
+    (``generate`` would go on) is continued from where it stopped.
     """
-    from .generation import greedy_generate
+    from .generation import end_ids, greedy_generate
 
-    model_eos = eos_ids(model)
+    model_eos, ends = eos_ids(model), end_ids(model, tok)
     seqs: list[list[int]] = [[] for _ in prompts]
     todo = list(range(len(prompts)))
     while todo:
         left = {i: gen_len - len(seqs[i]) for i in todo}
         rows = [[*prompts[i], *seqs[i]] for i in todo]
-        new = greedy_generate(model, tok, rows, max_new_tokens=max(left.values()), stop_texts=(), batch_size=bs)
-        ended = []
+        new = greedy_generate(
+            model, tok, rows, max_new_tokens=max(left.values()), stop_texts=(), batch_size=bs, keep_end=True
+        )
+        going = []
         for i, g in zip(todo, new):
             seqs[i] += list(g)[: left[i]]
-            if len(g) < left[i]:  # an end id came next
-                ended.append(i)
-        rows = [[*prompts[i], *seqs[i]] for i in ended]
-        logits = _logits_at(model, tok, rows, [[len(r) - 1] for r in rows], bs)
-        todo = []
-        for i, lg in zip(ended, logits):
-            seqs[i].append(int(lg[0].argmax()))
-            if seqs[i][-1] not in model_eos and len(seqs[i]) < gen_len:
-                todo.append(i)
+            if seqs[i] and seqs[i][-1] in ends and seqs[i][-1] not in model_eos and len(seqs[i]) < gen_len:
+                going.append(i)
+        todo = going
     return [s[: next((j + 1 for j, t in enumerate(s) if t in model_eos), len(s))] for s in seqs]
 
 
