@@ -16,8 +16,8 @@ WILD protocol scores what the model actually says (docs/ALGORITHMS.md §9):
 
 Per fact (:func:`generated_scores`), each in [0, 1]: ``gen_es`` the rewrite question's exact match,
 ``gen_ps`` the mean over its paraphrases, ``gen_ns`` the mean over neighbourhood prompts of [the generated
-token ids equal the unedited model's] (:func:`reference_generations` makes that reference once, before
-editing). The registry's ``gen_*`` metrics are these ×100.
+token ids equal the unedited model's] (its own ``neighbour_ids``, kept once, before editing, with the
+pre-edit scores). The registry's ``gen_*`` metrics are these ×100.
 
 The first ``"."`` stops, as in the authors' ``stop_strings``: an answer such as ``"3.5 million"`` is cut to
 ``"3"``. A model that starts its reply with a newline (common for ``bare`` questions) answers ``""``; that is
@@ -86,13 +86,19 @@ def _last_logits(model: nn.Module, keep_last: bool, **batch: Any) -> torch.Tenso
     return model(**batch).logits[:, -1].float()
 
 
+def eos_ids(model: nn.Module) -> set[int]:
+    """The ids that end ``model.generate`` (its generation config's ``eos_token_id``, else its config's):
+    a chat model's end-of-turn among them, e.g. Llama-3-Instruct's <|eot_id|>."""
+    gc = getattr(model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
 def end_ids(model: nn.Module, tok: Any) -> set[int]:
-    """The token ids that end a generation: the tokenizer's EOS and every id of the model's
-    ``generation_config.eos_token_id`` (a chat model's end-of-turn, e.g. Llama-3-Instruct's <|eot_id|>)."""
-    out = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    out |= set(extra) if isinstance(extra, (list, tuple)) else {extra} if isinstance(extra, int) else set()
-    return out
+    """The token ids that end a generation here: the tokenizer's EOS and the model's (:func:`eos_ids`)."""
+    return eos_ids(model) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
 
 
 def _generate_batch(
@@ -364,7 +370,7 @@ def generated_scores(
         max_new_tokens: the generation cap (50 in the WILD protocol).
         batch_size: prompts per generation batch.
         reference: per fact, the unedited model's generated ids of each neighbourhood prompt
-            (:func:`reference_generations`, or an earlier result's ``neighbour_ids``); None: ``gen_ns`` is nan.
+            (the ``neighbour_ids`` of a run on the unedited model); None: ``gen_ns`` is nan.
     """
     if reference is not None:
         _check_reference(facts, reference)
@@ -392,24 +398,4 @@ def generated_scores(
                 neighbour_ids=neighbours,
             )
         )
-    return out
-
-
-def reference_generations(
-    model: nn.Module,
-    tok: Any,
-    facts: Sequence[GenFact],
-    context: GenContext,
-    max_new_tokens: int = 50,
-    batch_size: int = 32,
-) -> list[tuple[tuple[int, ...], ...]]:
-    """The generated ids of every fact's neighbourhood prompts (run it on the unedited model), the
-    ``reference`` of :func:`generated_scores`; only the neighbourhood prompts are generated."""
-    questions = [q for f in facts for q in f.neighbourhood]
-    gens = _generate_questions(model, tok, questions, context, max_new_tokens, batch_size)
-    out: list[tuple[tuple[int, ...], ...]] = []
-    at = 0
-    for f in facts:
-        out.append(tuple(gens[at : at + len(f.neighbourhood)]))
-        at += len(f.neighbourhood)
     return out

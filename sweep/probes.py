@@ -63,6 +63,8 @@ from torch import nn
 from editors.model import get_module, hooks, model_device, run_until, spec_for
 from editors.requests import pad_id, pad_right, target_ids
 
+from .generation import eos_ids
+
 log = logging.getLogger(__name__)
 
 #: the AlphaEdit commit the protocol and the pickles come from
@@ -580,15 +582,6 @@ def likelihood_nll(model: nn.Module, tok: Any, enc: EncodedTask, *, batch_size: 
         vals = _joint_nll(model, tok, rows, batch_size)
         out[[i for i, _ in slow], [w for _, w in slow]] = torch.tensor(vals, dtype=torch.float64)
     return out
-
-
-def eos_ids(model: nn.Module) -> set[int]:
-    """The ids that end ``model.generate`` (its generation config's ``eos_token_id``, else its config's)."""
-    gc = getattr(model, "generation_config", None)
-    eos = getattr(gc, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
 #: generation-config settings under which ``model.generate`` would not be plain greedy decoding
