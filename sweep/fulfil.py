@@ -225,9 +225,12 @@ class MeasureUnit:
         return ss.get_ppl(self.key) if self.kind == "ppl" else ss.get_probes(self.key)  # type: ignore[arg-type]
 
     def write(self, value: Any) -> None:
-        if self.store:
-            ss = ScoresStore(self.store)
-            ss.put_ppl(self.key, value) if self.kind == "ppl" else ss.put_probes(self.key, value)  # type: ignore[arg-type]
+        if not self.store:
+            return
+        if self.kind == "ppl":
+            ScoresStore(self.store).put_ppl(self.key, value)  # type: ignore[arg-type]
+        else:
+            ScoresStore(self.store).put_probes(self.key, value)  # type: ignore[arg-type]
 
 
 Unit = StatsUnit | FactUnit | MeasureUnit

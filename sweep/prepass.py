@@ -327,11 +327,7 @@ def plan_shared(
                     probes.setdefault(qkey, t)
         needs[tkey] = TrialNeeds(group, tuple(hp.layers), vkey, vd, skey, sd, pkey, qkey)
     passes = _stats_passes(cfg, groups, identities, budget_gb)
-    ppl_cached = _mark_stored(cfg, values, scores, ppl)
-    probes_cached = {}
-    if cfg.scores_store:
-        got = {q: ScoresStore(cfg.scores_store).get_probes(q) for q in probes}
-        probes_cached = {q: v for q, v in got.items() if v is not None}
+    ppl_cached, probes_cached = _mark_stored(cfg, values, scores, ppl, probes)
     return SharedPlan(passes, values, scores, ppl, ppl_cached, needs, budget_gb, probes, probes_cached)
 
 
@@ -409,20 +405,22 @@ def _mark_stored(
     values: dict[ValuesKey, FactJob],
     scores: dict[ScoresKey, FactJob],
     ppl: dict[PplKey, TrialConfig],
-) -> dict[PplKey, float]:
-    """Set each fact job's ``cached`` to the facts its store holds; returns the stored perplexities."""
+    probes: dict[ProbesKey, TrialConfig],
+) -> tuple[dict[PplKey, float], dict[ProbesKey, dict[str, float]]]:
+    """Set each fact job's ``cached`` to the facts its store holds; returns the stored perplexities and
+    the stored probe points of the unedited models."""
     if cfg.values_store:
         for job in values.values():
             job.cached = set(ValuesStore(cfg.values_store).get(job.key, job.digests))
     ppl_cached: dict[PplKey, float] = {}
+    probes_cached: dict[ProbesKey, dict[str, float]] = {}
     if cfg.scores_store:
+        store = ScoresStore(cfg.scores_store)
         for job in scores.values():
-            job.cached = set(ScoresStore(cfg.scores_store).get(job.key, job.digests))
-        for pk in ppl:
-            v = ScoresStore(cfg.scores_store).get_ppl(pk)
-            if v is not None:
-                ppl_cached[pk] = v
-    return ppl_cached
+            job.cached = set(store.get(job.key, job.digests))
+        ppl_cached = {pk: v for pk in ppl if (v := store.get_ppl(pk)) is not None}
+        probes_cached = {qk: m for qk in probes if (m := store.get_probes(qk)) is not None}
+    return ppl_cached, probes_cached
 
 
 def _digests(recs: Sequence[Record | None], dkey: tuple, digest_of: Any) -> tuple[str, ...]:
