@@ -95,8 +95,6 @@ CHANCE: dict[tuple[str, str], float] = {
 }
 #: a probe metric in words (:func:`sweep.probes.task_metrics`; ``lik_<m>``: the same of the likelihood prediction)
 PROBE_METRIC_WORDS = {"f1": "weighted F1", "acc": "accuracy", "mcc": "MCC", "invalid": "unparsed answers"}
-#: probe keys that are not scores (the probes' wall time)
-PROBE_NOT_SCORES = ("probe_seconds",)
 #: the probe tasks known by name (longest first, so ``sentiment_analysis_f1`` parses as that task)
 PROBE_TASKS = tuple(sorted({t for t, _ in CHANCE}, key=lambda t: (-len(t), t)))
 #: every file a report may write, per section (files not written this time are removed from --out)
@@ -147,7 +145,7 @@ def probe_parts(name: str) -> tuple[str, str]:
 def is_probe_score(name: str) -> bool:
     """Whether ``name`` (with or without a stage or ``curve.`` prefix) is a probe score ``probe_<task>_<metric>``."""
     bare = name.split(".", 1)[-1]
-    return bare.startswith(PROBE_PREFIX) and bare not in PROBE_NOT_SCORES and bool(probe_parts(bare)[1])
+    return bare.startswith(PROBE_PREFIX) and bool(probe_parts(bare)[1])
 
 
 def probe_label(task: str, metric: str) -> str:
