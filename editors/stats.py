@@ -8,6 +8,12 @@ token batch collects every requested layer at once and stops after the deepest o
 With ``tolerance`` the pass stops once C has converged for editing: see :func:`collect_second_moments`
 and ``docs/SHARED_WORK.md``.
 
+C is a sum over the texts, so a pass can be split over workers: :func:`split_stream` cuts the pass's
+token stream into parts (:class:`StreamSlice`), :func:`second_moment_sums` computes one part's raw sums
+Σ k kᵀ and key count (:class:`MomentSums`), and :func:`add_sums` adds the parts; divided
+(:meth:`MomentSums.moment`) they give the one-pass C up to float rounding, since the parts hold exactly
+the keys of the single pass (the same texts, the same ``max_tokens`` cut).
+
 Cached results live in an :class:`editors.store.Store` (``<root>/<digest>.safetensors``, never pickles)
 whose metadata holds the full :class:`StatsKey`, so a hash collision or a stale file is detected and
 treated as a miss.
@@ -16,6 +22,7 @@ treated as a miss.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -166,31 +173,10 @@ def collect_second_moments(
     layers = _check_layers(spec, layers)
     acc = accumulation_dtype(dtype)
     _check_caps(max_texts=max_texts, max_tokens=max_tokens, max_seq_len=max_seq_len, batch_tokens=batch_tokens)
-    seq_len = _seq_len(model, max_seq_len)
-    device = model_device(model)
-    batch_tokens = batch_tokens or default_batch_tokens(device)
-    pad = pad_id(tok)
-    names = {layer: spec.rewrite_name(layer) for layer in layers}
-    sums = {layer: torch.zeros(spec.d_key, spec.d_key, dtype=acc, device=device) for layer in layers}
-    n_tokens = 0
     check = _Convergence(layers, spec.d_key, tolerance, probe_tokens) if tolerance is not None else None
     start = time.perf_counter()
-    stream = _token_stream(tok, texts, seq_len, max_texts, max_tokens)
-    with (
-        torch.no_grad(),
-        _eval_mode(model),
-        hooks(model, inputs=list(names.values()), stop_after=names[layers[-1]]) as store,
-        tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="mom2", disable=not progress) as bar,
-    ):
-        for batch in _batches(stream, batch_tokens):
-            input_ids, mask = pad_right(batch, pad, device)
-            store.clear()
-            run_until(model, input_ids=input_ids, attention_mask=mask)
-            n = _accumulate(store, names, mask.bool(), sums, check, spec.d_key)
-            n_tokens += n
-            bar.update(n)
-            if check is not None and check.due(n_tokens) and check.converged(sums, n_tokens):
-                break
+    stream = _stream(tok, texts, _seq_len(model, max_seq_len), max_texts, max_tokens, StreamSlice())
+    sums, n_tokens = _run_pass(model, tok, spec, layers, stream, batch_tokens, acc, check, max_tokens, progress)
     if n_tokens == 0:
         raise ValueError("corpus: no tokens were read (the corpus is empty or yields only empty texts)")
     log.info(
@@ -202,6 +188,196 @@ def collect_second_moments(
     )
     converged, hist = (check.done, tuple(check.history)) if check is not None else (None, ())
     return {layer: SecondMoment(sums[layer].div_(n_tokens), n_tokens, converged, hist) for layer in layers}
+
+
+@dataclass(frozen=True)
+class StreamSlice:
+    """A part of a statistics pass's key stream: the keys at stream positions ``start <= p < stop`` that
+    come from texts ``first_text <= j < stop_text`` (None: no bound).
+
+    The stream is :func:`collect_second_moments`' own: every text's tokens (truncated to
+    ``max_seq_len``) one after the other, up to ``max_texts`` texts and ``max_tokens`` keys in all, the
+    text where the budget runs out cut. Slices that partition the positions (or the texts) hold every
+    key of the single pass exactly once. A text that starts before ``start`` still runs from its first
+    token (its earlier keys are the context of the later ones; attention is causal) but only its keys
+    from ``start`` on are counted.
+    """
+
+    start: int = 0
+    stop: int | None = None
+    first_text: int = 0
+    stop_text: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("start", self.start, self.stop), ("first_text", self.first_text, self.stop_text)):
+            if isinstance(lo, bool) or not isinstance(lo, int) or lo < 0:
+                raise ValueError(f"{name}: must be a non-negative integer, got {lo!r}")
+            if hi is not None and (isinstance(hi, bool) or not isinstance(hi, int) or hi < lo):
+                raise ValueError(f"{name}: the slice [{lo}, {hi}) must end at or after its start")
+
+    @property
+    def whole(self) -> bool:
+        """Whether this is the whole stream."""
+        return self == StreamSlice()
+
+
+def split_stream(n: int, *, max_tokens: int | None = None, max_texts: int | None = None) -> list[StreamSlice]:
+    """At most ``n`` slices holding every key of a pass's stream exactly once, of equal size.
+
+    With ``max_tokens``: equal ranges of the stream's first ``max_tokens`` positions (a boundary may
+    fall inside a text: the slice after it runs that text's head as context, at most one text of extra
+    forward work per boundary). Else with ``max_texts``: equal ranges of the first ``max_texts`` texts.
+    Else one whole-stream slice: the stream's length is not known before reading it. Never more slices
+    than tokens (or texts).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: must be a positive integer, got {n!r}")
+    _check_caps(max_tokens=max_tokens, max_texts=max_texts)
+    total = max_tokens if max_tokens is not None else max_texts
+    if total is None or n == 1:
+        return [StreamSlice()]
+    n = min(n, total)
+    bounds = [total * i // n for i in range(n + 1)]
+    if max_tokens is not None:
+        return [StreamSlice(start=a, stop=b) for a, b in itertools.pairwise(bounds)]
+    return [StreamSlice(first_text=a, stop_text=b) for a, b in itertools.pairwise(bounds)]
+
+
+@dataclass(frozen=True, eq=False)
+class MomentSums:
+    """``sums``: [d_key, d_key] = Σ k kᵀ over the keys of a part of a pass's stream, in the accumulation
+    dtype (float32 or float64); ``n_tokens``: the number of keys summed. Parts add (:func:`add_sums`);
+    :meth:`moment` divides."""
+
+    sums: torch.Tensor
+    n_tokens: int
+
+    def moment(self) -> SecondMoment:
+        """C = Σ k kᵀ / N [d_key, d_key] in the sums' dtype.
+
+        Raises:
+            ValueError: naming ``corpus`` when no key was summed.
+        """
+        if self.n_tokens < 1:
+            raise ValueError("corpus: no tokens were read (the corpus is empty or yields only empty texts)")
+        return SecondMoment(self.sums / self.n_tokens, self.n_tokens)
+
+
+def add_sums(parts: Iterable[MomentSums]) -> MomentSums:
+    """The sum of ``parts`` (one layer's partial sums), consumed one at a time: the first is copied (it
+    may be a read-only view, e.g. of Ray's object store), the others added to it in place, so only the
+    total and the part being added are in memory.
+
+    Raises:
+        ValueError: naming ``parts`` when there are none, or they differ in shape or dtype.
+    """
+    total: torch.Tensor | None = None
+    n = 0
+    for p in parts:
+        if total is None:
+            total = p.sums.clone()
+        elif p.sums.shape != total.shape or p.sums.dtype != total.dtype:
+            raise ValueError(
+                f"parts: sums of shape {tuple(p.sums.shape)} {p.sums.dtype} cannot be added to "
+                f"{tuple(total.shape)} {total.dtype} (parts of different passes?)"
+            )
+        else:
+            total.add_(p.sums.to(total.device))
+        n += int(p.n_tokens)
+    if total is None:
+        raise ValueError("parts: no partial sums to add")
+    return MomentSums(total, n)
+
+
+def second_moment_sums(
+    model: nn.Module,
+    tok: Any,
+    spec: ModelSpec,
+    layers: Sequence[int],
+    texts: Iterable[str],
+    *,
+    part: StreamSlice = StreamSlice(),
+    max_texts: int | None = None,
+    max_tokens: int | None = None,
+    max_seq_len: int | None = None,
+    batch_tokens: int | None = None,
+    dtype: str | torch.dtype = torch.float32,
+    progress: bool = True,
+) -> dict[int, MomentSums]:
+    """The raw sums Σ k kᵀ and key counts of ``part`` of the stream :func:`collect_second_moments` reads.
+
+    The arguments other than ``part`` are :func:`collect_second_moments`' and must be the same for
+    every part of one pass (the stream, its caps and the accumulation dtype). Texts before the part are
+    tokenised to find its positions but not run (when neither ``max_tokens`` nor ``part``'s positions
+    bound it, texts before ``part.first_text`` are skipped untokenised); the pass stops at the part's
+    end. There is no convergence check: a pass with a tolerance decides when to stop from the whole
+    stream (:func:`collect_second_moments`).
+
+    Returns:
+        ``{layer: MomentSums(sums [d_key, d_key] on the model's device in dtype, n_tokens)}``;
+        ``n_tokens`` is 0 for a part past the end of the corpus. ``add_sums`` over the parts of a
+        :func:`split_stream` and :meth:`MomentSums.moment` give the one-pass C to float rounding.
+
+    Raises:
+        ValueError: naming ``layers``, ``dtype``, ``max_texts``, ``max_tokens``, ``max_seq_len`` or
+            ``batch_tokens`` for invalid arguments.
+    """
+    layers = _check_layers(spec, layers)
+    acc = accumulation_dtype(dtype)
+    _check_caps(max_texts=max_texts, max_tokens=max_tokens, max_seq_len=max_seq_len, batch_tokens=batch_tokens)
+    if not isinstance(part, StreamSlice):
+        raise ValueError(f"part: expected a StreamSlice, got {type(part).__name__}")
+    start = time.perf_counter()
+    stream = _stream(tok, texts, _seq_len(model, max_seq_len), max_texts, max_tokens, part)
+    stop = part.stop if max_tokens is None else min(max_tokens, part.stop or max_tokens)
+    total = None if stop is None else stop - min(part.start, stop)
+    sums, n_tokens = _run_pass(model, tok, spec, layers, stream, batch_tokens, acc, None, total, progress)
+    log.info(
+        "partial sums of layers %s over %s: %d tokens in %.1fs", layers, part, n_tokens, time.perf_counter() - start
+    )
+    return {layer: MomentSums(sums[layer], n_tokens) for layer in layers}
+
+
+def _run_pass(
+    model: nn.Module,
+    tok: Any,
+    spec: ModelSpec,
+    layers: list[int],
+    stream: Iterator[tuple[list[int], int]],
+    batch_tokens: int | None,
+    acc: torch.dtype,
+    check: _Convergence | None,
+    total: int | None,
+    progress: bool,
+) -> tuple[dict[int, torch.Tensor], int]:
+    """Run the model over ``stream`` (token ids, leading keys to leave out) in packed batches, stopping
+    after the deepest of ``layers``; returns ({layer: Σ k kᵀ [d_key, d_key] in ``acc`` on the model's
+    device}, keys summed). ``check`` may stop it early (and holds its probe keys out of the sums)."""
+    device = model_device(model)
+    batch_tokens = batch_tokens or default_batch_tokens(device)
+    pad = pad_id(tok)
+    names = {layer: spec.rewrite_name(layer) for layer in layers}
+    sums = {layer: torch.zeros(spec.d_key, spec.d_key, dtype=acc, device=device) for layer in layers}
+    n_tokens = 0
+    with (
+        torch.no_grad(),
+        _eval_mode(model),
+        hooks(model, inputs=list(names.values()), stop_after=names[layers[-1]]) as store,
+        tqdm(total=total, unit="tok", unit_scale=True, desc="mom2", disable=not progress) as bar,
+    ):
+        for batch in _batches(stream, batch_tokens):
+            input_ids, mask = pad_right([ids for ids, _ in batch], pad, device)
+            keep = mask.bool()
+            for row, (_, skip) in enumerate(batch):
+                keep[row, :skip] = False  # the context of a text that starts before the slice
+            store.clear()
+            run_until(model, input_ids=input_ids, attention_mask=mask)
+            n = _accumulate(store, names, keep, sums, check, spec.d_key)
+            n_tokens += n
+            bar.update(n)
+            if check is not None and check.due(n_tokens) and check.converged(sums, n_tokens):
+                break
+    return sums, n_tokens
 
 
 def _seq_len(model: nn.Module, max_seq_len: int | None) -> int:
@@ -344,51 +520,69 @@ def _check_layers(spec: ModelSpec, layers: Sequence[int]) -> list[int]:
     return sorted(set(layers))
 
 
-def _token_stream(
-    tok: Any, texts: Iterable[str], seq_len: int, max_texts: int | None, max_tokens: int | None
-) -> Iterator[list[int]]:
-    """Token ids of each text, truncated to ``seq_len``; stops at ``max_texts`` texts or exactly
-    ``max_tokens`` tokens (cutting the last text)."""
-    budget = max_tokens
+def _text_tokens(
+    tok: Any, texts: Iterable[str], seq_len: int, max_texts: int | None, skip: int = 0
+) -> Iterator[tuple[int, list[int]]]:
+    """(index of the text, its token ids truncated to ``seq_len``) of the first ``max_texts`` texts,
+    tokenised :data:`_TOKENIZE_CHUNK` at a time; the first ``skip`` texts are passed over untokenised."""
     it = iter(texts)
-    n_read = 0
+    n_read = sum(1 for _ in itertools.islice(it, skip if max_texts is None else min(skip, max_texts)))
     while True:
         room = _TOKENIZE_CHUNK if max_texts is None else min(_TOKENIZE_CHUNK, max_texts - n_read)
         chunk = [t for _, t in zip(range(room), it)]
         if not chunk:
             return
+        for i, ids in enumerate(tok(chunk, truncation=True, max_length=seq_len)["input_ids"]):
+            yield n_read + i, list(ids)
         n_read += len(chunk)
-        for ids in tok(chunk, truncation=True, max_length=seq_len)["input_ids"]:
-            if budget is not None:
-                ids = ids[:budget]
-                budget -= len(ids)
-            if ids:
-                yield list(ids)
-            if budget == 0:
-                return
 
 
-def _batches(stream: Iterator[list[int]], batch_tokens: int) -> Iterator[list[list[int]]]:
-    """Group sequences into batches of at most ``batch_tokens`` padded tokens, sorting by length within
-    a buffer of ``_BUFFER_BATCHES`` batches' worth of tokens to reduce padding."""
-    buffer: list[list[int]] = []
+def _stream(
+    tok: Any, texts: Iterable[str], seq_len: int, max_texts: int | None, max_tokens: int | None, part: StreamSlice
+) -> Iterator[tuple[list[int], int]]:
+    """(token ids to run, leading keys to leave out) of each text with keys in ``part`` of the stream:
+    every text's ids truncated to ``seq_len``, at most ``max_texts`` texts and exactly ``max_tokens``
+    tokens in all (cutting the last text). A text is cut at the part's end; one that starts before
+    the part's start runs whole with its keys before it left out."""
+    positional = max_tokens is not None or part.start > 0 or part.stop is not None
+    budget = max_tokens
+    pos = 0
+    for j, ids in _text_tokens(tok, texts, seq_len, max_texts, 0 if positional else part.first_text):
+        if part.stop_text is not None and j >= part.stop_text:
+            return
+        if budget is not None:
+            ids = ids[:budget]
+            budget -= len(ids)
+        begin, pos = pos, pos + len(ids)
+        if part.stop is not None and begin >= part.stop:
+            return
+        if ids and j >= part.first_text and pos > part.start:
+            yield ids[: None if part.stop is None else part.stop - begin], max(0, part.start - begin)
+        if budget == 0:
+            return
+
+
+def _batches(stream: Iterator[tuple[list[int], int]], batch_tokens: int) -> Iterator[list[tuple[list[int], int]]]:
+    """Group sequences (ids, keys to leave out) into batches of at most ``batch_tokens`` padded tokens,
+    sorting by length within a buffer of ``_BUFFER_BATCHES`` batches' worth of tokens to reduce padding."""
+    buffer: list[tuple[list[int], int]] = []
     size = 0
-    for ids in stream:
-        buffer.append(ids)
-        size += len(ids)
+    for item in stream:
+        buffer.append(item)
+        size += len(item[0])
         if size >= _BUFFER_BATCHES * batch_tokens:
             yield from _pack(buffer, batch_tokens)
             buffer, size = [], 0
     yield from _pack(buffer, batch_tokens)
 
 
-def _pack(seqs: list[list[int]], batch_tokens: int) -> Iterator[list[list[int]]]:
-    batch: list[list[int]] = []
-    for ids in sorted(seqs, key=len, reverse=True):
-        if batch and (len(batch) + 1) * len(batch[0]) > batch_tokens:
+def _pack(seqs: list[tuple[list[int], int]], batch_tokens: int) -> Iterator[list[tuple[list[int], int]]]:
+    batch: list[tuple[list[int], int]] = []
+    for item in sorted(seqs, key=lambda x: len(x[0]), reverse=True):
+        if batch and (len(batch) + 1) * len(batch[0][0]) > batch_tokens:
             yield batch
             batch = []
-        batch.append(ids)
+        batch.append(item)
     if batch:
         yield batch
 
@@ -556,15 +750,20 @@ def get_or_compute(
 
 
 __all__ = [
+    "MomentSums",
     "SecondMoment",
     "StatsKey",
     "StatsStore",
+    "StreamSlice",
     "accumulation_dtype",
+    "add_sums",
     "check_stats",
     "collect_second_moments",
     "default_batch_tokens",
     "default_max_seq_len",
     "get_or_compute",
     "model_max_positions",
+    "second_moment_sums",
     "seq_len_key",
+    "split_stream",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -13,12 +14,17 @@ from safetensors.torch import save_file
 from editors.corpus import CorpusSpec, corpus_identity, iter_texts, parse_hf_source
 from editors.model import spec_for
 from editors.stats import (
+    MomentSums,
     SecondMoment,
     StatsKey,
     StatsStore,
+    StreamSlice,
+    add_sums,
     check_stats,
     collect_second_moments,
     get_or_compute,
+    second_moment_sums,
+    split_stream,
 )
 from tests.conftest import WIKI, corpus_text
 
@@ -123,6 +129,71 @@ def test_max_tokens_is_exact_and_max_texts_caps(model, tok, texts):
     assert [tok(t)["input_ids"] for t in ref_texts] == cut  # byte-level BPE round trip
     ref = reference_mom2(model, tok, spec, 0, ref_texts, max_seq_len=256)
     torch.testing.assert_close(capped.mom2.double(), ref, rtol=1e-4, atol=1e-6)
+
+
+def _summed(model, tok, layers, texts, parts, **kw):
+    """Each part's partial sums, added per layer and divided: {layer: SecondMoment}."""
+    got = [second_moment_sums(model, tok, spec_for(model), layers, texts, part=p, progress=False, **kw) for p in parts]
+    return {layer: add_sums(g[layer] for g in got).moment() for layer in layers}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_partial_sums_over_a_split_stream_equal_one_pass_with_a_cut_inside_a_text(model, tok, texts, dtype):
+    """max_tokens = 1,234 ends inside a text, and the boundaries of a 3-way split fall inside texts
+    too: the parts hold exactly the keys of the single pass, so their sums give its C."""
+    lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=256)["input_ids"]]
+    ends = set(itertools.accumulate(lengths))
+    parts = split_stream(3, max_tokens=1234)
+    assert [(p.start, p.stop) for p in parts] == [(0, 411), (411, 822), (822, 1234)]
+    assert not ends & {411, 822, 1234}, "each boundary and the cut fall inside a text"
+    one = collect(model, tok, [0, 2], texts, max_tokens=1234, max_seq_len=256, dtype=dtype)
+    split = _summed(model, tok, [0, 2], texts, parts, max_tokens=1234, max_seq_len=256, dtype=dtype)
+    for layer in (0, 2):
+        assert split[layer].n_tokens == one[layer].n_tokens == 1234
+        assert split[layer].mom2.dtype == dtype
+        torch.testing.assert_close(split[layer].mom2, one[layer].mom2, rtol=1e-5, atol=1e-6)
+    # each part counts exactly its own keys
+    sizes = [second_moment_sums(model, tok, spec_for(model), [0], texts, part=p, max_tokens=1234,
+                                max_seq_len=256, progress=False)[0].n_tokens for p in parts]  # fmt: skip
+    assert sizes == [411, 411, 412]
+
+
+def test_partial_sums_split_by_texts_without_a_token_cap_equal_one_pass(model, tok, texts):
+    """Without max_tokens a pass splits by texts (max_texts of them); a part past the corpus's end
+    sums nothing, and the total still equals the single pass."""
+    parts = split_stream(4, max_texts=10)
+    assert [(p.first_text, p.stop_text) for p in parts] == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    one = collect(model, tok, [1], texts, max_texts=10, max_seq_len=64)[1]
+    split = _summed(model, tok, [1], texts, parts, max_texts=10, max_seq_len=64)[1]
+    assert split.n_tokens == one.n_tokens == sum(len(tok(t)["input_ids"][:64]) for t in texts[:10])
+    torch.testing.assert_close(split.mom2, one.mom2, rtol=1e-5, atol=1e-6)
+    past = second_moment_sums(model, tok, spec_for(model), [1], texts[:3], part=parts[-1], progress=False)[1]
+    assert past.n_tokens == 0 and not past.sums.any()
+    # a corpus shorter than max_tokens: the later token parts are empty, the sum is the whole corpus
+    short = texts[:2]
+    whole = collect(model, tok, [1], short, max_tokens=50_000)[1]
+    got = _summed(model, tok, [1], short, split_stream(3, max_tokens=50_000), max_tokens=50_000)[1]
+    assert got.n_tokens == whole.n_tokens < 50_000
+    torch.testing.assert_close(got.mom2, whole.mom2, rtol=1e-5, atol=1e-6)
+
+
+def test_split_stream_and_sums_validate_their_arguments():
+    assert split_stream(1, max_tokens=100) == [StreamSlice()]
+    assert split_stream(8) == [StreamSlice()]  # an uncapped stream's length is unknown: not split
+    assert len(split_stream(8, max_tokens=3)) == 3  # never more parts than tokens
+    with pytest.raises(ValueError, match="n:"):
+        split_stream(0, max_tokens=10)
+    with pytest.raises(ValueError, match="start"):
+        StreamSlice(start=5, stop=4)
+    with pytest.raises(ValueError, match="parts"):
+        add_sums([])
+    with pytest.raises(ValueError, match="parts"):
+        add_sums([MomentSums(torch.zeros(2, 2), 1), MomentSums(torch.zeros(3, 3), 1)])
+    with pytest.raises(ValueError, match="corpus"):
+        MomentSums(torch.zeros(2, 2), 0).moment()
+    view = torch.ones(2, 2)
+    total = add_sums([MomentSums(view, 3), MomentSums(torch.ones(2, 2), 5)])
+    assert total.n_tokens == 8 and torch.equal(view, torch.ones(2, 2))  # the first part is not written to
 
 
 def test_model_is_bit_identical(model, tok, texts):
