@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from .schema import (
     DATASET,
     DEFAULT_DATASET,
     INT_PARAMS,
+    INT_STUDY_PARAMS,
     METHOD_ORDER,
     METRIC_COLUMNS,
     PARAMS,
@@ -25,7 +27,10 @@ from .schema import (
     PROBE_PREFIX,
     RUN_ID,
     SETTINGS,
+    STOP_REASON,
+    STUDY_PARAMS,
     ReportError,
+    SearchSpec,
     Sweep,
     is_probe_score,
 )
@@ -131,7 +136,10 @@ _PROBE_METRICS = tuple(f"{st}.{PROBE_PREFIX}" for st in STAGES)
 
 def trials_frame(runs: Sequence[Any]) -> pd.DataFrame:
     """One row per trial: ids, status, the contract's params (typed), ``hp.*`` and the scalar metrics
-    (the probes' after the declared ones, by name); a run without ``dataset.name`` is CounterFact's."""
+    (the probes' after the declared ones, by name); a run without ``dataset.name`` is CounterFact's.
+
+    A study's params (:data:`.schema.STUDY_PARAMS`: phase, repeat, cell, search.index) and the tag
+    ``stop.reason`` are columns only when some run has them, so an older sweep's frame is unchanged."""
     rows = []
     for r in runs:
         row: dict[str, Any] = {
@@ -143,6 +151,9 @@ def trials_frame(runs: Sequence[Any]) -> pd.DataFrame:
         }
         params = r.data.params
         row.update({p: params.get(p) for p in PARAMS})
+        row.update({p: params[p] for p in STUDY_PARAMS if p in params})
+        if STOP_REASON in r.data.tags:
+            row[STOP_REASON] = r.data.tags[STOP_REASON]
         row.update({k: v for k, v in params.items() if k.startswith(SETTINGS)})
         row.update({k: v for k, v in r.data.metrics.items() if k in METRIC_COLUMNS or k.startswith(_PROBE_METRICS)})
         rows.append(row)
@@ -161,7 +172,14 @@ def trials_frame(runs: Sequence[Any]) -> pd.DataFrame:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
     for c in hp_cols:
         df[c] = _maybe_numeric(df[c])
-    df = df[["run_id", "run_name", "status", "trial.key", *PARAMS, *hp_cols, *metric_cols, "collapse.reason"]]
+    study = [c for c in STUDY_PARAMS if c in df.columns]
+    for c in INT_STUDY_PARAMS:
+        if c in df.columns:
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
+    stop = [STOP_REASON] if STOP_REASON in df.columns else []
+    df = df[
+        ["run_id", "run_name", "status", "trial.key", *PARAMS, *study, *hp_cols, *metric_cols, "collapse.reason", *stop]
+    ]
     order = {a: i for i, a in enumerate(METHOD_ORDER)}
     df = df.assign(_alg=df["method"].map(lambda a: order.get(a, len(order))))
     return df.sort_values(["_alg", "method", "mode", "layer", "batch_size"], kind="stable").drop(columns="_alg")
@@ -202,3 +220,80 @@ def curves_frame(client: Any, runs: Sequence[Any], trials: pd.DataFrame) -> pd.D
     cols = ["run_id", "method", "algorithm", "layers", "batch_size", "mode", "key", "step", "value"]
     df = pd.DataFrame(rows, columns=cols)
     return df.drop_duplicates(["run_id", "key", "step"], keep="last").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A study's artifacts: the parent's search, the trials' per-fact scores
+
+
+@contextlib.contextmanager
+def _quiet_downloads() -> Iterator[None]:
+    """MLflow's artifact progress bars off (one per file, on stderr) unless the user set them."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    if before is None:
+        os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+
+
+def _split(text: str | None) -> tuple[str, ...]:
+    """A comma-joined param as its parts ("final.s, final.ppl" -> ("final.s", "final.ppl"))."""
+    return tuple(p.strip() for p in (text or "").split(",") if p.strip())
+
+
+def fetch_search(client: Any, sweep: Sweep) -> SearchSpec | None:
+    """The parent run's search (:class:`.schema.SearchSpec`): params ``search.*`` and, when logged, the
+    artifact ``search.json``; None for a sweep without a search (no ``search.metric`` param nor artifact)."""
+    import json
+    import tempfile
+
+    params = client.get_run(sweep.parent_run_id).data.params
+    doc: dict[str, Any] = {}
+    text = None
+    with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
+        try:
+            text = Path(client.download_artifacts(sweep.parent_run_id, "search.json", tmp)).read_text(encoding="utf-8")
+        except Exception as e:  # MlflowException / OSError: no such artifact (a grid sweep)
+            log.debug("parent run %s has no search.json: %s", sweep.parent_run_id, e)
+    if text is not None:
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            log.warning("parent run %s: search.json is not JSON (%s); using its params only", sweep.parent_run_id, e)
+    metrics = _split(params.get("search.metric")) or tuple(doc.get("metric") or ())
+    if not metrics:
+        return None
+    modes = _split(params.get("search.mode")) or tuple(doc.get("mode") or ())
+    if len(modes) != len(metrics):
+        log.warning(
+            "search: %d modes for %d metrics (%s); reading every metric as max", len(modes), len(metrics), modes
+        )
+        modes = ("max",) * len(metrics)
+    return SearchSpec(
+        algorithm=params.get("search.algorithm"),
+        metrics=metrics,
+        modes=modes,
+        best=dict(doc.get("best") or {}),
+        pareto={k: list(v) for k, v in (doc.get("pareto") or {}).items()},
+    )
+
+
+def fetch_per_record(client: Any, run_ids: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """Each run's artifact ``per_record.csv`` (one row per fact: ``case_id`` ..., then ``<stage>_<metric>``
+    ×100; :func:`sweep.tracking._per_record_csv`), by run id; a run without one is left out (logged)."""
+    import tempfile
+
+    out: dict[str, pd.DataFrame] = {}
+    with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
+        for i, rid in enumerate(dict.fromkeys(run_ids)):
+            try:
+                path = client.download_artifacts(rid, "per_record.csv", str(Path(tmp) / str(i)))
+                out[rid] = pd.read_csv(path)
+            except Exception as e:  # MlflowException / OSError / pandas' ParserError
+                log.warning("run %s: no readable per_record.csv (%s); left out of the paired comparisons", rid, e)
+    log.info("read per_record.csv of %d runs", len(out))
+    return out

@@ -24,7 +24,16 @@ MEMORY = ("memory.cpu_rss_peak_mb", "memory.gpu_peak_mb")
 UPDATE_NORM = "update_norm.mean"
 #: edits in the model when the collapse guard stopped a trial (absent: it ran to the end)
 COLLAPSED_AT = "collapsed_at"
-METRIC_COLUMNS = (*(f"{st}.{m}" for st in STAGES for m in SCORES), UPDATE_NORM, COLLAPSED_AT, *TIMINGS, *MEMORY)
+#: edits applied when a trial was stopped early (ASHA or the collapse guard; the reason is :data:`STOP_REASON`)
+STOPPED_AT = "stopped_at"
+METRIC_COLUMNS = (
+    *(f"{st}.{m}" for st in STAGES for m in SCORES),
+    UPDATE_NORM,
+    COLLAPSED_AT,
+    STOPPED_AT,
+    *TIMINGS,
+    *MEMORY,
+)
 #: the forgetting curves: every fact edited so far (all) and the first batch's (first), re-scored
 FORGET_CURVES = tuple(f"curve.forget_{g}_{m}" for g in ("all", "first") for m in CORE)
 #: the edited matrices' health: ‖W − W₀‖_F every batch, the rest every ``scoring.health_every`` batches
@@ -62,9 +71,22 @@ PARAMS = (
     "hparams",
     *DATA_PARAMS,
 )
+#: a study's design (searches, repeats): which phase a trial belongs to (``grid``, ``search`` on the dev
+#: facts, ``heldout``: a search's best configuration re-run on the held-out facts), its 0-based repeat, the
+#: id of its cell (the config without seeds and edit order: runs of one cell are repeats) and the order in
+#: which a search suggested it; a sweep logged before them has none (its report has no study sections)
+PHASE = "phase"
+REPEAT = "repeat"
+CELL = "cell"
+SEARCH_INDEX = "search.index"
+STUDY_PARAMS = (PHASE, REPEAT, CELL, SEARCH_INDEX)
+#: the tag of a trial stopped early: ``asha`` (Tune's scheduler) or ``collapse`` (the collapse guard)
+STOP_REASON = "stop.reason"
 #: params that are swept settings: hyperparameters and statistics settings (``stats.max_tokens``...)
 SETTINGS = ("hp.", "stats.")
 INT_PARAMS = ("layer", "batch_size", "n_edits")
+#: the study params read as integers
+INT_STUDY_PARAMS = (REPEAT, SEARCH_INDEX)
 #: the order methods are listed in (their colours: :mod:`sweep.colors`)
 METHOD_ORDER = ("rome", "memit", "emmet", "alphaedit", "encore", "memit+nas", "memit+prune", "memit+rect")
 SEQUENTIAL_MODES = ("sequential-batch", "sequential")
@@ -97,7 +119,8 @@ CHANCE: dict[tuple[str, str], float] = {
 PROBE_METRIC_WORDS = {"f1": "weighted F1", "acc": "accuracy", "mcc": "MCC", "invalid": "unparsed answers"}
 #: the probe tasks known by name (longest first, so ``sentiment_analysis_f1`` parses as that task)
 PROBE_TASKS = tuple(sorted({t for t, _ in CHANCE}, key=lambda t: (-len(t), t)))
-#: every file a report may write, per section (files not written this time are removed from --out)
+#: every file a report may write, per section (files not written this time are removed from --out; a
+#: ``*`` is a pattern)
 SECTION_FILES = {
     "runs": ("runs.csv",),
     "layer_search": ("layer_search.csv", "layer_search.md", "fig_layer_search.png"),
@@ -109,6 +132,9 @@ SECTION_FILES = {
     "health": ("health.csv", "health.md", "fig_health.png"),
     "protocols": ("protocols.csv", "protocols.md", "fig_protocols.png"),
     "probes": ("probes.csv", "probes.md", "fig_probes.png"),
+    "search": ("search.csv", "search.md", "search_trials.csv", "fig_search_*.png"),
+    "repeats": ("repeats.csv", "repeats.md", "fig_repeats.png"),
+    "paired": ("paired.csv", "paired.md"),
     "report": ("report.md",),
 }
 #: the files of the per-hyperparameter sections (``hparam_<name>``); stale ones are removed from --out
@@ -172,6 +198,20 @@ class Sweep:
     experiment_id: str
     name: str
     sweep_id: str | None
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """What a sweep's parent run says of its search (params ``search.algorithm``, ``search.metric`` and
+    ``search.mode``, comma-joined; artifact ``search.json``): the metrics and their modes (max or min), and
+    per method the best trial (one metric) or the Pareto set (several), each point a dict ``run_id``,
+    ``values`` {metric: value} and ``config`` {``hp.<name>``: value, ``layers``: [...]}."""
+
+    algorithm: str | None
+    metrics: tuple[str, ...]
+    modes: tuple[str, ...]
+    best: dict[str, dict] = field(default_factory=dict)
+    pareto: dict[str, list[dict]] = field(default_factory=dict)
 
 
 @dataclass
