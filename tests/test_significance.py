@@ -236,7 +236,7 @@ def test_nine_wins_one_loss_is_beyond_noise() -> None:
     assert d.diff == pytest.approx(80.0) and d.low > 0
     text = compare_in_words("memit", "emmet", "final ES", d, sign)
     assert text.startswith("memit > emmet on final ES beyond noise (+80.00 points, paired bootstrap 95% CI [")
-    assert "sign test 9 wins, 1 losses, 0 ties, p=0.0215; 10 facts)" in text
+    assert "sign test 9 wins, 1 loss, 0 ties, p=0.0215; 10 facts)" in text
     # the same facts the other way round: emmet is named first, with the difference it wins by
     text = compare_in_words(
         "emmet", "memit", "final ES", paired_bootstrap(b, a, ["es"])["es"], sign_test_scores(b["es"], a["es"])

@@ -316,6 +316,11 @@ def beyond_noise(diff: PairedDiff, sign: SignTest | None = None, alpha: float = 
     return sign.p < alpha and (sign.wins - sign.losses) * diff.diff > 0
 
 
+def _count(n: int, one: str, many: str) -> str:
+    """A count with its noun: "1 loss", "3 losses"."""
+    return f"{n} {one if n == 1 else many}"
+
+
 def _p_text(p: float) -> str:
     """A p-value as text, three significant digits."""
     return f"{p:.3g}"
@@ -325,7 +330,7 @@ def compare_in_words(
     a: str, b: str, what: str, diff: PairedDiff, sign: SignTest | None = None, alpha: float = 0.05
 ) -> str:
     """One sentence: "memit > emmet on final ES beyond noise (+12.50 points, paired bootstrap 95% CI
-    [5.00, 20.00], p=0.001; sign test 9 wins, 1 loss, p=0.0215; 10 facts)", the better method first, or
+    [5.00, 20.00], p=0.001; sign test 9 wins, 1 loss, 0 ties, p=0.0215; 10 facts)", the better method first, or
     "memit vs emmet on final S: within noise (...)". ``what`` names the metric ("final ES"); ``diff`` is
     A minus B, ``sign`` A's wins (efficacy only)."""
     better = beyond_noise(diff, sign, alpha)
@@ -336,7 +341,8 @@ def compare_in_words(
     detail = f"{d:+.2f} points, paired bootstrap {diff.level:.0%} CI [{lo:.2f}, {hi:.2f}], p={_p_text(diff.p)}"
     if sign is not None:
         wins, losses = (sign.losses, sign.wins) if flip else (sign.wins, sign.losses)
-        detail += f"; sign test {wins} wins, {losses} losses, {sign.ties} ties, p={_p_text(sign.p)}"
+        counts = [_count(wins, "win", "wins"), _count(losses, "loss", "losses"), _count(sign.ties, "tie", "ties")]
+        detail += f"; sign test {', '.join(counts)}, p={_p_text(sign.p)}"
     if better:
         return f"{first} > {second} on {what} beyond noise ({detail}; {facts})"
     why = ""
