@@ -1,8 +1,9 @@
 """Tables and figures of one sweep, read back from MLflow: ``python -m sweep.report``.
 
 One module per concern: :mod:`.schema` (columns and typed objects), :mod:`.runs` (reading MLflow),
-:mod:`.aggregate` (series), :mod:`.figures`, :mod:`.files` (atomic writes), :mod:`.sections` and
-:mod:`.lifelong` (the sections), :mod:`.build` (one report, the command line).
+:mod:`.aggregate` (series), :mod:`.figures`, :mod:`.files` (atomic writes), :mod:`.sections`,
+:mod:`.lifelong`, :mod:`.search` and :mod:`.repeats` (the sections), :mod:`.significance` (the statistics
+under repeats and comparisons), :mod:`.build` (one report, the command line).
 
     python -m sweep.report --sweep demo                      # latest parent run tagged sweep.name=demo
     python -m sweep.report --parent-run-id 3f2a... --out reports/x --tracking-uri sqlite:////abs/mlflow.db
@@ -28,6 +29,19 @@ Reproduces the figures of arXiv 2405.00664 from the trial runs (children of the 
 - ``probes`` (:mod:`.probes`): the capability probes (``probe_<task>_<metric>``) from the unedited model
   through every probe point to the final one, a panel per task with its chance level
   (:data:`.schema.CHANCE`), and the held-out perplexity beside them.
+
+A study's sections come first, where the sweep has their params (``phase``, ``repeat``, ``cell``,
+``search.index``; an older sweep has none and its report is unchanged):
+
+- ``search`` (:mod:`.search`): per method, the best configuration a search found on the dev facts (or its
+  Pareto set), with its held-out runs' mean ± 95% CI, and ``fig_search_<method>.png``: the metric against
+  the order of the search with the running best, and against each sampled setting; trials ASHA or the
+  collapse guard stopped are marked. The search's dev trials enter no other section;
+- ``repeats`` (:mod:`.repeats`): each cell's mean ± 95% Student-t interval of the final S/ES/PS/NS over
+  its repeats (held-out runs if any, else the grid's); one repeat gives no interval;
+- ``paired`` (:mod:`.repeats`): for each pair of methods on the same facts, the paired bootstrap over facts
+  of ES/PS/NS/S and the exact sign test on per-fact efficacy, from the runs' ``per_record.csv``, merged
+  over the repeats, each said in words (:mod:`.significance`).
 
 Datasets are kept apart: ES/PS/NS/S mean different things on CounterFact and on ZsRE/QAEdit
 (:func:`sweep.registry.label`). A sweep over one dataset (``dataset.name``; a run without it is

@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +17,33 @@ from .files import write_csv, write_text
 from .lifelong import forgetting_section, health_section
 from .probes import probes_section
 from .protocols import protocols_section
-from .runs import check_store, curves_frame, fetch_trials, find_sweep, resolve_tracking_uri, trials_frame
+from .repeats import PerRecordLoader, paired_section, repeats_section
+from .runs import (
+    check_store,
+    curves_frame,
+    fetch_per_record,
+    fetch_search,
+    fetch_trials,
+    find_sweep,
+    resolve_tracking_uri,
+    trials_frame,
+)
 from .schema import (
     DATASET,
     DATASET_TITLES,
     DEFAULT_EXPERIMENT,
     HPARAM_FILES,
+    PHASE,
+    REPEAT,
     SECTION_FILES,
     ReportError,
+    SearchSpec,
     Section,
     Sweep,
     dataset_order,
     dataset_title,
 )
+from .search import search_section
 from .sections import (
     batch_section,
     curves_section,
@@ -45,6 +60,20 @@ log = logging.getLogger(__name__)
 
 
 Best = dict[str, tuple[int, float, str]]
+
+
+@dataclass(frozen=True)
+class Study:
+    """What the study sections (search, repeats, paired) read besides the trials: the parent run's
+    search (None: not a searched sweep) and a loader of the trials' per-fact scores."""
+
+    search: SearchSpec | None
+    per_record: PerRecordLoader
+
+
+def _no_per_record(run_ids: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """A loader that has no per-fact scores (the paired comparisons are skipped)."""
+    return {}
 
 
 def _folder(dataset: str) -> str:
@@ -72,6 +101,16 @@ def _dataset_sections(
         if sec is not None:
             sections[sec.name] = sec
     return sections, best
+
+
+def _study_sections(trials: pd.DataFrame, out: Path, dataset: str, study: Study) -> dict[str, Section | None]:
+    """The sections of a study's design, on one dataset's trials of every status (each picks its own):
+    the search, the cells' repeats and the paired comparisons; absent from a sweep without them."""
+    return {
+        "search": search_section(trials, study.search, out),
+        "repeats": repeats_section(trials, out, dataset),
+        "paired": paired_section(trials, study.per_record, out, dataset),
+    }
 
 
 def _cross_sections(trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> dict[str, Section | None]:
@@ -117,14 +156,16 @@ def _best_lines(best: Best, dataset: str | None = None) -> list[str]:
 
 
 def _report_folder(
-    sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame, out: Path, dataset: str, cross: bool
+    sweep: Sweep, trials: pd.DataFrame, curves: pd.DataFrame, out: Path, dataset: str, cross: bool, study: Study
 ) -> tuple[dict[str, Path], Best]:
-    """One dataset's report in ``out``: its runs.csv, sections (and the cross-dataset ones when ``cross``:
-    a sweep of one dataset), report.md; stale files removed. Returns the paths by file name and the best layers."""
+    """One dataset's report in ``out``: its runs.csv, the study's sections, the others (and the cross-dataset
+    ones when ``cross``: a sweep of one dataset), report.md; stale files removed. Returns the paths by file
+    name and the best layers."""
     paths = {"runs.csv": write_csv(out / "runs.csv", trials)}
-    finished = _finished(trials)
+    finished = _reported(trials)
     curves = curves[curves["run_id"].isin(finished["run_id"])]
-    sections, best = _dataset_sections(finished, curves, out, dataset)
+    paper, best = _dataset_sections(finished, curves, out, dataset)
+    sections = {**_study_sections(trials, out, dataset, study), **paper}
     if cross:
         sections.update(_cross_sections(finished, curves, out))
     written = _written(sections)
@@ -137,8 +178,17 @@ def _report_folder(
 
 
 def _finished(trials: pd.DataFrame) -> pd.DataFrame:
-    """The FINISHED trials (the only ones in the sections)."""
+    """The FINISHED trials (the only ones in the sections but the search)."""
     return trials[trials["status"] == "FINISHED"]
+
+
+def _reported(trials: pd.DataFrame) -> pd.DataFrame:
+    """The FINISHED trials of every section but the search: a search's dev trials (``phase`` = search, each a
+    configuration a search tried) are left to the search section."""
+    finished = _finished(trials)
+    if PHASE in finished.columns:
+        finished = finished[finished[PHASE] != "search"]
+    return finished
 
 
 def _top_report(
@@ -147,7 +197,7 @@ def _top_report(
     """The top folder of a sweep over several datasets: runs.csv, the cross-dataset sections, report.md
     linking each dataset's report."""
     paths = {"runs.csv": write_csv(out / "runs.csv", trials)}
-    finished = _finished(trials)
+    finished = _reported(trials)
     written = _written(_cross_sections(finished, curves, out))
     for sec in written:
         paths.update(sec.paths)
@@ -179,7 +229,8 @@ def build_report(client: Any, sweep: Sweep, out: Path) -> tuple[dict[str, Path],
 
     A sweep over one dataset writes every section into ``out``; over several, each dataset's sections go
     into ``out/<dataset>/`` (its own report.md) and ``out`` holds the cross-dataset sections (protocols,
-    probes) and a report.md linking the datasets' reports.
+    probes) and a report.md linking the datasets' reports. A study's sections (search, repeats, paired
+    comparisons) come first where the sweep has them; the others leave a search's dev trials out.
     """
     runs = fetch_trials(client, sweep)
     if not runs:
@@ -190,21 +241,33 @@ def build_report(client: Any, sweep: Sweep, out: Path) -> tuple[dict[str, Path],
     if len(finished) < len(trials):
         statuses = trials.loc[trials["status"] != "FINISHED", "status"].value_counts().to_dict()
         log.warning("%d trials not FINISHED are left out of the sections: %s", len(trials) - len(finished), statuses)
-    curves = curves_frame(client, [r for r in runs if r.info.status == "FINISHED"], finished)
+    reported = set(_reported(trials)["run_id"])
+    curves = curves_frame(client, [r for r in runs if r.info.run_id in reported], finished)
+    study = _study(client, sweep, trials)
     datasets = dataset_order(trials[DATASET])
     if len(datasets) == 1:
         _remove_dataset_folders(out, ())
-        paths, best = _report_folder(sweep, trials, curves, out, datasets[0], cross=True)
+        paths, best = _report_folder(sweep, trials, curves, out, datasets[0], cross=True, study=study)
         return paths, _best_lines(best)
     log.info("sweep %s: %d datasets (%s), one subfolder each", sweep.name, len(datasets), ", ".join(datasets))
     paths, bests = {}, {}
     for d in datasets:
         sub, folder = trials[trials[DATASET] == d], _folder(d)
-        got, bests[d] = _report_folder(sweep, sub, curves, out / folder, d, cross=False)
+        got, bests[d] = _report_folder(sweep, sub, curves, out / folder, d, cross=False, study=study)
         paths.update({f"{folder}/{name}": p for name, p in got.items()})
     _remove_dataset_folders(out, [_folder(d) for d in datasets])
     paths.update(_top_report(sweep, trials, curves, out, bests))
     return paths, [line for d, b in bests.items() for line in _best_lines(b, d)]
+
+
+def _study(client: Any, sweep: Sweep, trials: pd.DataFrame) -> Study:
+    """The parent's search (read only when some trial is in a search phase) and a per-fact score loader
+    from MLflow (used only by a sweep with repeat params)."""
+    searched = PHASE in trials.columns and (trials[PHASE] == "search").any()
+    search = fetch_search(client, sweep) if searched else None
+    if REPEAT not in trials.columns:
+        return Study(search, _no_per_record)
+    return Study(search, lambda run_ids: fetch_per_record(client, run_ids))
 
 
 # ----------------------------------------------------------------------------------------------------
