@@ -14,6 +14,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from sweep.report import main
+from sweep.report.repeats import comparable_pairs
 from sweep.report.schema import SearchSpec
 from sweep.report.search import (
     _param_axis,
@@ -23,6 +24,7 @@ from sweep.report.search import (
     running_best,
     search_groups,
     search_points,
+    search_table,
 )
 from sweep.report.significance import mean_ci, sign_test
 from tests.test_report import PNG, _log_trial
@@ -404,3 +406,39 @@ def test_log_axis_for_more_than_two_decades() -> None:
     ax = Figure().subplots()
     x = _param_axis(ax, pd.DataFrame({"layers": ["[1, 2]", "[3]", "[1, 2]"]}), "layers")
     assert x.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_pairs_share_the_layer_in_a_grid_not_held_out() -> None:
+    """Grid cells of memit and emmet pair at the same layer; held-out runs are each method's best
+    configuration, so every memit cell pairs with every emmet cell."""
+    rows = [
+        {"method": m, "cell": f"{m}{ly}", "repeat": 0, "run_id": f"r-{m}{ly}", "layers": f"[{ly}]", "phase": "grid"}
+        for m in ("memit", "emmet")
+        for ly in (1, 2)
+    ]
+    grid = pd.DataFrame(rows)
+    pairs = comparable_pairs(grid)
+    assert [(a, b) for a, b, _ in pairs] == [("memit1", "emmet1"), ("memit2", "emmet2")]
+    assert pairs[0][2] == [(0, "r-memit1", "r-emmet1")]
+    assert len(comparable_pairs(grid.assign(phase="heldout"))) == 4
+
+
+def test_search_json_point_without_run_id() -> None:
+    """A best point logged before its run had an id is found by its trial key."""
+    trials = pd.DataFrame(
+        {
+            "run_id": ["a", "b"],
+            "trial.key": ["k1", "k2"],
+            "status": "FINISHED",
+            "method": "memit",
+            "phase": "search",
+            "search.index": [0, 1],
+            "final.s": [50.0, 70.0],
+            "hp.x": [1.0, 2.0],
+        }
+    )
+    point = {"run_id": None, "trial_key": "k2", "values": {"final.s": 70.0}, "config": {"hp.x": 2.0}}
+    spec = SearchSpec("optuna", ("final.s",), ("max",), best={"memit": point})
+    table, notes, chosen = search_table(trials, trials, spec, ["final.s"], ["max"])
+    assert chosen == {"memit": ["b"]} and table["run_id"].tolist() == ["b"] and table["search.index"].tolist() == [1]
+    assert notes == ["memit: best final.s 70.00 (max final.s; trial 2 of 2) at hp.x=2."]

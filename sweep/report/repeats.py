@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 #: the metrics of the repeats table, S first
 REPEAT_METRICS = ("s", "es", "ps", "ns")
 #: what makes two cells of different methods comparable on the same facts: everything but the method's
-#: own settings (``hp.*``, ``stats.*``, layers, the hparams preset)
+#: own settings (``hp.*``, ``stats.*``, the hparams preset; in a grid the layers are a condition too)
 CONDITIONS = (
     PHASE,
     DATASET,
@@ -77,6 +77,8 @@ def reported_trials(trials: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     if CELL not in trials.columns:
         return trials.iloc[0:0], None
     done = trials[(trials["status"] == "FINISHED") & trials[CELL].notna()]
+    if REPEAT in done.columns:  # a run without the param is its cell's first repeat
+        done = done.assign(**{REPEAT: done[REPEAT].fillna(0)})
     if PHASE not in done.columns:
         return done, None
     for phase in ("heldout", "grid"):
@@ -219,8 +221,11 @@ def repeats_section(trials: pd.DataFrame, out: Path, dataset: str = DEFAULT_DATA
 
 
 def _conditions(sel: pd.DataFrame) -> list[str]:
-    """The condition columns the runs have."""
-    return [c for c in CONDITIONS if c in sel.columns]
+    """The condition columns the runs have; in a grid also the edited layers (a grid axis pairs memit and
+    emmet at the same layer), while held-out runs are each method's best configuration, layers included."""
+    conds = [c for c in CONDITIONS if c in sel.columns]
+    heldout = PHASE in sel.columns and (sel[PHASE] == "heldout").all()
+    return conds if heldout or "layers" not in sel.columns else [*conds, "layers"]
 
 
 def comparable_pairs(sel: pd.DataFrame) -> list[tuple[str, str, list[tuple[int, str, str]]]]:

@@ -261,13 +261,15 @@ def search_table(
         # search.json names a best per method: a method searched under several fixed settings is read from its trials
         points, source = search_points(sub, method, spec if method in alone else None, metrics, modes)
         stops = sub[STOP_REASON].value_counts().to_dict() if STOP_REASON in sub.columns else {}
-        chosen[name] = [str(p.get("run_id")) for p in points]
+        by_key = dict(zip(sub["trial.key"], sub["run_id"])) if "trial.key" in sub.columns else {}
+        # a point's run: search.json's run_id, else the run of its trial_key (a run MLflow had not named yet)
+        rids = [str(p.get("run_id") or by_key.get(p.get("trial_key"), "")) for p in points]
+        chosen[name] = rids
         if not points:
             notes.append(f"{name}: {len(sub)} search trials, none with {', '.join(metrics)}: no best configuration.")
             continue
         index = sub.set_index("run_id")[SEARCH_INDEX]
-        for i, point in enumerate(points):
-            rid = str(point.get("run_id"))
+        for i, (point, rid) in enumerate(zip(points, rids)):
             row: dict[str, Any] = {
                 "method": method,
                 "search": name,
