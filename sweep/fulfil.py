@@ -14,10 +14,13 @@ one, and two sweeps at once compute each unit once (the lease). Two backends:
 
 - :class:`LocalBackend` computes on a model loaded in this process (:func:`sweep.trial.trial_alone`, which
   ``python -m sweep.trial`` runs, and notebooks); :func:`fulfil_local` returns ``{trial key: TrialInputs}``;
-- :class:`RayBackend` submits each unit as a Ray task (:mod:`sweep.worker`'s bodies, handed in by the
-  launcher), all at once, so passes and chunks run on every free worker; :func:`fulfil_ray` returns
-  ``{trial key: TrialRefs}`` (object-store references a trial resolves on its worker; same-node reads
-  are zero-copy).
+- :class:`RayBackend` submits each unit as Ray tasks (:mod:`sweep.worker`'s bodies, handed in by the
+  launcher), all at once, so passes and chunks run on every free worker, a statistics pass split over
+  the workers (its parts' sums added here); a task that holds a GPU runs in a process that exits after
+  it, which frees the device and the model it loaded. The driver fetches every result, writes it and
+  puts the copy trials read (a layer at a time), dropping the task's own: the objects are the driver's,
+  none stays on the worker that computed it. :func:`fulfil_ray` returns ``{trial key: TrialRefs}``
+  (references a trial resolves on its worker).
 
 The work itself is :mod:`sweep.work`'s.
 
@@ -38,9 +41,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 
-from editors.stats import SecondMoment, StatsKey, StatsStore
+from editors.stats import MomentSums, SecondMoment, StatsKey, StatsStore, StreamSlice, add_sums
 from editors.store import claim, part_name
 
 from .shared import (
@@ -76,17 +80,26 @@ CHAOS_KILL_ENV = "MODEL_EDITING_CHAOS_KILL_LAUNCHER_AFTER"
 @dataclass(frozen=True)
 class StatsUnit:
     """The statistics of the layers of ``keys`` (one pass; keys built at planning) in ``store`` (None: not
-    stored), shared by the trials of ``group``."""
+    stored), shared by the trials of ``group``; computed on Ray in ``shards`` parts (:meth:`parts`)."""
 
     trial: TrialConfig
     group: str  # the trials that share these statistics (sweep.prepass.stats_group)
     keys: dict[int, StatsKey]
     store: str | None
     kind: str = "stats"
+    shards: int = 1  # workers the pass splits over (sweep.prepass.stats_workers)
 
     @property
     def layers(self) -> list[int]:
         return sorted(self.keys)
+
+    def parts(self) -> list[StreamSlice]:
+        """The parts of the pass's token stream, one task each, whose sums add up to the one-pass C
+        (:func:`sweep.prepass.pass_parts`: ``shards`` of them, fewer for a stream of fewer tokens or
+        texts, one when no cap bounds the stream or the pass checks its convergence)."""
+        from .prepass import pass_parts
+
+        return pass_parts(self.trial, self.shards)
 
     @property
     def size(self) -> int:
@@ -236,11 +249,15 @@ class MeasureUnit:
 Unit = StatsUnit | FactUnit | MeasureUnit
 
 
-def units_of(plan: SharedPlan, cfg: SweepConfig) -> list[Unit]:
+def units_of(plan: SharedPlan, cfg: SweepConfig, shards: int = 1) -> list[Unit]:
     """The plan's units: its statistics passes (layers the store held at planning form their own unit,
-    read, not computed); per values/scores key, the facts the store held at planning as one unit (one
-    scan of the key's parts) and the missing ones in chunks of ``values_chunk``; each perplexity."""
-    out: list[Unit] = [StatsUnit(p.trial, p.group, dict(p.keys), p.trial.stats.store) for p in plan.passes]
+    read, not computed), each to be split over ``shards`` workers on Ray; per values/scores key, the
+    facts the store held at planning as one unit (one scan of the key's parts) and the missing ones in
+    chunks of ``values_chunk``; each perplexity."""
+    out: list[Unit] = [
+        StatsUnit(p.trial, p.group, dict(p.keys), p.trial.stats.store, shards=1 if p.read_only else shards)
+        for p in plan.passes
+    ]
     for kind, jobs, store in (("values", plan.values, cfg.values_store), ("scores", plan.scores, cfg.scores_store)):
         for job in jobs.values():
             have = [(r, d) for r, d in zip(job.records, job.digests) if d in job.cached]
@@ -309,7 +326,7 @@ class RayTasks(Protocol):
     """The task bodies a :class:`RayBackend` submits (:mod:`sweep.worker` is one: they load the model
     once per worker process and return what they compute)."""
 
-    def stats_task(self, trial: dict[str, Any], layers: list[int]) -> list[Any]: ...
+    def stats_task(self, trial: dict[str, Any], layers: list[int], part: dict[str, Any] | None = None) -> Any: ...
     def values_task(self, trial: dict[str, Any], records: list[Any]) -> tuple[Any, float]: ...
     def scores_task(self, trial: dict[str, Any], records: list[Any]) -> tuple[list[dict[str, float]], float]: ...
     def ppl_task(self, trial: dict[str, Any]) -> tuple[float, float]: ...
@@ -318,11 +335,38 @@ class RayTasks(Protocol):
 
 
 class RayBackend:
-    """Submits each unit as a Ray task (``tasks``' bodies) with ``options`` (CPUs, GPUs, retries) and
-    waits for it; handles are object-store references (the task's own return for computed units)."""
+    """Submits each unit as Ray tasks (``tasks``' bodies) with ``options`` (CPUs, GPUs, retries) and
+    waits for them; a statistics pass as one task per part of its token stream (:meth:`StatsUnit.parts`).
+
+    Every handle is a copy this process (the driver) puts, never a task's own return: the driver fetches
+    what a task returns, makes the handle and drops the task's references, so the object store of the
+    worker that computed a unit holds none of it afterwards (a node that leaves, or is scaled down,
+    loses nothing and re-runs nothing). Statistics come back one layer at a time: a part returns one
+    object per layer, and the driver adds one layer's parts, divides, puts and lets them go before the
+    next layer.
+
+    A task that asks for GPUs runs in a worker process that exits after it (``max_calls=1``): the process
+    that ran it would otherwise keep the model in its cache (:mod:`sweep.worker`) and the CUDA
+    allocator's memory until the trial placed on that GPU runs out of memory. CPU tasks reuse their
+    processes (and the model they loaded)."""
 
     def __init__(self, options: dict[str, Any], tasks: RayTasks) -> None:
         self.options, self.tasks = options, tasks
+        self._remotes: dict[tuple[Callable[..., Any], int], Any] = {}
+        self._lock = threading.Lock()
+
+    def _remote(self, fn: Callable[..., Any], num_returns: int) -> Any:
+        """``fn`` as a Ray remote function with this backend's options. Ray makes a GPU function's
+        processes single-use only in the ``ray.remote(num_gpus=...)(fn)`` form (a later ``.options(num_gpus
+        =...)`` keeps reusing them, and ``max_calls`` cannot be set there), so it is set here."""
+        import ray
+
+        key = (fn, num_returns)
+        with self._lock:
+            if key not in self._remotes:
+                max_calls = 1 if (self.options.get("num_gpus") or 0) > 0 else 0
+                self._remotes[key] = ray.remote(max_calls=max_calls, num_returns=num_returns, **self.options)(fn)
+            return self._remotes[key]
 
     def compute(self, unit: Unit) -> tuple[Any, Any, float]:
         import ray
@@ -330,25 +374,58 @@ class RayBackend:
         worker = self.tasks
         t = _plain(unit.trial)
         if isinstance(unit, StatsUnit):
-            task = ray.remote(worker.stats_task).options(num_returns=len(unit.layers) + 1, **self.options)
-            refs = task.remote(t, unit.layers)
-            meta = ray.get(refs[-1])
-            tokens = {layer: int(meta["tokens"][layer]) for layer in unit.layers}
-            history = tuple(tuple(h) for h in meta["history"])
-
-            def fetch(layer: int, ref: Any) -> SecondMoment:  # a read-only view of the object store
-                return SecondMoment(as_tensor(ray.get(ref)), tokens[layer], meta["converged"], history)
-
-            fetches = {layer: (lambda la=layer, r=ref: fetch(la, r)) for layer, ref in zip(unit.layers, refs[:-1])}
-            return Moments(fetches, tokens), dict(zip(unit.layers, refs[:-1])), float(meta["seconds"])
+            return self._stats(unit, t)
         if isinstance(unit, MeasureUnit):
             fn = worker.ppl_task if unit.kind == "ppl" else worker.probes_task
-            v, secs = ray.get(ray.remote(fn).options(num_returns=2, **self.options).remote(t))
-            return v, v, secs
+            v, secs = ray.get(list(self._remote(fn, 2).remote(t)))
+            return v, v, float(secs)  # a number or a small dict: handed to the trials by value
         fn = worker.values_task if unit.kind == "values" else worker.scores_task
-        ref, secs_ref = ray.remote(fn).options(num_returns=2, **self.options).remote(t, list(unit.records))
-        got = ray.get(ref)
-        return (as_tensor(got) if unit.kind == "values" else got), ref, float(ray.get(secs_ref))
+        refs = list(self._remote(fn, 2).remote(t, list(unit.records)))
+        got, secs = ray.get(refs)
+        del refs  # the task's objects go: from here on only the driver's copy exists
+        if unit.kind == "values":
+            value: Any = torch.tensor(np.asarray(got))  # [n, d_model], a copy of the fetched view
+            del got
+            return value, ray.put(value.numpy()), float(secs)
+        return got, ray.put(got), float(secs)
+
+    def _stats(self, unit: StatsUnit, t: dict[str, Any]) -> tuple[Moments, dict[int, Any], float]:
+        """Run the pass's parts as tasks; per layer, add the parts' sums (or take a convergent pass's C),
+        put C and drop the parts' objects of that layer; return (the statistics, read back from the
+        driver's copies one layer at a time, for the store; layer -> handle; the tasks' seconds)."""
+        import ray
+
+        layers = unit.layers
+        task = self._remote(self.tasks.stats_task, len(layers) + 1)
+        whole = unit.trial.stats.tolerance is not None  # one task returning C itself, with its convergence
+        calls = [
+            list(task.remote(t, layers)) if whole else list(task.remote(t, layers, asdict(p))) for p in unit.parts()
+        ]
+        metas = ray.get([c[-1] for c in calls])
+        handles: dict[int, Any] = {}
+        tokens: dict[int, int] = {}
+        for i, layer in enumerate(layers):
+            refs = [c[i] for c in calls]
+            for c in calls:
+                c[i] = None
+            if whole:
+                sm = SecondMoment(as_tensor(ray.get(refs[0])), int(metas[0]["tokens"][layer]))
+            else:
+                sm = add_sums(
+                    MomentSums(as_tensor(ray.get(r)), int(m["tokens"][layer])) for r, m in zip(refs, metas)
+                ).moment()
+            del refs
+            handles[layer], tokens[layer] = ray.put(sm.mom2.numpy()), sm.n_tokens
+            del sm
+        del calls
+        converged = metas[0].get("converged") if whole else None
+        history = tuple(tuple(h) for h in metas[0].get("history", ())) if whole else ()
+
+        def fetch(layer: int) -> SecondMoment:  # a read-only view of the driver's own copy
+            return SecondMoment(as_tensor(ray.get(handles[layer])), tokens[layer], converged, history)
+
+        fetches = {layer: (lambda la=layer: fetch(la)) for layer in layers}
+        return Moments(fetches, tokens), handles, float(sum(m["seconds"] for m in metas))
 
     def handle(self, unit: Unit, value: Any) -> Any:
         import ray
@@ -374,9 +451,11 @@ def _plain(t: TrialConfig) -> dict[str, Any]:
 class WorkCounts:
     """What one fulfilment computed and what it read from the stores (layers or facts), the seconds the
     computations of each kind took (summed over units, on whichever nodes ran them: more than the wall
-    time when they ran in parallel), and the fulfilment's wall time ``fulfil_s``."""
+    time when they ran in parallel), and the fulfilment's wall time ``fulfil_s``. A statistics pass split
+    over workers is one pass; ``stats_shards`` counts its tasks."""
 
     stats_passes: int = 0
+    stats_shards: int = 0
     stats_layers_computed: int = 0
     stats_layers_read: int = 0
     values_optimised: int = 0
@@ -399,6 +478,7 @@ class WorkCounts:
         if unit.kind == "stats":
             if computed:
                 self.stats_passes += 1
+                self.stats_shards += len(unit.parts()) if isinstance(unit, StatsUnit) else 1
                 self.stats_layers_computed += n
             else:
                 self.stats_layers_read += n
@@ -555,11 +635,18 @@ def _dedupe(items: Sequence[tuple[tuple[str, ...], Any]]) -> list[tuple[tuple[st
 
 
 def fulfil_ray(plan: SharedPlan, cfg: SweepConfig, tasks: RayTasks) -> tuple[dict[str, TrialRefs], WorkCounts]:
-    """Fulfil ``plan`` on Ray: every missing unit a task (``tasks``: :mod:`sweep.worker`), all at once;
-    this process writes the stores. Returns (trial key -> its references, what was computed and read)."""
+    """Fulfil ``plan`` on Ray: every missing unit tasks (``tasks``: :mod:`sweep.worker`), all at once, a
+    statistics pass split over the workers that can run it (:func:`sweep.prepass.stats_workers` of the
+    cluster's resources now); this process writes the stores and owns every handle. Returns (trial key
+    -> its references, what was computed and read)."""
+    import ray
+
+    from .prepass import stats_workers
+
     gpu = cfg.resources.prepass_gpu if cfg.resources.prepass_gpu is not None else cfg.resources.gpu
     backend = RayBackend({"num_cpus": cfg.resources.cpu, "num_gpus": gpu, "max_retries": cfg.retries}, tasks)
-    got = run_units(units_of(plan, cfg), backend, parallel=True)
+    shards = stats_workers(cfg, ray.cluster_resources())
+    got = run_units(units_of(plan, cfg, shards), backend, parallel=True)
     return _hand_out(plan, got), got.work
 
 

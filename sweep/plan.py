@@ -18,7 +18,17 @@ from editors.config import ConfigError
 from editors.templates import N_TEMPLATES
 
 from .config import SweepConfig, TrialConfig, expand, method_name, sweep_id, trial_hparams, trial_key
-from .prepass import Shape, SharedPlan, model_shape, plan_shared, score_seconds, value_seconds
+from .prepass import (
+    Shape,
+    SharedPlan,
+    model_shape,
+    pass_parts,
+    plan_shared,
+    score_seconds,
+    stats_wall_seconds,
+    stats_workers,
+    value_seconds,
+)
 from .shared import stats_dtype
 
 log = logging.getLogger(__name__)
@@ -193,6 +203,7 @@ def format_plan(cfg: SweepConfig, plan: Plan) -> str:
             f"{t.mode:<17} {t.n_edits:>5} {e['gpu_memory_gb']:>7.1f} {e['time_s']:>8.0f}  {hp}"
         )
     sh = plan.shared
+    workers = stats_workers(cfg)  # resources.max_concurrent, else 1: a dry run asks no cluster
     budget = f"{sh.budget_gb:g} GB per worker" if sh.budget_gb is not None else "no memory budget set"
     lines.append(
         f"statistics: {s['statistics_layers']} layer(s), {s['statistics_to_compute']} to compute in "
@@ -203,9 +214,11 @@ def format_plan(cfg: SweepConfig, plan: Plan) -> str:
             lines.append(f"  read from the store: layers {list(p.layers)}")
         else:
             tok = p.trial.stats.max_tokens or (p.trial.stats.max_texts and f"{p.trial.stats.max_texts} texts")
+            k = len(pass_parts(p.trial, workers))
             lines.append(
                 f"  pass: layers {_span(p.layers)} ({len(p.layers)}), {p.memory_gb:.1f} GB, "
                 f"~{_fmt_s(p.seconds)} ({tok or 'whole corpus'}, weights {stats_dtype(p.trial)})"
+                + (f", split over {k} workers" if k > 1 else "")
             )
     lines.append(
         f"target values: {s['values_to_optimise_shared']} to optimise, {s['values_cached']} stored "
@@ -218,8 +231,11 @@ def format_plan(cfg: SweepConfig, plan: Plan) -> str:
     trials_s = sum(e["time_s"] for e in plan.estimates)
     sec = plan.shared_seconds
     total = trials_s + sec["statistics"] + sec["values"] + sec["scores"]
+    hint = "" if cfg.resources.max_concurrent else "; resources.max_concurrent sets more"
+    wall = f"{_fmt_s(stats_wall_seconds(sh.passes, workers))} wall on {workers} worker{'s' * (workers > 1)}{hint}"
     lines.append(
-        f"estimated time at {cfg.estimate.tflops:g} TFLOP/s sustained (rough): statistics {_fmt_s(sec['statistics'])}, "
+        f"estimated time at {cfg.estimate.tflops:g} TFLOP/s sustained (rough): statistics "
+        f"{_fmt_s(sec['statistics'])} ({wall}), "
         f"values {_fmt_s(sec['values'])}, pre-edit scores {_fmt_s(sec['scores'])}, trials {_fmt_s(trials_s)}; "
         f"total {_fmt_s(total)} of device time"
     )

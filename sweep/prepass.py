@@ -20,9 +20,10 @@ shapes. Computing the plan is :mod:`sweep.fulfil`'s job (in this process, or on 
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from editors import traits
 from editors.config import ConfigError
 from editors.model import n_layers_of
-from editors.stats import StatsKey, StatsStore
+from editors.stats import StatsKey, StatsStore, StreamSlice, split_stream
 from editors.templates import N_TEMPLATES
 
 from .config import trial_hparams
@@ -268,6 +269,51 @@ def pass_seconds(shape: Shape, layers: Sequence[int], t: TrialConfig, tflops: fl
     per_block = (shape.params - shape.vocab * shape.d_model) / shape.n_layers
     flops = tokens * (2 * per_block * (max(layers) + 1) + 2 * shape.d_key**2 * len(layers))
     return flops / (tflops * 1e12)
+
+
+def stats_workers(cfg: SweepConfig, cluster: Mapping[str, float] | None = None) -> int:
+    """How many workers a statistics pass splits over (its parts, :func:`pass_parts`):
+    ``resources.max_concurrent`` when set (the workers the sweep is sized for; on an autoscaling cluster
+    the parts that wait for a node make the autoscaler start it, as waiting trials do); else how many
+    tasks of a pass's resources (``resources.prepass_gpu`` GPUs, default ``resources.gpu``, and
+    ``resources.cpu`` CPUs) ``cluster``'s resources hold at once (``ray.cluster_resources()`` when the
+    fulfilment starts: the nodes up then); else 1 (a dry run asks no cluster). 1 is one task per pass."""
+    r = cfg.resources
+    if r.max_concurrent is not None:
+        return max(1, r.max_concurrent)
+    if not cluster:
+        return 1
+    gpu = r.prepass_gpu if r.prepass_gpu is not None else r.gpu
+    fits = [cluster.get("CPU", 0.0) / r.cpu] + ([cluster.get("GPU", 0.0) / gpu] if gpu > 0 else [])
+    return max(1, int(min(fits) + 1e-9))
+
+
+def pass_parts(t: TrialConfig, workers: int) -> list[StreamSlice]:
+    """The parts of a statistics pass's token stream on ``workers`` workers, one task each
+    (:func:`editors.stats.split_stream`: token ranges under ``stats.max_tokens``, else text ranges under
+    ``stats.max_texts``, else one part); one part with ``stats.tolerance``, whose convergence check
+    decides from the whole stream when to stop."""
+    s = t.stats
+    if s.tolerance is not None:
+        return [StreamSlice()]
+    return split_stream(workers, max_tokens=s.max_tokens, max_texts=s.max_texts)
+
+
+def stats_wall_seconds(passes: Sequence[StatsPass], workers: int) -> float:
+    """The computed passes' wall time on ``workers`` workers: each pass in its parts (:func:`pass_parts`),
+    each part an equal share of the pass's device time, placed longest first on the least busy worker
+    (every part is submitted at once). NaN when a pass's time is unknown; model loading not counted."""
+    parts: list[float] = []
+    for p in passes:
+        if not p.read_only:
+            k = len(pass_parts(p.trial, workers))
+            parts += [p.seconds / k] * k
+    if any(math.isnan(x) for x in parts):
+        return math.nan
+    busy = [0.0] * max(1, workers)
+    for x in sorted(parts, reverse=True):
+        heapq.heapreplace(busy, busy[0] + x)
+    return max(busy)
 
 
 def plan_shared(

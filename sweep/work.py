@@ -1,7 +1,7 @@
 """The shared work itself, on a loaded model: no Ray, no store, no claim.
 
 What :mod:`sweep.fulfil`'s backends run (in this process, or inside :mod:`sweep.worker`'s Ray tasks):
-second moments of some layers in one pass over the corpus, target values v* of batch-mode facts,
+second moments of some layers in one pass over the corpus (or a part's raw sums), target values v* of batch-mode facts,
 pre-edit scores of facts, and the unedited model's held-out perplexity.
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from editors import spec_for, traits
 from editors.corpus import CorpusSpec, iter_texts
-from editors.stats import SecondMoment, collect_second_moments
+from editors.stats import MomentSums, SecondMoment, StreamSlice, collect_second_moments, second_moment_sums
 
 from .config import trial_hparams
 
@@ -39,6 +39,27 @@ def compute_stats(
         batch_tokens=s.batch_tokens,
         dtype=s.dtype,
         tolerance=s.tolerance,
+        progress=progress,
+    )
+
+
+def compute_stats_part(
+    cfg: TrialConfig, model: Any, tok: Any, layers: Sequence[int], part: StreamSlice, progress: bool = True
+) -> dict[int, MomentSums]:
+    """The raw sums Σ k kᵀ [d_key, d_key] and key count of ``part`` of the configured pass's stream
+    (a pass split over workers; ``stats.tolerance`` is not applied: such a pass is not split)."""
+    s = cfg.stats
+    return second_moment_sums(
+        model,
+        tok,
+        spec_for(model),
+        list(layers),
+        iter_texts(CorpusSpec(s.corpus, max_texts=s.max_texts, sample_seed=s.sample_seed)),
+        part=part,
+        max_tokens=s.max_tokens,
+        max_seq_len=s.max_seq_len,
+        batch_tokens=s.batch_tokens,
+        dtype=s.dtype,
         progress=progress,
     )
 

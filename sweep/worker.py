@@ -4,8 +4,10 @@
   trial of that worker gets the same model, whose edited weights ``run_trial`` restores exactly.
 - The shared-work tasks only compute: their bodies are :mod:`sweep.work`'s ``compute_*`` functions,
   and they *return* their results, which :func:`sweep.fulfil.fulfil_ray` (in the driver) writes to the
-  stores and hands to the trials as object-store references. No task writes to its node's disk, so a
-  worker node that shares no disk with the driver, or is gone, loses nothing.
+  stores and hands to the trials as copies it puts itself. No task writes to its node's disk and none
+  of its results stays in its node's object store, so a worker node that shares no disk with the
+  driver, or is gone, loses nothing. A task given a GPU runs in a process of its own that exits after
+  it (``RayBackend``: ``max_calls=1``), so the model it cached here and its CUDA memory go with it.
 - A task or trial that Ray gave a GPU but that sees no CUDA device fails at once (:func:`require_gpu`):
   it never falls back to the CPU.
 """
@@ -16,6 +18,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ from .registry import CORE
 from .result import REPORT_KEY, CurvePoint
 from .shared import TrialInputs, TrialRefs, inputs_of, stats_dtype
 from .trial import run_trial
-from .work import compute_ppl, compute_probes, compute_scores, compute_stats, compute_values
+from .work import compute_ppl, compute_probes, compute_scores, compute_stats, compute_stats_part, compute_values
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +87,34 @@ def _cached_model(mc: ModelConfig, dtype: str | None = None) -> tuple[Any, Any, 
 # The shared-work tasks (submitted by sweep.fulfil.RayBackend; they return, the driver stores)
 
 
-def stats_task(trial: dict[str, Any], layers: list[int]) -> list[Any]:
-    """One statistics pass: one numpy [d_key, d_key] array per layer, then ``{"seconds", "tokens":
-    {layer: n}, "converged", "history"}``."""
+def stats_task(trial: dict[str, Any], layers: list[int], part: dict[str, Any] | None = None) -> Iterator[Any]:
+    """A statistics pass, or one part of it: one numpy [d_key, d_key] array per layer (in the pass's
+    accumulation dtype), then ``{"seconds", "tokens": {layer: n}, "converged", "history"}``.
+
+    ``part`` (an :class:`editors.stats.StreamSlice` as a dict): the raw sums Σ k kᵀ of that part of the
+    stream, which the driver adds over the parts and divides; None: the whole pass's C with its
+    convergence check (``stats.tolerance``). A generator: Ray stores each layer's array as it is
+    yielded, so this process holds one layer's host copy at a time (a 29-layer pass of Llama-3-8B is 24 GB).
+    """
+    from editors.stats import StreamSlice
+
     cfg = parse_config(trial)
     t0 = time.perf_counter()
     model, tok = cached_model(cfg.model, stats_dtype(cfg))
-    got = compute_stats(cfg, model, tok, layers, progress=False)
-    meta = {
-        "seconds": time.perf_counter() - t0,
-        "tokens": {layer: got[layer].n_tokens for layer in layers},
-        "converged": got[layers[0]].converged,
-        "history": [list(h) for h in got[layers[0]].history],
-    }
-    return [got[layer].mom2.cpu().numpy() for layer in layers] + [meta]
+    meta: dict[str, Any] = {"converged": None, "history": []}
+    got: dict[int, Any]
+    if part is None:
+        got = compute_stats(cfg, model, tok, layers, progress=False)
+        meta.update(converged=got[layers[0]].converged, history=[list(h) for h in got[layers[0]].history])
+        mats = {layer: got[layer].mom2 for layer in layers}
+    else:
+        got = compute_stats_part(cfg, model, tok, layers, StreamSlice(**part), progress=False)
+        mats = {layer: got[layer].sums for layer in layers}
+    meta.update(seconds=time.perf_counter() - t0, tokens={layer: got[layer].n_tokens for layer in layers})
+    del got
+    for layer in layers:
+        yield mats.pop(layer).cpu().numpy()  # the device's copy goes with it
+    yield meta
 
 
 def values_task(trial: dict[str, Any], records: list[Any]) -> tuple[np.ndarray, float]:

@@ -474,3 +474,123 @@ def test_a_pass_of_many_layers_is_read_and_written_one_layer_at_a_time(tmp_path,
     got = unit.read()
     assert gets == [] and got.tokens == {0: 10, 1: 11, 2: 12} and gets == []  # tokens without the matrices
     assert torch.equal(got[2].mom2, torch.full((2, 2), 2.0)) and gets == [2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# On Ray: processes that free their GPU, statistics split over workers
+
+
+@pytest.fixture()
+def local_ray():
+    """A fresh local Ray with two CPUs and one fake GPU (``address="local"``: never a running cluster)."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _recording_tasks(folder: Path, d_key: int, d_model: int):
+    """:class:`sweep.fulfil.RayTasks` whose bodies write the pid of the process that ran them into
+    ``folder`` and return small results of the right shapes; no model (a fake GPU has no CUDA device,
+    which sweep.worker's bodies refuse)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    def mark(kind: str) -> None:
+        (folder / f"{kind}.{os.getpid()}.{time.time_ns()}").touch()
+
+    def stats_task(trial, layers, part=None):
+        mark("stats")
+        n = part["stop"] - part["start"] if part and part["stop"] is not None else 100
+        meta = {"seconds": 0.01, "tokens": {la: n for la in layers}, "converged": None, "history": []}
+        return [np.eye(d_key, dtype=np.float32) * n for _ in layers] + [meta]
+
+    def values_task(trial, records):
+        mark("values")
+        return np.zeros((len(records), d_model), np.float32), 0.01
+
+    def scores_task(trial, records):
+        from sweep.metrics import RecordScores
+
+        mark("scores")
+        return [RecordScores(r.case_id, 1, 1, 0, 0, 0, 0, 1, 1, 0).fields() for r in records], 0.01
+
+    def ppl_task(trial):
+        mark("ppl")
+        return 12.5, 0.01
+
+    def probes_task(trial):
+        mark("probes")
+        return {}, 0.01
+
+    return SimpleNamespace(
+        stats_task=stats_task,
+        values_task=values_task,
+        scores_task=scores_task,
+        ppl_task=ppl_task,
+        probes_task=probes_task,
+    )
+
+
+def test_no_process_that_computed_a_gpu_unit_outlives_the_fulfilment(assets, tmp_path, local_ray):
+    """Every shared-work task that asks for a GPU runs in a process that exits after it: a process that
+    computed a unit would otherwise keep the model in its cache and the CUDA allocator's memory while a
+    trial waits for that GPU (ray.remote(fn).options(num_gpus=1) reuses its processes)."""
+    import psutil
+
+    from sweep.fulfil import fulfil_ray
+
+    resources = {"cpu": 1, "gpu": 1, "gpu_memory_gb": 24}
+    path = sweep_file(assets, "gpu", resources=resources, values_chunk=2, **{"base.scoring": {"ppl": True}})
+    cfg = load_sweep(str(path))
+    plan = make_plan(cfg)
+    marks = tmp_path / "pids"
+    marks.mkdir()
+    refs, work = fulfil_ray(plan.shared, cfg, _recording_tasks(marks, d_key=48, d_model=32))
+    ran = [p.name.split(".") for p in marks.iterdir()]
+    assert sorted({kind for kind, _, _ in ran}) == ["ppl", "scores", "stats", "values"]
+    assert len(ran) == 1 + 2 + 2 + 1  # a pass, two chunks of values, two of scores, the perplexity
+    assert (work.stats_passes, work.values_optimised, work.scores_computed, work.ppl_computed) == (1, 4, 4, 1)
+    pids = {int(pid) for _, pid, _ in ran}
+    assert len(pids) == len(ran), "each GPU task ran in a process of its own"
+    deadline = time.time() + 20
+    alive = pids
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = {p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+    assert not alive, f"processes that computed shared work on the GPU still live: {sorted(alive)}"
+    # the trials' handles resolve, from the driver's own copies
+    tr = next(iter(refs.values()))
+    assert local_ray.get(tr.stats[1]).shape == (48, 48) and tr.ppl == 12.5
+
+
+def test_a_pass_split_over_workers_through_fulfil_ray_equals_one_pass(assets, local_ray):
+    """A statistics pass split into parts (three, on two CPUs: resources.max_concurrent) through
+    fulfil_ray, on sweep.worker's own task bodies, stores the C of one unsplit pass; it counts as one
+    pass of three tasks."""
+    from editors import load_model
+    from editors.stats import StatsStore
+    from sweep import worker
+    from sweep.fulfil import fulfil_ray
+
+    over = ["base.layers=[0,2]", "share_values=false", "resources.max_concurrent=3"]
+    cfg = load_sweep(str(sweep_file(assets, "split", **{"base.scoring": {"ppl": False, "pre": False}})), over)
+    plan = make_plan(cfg)
+    refs, work = fulfil_ray(plan.shared, cfg, worker)
+    assert (work.stats_passes, work.stats_shards, work.stats_layers_computed) == (1, 3, 2)
+    (p,) = plan.shared.passes
+    model, tok = load_model(str(assets / "model"))
+    one = compute_stats(p.trial, model, tok, [0, 2], progress=False)
+    store = StatsStore(cfg.base["stats"]["store"])
+    for layer in (0, 2):
+        got = store.get(p.keys[layer])
+        assert got.n_tokens == one[layer].n_tokens == 2000
+        torch.testing.assert_close(got.mom2, one[layer].mom2, rtol=1e-5, atol=1e-6)
+        handed = next(iter(refs.values())).stats[layer]
+        torch.testing.assert_close(
+            torch.from_numpy(local_ray.get(handed).copy()), one[layer].mom2, rtol=1e-5, atol=1e-6
+        )
