@@ -59,6 +59,11 @@ class PrivateCluster:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.log_dir.glob("*.log")))
 
+    def stop_worker(self) -> None:
+        """Take the worker node away (its raylet, object store and worker processes), as a node that an
+        autoscaler terminates or a spot reclaim takes."""
+        _stop(self.worker)
+
 
 def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     with open(log, "w") as f:

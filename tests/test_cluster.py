@@ -129,6 +129,67 @@ def _argv(cluster) -> list[str]:
     return ["--config", "x", "--address", cluster.address, "--quiet"]
 
 
+@pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
+def test_shared_work_computed_on_a_worker_is_owned_by_the_head_and_survives_the_worker(assets, tmp_path, monkeypatch):
+    """fulfil_ray on the private-disk cluster: every task runs on the worker (the head has no CPU), yet
+    afterwards the worker's object store holds none of the units (the driver fetched each result, wrote
+    it, put its own copy and dropped the task's), every handle lives on the head, and with the worker
+    node gone every handle still resolves, to what the driver's stores hold."""
+    import numpy as np
+    from ray._private.internal_api import node_stats
+    from ray.experimental import get_object_locations
+
+    from editors.stats import StatsStore
+    from sweep import worker
+    from sweep.fulfil import fulfil_ray
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    # The tiny model's results are under Ray's 100 KB limit for returning a value inline to the caller;
+    # a real model's are not. With no inline limit every result goes through the object store of the
+    # node that computed it, as a Llama-3-8B C of 822 MB does.
+    monkeypatch.setenv("RAY_max_direct_call_object_size", "0")
+    with private_disk_cluster(out, tmp_path / "logs") as cluster:
+        try:
+            launch.init_ray(launch.parser().parse_args(_argv(cluster)))
+            grid = {"algorithm": ["memit"], "layers": [[1, 2]], "batch_size": [4], "mode": ["batch"]}
+            cfg = load_sweep(str(sweep_yaml(assets, out, "owned", grid)))
+            plan = make_plan(cfg)
+            refs, work = fulfil_ray(plan.shared, cfg, worker)
+            assert (work.stats_passes, work.stats_shards, work.stats_layers_computed) == (1, 2, 2), cluster.logs()
+            assert (work.values_optimised, work.scores_computed, work.ppl_computed) == (4, 4, 1)
+            alive = [n for n in ray.nodes() if n["Alive"]]
+            (head,) = [n for n in alive if n["Resources"].get("CPU", 0) == 0]
+            (node,) = [n for n in alive if n is not head]
+            (tr,) = refs.values()
+            handles = [*tr.stats.values(), *(h for _, h in tr.values), *(h for _, h in tr.scores)]
+            assert len(handles) == 2 + 1 + 1
+            locations = get_object_locations(handles)
+            assert [loc["node_ids"] for loc in locations.values()] == [[head["NodeID"]]] * len(handles)
+
+            def on_worker() -> int:  # objects the worker's store holds as their primary copy
+                stats = node_stats(node["NodeManagerAddress"], node["NodeManagerPort"]).store_stats
+                return stats.num_object_store_primary_copies
+
+            deadline = time.time() + 20  # the tasks' objects are freed asynchronously
+            while on_worker() and time.time() < deadline:
+                time.sleep(0.5)
+            assert on_worker() == 0, "the worker node's object store still holds results it computed"
+
+            cluster.stop_worker()
+            deadline = time.time() + 60
+            while any(n["Alive"] for n in ray.nodes() if n["NodeID"] == node["NodeID"]) and time.time() < deadline:
+                time.sleep(1)
+            got = ray.get(handles, timeout=60)  # nothing to reconstruct: no node could run it
+            store = StatsStore(cfg.base["stats"]["store"])
+            (p,) = plan.shared.passes
+            for layer, arr in zip(tr.stats, got):
+                assert np.array_equal(arr, store.get(p.keys[layer]).mom2.numpy())
+            assert got[2].shape == (4, 32) and len(got[3]) == 4
+        finally:
+            ray.shutdown()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Cloud storage: S3 on loopback (moto in server mode) through pyarrow, as Tune reads a URI
 
