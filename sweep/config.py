@@ -10,7 +10,6 @@ shared work (:mod:`sweep.prepass`) -> trial (:mod:`sweep.trial`) -> result -> tr
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -57,6 +56,12 @@ class DatasetConfig:
     unique_subjects_seed: int | None = None  # shuffle with this seed, one record per subject
     prompts: str | None = None  # MQuAKE: the folder of its prompt files (multihop-prompts.txt, ...)
     multihop: Literal["direct", "cot"] = "direct"  # MQuAKE: few-shot answers or chain of thought
+    # The selection's first ``offset`` records are skipped: a search's held-out trials edit the facts after
+    # its dev facts (sweep.cells), so nothing the search saw is reported as held out
+    offset: int = 0
+    # Shuffle the trial's facts with this seed before editing (None: the selection's order); repeats of a
+    # sequential trial edit the same facts in different orders (sweep.cells)
+    order_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,7 @@ def parse_config(data: dict[str, Any]) -> TrialConfig:
 _LOWER_BOUNDS = (
     ("seed", 0),
     ("dataset.sample", 0),
+    ("dataset.offset", 0),
     ("scoring.batch_size", 1),
     ("scoring.generation_per_record", 1),
     ("scoring.generation_max_len", 1),
@@ -262,7 +268,7 @@ def _check_protocols(cfg: TrialConfig) -> None:
                 f"dataset.prompts: MQuAKE needs the folder of its prompt files (multihop-prompts.txt, "
                 f"multihop-cot-prompts.txt from princeton-nlp/MQuAKE), got {d.prompts!r}"
             )
-        for name in ("unique_subjects_seed", "sample_file"):
+        for name in ("unique_subjects_seed", "sample_file", "order_seed"):
             if getattr(d, name) is not None:
                 raise ConfigError(f"dataset.{name}: MQuAKE's rewrites are taken case by case, in file order")
         if cfg.mode == "batch" and cfg.batch_size < cfg.n_edits:
@@ -358,16 +364,126 @@ class EstimateConfig:
     bandwidth_gbs: float = 2000.0  # device memory GB/s for decoding steps (H100 SXM: ~3,350 peak)
 
 
+#: The search spaces a ``grid`` value may be instead of a list (Tune's own: ``ray.tune.loguniform`` ...)
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """A grid key's search space: ``{loguniform: [lo, hi]}`` or ``{uniform: [lo, hi]}`` (floats),
+    ``{randint: [lo, hi]}`` (integers lo..hi-1: hi excluded, as Tune and numpy), ``{choice: [a, b, ...]}``."""
+
+    kind: str
+    args: tuple[Any, ...]
+
+    def options(self) -> list[Any] | None:
+        """Every value it can take when there are few (choice, a randint of at most 64), else None."""
+        if self.kind == "choice":
+            return list(self.args)
+        if self.kind == "randint" and self.args[1] - self.args[0] <= 64:
+            return list(range(self.args[0], self.args[1]))
+        return None
+
+    def extremes(self) -> list[Any]:
+        """The values a trial config is validated at before anything runs: every option, or both bounds."""
+        opts = self.options()
+        if opts is not None:
+            return opts
+        return [self.args[0], self.args[1] - 1] if self.kind == "randint" else [self.args[0], self.args[1]]
+
+    def middle(self) -> Any:
+        """A value that stands for the space in plans and estimates (the geometric mean of a log space)."""
+        lo, hi = self.args[0], self.args[-1]
+        if self.kind == "choice":
+            return self.args[0]
+        if self.kind == "loguniform":
+            return float((lo * hi) ** 0.5)
+        return (lo + hi) // 2 if self.kind == "randint" else (lo + hi) / 2
+
+
+def parse_distribution(key: str, value: Any, grid: str = "grid") -> Distribution | None:
+    """The :class:`Distribution` a grid value spells (None: a plain list, a grid axis); a malformed one is a
+    :class:`ConfigError` naming ``<grid>.<key>`` (``grid``, or a variant's ``variants.<name>.grid``)."""
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{grid}.{key}: expected a non-empty list of values")
+        return None
+    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in DISTRIBUTIONS:
+        raise ConfigError(
+            f"{grid}.{key}: expected a non-empty list of values or one distribution: {{loguniform: [lo, hi]}}, "
+            f"{{uniform: [lo, hi]}}, {{randint: [lo, hi]}} or {{choice: [a, b, ...]}}; got {value!r}"
+        )
+    kind, args = next(iter(value.items()))
+    where = f"{grid}.{key}.{kind}"
+    if not isinstance(args, list) or not args:
+        raise ConfigError(f"{where}: expected a list ([lo, hi] or the choices), got {args!r}")
+    if kind == "choice":
+        return Distribution(kind, tuple(args))
+    if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+        raise ConfigError(f"{where}: expected two numbers [lo, hi], got {args!r}")
+    lo, hi = args
+    if kind == "randint" and not (float(lo).is_integer() and float(hi).is_integer()):
+        raise ConfigError(f"{where}: expected two integers [lo, hi], got {args!r}")
+    if lo >= hi:
+        raise ConfigError(f"{where}: lo must be < hi, got [{lo}, {hi}]")
+    if kind == "loguniform" and lo <= 0:
+        raise ConfigError(f"{where}: a log-uniform bound must be > 0, got [{lo}, {hi}]")
+    if kind == "randint":
+        return Distribution(kind, (int(lo), int(hi)))
+    return Distribution(kind, (float(lo), float(hi)))
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How the grid's distributions are searched (``algorithm``: ``grid`` runs the plain grid, today's
+    behaviour; ``random`` and ``optuna`` run Tune's Optuna searcher with Optuna's random or TPE sampler),
+    ``num_samples`` trials per cell (variant × grid point), each searching its own space."""
+
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
+    metric: str | tuple[str, ...] | None = None  # a metric as MLflow shows it (final.s); several: a Pareto front
+    mode: str | tuple[str, ...] = "max"  # or one per metric
+    num_samples: int = 1  # trials per cell
+    seed: int = 0
+    # The search sees only the first dev_facts facts (a count, or a fraction of base.n_edits); the best
+    # configuration of each cell is then run on the other facts (`repeats` times): the held-out results
+    dev_facts: float | None = None
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return () if self.metric is None else (self.metric,) if isinstance(self.metric, str) else tuple(self.metric)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return (self.mode,) * len(self.metrics) if isinstance(self.mode, str) else tuple(self.mode)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Early stopping on the per-batch reports: Tune's ASHA with time = edits applied."""
+
+    name: Literal["asha"] = "asha"
+    metric: str = "at_edit.s"  # what the per-batch reports carry: at_edit.{s,es,ps,ns} (and gen_* when generated)
+    mode: Literal["max", "min"] = "max"
+    grace_edits: int = 1  # no trial is stopped before this many edits
+    reduction_factor: float = 2.0
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """A whole study: a base trial, named ``variants`` of it (methods: each a dict of overrides, e.g.
     ``memit+nas: {algorithm: memit, hp: {nas: true}}``; its name becomes the trial's ``method``), and a
-    ``grid`` over its keys crossed with every variant."""
+    ``grid`` over its keys crossed with every variant: a list is an axis, a :class:`Distribution` is
+    searched (``search``); a variant's own ``grid`` (in its overrides) adds or replaces keys for it alone
+    (AlphaEdit searching ``hp.L2`` where MEMIT searches ``hp.mom2_update_weight``); ``repeats`` runs every
+    cell that many times with other seeds (and edit orders)."""
 
     name: str
     base: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # method name -> overrides of base
-    grid: dict[str, list[Any]] = field(default_factory=dict)
+    grid: dict[str, Any] = field(default_factory=dict)  # dotted key -> list of values, or a distribution
+    search: SearchConfig = field(default_factory=SearchConfig)
+    scheduler: SchedulerConfig | None = None
+    repeats: int = 1
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     retries: int = 1  # a failed trial is retried this many times
@@ -420,11 +536,15 @@ def load_sweep(path: str, overrides: list[str] = ()) -> SweepConfig:
     if not cfg.name or not all(c.isalnum() or c in "-_" for c in cfg.name):
         raise ConfigError(f"name: {cfg.name!r} must be letters, digits, '-' or '_'")
     for key, values in cfg.grid.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"grid.{key}: expected a non-empty list of values")
+        parse_distribution(key, values)
     for vname, over in cfg.variants.items():
         if not isinstance(over, dict) or not vname or not all(c.isalnum() or c in "-_+." for c in vname):
             raise ConfigError(f"variants.{vname}: a name of letters, digits, '-_+.' mapping to a dict of overrides")
+        vgrid = over.get("grid") or {}
+        if not isinstance(vgrid, dict):
+            raise ConfigError(f"variants.{vname}.grid: a mapping of grid keys to lists or distributions")
+        for key, values in vgrid.items():
+            parse_distribution(key, values, f"variants.{vname}.grid")
     if cfg.retries < 0:
         raise ConfigError("retries: must be >= 0")
     check_local_store("values_store", cfg.values_store)
@@ -464,20 +584,8 @@ def sweep_id(cfg: SweepConfig) -> str:
 
 
 def expand(cfg: SweepConfig) -> list[TrialConfig]:
-    """Every trial of the grid, validated; an invalid combination names the grid key and values."""
-    keys = list(cfg.grid)
-    trials = []
-    variants = [(name, merge(cfg.base, {**over, "method": name})) for name, over in cfg.variants.items()]
-    for name, base in variants or [(None, dict(cfg.base))]:
-        for combo in itertools.product(*(cfg.grid[k] for k in keys)):
-            data = dict(base)
-            for k, v in zip(keys, combo):
-                data = _set(data, k, v)
-            try:
-                trials.append(parse_config(_absolute(data)))  # a grid or variant may name files too
-            except ConfigError as e:
-                where = ", ".join([f"variants.{name}"] * (name is not None) + [f"{k}={v}" for k, v in zip(keys, combo)])
-                raise ConfigError(f"grid ({where}): {e}") from None
-    if len({trial_key(t) for t in trials}) != len(trials):
-        raise ConfigError("grid: two grid points give the same trial (a key repeats a base value?)")
-    return trials
+    """Every trial of a grid sweep, validated (:meth:`sweep.cells.Cells.grid_trials`); an invalid
+    combination names the grid key and values."""
+    from .cells import Cells
+
+    return [t.config for t in Cells(cfg).grid_trials()]

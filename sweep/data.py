@@ -443,18 +443,27 @@ def load_dataset(name: str, source: str, sha256: str | None = None, target: Targ
 
 
 def load_selection(dataset: DatasetConfig, n: int | None) -> list[Record]:
-    """The records a trial with ``dataset`` settings and ``n`` edits uses, in their fixed order."""
+    """The records a trial with ``dataset`` settings and ``n`` edits uses, in their fixed order: the
+    selection's records ``offset`` to ``offset + n``, shuffled with ``order_seed`` when it is set."""
     d = dataset
     records, size = _load(d.name, d.source, d.sha256, d.target)
-    return select(
+    chosen = select(
         records,
-        n=n,
+        n=None if n is None else d.offset + n,
         case_ids=d.case_ids,
         sample_file=d.sample_file,
         sample=d.sample,
         unique_subjects_seed=d.unique_subjects_seed,
         file_records=None if d.name == "counterfact" else size,
     )
+    if d.offset and len(chosen) <= d.offset:
+        raise DatasetError(
+            f"dataset.offset: the selection holds {len(chosen)} records, none after the first {d.offset}"
+        )
+    chosen = chosen[d.offset :]
+    if d.order_seed is not None:
+        random.Random(d.order_seed).shuffle(chosen)
+    return chosen
 
 
 def select(

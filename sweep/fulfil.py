@@ -65,7 +65,7 @@ from .work import compute_ppl, compute_probes, compute_scores, compute_stats, co
 if TYPE_CHECKING:
     from .config import SweepConfig, TrialConfig
     from .data import Record
-    from .prepass import SharedPlan
+    from .prepass import SharedPlan, TrialNeeds
 
 log = logging.getLogger(__name__)
 
@@ -606,25 +606,28 @@ def _log_unit(unit: Unit, computed: bool, elapsed: float) -> None:
 # What trials are handed
 
 
+def hand_out(need: TrialNeeds, got: Fulfilled) -> TrialRefs:
+    """One trial's handles, found by what it needs (not by which trial asks): its layers' C, the chunks
+    holding its facts' values and scores, its perplexity and probes (handles are values for a local
+    fulfilment, references for Ray). A KeyError names a need ``got`` lacks."""
+    tr = TrialRefs()
+    if need.stats_group is not None:
+        tr.stats = {layer: got.stats[(need.stats_group, layer)] for layer in need.layers}
+        tr.stats_tokens = {layer: got.stats_tokens[(need.stats_group, layer)] for layer in need.layers}
+    if need.values is not None:
+        tr.values = _dedupe([got.facts[(need.values, d)] for d in need.value_digests])
+    if need.scores is not None:
+        tr.scores = _dedupe([got.facts[(need.scores, d)] for d in need.score_digests])
+    if need.ppl is not None:
+        tr.ppl = got.ppl[need.ppl]
+    if need.probes is not None:
+        tr.probes = got.probes[need.probes]
+    return tr
+
+
 def _hand_out(plan: SharedPlan, got: Fulfilled) -> dict[str, TrialRefs]:
-    """Each trial's handles: its layers' C, the chunks holding its facts' values and scores, its
-    perplexity (handles are values for a local fulfilment, references for Ray)."""
-    out: dict[str, TrialRefs] = {}
-    for tkey, need in plan.needs.items():
-        tr = TrialRefs()
-        if need.stats_group is not None:
-            tr.stats = {layer: got.stats[(need.stats_group, layer)] for layer in need.layers}
-            tr.stats_tokens = {layer: got.stats_tokens[(need.stats_group, layer)] for layer in need.layers}
-        if need.values is not None:
-            tr.values = _dedupe([got.facts[(need.values, d)] for d in need.value_digests])
-        if need.scores is not None:
-            tr.scores = _dedupe([got.facts[(need.scores, d)] for d in need.score_digests])
-        if need.ppl is not None:
-            tr.ppl = got.ppl[need.ppl]
-        if need.probes is not None:
-            tr.probes = got.probes[need.probes]
-        out[tkey] = tr
-    return out
+    """Each planned trial's handles (:func:`hand_out`)."""
+    return {tkey: hand_out(need, got) for tkey, need in plan.needs.items()}
 
 
 def _dedupe(items: Sequence[tuple[tuple[str, ...], Any]]) -> list[tuple[tuple[str, ...], Any]]:

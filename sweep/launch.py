@@ -23,7 +23,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,13 @@ import torch
 from editors.config import ConfigError, to_dict
 from editors.store import write_json_atomic
 
-from .config import SweepConfig, load_sweep, method_name, sweep_id, trial_hparams
+from .cells import Cells, space_name
+from .config import SweepConfig, load_sweep, sweep_id
 from .fulfil import WorkCounts, fulfil_ray
 from .plan import Plan, format_plan, make_plan
 from .prepass import SharedPlan, plan_shared
 from .probes import check_probe_data
-from .shared import TrialRefs
+from .search import Best, CellSearch, best_of, per_method, scheduler
 
 log = logging.getLogger("sweep.launch")
 
@@ -176,10 +176,16 @@ def _ask_cluster_gpu() -> float:
 
 
 def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
-    """Start (or resume) the sweep; returns a summary with the parent run id and work counters."""
+    """Start (or resume) the sweep; returns a summary with the parent run id and work counters.
+
+    A grid sweep's shared work is fulfilled up front (:func:`sweep.fulfil.fulfil_ray`) and handed to the
+    sweep's service (:mod:`sweep.service`), which every trial asks for its inputs; a search's is
+    fulfilled on demand through the same service, as its trials ask. A search with held-out facts then
+    runs each cell's best configuration on them (``phase: heldout``)."""
     import ray
 
     from . import tracking
+    from .service import start as start_service
 
     t_start = time.perf_counter()
     sid = sweep_id(cfg)
@@ -194,42 +200,103 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
     done = tracking.trial_runs(c, exp, parent)
     if not ray.is_initialized():
         init_ray(args)
-    todo = [k for k in plan.keys if k not in done]
-    summary = {"parent_run_id": parent, "tracking_uri": uri}
-    if args.resume and not todo:
-        log.info("every trial of %s is already in MLflow: nothing to run", cfg.name)
-        c.set_terminated(parent, "FINISHED")
-        work = {**WorkCounts().as_dict(), "trials_run": 0}
-        return {
-            **summary,
-            "work": work,
-            "trials": len(plan.trials),
-            "errors": 0,
-            "wall_s": time.perf_counter() - t_start,
-        }
-    shared = plan.shared
-    if len(todo) < len(plan.keys):  # resumed: the shared work of the trials still to run, stores re-read
-        left = [(k, t) for k, t in zip(plan.keys, plan.trials) if k in todo]
-        shared = plan_shared(cfg, [t for _, t in left], [k for k, _ in left], budget_gb=plan.shared.budget_gb)
-    from . import worker
+    cells = plan.cells
+    assert cells is not None
+    summary: dict[str, Any] = {"parent_run_id": parent, "tracking_uri": uri}
+    counts = WorkCounts()
+    seeds: list = []
+    todo = [p for p in plan.planned if p.key not in done]
+    if not cells.searching:
+        if args.resume and not todo:
+            log.info("every trial of %s is already in MLflow: nothing to run", cfg.name)
+            c.set_terminated(parent, "FINISHED")
+            work = {**WorkCounts().as_dict(), "trials_run": 0}
+            return {
+                **summary,
+                "work": work,
+                "trials": len(plan.trials),
+                "errors": 0,
+                "wall_s": time.perf_counter() - t_start,
+            }
+        shared = plan.shared
+        if len(todo) < len(plan.planned):  # resumed: the shared work of the trials still to run, stores re-read
+            shared = plan_shared(cfg, [p.config for p in todo], [p.key for p in todo], budget_gb=plan.shared.budget_gb)
+        from . import worker
 
-    refs, counts = fulfil_ray(shared, cfg, worker)
+        refs, counts = fulfil_ray(shared, cfg, worker)
+        seeds = [(shared.needs[k], r) for k, r in refs.items()]
+        log.info("shared work: %s", counts.as_dict())
+        _log_statistics(c, parent, shared)
+    service = start_service(cfg, seeds)
+    del seeds  # the service holds the references now
+    callback = tracking.make_callback(uri, exp, parent, sid, cells)
+    if cells.searching:
+        grid = _tuner(cfg, cells, service, callback, args, None).fit()
+        results = list(grid)
+        errors = grid.num_errors
+        best = best_of(cfg, [(cells.resolve(r.config), r.metrics or {}) for r in results if r.config])
+        summary["best"] = _log_search(c, exp, parent, cfg, best)
+        if cells.split is not None and best:
+            points = [
+                cells.trial(cell, "heldout", r, b.sampled).point()
+                for cell, bs in sorted(best.items())
+                for b in bs
+                for r in range(cfg.repeats)
+            ]
+            held = _tuner(cfg, cells, service, callback, args, points, suffix="-heldout", stop_early=False).fit()
+            results += list(held)
+            errors += held.num_errors
+    else:
+        grid = _tuner(cfg, cells, service, callback, args, [p.point() for p in todo]).fit()
+        results, errors = list(grid), grid.num_errors
     work: dict[str, Any] = counts.as_dict()
-    log.info("shared work: %s", work)
-    _log_statistics(c, parent, shared)
-    callback = tracking.make_callback(uri, exp, parent, sid, {k: to_dict(t) for k, t in zip(plan.keys, plan.trials)})
-    grid = _tuner(cfg, plan, todo, refs, callback, args).fit()
-    errors = grid.num_errors
-    rows = [_row(r) for r in grid]
-    work["trials_run"] = len(rows)
+    for k, v in ray.get(service.counts.remote()).items():  # what the trials computed on demand
+        work[k] = work.get(k, 0) + v if k != "fulfil_s" else work.get(k, 0)
+    work["trials_run"] = len(results)
     wall = time.perf_counter() - t_start
-    _close_parent(c, exp, parent, sid, grid, work, wall, errors)
-    _print_summary(cfg, rows, errors, wall, work, uri, parent, exp)
-    return {**summary, "work": work, "trials": len(rows), "errors": errors, "wall_s": wall}
+    _close_parent(c, exp, parent, sid, cells, results, work, wall, errors)
+    _print_summary(cfg, cells, [_row(cells, r) for r in results], errors, wall, work, uri, parent, exp)
+    ray.kill(service)
+    return {**summary, "work": work, "trials": len(results), "errors": errors, "wall_s": wall}
+
+
+def _log_search(c: Any, exp: str, parent: str, cfg: SweepConfig, best: dict[int, list[Best]]) -> dict[str, Any]:
+    """The search's outcome on the parent run: params ``search.*`` and ``search.json`` (per method its best
+    configuration, or its Pareto set, with the run that found it); returned for the summary."""
+    from . import tracking
+
+    runs = {k: r.info.run_id for k, r in tracking.trial_runs(c, exp, parent).items()}
+    s = cfg.search
+    out: dict[str, Any] = {"metric": list(s.metrics), "mode": list(s.modes), "best": {}, "pareto": {}}
+    for method, bs in per_method(cfg, best).items():
+        entries = [b.as_dict(runs.get(b.key)) for b in bs]
+        if len(s.metrics) == 1:
+            out["best"][method] = entries[0]
+        else:
+            out["pareto"][method] = entries
+    params = {"search.algorithm": s.algorithm, "search.metric": ",".join(s.metrics), "search.mode": ",".join(s.modes)}
+    try:
+        c.log_batch(parent, params=[_param(k, v) for k, v in params.items()])
+        c.log_dict(parent, out, "search.json")
+    except Exception as e:
+        log.warning("MLflow did not take the search's outcome (%s); it is in the summary", e)
+    for method, e in out["best"].items():
+        print(f"best {method}: {e['config']} -> {e['values']}")
+    for method, es in out["pareto"].items():
+        print(f"Pareto set of {method}: " + "; ".join(f"{e['config']} -> {e['values']}" for e in es))
+    return out
 
 
 def _close_parent(
-    c: Any, exp: str, parent: str, sid: str, grid: Any, work: dict[str, Any], wall: float, errors: int
+    c: Any,
+    exp: str,
+    parent: str,
+    sid: str,
+    cells: Cells,
+    results: list[Any],
+    work: dict[str, Any],
+    wall: float,
+    errors: int,
 ) -> None:
     """Log what MLflow lacks (trials that ended while the server was away, from Tune's results) and the
     sweep's totals, and close the parent run; an unreachable server leaves it for ``--resume``."""
@@ -237,7 +304,7 @@ def _close_parent(
 
     from . import tracking
 
-    reports = {r.config["point"]["key"]: r.metrics for r in grid if r.metrics}
+    reports = {cells.resolve(r.config).key: r.metrics for r in results if r.metrics and r.config}
     try:
         if n := tracking.log_missing(c, exp, parent, sid, reports):
             log.info("logged %d trial(s) that MLflow lacked", n)
@@ -286,54 +353,38 @@ def _log_statistics(c: Any, parent: str, shared: SharedPlan) -> None:
     c.log_dict(parent, {"passes": passes, "budget_gb": shared.budget_gb}, "statistics.json")
 
 
-@dataclass(frozen=True)
-class TunePoint:
-    """One grid point of the Tune run: the trial's key (which names its config and its shared inputs
-    for the trainable) and what Tune's progress table and parameter columns show."""
-
-    key: str
-    method: str
-    algorithm: str
-    layers: list[int]
-    batch_size: int
-    mode: str
-    hp: dict[str, Any]
-
-    @classmethod
-    def of(cls, key: str, t: Any) -> TunePoint:
-        layers = list(trial_hparams(t).layers)
-        return cls(key, method_name(t), t.algorithm, layers, t.batch_size, t.mode, dict(t.hp))
-
-    def as_config(self) -> dict[str, Any]:
-        """The point as Tune's config holds it (``config["point"]``; hp fields as ``hp.<name>``)."""
-        out = {k: v for k, v in asdict(self).items() if k != "hp"}
-        return {**out, **{f"hp.{a}": b for a, b in self.hp.items()}}
-
-
 def _tuner(
-    cfg: SweepConfig, plan: Plan, todo: list[str], refs: dict[str, TrialRefs], callback: Any, args: argparse.Namespace
+    cfg: SweepConfig,
+    cells: Cells,
+    service: Any,
+    callback: Any,
+    args: argparse.Namespace,
+    points: list[dict[str, Any]] | None,
+    suffix: str = "",
+    stop_early: bool = True,
 ) -> Any:
-    """The Tune run of the trials still to do (restored when resuming), each handed its references."""
+    """A Tune run (restored when resuming): over ``points`` (a grid), or, when None, the search's
+    suggestions (:class:`sweep.search.CellSearch`); with the sweep's scheduler, if any and ``stop_early``
+    (not for the held-out runs: they are the results, and ASHA would stop a cell's later repeats against
+    its first)."""
     from ray import tune
 
     from . import worker
 
-    trials = {k: to_dict(t) for k, t in zip(plan.keys, plan.trials)}
-    points = [TunePoint.of(k, t).as_config() for k, t in zip(plan.keys, plan.trials) if k in todo]
-    fn = tune.with_parameters(worker.trainable, refs=refs, trials=trials)
+    fn = tune.with_parameters(worker.trainable, cells=cells, service=service)
     fn = tune.with_resources(fn, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     storage = storage_path(cfg)
-    name = f"{cfg.name}-{sweep_id(cfg)}"
-    # A compact progress table (trial, method, layers, B, mode | edits so far, S/ES/PS/NS at edit) instead
-    # of the new output engine's box per result; CLIReporter is honoured only with RAY_AIR_NEW_OUTPUT=0.
+    name = f"{cfg.name}-{sweep_id(cfg)}{suffix}"
+    # A compact progress table (trial, method, layers, B, mode, sampled values | edits so far, S/ES/PS/NS at
+    # edit) instead of the new output engine's box per result; CLIReporter is honoured only with
+    # RAY_AIR_NEW_OUTPUT=0.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A search's metric (final.s) is in a trial's last report only, not in its per-batch ones
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    columns = {"point/method": "method", "point/layers": "layers", "point/batch_size": "B", "point/mode": "mode"}
+    columns.update({f"point/sampled/{space_name(k)}": k.removeprefix("hp.") for k in cells.spaces})
     reporter = tune.CLIReporter(
-        parameter_columns={
-            "point/method": "method",
-            "point/layers": "layers",
-            "point/batch_size": "B",
-            "point/mode": "mode",
-        },
+        parameter_columns=columns,
         metric_columns={"edits": "edits", "s": "S", "es": "ES", "ps": "PS", "ns": "NS"},
         max_report_frequency=30,
     )
@@ -348,30 +399,43 @@ def _tuner(
     path = f"{storage.rstrip('/')}/{name}"
     if args.resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=fn, resume_errored=True)
-    return tune.Tuner(
-        fn,
-        param_space={"point": tune.grid_search(points)},
-        run_config=run_config,
-        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=cfg.resources.max_concurrent),
+    max_edits = max(cells.resolve(p).config.n_edits for p in points) if points else _search_edits(cells)
+    tune_config = tune.TuneConfig(
+        reuse_actors=True,
+        max_concurrent_trials=cfg.resources.max_concurrent,
+        scheduler=scheduler(cfg, max_edits) if stop_early else None,
     )
+    if points is None:
+        tune_config.search_alg = CellSearch(cfg, cells)
+        tune_config.num_samples = cfg.search.num_samples * len(cells.cells)
+        return tune.Tuner(fn, param_space={}, run_config=run_config, tune_config=tune_config)
+    space = {"point": tune.grid_search([p["point"] for p in points])}
+    return tune.Tuner(fn, param_space=space, run_config=run_config, tune_config=tune_config)
 
 
-def _row(r: Any) -> tuple:
-    """(method, layers, B, mode, S final, S at edit) of one Tune result."""
+def _search_edits(cells: Cells) -> int:
+    """The most edits a search's trial applies (the scheduler's ``max_t``), over every cell."""
+    return max(t.config.n_edits for t in cells.stand_ins())
+
+
+def _row(cells: Cells, r: Any) -> tuple:
+    """(method, phase, layers, B, mode, sampled values, S final, S at edit) of one Tune result."""
     m = r.metrics or {}
-    p = (r.config or {}).get("point", {})
-    return (
-        p.get("method") or p.get("algorithm"),
-        p.get("layers"),
-        p.get("batch_size"),
-        p.get("mode"),
-        m.get("final.s"),
-        m.get("at_edit.s"),
-    )
+    p = cells.resolve(r.config) if r.config else None
+    if p is None:
+        return ("?", "", "", "", "", "", None, None)
+    sampled = ", ".join(f"{k.removeprefix('hp.')}={_short(v)}" for k, v in p.sampled.items())
+    c = p.config
+    return (p.method, p.phase, p.layers, c.batch_size, c.mode, sampled, m.get("final.s"), m.get("at_edit.s"))
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _print_summary(
     cfg: SweepConfig,
+    cells: Cells,
     rows: list[tuple],
     errors: int,
     wall: float,
@@ -381,9 +445,9 @@ def _print_summary(
     exp: str,
 ) -> None:
     """The sweep's printed result: one line per trial, the shared work and where to look."""
-    print(f"\n{'method':<13} {'layers':<8} {'B':>5} {'mode':<17} {'S final':>8} {'S at edit':>9}")
-    for a, ly, b, mo, sf, sa in sorted(rows, key=lambda r: str(r)):
-        print(f"{a!s:<13} {ly!s:<8} {b!s:>5} {mo!s:<17} {_fmt(sf):>8} {_fmt(sa):>9}")
+    print(f"\n{'method':<13} {'phase':<8} {'layers':<8} {'B':>5} {'mode':<17} {'S final':>8} {'S at edit':>9}  sampled")
+    for a, ph, ly, b, mo, sa_, sf, sa in sorted(rows, key=lambda r: str(r)):
+        print(f"{a!s:<13} {ph:<8} {ly!s:<8} {b!s:>5} {mo!s:<17} {_fmt(sf):>8} {_fmt(sa):>9}  {sa_}")
     print(f"\nsweep {cfg.name}: {len(rows)} trials run, {errors} failed, {wall:.0f}s; shared work {work}")
     print(f"MLflow: {uri} (experiment {cfg.mlflow.experiment!r}, parent run {parent})")
     if not uri.startswith(("http://", "https://")):

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from editors import traits
 from editors.config import ConfigError
 from editors.templates import N_TEMPLATES
 
-from .config import SweepConfig, TrialConfig, expand, method_name, sweep_id, trial_hparams, trial_key
+from .cells import Cells, PlannedTrial, check_search
+from .config import SweepConfig, TrialConfig, method_name, sweep_id, trial_hparams
 from .prepass import (
     Shape,
     SharedPlan,
@@ -36,11 +37,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Plan:
+    """The trials (a grid's, or a search's stand-ins: :meth:`sweep.cells.Cells.stand_ins`), each resolved
+    once (``planned``), their shared work and their cost."""
+
     trials: list[TrialConfig]
     keys: list[str]
     shared: SharedPlan
     estimates: list[dict[str, float]]
     shared_seconds: dict[str, float]  # "statistics", "values", "scores": estimated pre-pass time
+    planned: list[PlannedTrial] = field(default_factory=list)
+    cells: Cells | None = None
 
     def summary(self) -> dict[str, Any]:
         return {"trials": len(self.trials), **self.shared.counts()}
@@ -52,8 +58,12 @@ def make_plan(cfg: SweepConfig, dry_run: bool = False, budget_gb: float | None =
     :func:`sweep.launch.gpu_budget` says the budget)."""
     from editors.model import check_layer
 
-    trials = expand(cfg)
-    keys = [trial_key(t) for t in trials]
+    cells = Cells(cfg)
+    check_search(cfg, cells)  # the search's own fields first, then its trials
+    planned = cells.stand_ins() if cells.searching else cells.grid_trials()
+    check_search(cfg, cells, planned)
+    trials = [p.config for p in planned]
+    keys = [p.key for p in planned]
     for t in trials:
         shape = model_shape(t.model.source, t.model.gguf_file, t.model.revision)
         for layer in trial_hparams(t).layers:
@@ -94,7 +104,7 @@ def make_plan(cfg: SweepConfig, dry_run: bool = False, budget_gb: float | None =
         _pre_score_seconds(j.trial, len(j.missing()), tflops, cfg.estimate.bandwidth_gbs)
         for j in shared.scores.values()
     )
-    return Plan(trials, keys, shared, estimates, seconds)
+    return Plan(trials, keys, shared, estimates, seconds, planned, cells)
 
 
 def _pre_score_seconds(t: TrialConfig, n: int, tflops: float, bandwidth: float) -> float:
@@ -191,7 +201,9 @@ def _fmt_s(x: float) -> str:
 
 def format_plan(cfg: SweepConfig, plan: Plan) -> str:
     s = plan.summary()
-    lines = [f"sweep {cfg.name}: {s['trials']} trials (id {sweep_id(cfg)})"]
+    searching = plan.cells is not None and plan.cells.searching
+    what = "stand-in trial(s) of a search" if searching else "trials"
+    lines = [f"sweep {cfg.name}: {s['trials']} {what} (id {sweep_id(cfg)})"]
     lines.append(
         f"{'#':>3} {'method':<13} {'data':<11} {'layers':<10} {'B':>5} {'mode':<17} {'n':>5} {'GPU GB':>7} "
         f"{'est. s':>8}  hp"
@@ -202,6 +214,8 @@ def format_plan(cfg: SweepConfig, plan: Plan) -> str:
             f"{i:>3} {method_name(t):<13} {t.dataset.name:<11} {list(trial_hparams(t).layers)!s:<10} {t.batch_size:>5} "
             f"{t.mode:<17} {t.n_edits:>5} {e['gpu_memory_gb']:>7.1f} {e['time_s']:>8.0f}  {hp}"
         )
+    if searching:
+        lines += _search_lines(cfg, plan.cells)  # type: ignore[arg-type]
     sh = plan.shared
     workers = stats_workers(cfg)  # resources.max_concurrent, else 1: a dry run asks no cluster
     budget = f"{sh.budget_gb:g} GB per worker" if sh.budget_gb is not None else "no memory budget set"
@@ -240,6 +254,32 @@ def format_plan(cfg: SweepConfig, plan: Plan) -> str:
         f"total {_fmt_s(total)} of device time"
     )
     return "\n".join(lines)
+
+
+def _search_lines(cfg: SweepConfig, cells: Cells) -> list[str]:
+    """What a search will run: its space, trials per cell, the dev and held-out facts."""
+    s = cfg.search
+    spaces: dict[str, list[str]] = {}  # each distinct space, with the cells that search it
+    for c in cells.cells:
+        text = ", ".join(f"{k} ~ {d.kind}{list(d.args)}" for k, d in c.spaces.items())
+        spaces.setdefault(text, []).append(c.variant or "base")
+    space = "; ".join(
+        text + (f" ({', '.join(dict.fromkeys(v))})" if len(spaces) > 1 else "") for text, v in spaces.items()
+    )
+    goal = ", ".join(f"{m} ({mo})" for m, mo in zip(s.metrics, s.modes))
+    out = [
+        f"search: {s.algorithm} over {space}; {s.num_samples} trial(s) per cell x {len(cells.cells)} cell(s), "
+        f"optimising {goal}" + (f"; {cfg.scheduler.name} on {cfg.scheduler.metric}" if cfg.scheduler else ""),
+        "  the rows above stand for the search's trials (each cell at its spaces' options or middle); the shared "
+        "work below is what they need, fulfilled on demand as trials ask (sweep.service)",
+    ]
+    if cells.split is not None:
+        n_dev, n_test = cells.split
+        out.append(
+            f"  dev facts: the first {n_dev}; then each cell's best configuration on the {n_test} held-out facts "
+            f"x {cfg.repeats} repeat(s)"
+        )
+    return out
 
 
 def _span(layers: tuple[int, ...]) -> str:

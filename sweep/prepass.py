@@ -392,6 +392,8 @@ def _selection(t: TrialConfig, datasets: dict[tuple, list[Any]], dry_run: bool) 
         d.sample_file,
         d.sample,
         d.unique_subjects_seed,
+        d.offset,
+        d.order_seed,
         t.n_edits,
     )
     if dkey not in datasets:

@@ -6,12 +6,16 @@ All MLflow calls happen in the driver (SQLite stores do not like many writers), 
 :mod:`sweep.report` reads:
 
 - parent: tags ``sweep.name``, ``sweep.id``, ``sweep.role=parent``; params of the sweep; artifacts
-  ``sweep.yaml``, ``plan.json``, ``statistics.json`` (provenance); metrics ``work.*`` and wall time.
+  ``sweep.yaml``, ``plan.json``, ``statistics.json`` (provenance); metrics ``work.*`` and wall time; a
+  search adds params ``search.{algorithm,metric,mode}`` and ``search.json`` (per method its best
+  configuration or Pareto set, with the run that found it).
 - child: tags ``mlflow.parentRunId``, ``sweep.id``, ``sweep.role=trial``, ``trial.key``; params
   ``algorithm layers layer batch_size mode n_edits model hparams hp.<name>``; metrics ``{pre,at_edit,
   final}.{es,ps,ns,s,em,pm,nm,es_acc,ps_acc,ns_acc,ge,ppl}``, ``time.*``, ``memory.*``, ``work.*``,
   ``update_norm.*``, ``stats.tokens.L<layer>`` (tokens in C), ``collapsed_at`` (edits, with the tag
-  ``collapse.reason``, when the collapse guard stopped the trial), param ``method``,
+  ``collapse.reason``, when the collapse guard stopped the trial), ``stopped_at`` (edits, with the tag
+  ``stop.reason``: ``asha`` or ``collapse``, for a trial that stopped early), params ``method``, ``phase``
+  (grid, search, heldout), ``repeat``, ``cell`` (the config without its seeds) and ``search.index``,
   ``config.layer``/``config.batch_size`` (numeric copies for parallel-coordinates
   charts) and curves ``curve.*`` with step = edits applied (``curve.forget_{all,first}_{es,ps,ns,s}``:
   the forgetting curves; ``curve.health_{drift,sigma_max,cond,delta_sigma_max,ppl}``); artifacts ``config.yaml``,
@@ -223,9 +227,12 @@ def _tags(parent: str, sid: str, key: str, method: str) -> dict[str, str]:
     }
 
 
-def start_trial_run(c: Any, exp_id: str, parent: str, sid: str, key: str, config: dict[str, Any]) -> str:
-    """The trial's child run, RUNNING from the trial's start with its params (its curves stream into it
-    as batches finish); a run this sweep left RUNNING for the same trial (a killed launcher) is continued."""
+def start_trial_run(
+    c: Any, exp_id: str, parent: str, sid: str, key: str, config: dict[str, Any], extra: dict[str, Any] | None = None
+) -> str:
+    """The trial's child run, RUNNING from the trial's start with its params (and ``extra``: where the trial
+    sits in the sweep, :meth:`sweep.cells.PlannedTrial.params`; its curves stream into it as batches
+    finish); a run this sweep left RUNNING for the same trial (a killed launcher) is continued."""
     from mlflow.entities import Param
 
     from .config import method_name, parse_config, trial_hparams
@@ -241,7 +248,7 @@ def start_trial_run(c: Any, exp_id: str, parent: str, sid: str, key: str, config
         run_name=run_name(method, list(hp.layers), cfg.batch_size, cfg.mode, key),
         tags=_tags(parent, sid, key, method),
     )
-    params = trial_params(to_dict(cfg), to_dict(hp), method)
+    params = {**trial_params(to_dict(cfg), to_dict(hp), method), **(extra or {})}
     c.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     return run.info.run_id
 
@@ -269,10 +276,18 @@ ROUND = 4
 
 
 def log_trial(
-    c: Any, exp_id: str, parent: str, sid: str, result: TrialResult, run_id: str | None = None, streamed: int = 0
+    c: Any,
+    exp_id: str,
+    parent: str,
+    sid: str,
+    result: TrialResult,
+    run_id: str | None = None,
+    streamed: int = 0,
+    extra: dict[str, Any] | None = None,
 ) -> str:
     """Write one trial's result into its child run (``run_id``, created at its start; a new one when
-    None) and close it FINISHED; the first ``streamed`` curve points are already in it. Returns the id."""
+    None; ``extra``: params beside the config's) and close it FINISHED; the first ``streamed`` curve
+    points are already in it. Returns the id."""
     from mlflow.entities import Metric, Param
 
     cfg, hp = result.config, result.hparams
@@ -284,6 +299,7 @@ def log_trial(
         tags[f"metric.{m}"] = f"{info['protocol']} on {info['dataset']}: {info['label']}"
     if result.collapse_reason:
         tags["collapse.reason"] = result.collapse_reason
+        tags["stop.reason"] = "collapse"
     if run_id is None:
         run_id = c.create_run(
             exp_id,
@@ -292,7 +308,7 @@ def log_trial(
         ).info.run_id
     rid = run_id
     have = c.get_run(rid).data.params
-    params = {k: v for k, v in trial_params(cfg, hp, method).items() if k not in have}
+    params = {k: v for k, v in {**trial_params(cfg, hp, method), **(extra or {})}.items() if k not in have}
     now = int(time.time() * 1000)
     r = ROUND
     metrics = [Metric(k, round(float(v), r), now, 0) for k, v in result.flat_metrics().items() if _finite(v)]
@@ -310,6 +326,7 @@ def log_trial(
     ]
     if result.collapsed_at is not None:  # the collapse guard stopped it (the reason is a tag)
         metrics.append(Metric("collapsed_at", float(result.collapsed_at), now, 0))
+        metrics.append(Metric("stopped_at", float(result.collapsed_at), now, 0))
     for point in result.curves[streamed:]:
         metrics += curve_metrics(point, now)
     plist = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -322,6 +339,28 @@ def log_trial(
     c.log_text(rid, json.dumps(result.to_dict(), indent=1, default=str), "trial.json")
     c.set_terminated(rid, "FINISHED", end_time=now)
     return rid
+
+
+#: why a scheduler stopped a trial, in words (the ``stop.reason`` tag names the scheduler)
+STOP_WORDS = {"asha": "Tune's ASHA scheduler stopped it: its scores so far were below its rung's cut"}
+
+
+def log_stopped(c: Any, run_id: str, report: dict[str, Any], reason: str = "asha") -> None:
+    """Close the run of a trial a scheduler stopped as a result (FINISHED): what it measured up to then
+    (its last per-batch report's ``at_edit.*``; its curve points are in the run already), ``stopped_at``
+    (edits applied) and the tag ``stop.reason``."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    edits = int(report.get("edits", 0))
+    metrics = [
+        Metric(k, round(float(v), ROUND), now, 0) for k, v in report.items() if k.startswith("at_edit.") and _finite(v)
+    ]
+    metrics.append(Metric("stopped_at", float(edits), now, 0))
+    c.log_batch(run_id, metrics=metrics)
+    c.set_tag(run_id, "stop.reason", reason)
+    c.set_tag(run_id, "mlflow.note.content", f"Stopped after {edits} edits. {STOP_WORDS.get(reason, reason)}.")
+    c.set_terminated(run_id, "FINISHED", end_time=now)
 
 
 def log_failed_trial(
@@ -378,9 +417,11 @@ def _per_record_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def make_callback(uri: str, exp_id: str, parent: str, sid: str, configs: dict[str, dict[str, Any]]):
+def make_callback(uri: str, exp_id: str, parent: str, sid: str, cells: Any):
     """A Tune callback that keeps one child run per trial: RUNNING from its start with its params, each
-    batch's curve point streamed as it is reported, closed FINISHED with the result (or FAILED). An
+    batch's curve point streamed as it is reported, closed FINISHED with the result (or, for a trial a
+    scheduler stopped, with what it measured until then), or FAILED. ``cells``
+    (:class:`sweep.cells.Cells`) resolves each trial's Tune config, grid point or search suggestion. An
     unreachable server costs no result: it stays in Tune's storage for ``--resume`` to log."""
     from ray import tune
 
@@ -389,22 +430,28 @@ def make_callback(uri: str, exp_id: str, parent: str, sid: str, configs: dict[st
             self.runs: dict[str, str] = {}
             self.streamed: dict[str, int] = {}
             self.logged: set[str] = set()
+            self.planned: dict[str, Any] = {}  # Tune's trial id -> PlannedTrial
 
         def _c(self):
             return client(uri)
 
+        def _plan(self, trial: Any) -> Any:
+            if trial.trial_id not in self.planned:
+                self.planned[trial.trial_id] = cells.resolve(trial.config)
+            return self.planned[trial.trial_id]
+
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            key = trial.config["point"]["key"]
-            if key in self.runs:
+            p = self._plan(trial)
+            if p.key in self.runs:
                 return  # a retried attempt continues the same run
             try:
-                self.runs[key] = start_trial_run(self._c(), exp_id, parent, sid, key, configs[key])
-                self.streamed[key] = 0
+                self.runs[p.key] = start_trial_run(self._c(), exp_id, parent, sid, p.key, to_dict(p.config), p.params())
+                self.streamed[p.key] = 0
             except Exception as e:
-                log.warning("MLflow did not take the start of trial %s (%s); it is logged when it ends", key, e)
+                log.warning("MLflow did not take the start of trial %s (%s); it is logged when it ends", p.key, e)
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            key = trial.config["point"]["key"]
+            key = self._plan(trial).key
             point = {k.removeprefix("curve."): v for k, v in result.items() if k.startswith("curve.")}
             if key not in self.runs or "edits" not in point:
                 return
@@ -415,22 +462,29 @@ def make_callback(uri: str, exp_id: str, parent: str, sid: str, configs: dict[st
                 log.warning("MLflow did not take a curve point of trial %s (%s)", key, e)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            key = trial.config["point"]["key"]
+            p = self._plan(trial)
+            key = p.key
             result = result_of(trial.last_result)
-            if result is None:
-                log.warning("trial %s finished without its result in the last report; not logged", key)
-                return
             try:
                 c = self._c()
                 if key in self.logged or key in trial_runs(c, exp_id, parent):
                     return  # resumed sweep: already in MLflow
-                log_trial(c, exp_id, parent, sid, result, self.runs.get(key), self.streamed.get(key, 0))
+                if result is None and "edits" in (trial.last_result or {}) and key in self.runs:
+                    log_stopped(c, self.runs[key], trial.last_result)  # a scheduler stopped it
+                    self.logged.add(key)
+                    return
+                if result is None:
+                    log.warning("trial %s finished without its result in the last report; not logged", key)
+                    return
+                log_trial(
+                    c, exp_id, parent, sid, result, self.runs.get(key), self.streamed.get(key, 0), extra=p.params()
+                )
                 self.logged.add(key)
             except Exception as e:  # the server went away: the result stays in Tune's storage
                 log.warning("MLflow did not take trial %s (%s); its result is kept, --resume logs it", key, e)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            key = trial.config["point"]["key"]
+            key = self._plan(trial).key
             try:
                 c = self._c()
                 if key in self.logged or key in trial_runs(c, exp_id, parent):

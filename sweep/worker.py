@@ -25,7 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ModelConfig, TrialConfig, parse_config, resolve_device
+from editors.config import to_dict
+
+from .cells import Cells
+from .config import ModelConfig, parse_config, resolve_device
 from .registry import CORE
 from .result import REPORT_KEY, CurvePoint
 from .shared import TrialInputs, TrialRefs, inputs_of, stats_dtype
@@ -170,21 +173,36 @@ def resolve(refs: TrialRefs) -> TrialInputs:
     return inputs_of(refs, ray.get)
 
 
-def trainable(config: dict[str, Any], refs: dict[str, Any], trials: dict[str, Any]) -> None:
-    """One Tune trial: ``config["point"]["key"]`` names the trial config in ``trials`` and its shared
-    inputs in ``refs`` (:class:`sweep.shared.TrialRefs`; the grid point's other fields are for Tune's
-    progress table).
+def batch_report(point: CurvePoint) -> dict[str, Any]:
+    """One batch's report to Tune: edits so far, the scores so far (``s es ps ns``: the progress table's
+    columns, and as ``at_edit.<m>`` for a scheduler) and the curve point (``curve.*``, streamed to MLflow)."""
+    flat = point.flat()
+    return {
+        "edits": point.edits,
+        **point.at_edit,
+        **{f"at_edit.{k}": v for k, v in point.at_edit.items()},
+        **{f"curve.{k}": v for k, v in flat.items() if isinstance(v, (int, float))},
+    }
 
-    Reports one intermediate result per batch (edits, S/ES/PS/NS so far) and a final result with the
-    trial's scalar metrics and the whole :class:`~sweep.result.TrialResult`, packed.
+
+def trainable(config: dict[str, Any], cells: Cells, service: Any) -> None:
+    """One Tune trial: ``config`` (``{"point": ..., "sampled": ...}``, a grid point or a search's
+    suggestion) is resolved into its :class:`~sweep.cells.PlannedTrial` once; its shared inputs come from
+    the sweep's service (:mod:`sweep.service`: found by what they are, or computed here on the way).
+
+    Reports one intermediate result per batch (:func:`batch_report`) and a final result with the trial's
+    scalar metrics and the whole :class:`~sweep.result.TrialResult`, packed.
     """
     import ray
     from ray import tune
 
-    key = config["point"]["key"]
-    cfg: TrialConfig = parse_config(trials[key])
+    from .service import obtain_ray
+
+    planned = cells.resolve(config)
+    cfg = planned.config
     model, tok, load_s = _cached_model(cfg.model)
-    inputs = resolve(refs[key])
+    got = obtain_ray(service, to_dict(cfg), model, tok)
+    inputs = got.inputs
 
     chaos = os.environ.get(CHAOS_ENV)
 
@@ -192,18 +210,18 @@ def trainable(config: dict[str, Any], refs: dict[str, Any], trials: dict[str, An
         if chaos and not Path(chaos).exists():
             Path(chaos).write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
-        flat = point.flat()
-        tune.report(
-            {
-                "edits": point.edits,
-                **point.at_edit,  # s es ps ns so far: the progress table's columns
-                **{f"curve.{k}": v for k, v in flat.items() if isinstance(v, (int, float))},
-            }
-        )
+        # Under a scheduler the last batch's point rides in the final report (tracking.log_trial): ASHA stops a
+        # trial that reaches its max_t, which must be after the final result, not before it
+        if point.edits < cfg.n_edits or cells.cfg.scheduler is None:
+            tune.report(batch_report(point))
 
     result = run_trial(cfg, inputs=inputs, model=model, tok=tok, on_batch=on_batch)
-    result.trial_key = key
+    result.trial_key = planned.key
     result.timings["load"] = load_s  # 0 when an earlier trial of this worker loaded the model
+    result.timings["shared"] = got.seconds  # shared work this trial computed for the sweep
+    result.timings["wait_inputs"] = got.waited_s
+    for kind, n in got.computed.items():
+        result.work[f"{kind}_computed_for_sweep"] = n
     result.node = ray.get_runtime_context().get_node_id()
     result.pid = os.getpid()
     result.stats_zero_copy = inputs.zero_copy  # a read-only view of the object store, not a per-trial copy

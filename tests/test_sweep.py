@@ -298,12 +298,12 @@ def test_trial_runs_are_live_from_the_start_and_close_with_real_times(assets, lo
     seen = {}
     real = tracking.log_trial
 
-    def spy(c, exp_id, parent, sid, result, run_id=None, streamed=0):
+    def spy(c, exp_id, parent, sid, result, run_id=None, streamed=0, extra=None):
         run = c.get_run(run_id)
         hist = c.get_metric_history(run_id, "curve.at_edit_s")
         seen.update(status=run.info.status, params=dict(run.data.params), tags=dict(run.data.tags))
         seen.update(steps=sorted(m.step for m in hist), streamed=streamed)
-        return real(c, exp_id, parent, sid, result, run_id, streamed)
+        return real(c, exp_id, parent, sid, result, run_id, streamed, extra)
 
     monkeypatch.setattr(tracking, "log_trial", spy)
     path = sweep_yaml(assets, "live", {"algorithm": ["memit"], "layers": [[1]], "batch_size": [2]})

@@ -1,0 +1,105 @@
+"""The shared-work service in-process: inputs found by what they are, missing ones computed once by the
+trials that ask, grants that lapse, and a trial suggested after launch (a new layer) served on demand."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from editors import load_model
+from sweep.config import SweepConfig, parse_config, trial_key
+from sweep.fulfil import fulfil_local
+from sweep.prepass import plan_shared
+from sweep.service import SharedWork, obtain
+from tests.conftest import write_tiny_assets
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tok_bos):
+    return write_tiny_assets(tmp_path_factory.mktemp("service"), tok_bos)
+
+
+def trial(assets, tmp, **over) -> dict:
+    data = {
+        "algorithm": "memit",
+        "hparams": "smollm2-135m",
+        "layers": [1],
+        "n_edits": 4,
+        "batch_size": 2,
+        "model": {"source": str(assets / "model"), "device": "cpu"},
+        "dataset": {"source": str(assets / "cf.json")},
+        "stats": {"corpus": str(assets / "corpus.txt"), "max_tokens": 2000, "store": str(tmp / "stats")},
+        "hp": {"v_num_grad_steps": 2, "context_templates": "none"},
+        "scoring": {"ppl": True, "ppl_offset": 0, "ppl_texts": 2, "ppl_max_len": 64},
+        **over,
+    }
+    return data
+
+
+def sweep_cfg(tmp) -> SweepConfig:
+    return SweepConfig(name="svc", values_store=str(tmp / "values"), scores_store=str(tmp / "scores"))
+
+
+def client(service: SharedWork, model, tok, data: dict):
+    return obtain(
+        service.ask, service.renew, service.release, service.deliver, data, model, tok, lambda h: h, poll_s=0.05
+    )
+
+
+def test_trials_that_ask_at_once_compute_each_unit_once(assets, tmp_path):
+    model, tok = load_model(str(assets / "model"), device="cpu")
+    service = SharedWork(sweep_cfg(tmp_path))
+    a = trial(assets, tmp_path, hp={"v_num_grad_steps": 2, "context_templates": "none", "mom2_update_weight": 10.0})
+    b = trial(assets, tmp_path, hp={"v_num_grad_steps": 2, "context_templates": "none", "mom2_update_weight": 1e4})
+    got = {}
+
+    def run(name, data):  # each trial its own model, as each Ray trial has its own process
+        m, t = load_model(str(assets / "model"), device="cpu")
+        got[name] = client(service, m, t, data)
+
+    threads = [threading.Thread(target=run, args=(n, d)) for n, d in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    w = service.counts()
+    # two trials, one C, one set of values and of pre-edit scores, one perplexity: each computed once
+    assert w["stats_layers_computed"] == 1 and w["scores_computed"] == 4 and w["ppl_computed"] == 1
+    assert w["values_optimised"] == 4
+    assert sum(sum(g.computed.values()) for g in got.values()) == 1 + 4 + 4 + 1
+    assert torch.equal(got["a"].inputs.stats[1], got["b"].inputs.stats[1])
+    assert got["a"].inputs.pre_scores == got["b"].inputs.pre_scores and got["a"].inputs.pre_ppl is not None
+    # the same inputs as a fulfilment of the planned trial in this process
+    cfg = parse_config(a)
+    key = trial_key(cfg)
+    ref, _ = fulfil_local(
+        plan_shared(sweep_cfg(tmp_path / "ref"), [cfg], [key]), sweep_cfg(tmp_path / "ref"), model, tok
+    )
+    assert torch.allclose(ref[key].stats[1], got["a"].inputs.stats[1], rtol=1e-5, atol=1e-7)
+
+    # A trial suggested later at a new layer: only that layer's statistics are computed; the rest is found.
+    c = client(service, model, tok, trial(assets, tmp_path, layers=[2]))
+    assert c.computed == {"stats": 1, "values": 4}  # the values sit at the last edited layer: 2 now
+    assert service.counts()["stats_layers_computed"] == 2 and service.counts()["scores_computed"] == 4
+    # A new service over the same stores (a second sweep) reads everything and computes nothing.
+    again = SharedWork(sweep_cfg(tmp_path))
+    d = client(again, model, tok, trial(assets, tmp_path, layers=[2]))
+    assert d.computed == {} and again.counts()["stats_layers_read"] == 1 and again.counts()["scores_read"] == 4
+
+
+def test_a_lapsed_grant_goes_to_the_next_trial(assets, tmp_path, monkeypatch):
+    import sweep.service as svc
+
+    service = SharedWork(sweep_cfg(tmp_path))
+    data = trial(assets, tmp_path)
+    first = service.ask(data)
+    assert first.grant is not None
+    other = service.ask(data)  # the first unit is held: the next one goes to the second asker
+    assert other.grant is not None and other.grant.unit != first.grant.unit
+    monkeypatch.setattr(svc.time, "monotonic", lambda: time.perf_counter() + 10 * svc.LEASE_S)
+    again = service.ask(data)  # both holders went silent: their units are granted again
+    assert again.grant is not None and again.grant.unit == first.grant.unit
+    assert not service.renew(first.grant.token)  # the first holder learns its grant lapsed
