@@ -33,6 +33,7 @@ TRIAL_BAD = [
     ("model.gguf_file=x.gguf", "model.gguf_file"),
     ("dataset.sample=-1", "dataset.sample"),
     ("dataset.case_ids=[1,1]", "dataset.case_ids"),
+    ("dataset.offset=-1", "dataset.offset"),
     ("stats.corpus=/nope.txt", "stats.corpus"),
     ("stats.max_tokens=0", "stats.max_tokens"),
     ("stats.max_texts=0", "stats.max_texts"),

@@ -122,3 +122,30 @@ def test_selection_by_sample_file_ids_and_unique_subjects():
         select(recs[:5], n=6)
     with pytest.raises(DatasetError, match="case_ids"):
         select(recs, case_ids=[10**7])
+
+
+@needs_shared
+def test_offset_takes_the_facts_after_the_first_and_order_seed_shuffles_the_same_facts():
+    """A held-out trial (``dataset.offset``) edits the facts after a search's; a repeat (``order_seed``)
+    edits the same facts in another fixed order."""
+    from sweep.config import DatasetConfig
+    from sweep.data import load_selection
+
+    d = DatasetConfig(source=str(EDIT), unique_subjects_seed=37)
+    first = [r.case_id for r in load_selection(d, 20)]
+    after = [r.case_id for r in load_selection(DatasetConfig(source=str(EDIT), unique_subjects_seed=37, offset=8), 12)]
+    assert after == first[8:]
+    shuffled = [
+        r.case_id for r in load_selection(DatasetConfig(source=str(EDIT), unique_subjects_seed=37, order_seed=1), 20)
+    ]
+    again = [
+        r.case_id for r in load_selection(DatasetConfig(source=str(EDIT), unique_subjects_seed=37, order_seed=1), 20)
+    ]
+    other = [
+        r.case_id for r in load_selection(DatasetConfig(source=str(EDIT), unique_subjects_seed=37, order_seed=2), 20)
+    ]
+    assert sorted(shuffled) == sorted(first) and shuffled == again and shuffled != first and other != shuffled
+    with pytest.raises(DatasetError, match="n_edits"):
+        load_selection(DatasetConfig(source=str(EDIT), case_ids=first[:5], offset=3), 4)
+    with pytest.raises(DatasetError, match="dataset.offset"):
+        load_selection(DatasetConfig(source=str(EDIT), case_ids=first[:5], offset=5), None)
