@@ -227,7 +227,9 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
         seeds = [(shared.needs[k], r) for k, r in refs.items()]
         log.info("shared work: %s", counts.as_dict())
         _log_statistics(c, parent, shared)
-    service = start_service(cfg, seeds)
+    # a search's suggestions can reach every layer set of its stand-ins: their statistics in shared passes
+    reach = sorted({tuple(p.layers) for p in plan.planned}) if cells.searching else []
+    service = start_service(cfg, seeds, plan.shared.budget_gb, reach)
     del seeds  # the service holds the references now
     callback = tracking.make_callback(uri, exp, parent, sid, cells)
     if cells.searching:

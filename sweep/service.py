@@ -27,9 +27,11 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
+
+from editors.config import ConfigError, to_dict
 
 from .fulfil import FactUnit, Fulfilled, LocalBackend, MeasureUnit, Moments, StatsUnit, Unit, hand_out, units_of
 from .shared import TrialInputs, TrialRefs, inputs_of
@@ -114,8 +116,12 @@ class SharedWork:
         cfg: SweepConfig,
         seeds: list[tuple[TrialNeeds, TrialRefs]] = (),  # type: ignore[assignment]
         put: Callable[[Unit, Any], Any] | None = None,
+        budget_gb: float | None = None,
+        reach: Sequence[Sequence[int]] = (),
     ) -> None:
         self.cfg = cfg
+        self.budget_gb = budget_gb  # a worker's device memory for a statistics pass (None: no limit)
+        self.reach = [tuple(ls) for ls in reach]  # the layer sets a search can suggest (Cells.stand_ins)
         self.got = Fulfilled()
         self._put = put or (lambda unit, value: value)
         self._lock = threading.Lock()
@@ -151,9 +157,36 @@ class SharedWork:
         if key not in self._plans:
             from .prepass import plan_shared
 
-            plan: SharedPlan = plan_shared(self.cfg, [t], [key])
-            self._plans[key] = _Planned(plan.needs[key], units_of(plan, self.cfg))
+            plan: SharedPlan = plan_shared(self.cfg, [t], [key], budget_gb=self.budget_gb)
+            need = plan.needs[key]
+            units = units_of(plan, self.cfg)
+            if need.stats_group is not None and self.reach:
+                units = [u for u in units if not isinstance(u, StatsUnit)] + self._passes(t, need)
+            self._plans[key] = _Planned(need, units)
         return self._plans[key]
+
+    def _passes(self, t: TrialConfig, need: TrialNeeds) -> list[StatsUnit]:
+        """The statistics passes over every layer the search can reach (:attr:`reach`), planned together
+        under the budget, that hold a layer of this trial: a pass costs the forward to its deepest layer,
+        so the first trial to ask computes them all in one pass instead of one pass per suggested layer."""
+        from .config import parse_config
+        from .prepass import plan_shared
+
+        others = []
+        for layers in dict.fromkeys(self.reach):
+            if list(layers) != list(need.layers):
+                try:  # a layer set of another method's space may not suit this one (ROME: one layer)
+                    others.append(parse_config({**to_dict(t), "layers": list(layers)}))
+                except ConfigError:
+                    continue
+        keys = [f"reach-{i}" for i in range(len(others) + 1)]
+        plan = plan_shared(self.cfg, [t, *others], keys, budget_gb=self.budget_gb)
+        mine = set(need.layers)
+        return [
+            u
+            for u in units_of(plan, self.cfg)
+            if isinstance(u, StatsUnit) and u.group == need.stats_group and mine & set(u.layers)
+        ]
 
     def _expire(self, now: float) -> None:
         for token, lease in list(self._leases.items()):
@@ -275,9 +308,15 @@ def ray_put(unit: Unit, value: Any) -> Any:
 
 
 class _RaySharedWork(SharedWork):
-    def __init__(self, cfg: SweepConfig, seeds: list[tuple[TrialNeeds, TrialRefs]]) -> None:
+    def __init__(
+        self,
+        cfg: SweepConfig,
+        seeds: list[tuple[TrialNeeds, TrialRefs]],
+        budget_gb: float | None,
+        reach: Sequence[Sequence[int]],
+    ) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        super().__init__(cfg, seeds, ray_put)
+        super().__init__(cfg, seeds, ray_put, budget_gb, reach)
 
     def node(self) -> str:
         import ray
@@ -285,9 +324,16 @@ class _RaySharedWork(SharedWork):
         return ray.get_runtime_context().get_node_id()
 
 
-def start(cfg: SweepConfig, seeds: list[tuple[TrialNeeds, TrialRefs]]) -> Any:
+def start(
+    cfg: SweepConfig,
+    seeds: list[tuple[TrialNeeds, TrialRefs]],
+    budget_gb: float | None = None,
+    reach: Sequence[Sequence[int]] = (),
+) -> Any:
     """The service as a threaded Ray actor on this (the driver's) node: its stores are this node's disk
-    and the objects it puts live in this node's object store. No CPU is reserved for it."""
+    and the objects it puts live in this node's object store. No CPU is reserved for it. ``budget_gb``
+    bounds a statistics pass as planning does; ``reach``: the layer sets a search can suggest, whose
+    statistics are computed together (:meth:`SharedWork._passes`)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -300,7 +346,7 @@ def start(cfg: SweepConfig, seeds: list[tuple[TrialNeeds, TrialRefs]]) -> Any:
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
             max_restarts=0,
         )
-        .remote(cfg, list(seeds))
+        .remote(cfg, list(seeds), budget_gb, [list(ls) for ls in reach])
     )
     ray.get(actor.node.remote())  # started (its errors surface here, not in the first trial)
     return actor

@@ -103,3 +103,21 @@ def test_a_lapsed_grant_goes_to_the_next_trial(assets, tmp_path, monkeypatch):
     again = service.ask(data)  # both holders went silent: their units are granted again
     assert again.grant is not None and again.grant.unit == first.grant.unit
     assert not service.renew(first.grant.token)  # the first holder learns its grant lapsed
+
+
+def test_a_search_computes_the_statistics_of_every_layer_it_can_reach_in_one_pass(assets, tmp_path):
+    """With the layer sets a search can suggest (``reach``), the first trial that needs statistics computes
+    every reachable layer in one pass; a later suggestion at another layer finds its C computed, equal to
+    the C of a pass over that layer alone."""
+    model, tok = load_model(str(assets / "model"), device="cpu")
+    service = SharedWork(sweep_cfg(tmp_path), reach=[[1], [2], [0, 2]])
+    first = client(service, model, tok, trial(assets, tmp_path, layers=[1]))
+    assert first.computed["stats"] == 3  # layers 0, 1 and 2 in the pass a layer-1 trial was granted
+    w = service.counts()
+    assert w["stats_passes"] == 1 and w["stats_layers_computed"] == 3
+    later = client(service, model, tok, trial(assets, tmp_path, layers=[2]))
+    assert "stats" not in later.computed and service.counts()["stats_passes"] == 1
+    alone = SharedWork(sweep_cfg(tmp_path / "alone"))
+    own = client(alone, model, tok, trial(assets, tmp_path / "alone", layers=[2]))
+    assert own.computed["stats"] == 1
+    assert torch.allclose(own.inputs.stats[2], later.inputs.stats[2], rtol=1e-5, atol=1e-7)
