@@ -262,7 +262,9 @@ class SharedWork:
         """Store the granted ``unit``'s ``value`` (statistics: layer -> SecondMoment; values: [n, d_model];
         scores: rows; a measure) and make it what trials are handed (also under a grant that lapsed
         meanwhile: the value is as good)."""
-        if isinstance(unit, StatsUnit):
+        if isinstance(value, StatsRefs):
+            value = value.moments()
+        elif isinstance(unit, StatsUnit):
             value = Moments.of(value)
         unit.write(value)
         self._take(token, unit, value, computed=True, seconds=seconds)
@@ -294,6 +296,21 @@ def _what(unit: Unit) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 # On Ray
+
+
+@dataclass(frozen=True)
+class StatsRefs:
+    """A computed pass as a Ray trial delivers it: one object-store reference per layer's
+    :class:`SecondMoment`, so the service fetches, stores and copies one layer's C at a time (a Llama-3-8B
+    layer is 822 MB) instead of receiving the whole pass in one call."""
+
+    refs: dict[int, Any]
+    tokens: dict[int, int]
+
+    def moments(self) -> Moments:
+        import ray
+
+        return Moments({la: (lambda r=r: ray.get(r)) for la, r in self.refs.items()}, dict(self.tokens))
 
 
 def ray_put(unit: Unit, value: Any) -> Any:
@@ -427,11 +444,18 @@ def obtain_ray(service: Any, trial: dict[str, Any], model: Any, tok: Any) -> Obt
     """:func:`obtain` through the service actor (in a Tune trial)."""
     import ray
 
+    def deliver(token: str, unit: Unit, value: Any, seconds: float) -> None:
+        if isinstance(unit, StatsUnit):  # a layer at a time (StatsRefs)
+            value = StatsRefs(
+                {la: ray.put(sm) for la, sm in value.items()}, {la: sm.n_tokens for la, sm in value.items()}
+            )
+        ray.get(service.deliver.remote(token, unit, value, seconds))
+
     return obtain(
         lambda t: ray.get(service.ask.remote(t)),
         lambda tok_: ray.get(service.renew.remote(tok_)),
         lambda tok_: ray.get(service.release.remote(tok_)),
-        lambda tok_, u, v, s: ray.get(service.deliver.remote(tok_, u, v, s)),
+        deliver,
         trial,
         model,
         tok,
