@@ -55,9 +55,12 @@ def test_trials_that_ask_at_once_compute_each_unit_once(assets, tmp_path):
     a = trial(assets, tmp_path, hp={"v_num_grad_steps": 2, "context_templates": "none", "mom2_update_weight": 10.0})
     b = trial(assets, tmp_path, hp={"v_num_grad_steps": 2, "context_templates": "none", "mom2_update_weight": 1e4})
     got = {}
+    # each trial its own model, as each Ray trial has its own process; loaded here, one after the other:
+    # from_pretrained's loading contexts are process-wide, and two at once in threads can leave them set
+    models = {name: load_model(str(assets / "model"), device="cpu") for name in ("a", "b")}
 
-    def run(name, data):  # each trial its own model, as each Ray trial has its own process
-        m, t = load_model(str(assets / "model"), device="cpu")
+    def run(name, data):
+        m, t = models[name]
         got[name] = client(service, m, t, data)
 
     threads = [threading.Thread(target=run, args=(n, d)) for n, d in (("a", a), ("b", b))]
