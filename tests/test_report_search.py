@@ -92,7 +92,9 @@ def _searched(client: Any, exp: str) -> dict[str, Any]:
         for i, (lam, layer) in enumerate(zip(LAMBDAS, LAYERS)):
             s = _dev_s(method, lam, layer)
             params = _base(method, 20, layers=f"[{layer}]", layer=layer, **{"hp.mom2_update_weight": lam})
-            params.update({"phase": "search", "repeat": 0, "cell": f"{method}-s{i}", "search.index": i})
+            # search.index numbers the suggestions of the whole sweep: memit's 0-7, alphaedit's 8-15
+            index = i + (8 if method == "alphaedit" else 0)
+            params.update({"phase": "search", "repeat": 0, "cell": f"{method}-s{i}", "search.index": index})
             metrics: dict[str, Any] = {"at_edit.s": s + 1, "at_edit.es": 99.0, "curve.at_edit_s": [(2, s + 2)]}
             if i in ASHA:
                 metrics["stopped_at"] = 4
@@ -113,7 +115,7 @@ def _searched(client: Any, exp: str) -> dict[str, Any]:
         for r, s in enumerate(HELD_S[method]):
             lam, layer = LAMBDAS[top], LAYERS[top]
             params = _base(method, FACTS, layers=f"[{layer}]", layer=layer, **{"hp.mom2_update_weight": lam})
-            params.update({"phase": "heldout", "repeat": r, "cell": f"{method}-best"})
+            params.update({"phase": "heldout", "repeat": r, "cell": f"{method}-best", "hp.template_seed": r})
             metrics = {"final.s": s, "final.es": s + 5, "final.ps": s - 5, "final.ns": 90.0, "at_edit.s": s}
             rid = _log_trial(client, exp, parent, f"{method}-h{r}", params, metrics)
             es = [100.0 if win else 0.0] * (FACTS - 1) + [0.0 if win else 100.0]
@@ -195,7 +197,8 @@ def test_search_best_table(study: dict[str, Any]) -> None:
         row = table.loc[method]
         assert row["point"] == "best" and row["trials"] == 8 and row["stopped (asha)"] == 2
         assert row["run_id"] == study["searched"]["best"][method]["run_id"]
-        assert row["search.index"] == 2  # λ = 1000 at layer 2
+        assert row["search.index"] == (2 if method == "memit" else 10)  # λ = 1000 at layer 2
+        assert row["found at"] == 3  # the method's third trial
         assert row["hp.mom2_update_weight"] == 1000.0 and row["layers"] == "[2]"
         assert row["final.s"] == pytest.approx(_dev_s(method, 1000.0, 2))
         held = mean_ci(HELD_S[method])
@@ -241,6 +244,8 @@ def test_search_trials_stay_out_of_the_paper_sections(study: dict[str, Any]) -> 
     seq = pd.read_csv(study["searched.out"] / "sequential.csv")
     assert sorted(seq["method"]) == ["alphaedit", "memit"] and set(seq["n_trials"]) == {3}  # one n_edits: no column
     assert "n_edits" not in seq.columns and "hp.mom2_update_weight" not in seq.columns
+    # the seeds the repeats move are not a swept setting: no series, no hparam section of their own
+    assert "hp.template_seed" not in seq.columns and not list(study["searched.out"].glob("hparam_*"))
     runs = pd.read_csv(study["searched.out"] / "runs.csv")
     assert len(runs) == 2 * (8 + 3) and {"phase", "repeat", "cell", "search.index", "stop.reason"} <= set(runs.columns)
 

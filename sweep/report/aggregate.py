@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from .schema import DATASET, METHOD_ORDER, SETTINGS
+from .schema import DATASET, METHOD_ORDER, setting_columns
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def aggregate_series(
         "hparams",
         "n_edits",
         "layers",
-        *sorted(c for c in df.columns if c.startswith(SETTINGS)),
+        *setting_columns(df),
     ]
     parts = []
     all_dims: list[str] = []

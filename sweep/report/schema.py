@@ -84,6 +84,16 @@ STUDY_PARAMS = (PHASE, REPEAT, CELL, SEARCH_INDEX)
 STOP_REASON = "stop.reason"
 #: params that are swept settings: hyperparameters and statistics settings (``stats.max_tokens``...)
 SETTINGS = ("hp.", "stats.")
+#: settings a study's repeats move (sweep.cells.SEED_FIELDS): not swept settings when runs are repeats
+REPEAT_MOVED = ("hp.template_seed", "seed", "dataset.order_seed")
+
+
+def setting_columns(df: pd.DataFrame) -> list[str]:
+    """The ``hp.*``/``stats.*`` columns of ``df``, without the seeds its repeats move (when it has repeats)."""
+    repeats = REPEAT in df.columns and pd.to_numeric(df[REPEAT], errors="coerce").nunique() > 1
+    return sorted(c for c in df.columns if c.startswith(SETTINGS) and not (repeats and c in REPEAT_MOVED))
+
+
 INT_PARAMS = ("layer", "batch_size", "n_edits")
 #: the study params read as integers
 INT_STUDY_PARAMS = (REPEAT, SEARCH_INDEX)

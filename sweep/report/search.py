@@ -269,6 +269,8 @@ def search_table(
             notes.append(f"{name}: {len(sub)} search trials, none with {', '.join(metrics)}: no best configuration.")
             continue
         index = sub.set_index("run_id")[SEARCH_INDEX]
+        # the method's own count (search.index numbers the suggestions of every cell of the sweep)
+        position = {r: n + 1 for n, r in enumerate(sub.sort_values(SEARCH_INDEX, kind="stable")["run_id"])}
         for i, (point, rid) in enumerate(zip(points, rids)):
             row: dict[str, Any] = {
                 "method": method,
@@ -277,6 +279,7 @@ def search_table(
                 "run_id": rid,
                 SEARCH_INDEX: int(index[rid]) if rid in index.index else None,
                 "trials": len(sub),
+                "found at": position.get(rid),
                 **{f"stopped ({r})": int(n) for r, n in stops.items()},
             }
             values = point.get("values") or {}
@@ -289,7 +292,7 @@ def search_table(
             notes.append(_point_sentence(name, row, config, metrics, modes))
         what = "trials" if source == "trials" else f"the parent run's {source}"
         log.info("search: %s: %d points from %s", name, len(points), what)
-    first = ["method", "search", "point", "run_id", SEARCH_INDEX, "trials"]
+    first = ["method", "search", "point", "run_id", SEARCH_INDEX, "trials", "found at"]
     table = pd.DataFrame(rows, columns=None if rows else [*first, *metrics])
     stop_cols = sorted(c for c in table.columns if c.startswith("stopped ("))
     lead = [*first, *stop_cols, *metrics]
@@ -309,8 +312,8 @@ def _point_sentence(
         f"{m} {float(row[m]):.2f}" if row.get(m) is not None and not pd.isna(row[m]) else f"{m} n/a" for m in metrics
     )
     stops = sum(int(v) for k, v in row.items() if k.startswith("stopped ("))
-    found = row.get(SEARCH_INDEX)  # 0-based
-    where = f"trial {found + 1} of {row['trials']}" if found is not None else f"{row['trials']} trials"
+    found = row.get("found at")  # 1-based, among the method's trials
+    where = f"trial {found} of {row['trials']}" if found is not None else f"{row['trials']} trials"
     text = f"{method}: {row['point']} {values} ({', '.join(f'{mo} {m}' for m, mo in zip(metrics, modes))}; {where}"
     text += f", {stops} stopped early)" if stops else ")"
     text += f" at {config_text(config)}" if config else ""

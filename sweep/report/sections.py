@@ -29,6 +29,7 @@ from .schema import (
     Section,
     Sweep,
     dataset_title,
+    setting_columns,
 )
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def swept_hparams(trials: pd.DataFrame) -> list[str]:
     A value that differs only between algorithms or presets (MEMIT's λ vs EMMET's) is not a sweep.
     """
     found = []
-    for col in sorted(c for c in trials.columns if c.startswith(SETTINGS)):
+    for col in setting_columns(trials):
         vals = pd.to_numeric(trials[col], errors="coerce")
         if vals.notna().sum() < 2:
             continue
