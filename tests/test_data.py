@@ -147,5 +147,5 @@ def test_offset_takes_the_facts_after_the_first_and_order_seed_shuffles_the_same
     assert sorted(shuffled) == sorted(first) and shuffled == again and shuffled != first and other != shuffled
     with pytest.raises(DatasetError, match="n_edits"):
         load_selection(DatasetConfig(source=str(EDIT), case_ids=first[:5], offset=3), 4)
-    with pytest.raises(DatasetError, match="dataset.offset"):
+    with pytest.raises(DatasetError, match=r"dataset\.offset"):
         load_selection(DatasetConfig(source=str(EDIT), case_ids=first[:5], offset=5), None)
