@@ -402,10 +402,11 @@ def search_figure(
     fig.suptitle(f"{name}: search over {', '.join(p.removeprefix('hp.') for p in params) or 'its space'}")
     for r, (metric, mode) in enumerate(zip(metrics, modes)):
         ax = grid[r][0]
-        order = sub[SEARCH_INDEX].astype(float)
+        # the method's own count, 1..n, in the order suggested (search.index numbers the whole sweep)
+        order = sub[SEARCH_INDEX].astype(float).rank(method="first")
         _scatter(ax, sub, order, metric, color, chosen)
         ax.step(order, running_best(sub[metric], mode), where="post", color=color, alpha=0.6, label="running best")
-        ax.set_xlabel("trial (order suggested)")
+        ax.set_xlabel("trial of the method (order suggested)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"{metric} ({mode})")
         for c, param in enumerate(params, start=1):
