@@ -27,19 +27,8 @@ def compute_stats(
     cfg: TrialConfig, model: Any, tok: Any, layers: Sequence[int], progress: bool = True
 ) -> dict[int, SecondMoment]:
     """The second moments of ``layers`` in one pass over the configured corpus."""
-    s = cfg.stats
     return collect_second_moments(
-        model,
-        tok,
-        spec_for(model),
-        list(layers),
-        iter_texts(CorpusSpec(s.corpus, max_texts=s.max_texts, sample_seed=s.sample_seed)),
-        max_tokens=s.max_tokens,
-        max_seq_len=s.max_seq_len,
-        batch_tokens=s.batch_tokens,
-        dtype=s.dtype,
-        tolerance=s.tolerance,
-        progress=progress,
+        model, tok, spec_for(model), list(layers), **_pass(cfg), tolerance=cfg.stats.tolerance, progress=progress
     )
 
 
@@ -48,20 +37,19 @@ def compute_stats_part(
 ) -> dict[int, MomentSums]:
     """The raw sums Σ k kᵀ [d_key, d_key] and key count of ``part`` of the configured pass's stream
     (a pass split over workers; ``stats.tolerance`` is not applied: such a pass is not split)."""
+    return second_moment_sums(model, tok, spec_for(model), list(layers), **_pass(cfg), part=part, progress=progress)
+
+
+def _pass(cfg: TrialConfig) -> dict[str, Any]:
+    """What every part of one statistics pass reads alike: the corpus's texts, the caps, the dtype."""
     s = cfg.stats
-    return second_moment_sums(
-        model,
-        tok,
-        spec_for(model),
-        list(layers),
-        iter_texts(CorpusSpec(s.corpus, max_texts=s.max_texts, sample_seed=s.sample_seed)),
-        part=part,
-        max_tokens=s.max_tokens,
-        max_seq_len=s.max_seq_len,
-        batch_tokens=s.batch_tokens,
-        dtype=s.dtype,
-        progress=progress,
-    )
+    return {
+        "texts": iter_texts(CorpusSpec(s.corpus, max_texts=s.max_texts, sample_seed=s.sample_seed)),
+        "max_tokens": s.max_tokens,
+        "max_seq_len": s.max_seq_len,
+        "batch_tokens": s.batch_tokens,
+        "dtype": s.dtype,
+    }
 
 
 def compute_values(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Record]) -> torch.Tensor:
