@@ -99,15 +99,20 @@ def _stage_metrics(at_edit: dict[str, float], final: dict[str, float] | None = N
     return m
 
 
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, str, Any, str]:
+    """A fresh SQLite MLflow store in a temporary folder: (folder, URI, client, experiment id)."""
+    from mlflow.tracking import MlflowClient
+
+    tmp = tmp_path_factory.mktemp(name)
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    return tmp, uri, client, client.create_experiment("model-editing")
+
+
 @pytest.fixture(scope="module")
 def sweep_store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A store with sweep 'demo' (18 trials), an older 'demo' sweep and an 'other' sweep (one trial each)."""
-    from mlflow.tracking import MlflowClient
-
-    tmp = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("model-editing")
+    tmp, uri, client, exp = mlflow_store(tmp_path_factory, "mlflow")
 
     def parent(name: str, start: int) -> str:
         run = client.create_run(exp, start_time=start, tags={"sweep.name": name, "sweep.id": f"{name}-{start}"})

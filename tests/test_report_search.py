@@ -27,7 +27,7 @@ from sweep.report.search import (
     search_table,
 )
 from sweep.report.significance import mean_ci, sign_test
-from tests.test_report import PNG, _log_trial
+from tests.test_report import PNG, _log_trial, mlflow_store
 
 LAMBDAS = (100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0, 100000.0, 50.0)
 LAYERS = (1, 2, 2, 2, 3, 1, 2, 3)
@@ -167,12 +167,7 @@ def _old(client: Any, exp: str) -> str:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The store with the four sweeps, and the reports of each in its own folder."""
-    from mlflow.tracking import MlflowClient
-
-    tmp = tmp_path_factory.mktemp("mlflow_study")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("model-editing")
+    tmp, uri, client, exp = mlflow_store(tmp_path_factory, "mlflow_study")
     out = {"uri": uri, "tmp": tmp}
     out["searched"] = _searched(client, exp)
     out["pareto"] = _pareto(client, exp)
