@@ -196,7 +196,10 @@ class Cells:
             raise ConfigError(f"grid ({where}): {e}") from None
         hp = trial_hparams(t)
         plain = to_dict(t)
-        return PlannedTrial(t, trial_key(t), method_name(t, hp), phase, cell_id(plain), cell, repeat, index, sampled)
+        # a search may suggest one configuration twice (a choice-only space, TPE repeating itself): each
+        # suggestion is a trial and a run of its own, so its place in the search is part of its key
+        key = trial_key(t) if index is None else f"{trial_key(t)}-{index}"
+        return PlannedTrial(t, key, method_name(t, hp), phase, cell_id(plain), cell, repeat, index, sampled)
 
     def _phase(self, data: dict[str, Any], phase: Phase) -> dict[str, Any]:
         """The facts of ``phase``: a search's first ``dev`` facts, the held-out ones after them."""

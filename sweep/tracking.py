@@ -188,7 +188,9 @@ def describe(result: TrialResult) -> str:
 
 
 def run_name(method: str, layers: list[int], batch_size: int, mode: str, key: str) -> str:
-    return f"{method}-L{'_'.join(map(str, layers))}-B{batch_size}-{mode}-{key[:6]}"
+    """``<method>-L<layers>-B<batch size>-<mode>-<key>``: the key's first 6 hex digits, and a search trial's
+    index after its hash (``-3``)."""
+    return f"{method}-L{'_'.join(map(str, layers))}-B{batch_size}-{mode}-{key[:6]}{key[16:]}"
 
 
 def trial_params(config: dict[str, Any], hp: dict[str, Any], method: str) -> dict[str, Any]:

@@ -60,6 +60,16 @@ def test_repeats_move_seeds_and_order_and_share_their_cell(assets):
     assert cell_id({"hp": {"v_lr": 1}}) != cell_id({"hp": {"v_lr": 2}})
 
 
+def test_a_configuration_suggested_twice_is_two_trials(assets):
+    """A choice-only space gives the same configuration again: each suggestion keeps a key of its own (its
+    run, its result), the cell and the config's content shared."""
+    search = {"algorithm": "random", "metric": "final.s", "num_samples": 3}
+    path = search_yaml(assets, "twice", {"layers": {"choice": [[1]]}, "batch_size": [2]}, search=search)
+    cells = Cells(load_sweep(str(path)))
+    a, b = (cells.trial(0, "search", 0, {"layers": [1]}, i) for i in (0, 1))
+    assert a.config == b.config and a.cell == b.cell and a.key != b.key
+
+
 def test_no_held_out_fact_reaches_the_search(assets):
     grid = {"layers": [[1]], "batch_size": [2], "hp.mom2_update_weight": {"loguniform": [100, 1e5]}}
     search = {"algorithm": "random", "metric": "final.s", "num_samples": 2, "dev_facts": 0.5}
