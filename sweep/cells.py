@@ -245,6 +245,12 @@ class Cells:
         return out
 
 
+def expand(cfg: SweepConfig) -> list[TrialConfig]:
+    """Every trial config of a grid sweep, validated (:meth:`Cells.grid_trials`); an invalid combination
+    names the grid key and values."""
+    return [t.config for t in Cells(cfg).grid_trials()]
+
+
 def _repeat(data: dict[str, Any], r: int) -> dict[str, Any]:
     """Repeat ``r``: seeds moved by ``r`` (the trial's, the context templates'); a sequential trial's
     facts edited in the order of ``dataset.order_seed = r``."""

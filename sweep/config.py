@@ -581,11 +581,3 @@ def trial_key(cfg: TrialConfig) -> str:
 
 def sweep_id(cfg: SweepConfig) -> str:
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def expand(cfg: SweepConfig) -> list[TrialConfig]:
-    """Every trial of a grid sweep, validated (:meth:`sweep.cells.Cells.grid_trials`); an invalid
-    combination names the grid key and values."""
-    from .cells import Cells
-
-    return [t.config for t in Cells(cfg).grid_trials()]

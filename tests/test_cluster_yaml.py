@@ -16,7 +16,8 @@ jsonschema = pytest.importorskip("jsonschema")
 from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402  (private API)
 
 from sweep import prepass  # noqa: E402
-from sweep.config import expand, load_sweep, needs_stats, trial_hparams  # noqa: E402
+from sweep.cells import expand  # noqa: E402
+from sweep.config import load_sweep, needs_stats, trial_hparams  # noqa: E402
 from sweep.plan import estimate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

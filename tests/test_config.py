@@ -93,7 +93,7 @@ def test_a_bad_sweep_field_is_one_error_naming_it(override, field, tmp_path):
 
 
 def test_a_bad_variant_names_the_variant(tmp_path):
-    from sweep.config import expand
+    from sweep.cells import expand
 
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"name": "ok", "variants": {"fast": {"hp": {"v_lr": -1}}}}))

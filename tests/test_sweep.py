@@ -12,7 +12,8 @@ ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
 
 from sweep import launch  # noqa: E402
-from sweep.config import expand, load_sweep  # noqa: E402
+from sweep.cells import expand  # noqa: E402
+from sweep.config import load_sweep  # noqa: E402
 from sweep.plan import make_plan  # noqa: E402
 from tests.conftest import write_sweep_yaml, write_tiny_assets  # noqa: E402
 
