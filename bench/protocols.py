@@ -94,7 +94,7 @@ def layer0_stats(model: Any, tok: Any) -> dict[int, Any]:
 def run(n_facts: int, threads: int, items: int, edit_batch: int, gen_tokens: int) -> dict[str, Any]:
     from editors import load_model
     from sweep.data import load_dataset, select
-    from sweep.trial import machine
+    from sweep.stages import machine
 
     torch.set_num_threads(threads)
     model, tok = load_model(None)

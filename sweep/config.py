@@ -4,7 +4,7 @@ A trial config (:class:`TrialConfig`) is everything one trial depends on; a swee
 (:class:`SweepConfig`) is a ``base`` trial plus a ``grid`` of dotted keys to lists of values, with the
 sweep's resources, stores and tracking. Every check that needs no model runs at parse time, and each
 error names the field the user wrote. The configs flow one way: config -> plan (:mod:`sweep.plan`) ->
-shared work (:mod:`sweep.prepass`) -> trial (:mod:`sweep.trial`) -> result -> tracking -> report.
+shared work (:mod:`sweep.prepass`) -> trial (:mod:`sweep.stages`) -> result -> tracking -> report.
 """
 
 from __future__ import annotations

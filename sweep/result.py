@@ -1,4 +1,4 @@
-"""A trial's result: the typed object :func:`sweep.trial.run_trial` returns and the worker, tracking and
+"""A trial's result: the typed object :func:`sweep.stages.run_trial` returns and the worker, tracking and
 reports read, and its JSON form (``trial.json`` in MLflow, ``--out`` of ``python -m sweep.trial``)."""
 
 from __future__ import annotations

@@ -325,7 +325,7 @@ def _valid_row(row: dict[str, Any], fields: set[str]) -> bool:
 
 @dataclass
 class TrialInputs:
-    """The shared inputs of one trial, resolved to tensors (what :func:`sweep.trial.run_trial` reads).
+    """The shared inputs of one trial, resolved to tensors (what :func:`sweep.stages.run_trial` reads).
 
     Attributes:
         stats: layer -> C [d_key, d_key] (None: the algorithm needs none, or the trial must compute).
@@ -335,7 +335,7 @@ class TrialInputs:
         pre_ppl: the unedited model's held-out perplexity.
         pre_probes: the unedited model's capability probes (``probe_<task>_<metric>``).
         counts: how many of each the trial used (``stats_reused``, ``values_reused``, ``scores_reused``),
-            set afresh by each run of :func:`sweep.trial.run_trial`.
+            set afresh by each run of :func:`sweep.stages.run_trial`.
     """
 
     stats: dict[int, torch.Tensor] | None = None

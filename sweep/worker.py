@@ -32,7 +32,7 @@ from .config import ModelConfig, parse_config, resolve_device
 from .registry import CORE
 from .result import REPORT_KEY, CurvePoint
 from .shared import TrialInputs, TrialRefs, inputs_of, stats_dtype
-from .trial import run_trial
+from .stages import run_trial
 from .work import compute_ppl, compute_probes, compute_scores, compute_stats, compute_stats_part, compute_values
 
 log = logging.getLogger(__name__)

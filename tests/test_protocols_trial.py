@@ -153,7 +153,7 @@ def test_the_unedited_probes_are_shared_work_computed_once(tiny_dir, tmp_path, m
     from sweep.fulfil import fulfil_local
     from sweep.plan import make_plan
     from sweep.shared import probes_key
-    from sweep.trial import run_trial
+    from sweep.stages import run_trial
     from tests.test_shared import sweep_file
 
     runs: list[tuple[str, ...]] = []

@@ -19,7 +19,7 @@ from sweep.cells import Cells, cell_id  # noqa: E402
 from sweep.config import load_sweep  # noqa: E402
 from sweep.plan import make_plan  # noqa: E402
 from sweep.search import Best, PlannedTrial, best_of, pareto, per_method  # noqa: E402
-from sweep.trial import load_records  # noqa: E402
+from sweep.stages import load_records  # noqa: E402
 from tests.conftest import write_sweep_yaml, write_tiny_assets  # noqa: E402
 
 

@@ -125,7 +125,7 @@ def test_values_and_scores_of_a_changed_dataset_or_model_are_not_reused(assets, 
     changed in place misses alone; weights re-saved to the same folder miss everywhere."""
     from sweep.prepass import plan_shared
     from sweep.shared import ScoresStore, record_digest, request_digest, scores_key
-    from sweep.trial import load_records
+    from sweep.stages import load_records
 
     cfg = load_sweep(str(sweep_file(assets)))
     plan = make_plan(cfg)

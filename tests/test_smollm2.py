@@ -56,7 +56,8 @@ def test_edit_changes_the_answer_and_nothing_else(alg, smollm2, stats):
 def test_demo_trial_moves_efficacy(smollm2, tmp_path):
     """The demo trial (MEMIT, 8 demo facts): the unedited model prefers the true objects, the edited
     model the new ones."""
-    from sweep.trial import load_config, trial_alone
+    from sweep.config import load_config
+    from sweep.trial import trial_alone
 
     model, tok = smollm2
     cfg = load_config(None, ["stats.max_tokens=20000", f"stats.store={tmp_path}", "model.device=cpu"])

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from sweep.trial import load_config, main, run_trial, trial_alone
+from sweep.config import load_config
+from sweep.stages import run_trial
+from sweep.trial import main, trial_alone
 from tests.conftest import write_tiny_assets
 
 
@@ -159,7 +161,7 @@ def test_forgetting_curve_equals_a_direct_rescoring_and_health_is_recorded(tiny_
     batch's scores at edit (the same model). Health points come every ``health_every`` batches."""
     from editors import load_model
     from sweep.metrics import aggregate, score_records
-    from sweep.trial import load_records
+    from sweep.stages import load_records
 
     ov = overrides(
         tiny_dir, mode="sequential-batch", batch_size=1, **{"scoring.retention_every": 2, "scoring.health_every": 1}
