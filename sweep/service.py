@@ -204,12 +204,11 @@ class SharedWork:
     # ------------------------------------------------------------------------------------------------
     # The protocol
 
-    def ask(self, trial: dict[str, Any]) -> Answer:
+    def ask(self, t: TrialConfig) -> Answer:
         """The trial's references when everything it needs exists; else a unit for it to compute (after
         the stores were tried); else how many of its units others are computing."""
-        from .config import parse_config, trial_key
+        from .config import trial_key
 
-        t = parse_config(trial)
         key = trial_key(t)
         with self._lock:
             planned = self._plan(t, key)
@@ -384,11 +383,11 @@ class Obtained:
 
 
 def obtain(
-    ask: Callable[[dict[str, Any]], Answer],
+    ask: Callable[[TrialConfig], Answer],
     renew: Callable[[str], bool],
     release: Callable[[str], None],
     deliver: Callable[[str, Unit, Any, float], None],
-    trial: dict[str, Any],
+    trial: TrialConfig,
     model: Any,
     tok: Any,
     get: Callable[[Any], Any],
@@ -440,7 +439,7 @@ def _keep(renew: Callable[[str], bool], token: str, stop: threading.Event) -> No
             return
 
 
-def obtain_ray(service: Any, trial: dict[str, Any], model: Any, tok: Any) -> Obtained:
+def obtain_ray(service: Any, trial: TrialConfig, model: Any, tok: Any) -> Obtained:
     """:func:`obtain` through the service actor (in a Tune trial)."""
     import ray
 

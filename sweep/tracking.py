@@ -31,7 +31,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -40,6 +40,9 @@ from editors.config import to_dict
 from .colors import method_color
 from .registry import RECORD_FIELDS, STAGES
 from .result import REPORT_KEY, TrialResult
+
+if TYPE_CHECKING:
+    from .cells import PlannedTrial
 
 log = logging.getLogger(__name__)
 
@@ -229,28 +232,25 @@ def _tags(parent: str, sid: str, key: str, method: str) -> dict[str, str]:
     }
 
 
-def start_trial_run(
-    c: Any, exp_id: str, parent: str, sid: str, key: str, config: dict[str, Any], extra: dict[str, Any] | None = None
-) -> str:
-    """The trial's child run, RUNNING from the trial's start with its params (and ``extra``: where the trial
-    sits in the sweep, :meth:`sweep.cells.PlannedTrial.params`; its curves stream into it as batches
+def start_trial_run(c: Any, exp_id: str, parent: str, sid: str, planned: PlannedTrial) -> str:
+    """The trial's child run, RUNNING from the trial's start with its params (the config's, and where the
+    trial sits in the sweep: :meth:`sweep.cells.PlannedTrial.params`; its curves stream into it as batches
     finish); a run this sweep left RUNNING for the same trial (a killed launcher) is continued."""
     from mlflow.entities import Param
 
-    from .config import method_name, parse_config, trial_hparams
+    from .config import trial_hparams
 
+    key, cfg, method = planned.key, planned.config, planned.method
     left = running_trial_runs(c, exp_id, parent)
     if key in left:
         return left[key].info.run_id
-    cfg = parse_config(config)
     hp = trial_hparams(cfg)
-    method = method_name(cfg, hp)
     run = c.create_run(
         exp_id,
         run_name=run_name(method, list(hp.layers), cfg.batch_size, cfg.mode, key),
         tags=_tags(parent, sid, key, method),
     )
-    params = {**trial_params(to_dict(cfg), to_dict(hp), method), **(extra or {})}
+    params = {**trial_params(to_dict(cfg), to_dict(hp), method), **planned.params()}
     c.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     return run.info.run_id
 
@@ -447,7 +447,7 @@ def make_callback(uri: str, exp_id: str, parent: str, sid: str, cells: Any):
             if p.key in self.runs:
                 return  # a retried attempt continues the same run
             try:
-                self.runs[p.key] = start_trial_run(self._c(), exp_id, parent, sid, p.key, to_dict(p.config), p.params())
+                self.runs[p.key] = start_trial_run(self._c(), exp_id, parent, sid, p)
                 self.streamed[p.key] = 0
             except Exception as e:
                 log.warning("MLflow did not take the start of trial %s (%s); it is logged when it ends", p.key, e)

@@ -25,8 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from editors.config import to_dict
-
 from .cells import Cells
 from .config import ModelConfig, parse_config, resolve_device
 from .registry import CORE
@@ -201,7 +199,7 @@ def trainable(config: dict[str, Any], cells: Cells, service: Any) -> None:
     planned = cells.resolve(config)
     cfg = planned.config
     model, tok, load_s = _cached_model(cfg.model)
-    got = obtain_ray(service, to_dict(cfg), model, tok)
+    got = obtain_ray(service, cfg, model, tok)
     inputs = got.inputs
 
     chaos = os.environ.get(CHAOS_ENV)

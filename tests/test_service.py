@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from editors import load_model
-from sweep.config import SweepConfig, parse_config, trial_key
+from sweep.config import SweepConfig, TrialConfig, parse_config, trial_key
 from sweep.fulfil import fulfil_local
 from sweep.prepass import plan_shared
 from sweep.service import SharedWork, obtain
@@ -22,7 +22,7 @@ def assets(tmp_path_factory, tok_bos):
     return write_tiny_assets(tmp_path_factory.mktemp("service"), tok_bos)
 
 
-def trial(assets, tmp, **over) -> dict:
+def trial(assets, tmp, **over) -> TrialConfig:
     data = {
         "algorithm": "memit",
         "hparams": "smollm2-135m",
@@ -36,7 +36,7 @@ def trial(assets, tmp, **over) -> dict:
         "scoring": {"ppl": True, "ppl_offset": 0, "ppl_texts": 2, "ppl_max_len": 64},
         **over,
     }
-    return data
+    return parse_config(data)
 
 
 def sweep_cfg(tmp) -> SweepConfig:
@@ -76,7 +76,7 @@ def test_trials_that_ask_at_once_compute_each_unit_once(assets, tmp_path):
     assert torch.equal(got["a"].inputs.stats[1], got["b"].inputs.stats[1])
     assert got["a"].inputs.pre_scores == got["b"].inputs.pre_scores and got["a"].inputs.pre_ppl is not None
     # the same inputs as a fulfilment of the planned trial in this process
-    cfg = parse_config(a)
+    cfg = a
     key = trial_key(cfg)
     ref, _ = fulfil_local(
         plan_shared(sweep_cfg(tmp_path / "ref"), [cfg], [key]), sweep_cfg(tmp_path / "ref"), model, tok
