@@ -271,6 +271,14 @@ def test_an_optuna_search_with_asha_held_out_facts_and_repeats(assets, local_ray
     # the shared work was computed once, on demand, whatever the number of trials that asked
     work = summary["work"]
     assert work["stats_layers_computed"] == 1 and work["scores_computed"] == 4 and work["ppl_computed"] == 1
+    # --resume restores both phases from Tune's storage: nothing runs again, no run is added, the same best
+    again = launch.run(cfg, make_plan(cfg), launch_args(["--local", "--num-cpus", "2", "--resume"]))
+    assert again["errors"] == 0 and again["parent_run_id"] == summary["parent_run_id"]
+    assert again["best"]["best"]["memit"]["config"] == best["config"]
+    after = c.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'"
+    )
+    assert sorted(r.info.run_id for r in after) == sorted(r.info.run_id for r in runs)
 
 
 def test_a_bad_sampled_combination_fails_before_any_trial(assets):
