@@ -6,13 +6,15 @@
     python -m sweep.launch --config ... --dry-run                            # the plan, no model loaded
     python -m sweep.launch --config ... --resume                             # continue a stopped sweep
 
-The chain: config -> plan (:mod:`sweep.plan`, :mod:`sweep.prepass`: trials, shared work, memory and
-cost, with a worker's GPU memory from the config or the cluster) -> shared work fulfilled before any
-trial starts (:func:`sweep.fulfil.fulfil_ray`: statistics passes, target values and pre-edit scores
-computed once as Ray tasks, written by this process to the stores on its disk, handed to the trials as
-object-store references) -> the trials on Ray Tune (:mod:`sweep.worker`), each reporting its whole
-result through Ray -> MLflow (:mod:`sweep.tracking`) -> the summary next to Tune's storage (a local
-path or a URI such as ``s3://bucket/sweeps``).
+The chain: config -> plan (:mod:`sweep.cells`, :mod:`sweep.plan`, :mod:`sweep.prepass`: the trials, each
+resolved once, shared work, memory and cost, with a worker's GPU memory from the config or the cluster) ->
+shared work: a grid's fulfilled before its trials start (:func:`sweep.fulfil.fulfil_ray`: statistics passes
+split over the workers, target values and pre-edit scores computed once as Ray tasks, written by this
+process to the stores on its disk, handed on as copies it owns), a search's on demand as its trials ask
+(:mod:`sweep.service`, which every trial asks) -> the trials on Ray Tune (:mod:`sweep.worker`; a search's
+suggested by :mod:`sweep.search`, then each method's best on the held-out facts), each reporting its whole
+result through Ray -> MLflow (:mod:`sweep.tracking`) -> the summary next to Tune's storage (a local path or
+a URI such as ``s3://bucket/sweeps``).
 """
 
 from __future__ import annotations
