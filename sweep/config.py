@@ -1,9 +1,10 @@
 """Typed, frozen configs of a trial and of a sweep, from YAML plus dotted overrides.
 
 A trial config (:class:`TrialConfig`) is everything one trial depends on; a sweep config
-(:class:`SweepConfig`) is a ``base`` trial plus a ``grid`` of dotted keys to lists of values, with the
-sweep's resources, stores and tracking. Every check that needs no model runs at parse time, and each
-error names the field the user wrote. The configs flow one way: config -> plan (:mod:`sweep.plan`) ->
+(:class:`SweepConfig`) is a ``base`` trial plus a ``grid`` of dotted keys to lists of values or search
+spaces (:class:`Distribution`), with the sweep's search, scheduler, repeats, resources, stores and
+tracking. Every check that needs no model runs at parse time, and each error names the field the user
+wrote. The configs flow one way: config -> cells and plan (:mod:`sweep.cells`, :mod:`sweep.plan`) ->
 shared work (:mod:`sweep.prepass`) -> trial (:mod:`sweep.stages`) -> result -> tracking -> report.
 """
 

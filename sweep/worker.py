@@ -10,6 +10,9 @@
   it (``RayBackend``: ``max_calls=1``), so the model it cached here and its CUDA memory go with it.
 - A task or trial that Ray gave a GPU but that sees no CUDA device fails at once (:func:`require_gpu`):
   it never falls back to the CPU.
+- The trainable (:func:`trainable`) resolves its Tune config into a :class:`~sweep.cells.PlannedTrial`,
+  asks the sweep's service for its inputs (:func:`sweep.service.obtain_ray`: computing, on its own model,
+  any unit the service grants it) and runs the trial's stages (:func:`sweep.stages.run_trial`).
 """
 
 from __future__ import annotations
