@@ -51,6 +51,20 @@ class Plan:
     def summary(self) -> dict[str, Any]:
         return {"trials": len(self.trials), **self.shared.counts()}
 
+    def trial_seconds(self, cfg: SweepConfig) -> tuple[float, int]:
+        """(estimated seconds, trials) of the trials the sweep will run: a grid's planned trials; a search's
+        ``num_samples`` per cell at the mean estimate of the cell's stand-ins, and its held-out runs
+        (``repeats`` per cell, scaled from the dev facts to the held-out ones), before any early stop."""
+        if self.cells is None or not self.cells.searching:
+            return sum(e["time_s"] for e in self.estimates), len(self.trials)
+        per_cell: dict[int, list[float]] = {}
+        for p, e in zip(self.planned, self.estimates):
+            per_cell.setdefault(p.cell_index, []).append(e["time_s"])
+        n = cfg.search.num_samples
+        held = self.cells.split[1] / self.cells.split[0] * cfg.repeats if self.cells.split else 0.0
+        seconds = sum(sum(ts) / len(ts) * (n + held) for ts in per_cell.values())
+        return seconds, len(per_cell) * (n + (cfg.repeats if self.cells.split else 0))
+
 
 def make_plan(cfg: SweepConfig, dry_run: bool = False, budget_gb: float | None = None) -> Plan:
     """Expand, validate against the models' shapes, and plan the shared work (no model is loaded;
@@ -242,7 +256,7 @@ def format_plan(cfg: SweepConfig, plan: Plan) -> str:
         f"pre-edit scores: {s['scores_to_compute']} facts to score, {s['scores_cached']} stored "
         f"(instead of {s['scores_without_sharing']} without sharing)"
     )
-    trials_s = sum(e["time_s"] for e in plan.estimates)
+    trials_s, n_trials = plan.trial_seconds(cfg)
     sec = plan.shared_seconds
     total = trials_s + sec["statistics"] + sec["values"] + sec["scores"]
     hint = "" if cfg.resources.max_concurrent else "; resources.max_concurrent sets more"
@@ -250,8 +264,9 @@ def format_plan(cfg: SweepConfig, plan: Plan) -> str:
     lines.append(
         f"estimated time at {cfg.estimate.tflops:g} TFLOP/s sustained (rough): statistics "
         f"{_fmt_s(sec['statistics'])} ({wall}), "
-        f"values {_fmt_s(sec['values'])}, pre-edit scores {_fmt_s(sec['scores'])}, trials {_fmt_s(trials_s)}; "
-        f"total {_fmt_s(total)} of device time"
+        f"values {_fmt_s(sec['values'])}, pre-edit scores {_fmt_s(sec['scores'])}, "
+        + (f"{n_trials} trials {_fmt_s(trials_s)} before early stops" if searching else f"trials {_fmt_s(trials_s)}")
+        + f"; total {_fmt_s(total)} of device time"
     )
     return "\n".join(lines)
 

@@ -60,6 +60,23 @@ def test_repeats_move_seeds_and_order_and_share_their_cell(assets):
     assert cell_id({"hp": {"v_lr": 1}}) != cell_id({"hp": {"v_lr": 2}})
 
 
+def test_a_search_plan_costs_every_trial_it_will_run(assets):
+    """The dry run's trial time of a search counts num_samples per cell at its stand-ins' mean, and the
+    held-out runs (scaled to the held-out facts, times repeats), not the stand-ins themselves."""
+    from sweep.plan import format_plan
+
+    grid = {"layers": {"choice": [[0], [1]]}, "batch_size": [1], "mode": ["sequential-batch"]}
+    grid["hp.mom2_update_weight"] = {"loguniform": [100, 1e5]}
+    search = {"algorithm": "random", "metric": "final.s", "num_samples": 5, "dev_facts": 1}
+    cfg = load_sweep(str(search_yaml(assets, "cost", grid, search=search, repeats=2)))
+    plan = make_plan(cfg)
+    assert len(plan.planned) == 2  # one cell, at each layer option
+    mean = sum(e["time_s"] for e in plan.estimates) / 2
+    seconds, n = plan.trial_seconds(cfg)
+    assert n == 5 + 2 and seconds == pytest.approx(mean * (5 + 3 / 1 * 2))  # 1 dev fact, 3 held out
+    assert "7 trials" in format_plan(cfg, plan)
+
+
 def test_a_configuration_suggested_twice_is_two_trials(assets):
     """A choice-only space gives the same configuration again: each suggestion keeps a key of its own (its
     run, its result), the cell and the config's content shared."""
