@@ -76,7 +76,8 @@ def versions(model_id: str) -> dict[str, str]:
 
 def machine() -> dict[str, str]:
     """What the numbers can depend on beyond the code: the CPU (or GPU), torch's thread count and the
-    BLAS/oneDNN build; the same sweep on another machine may move a borderline fact (README)."""
+    BLAS/oneDNN build; the same sweep on another machine may move a borderline fact (docs/RUNBOOK.md,
+    "Reproducibility")."""
     import platform
 
     cpu = platform.processor() or platform.machine()
