@@ -20,6 +20,18 @@ _FALLBACK_TEXT = (
 ) * 50
 
 
+#: Fixtures that start Ray, load SmolLM2 or open an MLflow store: a test that uses one is an integration
+#: test (``-m "not integration"`` leaves it out). Tests that start processes or clusters of their own
+#: carry the marker themselves.
+INTEGRATION_FIXTURES = frozenset({"local_ray", "smollm2", "sweep_store", "report", "study", "multi"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 def corpus_text(max_chars: int = 400_000) -> str:
     """Wikipedia text from ../shared/data (or a fallback sentence block if the folder is absent)."""
     if WIKI.is_file():

@@ -25,6 +25,9 @@ from tests.private_cluster import job_server_available, private_disk_cluster, un
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue_eval"
 
 
+pytestmark = pytest.mark.integration  # clusters of Ray processes, a moto S3 server, job submission
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tok_bos):
     return write_tiny_assets(tmp_path_factory.mktemp("cluster"), tok_bos)

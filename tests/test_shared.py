@@ -69,6 +69,7 @@ def sweep_file(d: Path, name: str = "s", **extra) -> Path:
 # Store
 
 
+@pytest.mark.integration  # a process of its own
 def test_atomic_write_leaves_no_torn_file_when_killed_mid_write(tmp_path):
     """A writer SIGKILLed halfway leaves the old file intact (and at most a hidden temp file)."""
     target = tmp_path / "x.safetensors"
@@ -264,6 +265,7 @@ def test_converged_statistics_stop_early_and_record_their_tokens(tmp_path, tok):
 # A pre-pass killed with SIGKILL
 
 
+@pytest.mark.integration  # a process of its own
 def test_sigkill_mid_prepass_loses_at_most_the_chunks_in_flight(assets, tmp_path):
     """The launcher SIGKILLs itself after 3 stored chunks; the same command then computes exactly what
     the stores lack and the sweep completes."""
@@ -295,6 +297,7 @@ def test_sigkill_mid_prepass_loses_at_most_the_chunks_in_flight(assets, tmp_path
     assert summary["errors"] == 0 and summary["trials"] == 4
 
 
+@pytest.mark.integration  # a process of its own
 def test_two_processes_sharing_a_store_compute_an_entry_once(tmp_path):
     """A claim on an entry: the second process waits while the first computes, then reads its result;
     a claim whose holder died is taken over."""

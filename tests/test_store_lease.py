@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from editors.store import claim
 
 DEAD_PID = 2**22 + 7  # above Linux's PID_MAX_LIMIT: never a live process
@@ -18,6 +20,9 @@ FAST = {"poll_s": 0.02, "lease_s": 0.6, "renew_s": 0.1}
 
 # fork: the children start in milliseconds (spawn would import torch again in each)
 ctx = mp.get_context("fork")
+
+
+pytestmark = pytest.mark.integration  # claims taken by several processes
 
 
 def _foreign(lock: Path, t: float, host: str = "other-host", pid: int = 4242) -> None:

@@ -20,6 +20,9 @@ from tests.conftest import write_sweep_yaml, write_tiny_assets  # noqa: E402
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "sweep" / "configs").glob("*.yaml"))
 
 
+pytestmark = pytest.mark.integration  # every test here starts Ray or MLflow, or checks their errors
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tok_bos):
     return write_tiny_assets(tmp_path_factory.mktemp("sweep"), tok_bos)
