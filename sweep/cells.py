@@ -335,6 +335,11 @@ def check_search(cfg: SweepConfig, cells: Cells, trials: list[PlannedTrial] | No
             f"scheduler: {sch.name} stops trials on one metric, and search.metric lists {len(s.metrics)} "
             "(a Pareto search); drop the scheduler or search one metric"
         )
+    if s.algorithm == "grid" and cfg.repeats > 1:
+        raise ConfigError(
+            f"scheduler: {sch.name} would stop a grid cell's repeats against the other grid points' trials; "
+            "drop repeats or the scheduler (a search's held-out repeats are never stopped)"
+        )
     check_metric("scheduler.metric", sch.metric, per_batch=True)
     if sch.grace_edits < 1:
         raise ConfigError(f"scheduler.grace_edits: must be >= 1, got {sch.grace_edits}")

@@ -147,20 +147,22 @@ def _scheduler_base() -> type:
 
 
 class PerCell(_scheduler_base()):  # type: ignore[misc]
-    """One Tune scheduler per cell (made by ``make``): each trial's results go to its own cell's, so ASHA's
-    rungs compare a trial with the trials of its own method and grid point."""
+    """One Tune scheduler per group of trials (made by ``make``), so ASHA's rungs compare a trial only with
+    its own kind: a search's trials with the other suggestions of their cell (method and grid point); a
+    grid's trials with the other grid points of their method (its cells are single configurations)."""
 
     def __init__(self, make: Any, metric: str, mode: str) -> None:
         super().__init__()
         self._metric, self._mode = metric, mode
         self._make = make
-        self._by_cell: dict[int, Any] = {}
+        self._by_cell: dict[str, Any] = {}
 
     def _of(self, trial: Any) -> Any:
-        cell = int(trial.config["point"]["cell"])
-        if cell not in self._by_cell:
-            self._by_cell[cell] = self._make()
-        return self._by_cell[cell]
+        p = trial.config["point"]
+        group = f"cell {int(p['cell'])}" if p["phase"] == "search" else str(p["method"])
+        if group not in self._by_cell:
+            self._by_cell[group] = self._make()
+        return self._by_cell[group]
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         self._of(trial).on_trial_add(tune_controller, trial)
@@ -175,7 +177,7 @@ class PerCell(_scheduler_base()):  # type: ignore[misc]
         self._of(trial).on_trial_remove(tune_controller, trial)
 
     def debug_string(self) -> str:
-        return "; ".join(f"cell {c}: {s.debug_string()}" for c, s in sorted(self._by_cell.items()))
+        return "; ".join(f"{g}: {s.debug_string()}" for g, s in sorted(self._by_cell.items()))
 
 
 def scheduler(cfg: SweepConfig, max_edits: int) -> Any | None:

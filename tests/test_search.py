@@ -165,6 +165,11 @@ BAD = [
     ({"search": {"algorithm": "optuna", "metric": "final.s", "dev_facts": 4}}, None, "search.dev_facts"),
     ({"search": {"algorithm": "optuna", "metric": "final.s"}, "repeats": 2}, None, "repeats: a search repeats"),
     (
+        {"scheduler": {"name": "asha"}, "repeats": 2},
+        {"hp.mom2_update_weight": [1e3], "mode": ["sequential-batch"]},
+        "scheduler: asha would stop a grid cell's repeats",
+    ),
+    (
         {"variants": {"a": {"algorithm": "alphaedit", "grid": {"hp.L2": {"loguniform": [-1, 10]}}}}},
         None,
         "variants.a.grid.hp.L2.loguniform: a log-uniform bound must be > 0",
@@ -190,6 +195,35 @@ def test_a_bad_search_names_its_field_before_any_model(assets, capsys, monkeypat
     assert launch.main(["--config", str(path), "--local"]) == 2
     err = capsys.readouterr().err
     assert field in err, err
+
+
+def test_the_scheduler_compares_a_search_trial_with_its_cell_and_a_grid_trial_with_its_method():
+    from types import SimpleNamespace
+
+    from sweep.search import PerCell
+
+    made: list[list[str]] = []
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+            made.append(self.seen)
+
+        def on_trial_add(self, controller, trial):
+            self.seen.append(trial.trial_id)
+
+    sched = PerCell(Recorder, "at_edit.s", "max")
+    points = [
+        ("s0", {"phase": "search", "cell": 0, "method": "memit"}),
+        ("s1", {"phase": "search", "cell": 1, "method": "memit"}),  # memit at another grid point
+        ("s2", {"phase": "search", "cell": 0, "method": "memit"}),
+        ("g0", {"phase": "grid", "cell": 0, "method": "memit"}),
+        ("g1", {"phase": "grid", "cell": 1, "method": "memit"}),  # another batch size of memit
+        ("g2", {"phase": "grid", "cell": 2, "method": "emmet"}),
+    ]
+    for tid, point in points:
+        sched.on_trial_add(None, SimpleNamespace(trial_id=tid, config={"point": point}))
+    assert sorted(made) == [["g0", "g1"], ["g2"], ["s0", "s2"], ["s1"]]
 
 
 def test_pareto_and_best_follow_the_modes():
