@@ -164,7 +164,10 @@ def _ask_cluster_gpu() -> float:
     if not ray.is_initialized():
         raise RuntimeError("gpu budget: join the cluster first (init_ray)")
     log.info("planning: asking a GPU node for its device memory (an autoscaler may start one first)")
-    ref = ray.remote(gpu_memory_task).options(num_gpus=1, num_cpus=0, max_retries=0).remote()
+    # max_calls=1: the process that opened a CUDA context to read the card exits after it (Ray sets this for
+    # GPU functions only in the decorator form; .options(num_gpus=...) would keep the process and its context)
+    probe = ray.remote(num_gpus=1, num_cpus=0, max_retries=0, max_calls=1)(gpu_memory_task)
+    ref = probe.remote()
     try:
         got = ray.get(ref, timeout=GPU_PROBE_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:

@@ -571,6 +571,29 @@ def test_no_process_that_computed_a_gpu_unit_outlives_the_fulfilment(assets, tmp
     assert local_ray.get(tr.stats[1]).shape == (48, 48) and tr.ppl == 12.5
 
 
+def test_the_planning_probe_of_a_gpu_node_leaves_no_process_holding_it(tmp_path, local_ray, monkeypatch):
+    """Asking a GPU node for its card opens a CUDA context there: the process that did exits after it,
+    as the shared-work tasks' do, rather than keeping the context while trials wait for that GPU."""
+    import psutil
+
+    from sweep import launch, worker
+
+    marks = tmp_path / "pids"
+    marks.mkdir()
+
+    def probe() -> dict:
+        (marks / str(os.getpid())).touch()
+        return {"node": "fake", "name": "fake GPU", "total_gb": 24.0}
+
+    monkeypatch.setattr(worker, "gpu_memory_task", probe)
+    assert launch._ask_cluster_gpu() == 24.0
+    (pid,) = (int(p.name) for p in marks.iterdir())
+    deadline = time.time() + 20
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+        time.sleep(0.2)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
 def test_a_pass_split_over_workers_through_fulfil_ray_equals_one_pass(assets, local_ray):
     """A statistics pass split into parts (three, on two CPUs: resources.max_concurrent) through
     fulfil_ray, on sweep.worker's own task bodies, stores the C of one unsplit pass; it counts as one
