@@ -428,13 +428,19 @@ class RayBackend:
         return Moments(fetches, tokens), handles, float(sum(m["seconds"] for m in metas))
 
     def handle(self, unit: Unit, value: Any) -> Any:
-        import ray
+        return ray_handle(unit, value)
 
-        if isinstance(unit, StatsUnit):
-            return {layer: ray.put(value[layer].mom2.numpy()) for layer in value}  # one layer at a time
-        if isinstance(unit, MeasureUnit):
-            return value
-        return ray.put(value.numpy() if unit.kind == "values" else value)
+
+def ray_handle(unit: Unit, value: Any) -> Any:
+    """The handle trials read of ``unit``'s ``value``: a copy this process puts in the object store
+    (statistics one layer at a time, as numpy; a perplexity or probe point by value)."""
+    import ray
+
+    if isinstance(unit, StatsUnit):
+        return {layer: ray.put(value[layer].mom2.cpu().numpy()) for layer in value}
+    if isinstance(unit, MeasureUnit):
+        return value
+    return ray.put(value.numpy() if unit.kind == "values" else value)
 
 
 def _plain(t: TrialConfig) -> dict[str, Any]:

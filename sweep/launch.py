@@ -33,7 +33,7 @@ import torch
 from editors.config import ConfigError, to_dict
 from editors.store import write_json_atomic
 
-from .cells import Cells, space_name
+from .cells import Cells, PlannedTrial, space_name
 from .config import SweepConfig, load_sweep, sweep_id
 from .fulfil import WorkCounts, fulfil_ray
 from .plan import Plan, format_plan, make_plan
@@ -238,31 +238,33 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
     del seeds  # the service holds the references now
     callback = tracking.make_callback(uri, exp, parent, sid, cells)
     if cells.searching:
-        grid = _tuner(cfg, cells, service, callback, args, None).fit()
-        results = list(grid)
+        max_edits = max(p.config.n_edits for p in plan.planned)  # the stand-ins: every cell's search trials
+        grid = _tuner(cfg, cells, service, callback, args, None, max_edits).fit()
+        results = _resolved(cells, grid)
         errors = grid.num_errors
-        best = best_of(cfg, [(cells.resolve(r.config), r.metrics or {}) for r in results if r.config])
+        best = best_of(cfg, [(p, r.metrics or {}) for p, r in results if p is not None])
         summary["best"] = _log_search(c, exp, parent, cfg, best)
         if cells.split is not None and best:
-            points = [
-                cells.trial(cell, "heldout", r, b.sampled).point()
+            heldout = [
+                cells.trial(cell, "heldout", r, b.sampled)
                 for cell, bs in sorted(best.items())
                 for b in bs
                 for r in range(cfg.repeats)
             ]
-            held = _tuner(cfg, cells, service, callback, args, points, suffix="-heldout", stop_early=False).fit()
-            results += list(held)
+            held = _tuner(cfg, cells, service, callback, args, heldout, None, suffix="-heldout").fit()
+            results += _resolved(cells, held)
             errors += held.num_errors
     else:
-        grid = _tuner(cfg, cells, service, callback, args, [p.point() for p in todo]).fit()
-        results, errors = list(grid), grid.num_errors
+        max_edits = max((p.config.n_edits for p in todo), default=1)
+        grid = _tuner(cfg, cells, service, callback, args, todo, max_edits).fit()
+        results, errors = _resolved(cells, grid), grid.num_errors
     work: dict[str, Any] = counts.as_dict()
     for k, v in ray.get(service.counts.remote()).items():  # what the trials computed on demand
         work[k] = work.get(k, 0) + v if k != "fulfil_s" else work.get(k, 0)
     work["trials_run"] = len(results)
     wall = time.perf_counter() - t_start
-    _close_parent(c, exp, parent, sid, cells, results, work, wall, errors)
-    _print_summary(cfg, cells, [_row(cells, r) for r in results], errors, wall, work, uri, parent, exp)
+    _close_parent(c, exp, parent, sid, results, work, wall, errors)
+    _print_summary(cfg, cells, [_row(p, r) for p, r in results], errors, wall, work, uri, parent, exp)
     ray.kill(service)
     return {**summary, "work": work, "trials": len(results), "errors": errors, "wall_s": wall}
 
@@ -299,8 +301,7 @@ def _close_parent(
     exp: str,
     parent: str,
     sid: str,
-    cells: Cells,
-    results: list[Any],
+    results: list[tuple[PlannedTrial | None, Any]],
     work: dict[str, Any],
     wall: float,
     errors: int,
@@ -311,7 +312,7 @@ def _close_parent(
 
     from . import tracking
 
-    reports = {cells.resolve(r.config).key: r.metrics for r in results if r.metrics and r.config}
+    reports = {p.key: r.metrics for p, r in results if r.metrics and p is not None}
     try:
         if n := tracking.log_missing(c, exp, parent, sid, reports):
             log.info("logged %d trial(s) that MLflow lacked", n)
@@ -366,14 +367,14 @@ def _tuner(
     service: Any,
     callback: Any,
     args: argparse.Namespace,
-    points: list[dict[str, Any]] | None,
+    trials: list[PlannedTrial] | None,
+    max_edits: int | None,
     suffix: str = "",
-    stop_early: bool = True,
 ) -> Any:
-    """A Tune run (restored when resuming): over ``points`` (a grid), or, when None, the search's
-    suggestions (:class:`sweep.search.CellSearch`); with the sweep's scheduler, if any and ``stop_early``
-    (not for the held-out runs: they are the results, and ASHA would stop a cell's later repeats against
-    its first)."""
+    """A Tune run (restored when resuming): over ``trials`` (a grid's, or the held-out runs), or, when
+    None, the search's suggestions (:class:`sweep.search.CellSearch`); with the sweep's scheduler, if any,
+    whose time runs to ``max_edits`` (None: no scheduler, as for the held-out runs: they are the results,
+    and ASHA would stop a cell's later repeats against its first)."""
     from ray import tune
 
     from . import worker
@@ -406,29 +407,27 @@ def _tuner(
     path = f"{storage.rstrip('/')}/{name}"
     if args.resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=fn, resume_errored=True)
-    max_edits = max(cells.resolve(p).config.n_edits for p in points) if points else _search_edits(cells)
     tune_config = tune.TuneConfig(
         reuse_actors=True,
         max_concurrent_trials=cfg.resources.max_concurrent,
-        scheduler=scheduler(cfg, max_edits) if stop_early else None,
+        scheduler=scheduler(cfg, max_edits) if max_edits is not None else None,
     )
-    if points is None:
+    if trials is None:
         tune_config.search_alg = CellSearch(cfg, cells)
         tune_config.num_samples = cfg.search.num_samples * len(cells.cells)
         return tune.Tuner(fn, param_space={}, run_config=run_config, tune_config=tune_config)
-    space = {"point": tune.grid_search([p["point"] for p in points])}
+    space = {"point": tune.grid_search([p.point()["point"] for p in trials])}
     return tune.Tuner(fn, param_space=space, run_config=run_config, tune_config=tune_config)
 
 
-def _search_edits(cells: Cells) -> int:
-    """The most edits a search's trial applies (the scheduler's ``max_t``), over every cell."""
-    return max(t.config.n_edits for t in cells.stand_ins())
+def _resolved(cells: Cells, grid: Any) -> list[tuple[PlannedTrial | None, Any]]:
+    """Each Tune result with its trial, resolved once (None for a result without a config)."""
+    return [(cells.resolve(r.config) if r.config else None, r) for r in grid]
 
 
-def _row(cells: Cells, r: Any) -> tuple:
+def _row(p: PlannedTrial | None, r: Any) -> tuple:
     """(method, phase, layers, B, mode, sampled values, S final, S at edit) of one Tune result."""
     m = r.metrics or {}
-    p = cells.resolve(r.config) if r.config else None
     if p is None:
         return ("?", "", "", "", "", "", None, None)
     sampled = ", ".join(f"{k.removeprefix('hp.')}={_short(v)}" for k, v in p.sampled.items())

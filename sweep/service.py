@@ -33,7 +33,18 @@ from typing import TYPE_CHECKING, Any
 
 from editors.config import ConfigError, to_dict
 
-from .fulfil import FactUnit, Fulfilled, LocalBackend, MeasureUnit, Moments, StatsUnit, Unit, hand_out, units_of
+from .fulfil import (
+    FactUnit,
+    Fulfilled,
+    LocalBackend,
+    MeasureUnit,
+    Moments,
+    StatsUnit,
+    Unit,
+    hand_out,
+    ray_handle,
+    units_of,
+)
 from .shared import TrialInputs, TrialRefs, inputs_of
 
 if TYPE_CHECKING:
@@ -128,6 +139,7 @@ class SharedWork:
         self._leases: dict[str, _Lease] = {}
         self._busy: dict[tuple, str] = {}
         self._plans: dict[str, _Planned] = {}
+        self._reach_passes: dict[str, list[StatsUnit]] = {}  # statistics group -> its reachable layers' passes
         self._have: set[tuple] = set()
         for need, tr in seeds:
             self._seed(need, tr)
@@ -160,33 +172,35 @@ class SharedWork:
             plan: SharedPlan = plan_shared(self.cfg, [t], [key], budget_gb=self.budget_gb)
             need = plan.needs[key]
             units = units_of(plan, self.cfg)
-            if need.stats_group is not None and self.reach:
-                units = [u for u in units if not isinstance(u, StatsUnit)] + self._passes(t, need)
+            passes = self._passes(t, need) if need.stats_group is not None and self.reach else []
+            if set(need.layers) <= {layer for u in passes for layer in u.layers}:  # else its own passes
+                units = [u for u in units if not isinstance(u, StatsUnit)] + passes
             self._plans[key] = _Planned(need, units)
         return self._plans[key]
 
     def _passes(self, t: TrialConfig, need: TrialNeeds) -> list[StatsUnit]:
         """The statistics passes over every layer the search can reach (:attr:`reach`), planned together
-        under the budget, that hold a layer of this trial: a pass costs the forward to its deepest layer,
-        so the first trial to ask computes them all in one pass instead of one pass per suggested layer."""
-        from .config import parse_config
-        from .prepass import plan_shared
+        under the budget (once per statistics group), that hold a layer of this trial: a pass costs the
+        forward to its deepest layer, so the first trial to ask computes them all in one pass instead of
+        one pass per suggested layer."""
+        group = need.stats_group
+        assert group is not None
+        if group not in self._reach_passes:
+            from .config import parse_config
+            from .prepass import plan_shared
 
-        others = []
-        for layers in dict.fromkeys(self.reach):
-            if list(layers) != list(need.layers):
-                try:  # a layer set of another method's space may not suit this one (ROME: one layer)
-                    others.append(parse_config({**to_dict(t), "layers": list(layers)}))
-                except ConfigError:
-                    continue
-        keys = [f"reach-{i}" for i in range(len(others) + 1)]
-        plan = plan_shared(self.cfg, [t, *others], keys, budget_gb=self.budget_gb)
+            others = []
+            for layers in dict.fromkeys(self.reach):
+                if list(layers) != list(need.layers):
+                    try:  # a layer set of another method's space may not suit this one (ROME: one layer)
+                        others.append(parse_config({**to_dict(t), "layers": list(layers)}))
+                    except ConfigError:
+                        continue
+            keys = [f"reach-{i}" for i in range(len(others) + 1)]
+            plan = plan_shared(self.cfg, [t, *others], keys, budget_gb=self.budget_gb)
+            self._reach_passes[group] = [u for u in units_of(plan, self.cfg) if isinstance(u, StatsUnit)]
         mine = set(need.layers)
-        return [
-            u
-            for u in units_of(plan, self.cfg)
-            if isinstance(u, StatsUnit) and u.group == need.stats_group and mine & set(u.layers)
-        ]
+        return [u for u in self._reach_passes[group] if u.group == group and mine & set(u.layers)]
 
     def _expire(self, now: float) -> None:
         for token, lease in list(self._leases.items()):
@@ -312,17 +326,6 @@ class StatsRefs:
         return Moments({la: (lambda r=r: ray.get(r)) for la, r in self.refs.items()}, dict(self.tokens))
 
 
-def ray_put(unit: Unit, value: Any) -> Any:
-    """The handle trials read: a copy this process puts (statistics one layer at a time, as numpy)."""
-    import ray
-
-    if isinstance(unit, StatsUnit):
-        return {layer: ray.put(value[layer].mom2.cpu().numpy()) for layer in value}
-    if isinstance(unit, MeasureUnit):
-        return value
-    return ray.put(value.numpy() if unit.kind == "values" else value)
-
-
 class _RaySharedWork(SharedWork):
     def __init__(
         self,
@@ -332,7 +335,7 @@ class _RaySharedWork(SharedWork):
         reach: Sequence[Sequence[int]],
     ) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        super().__init__(cfg, seeds, ray_put, budget_gb, reach)
+        super().__init__(cfg, seeds, ray_handle, budget_gb, reach)
 
     def node(self) -> str:
         import ray

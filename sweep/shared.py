@@ -370,7 +370,8 @@ class TrialInputs:
 
 @dataclass
 class TrialRefs:
-    """A trial's shared inputs as object-store references, resolved on its worker by :func:`resolve`."""
+    """A trial's shared inputs as object-store references, resolved on its worker by :func:`inputs_of`
+    (:func:`sweep.service.obtain`)."""
 
     stats: dict[int, Any] = field(default_factory=dict)  # layer -> ref of C [d_key, d_key] (numpy)
     stats_tokens: dict[int, int] = field(default_factory=dict)

@@ -32,7 +32,7 @@ from .cells import Cells
 from .config import ModelConfig, parse_config, resolve_device
 from .registry import CORE
 from .result import REPORT_KEY, CurvePoint
-from .shared import TrialInputs, TrialRefs, inputs_of, stats_dtype
+from .shared import stats_dtype
 from .stages import run_trial
 from .work import compute_ppl, compute_probes, compute_scores, compute_stats, compute_stats_part, compute_values
 
@@ -165,13 +165,6 @@ def gpu_memory_task() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------
 # A trial
-
-
-def resolve(refs: TrialRefs) -> TrialInputs:
-    """A trial's :class:`~sweep.shared.TrialInputs` from its references (same-node reads are zero-copy)."""
-    import ray
-
-    return inputs_of(refs, ray.get)
 
 
 def batch_report(point: CurvePoint) -> dict[str, Any]:
