@@ -206,7 +206,6 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
     if not ray.is_initialized():
         init_ray(args)
     cells = plan.cells
-    assert cells is not None
     summary: dict[str, Any] = {"parent_run_id": parent, "tracking_uri": uri}
     counts = WorkCounts()
     seeds: list = []

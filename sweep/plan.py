@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from editors import traits
@@ -40,13 +40,19 @@ class Plan:
     """The trials (a grid's, or a search's stand-ins: :meth:`sweep.cells.Cells.stand_ins`), each resolved
     once (``planned``), their shared work and their cost."""
 
-    trials: list[TrialConfig]
-    keys: list[str]
+    planned: list[PlannedTrial]
+    cells: Cells
     shared: SharedPlan
-    estimates: list[dict[str, float]]
+    estimates: list[dict[str, float]]  # one per planned trial
     shared_seconds: dict[str, float]  # "statistics", "values", "scores": estimated pre-pass time
-    planned: list[PlannedTrial] = field(default_factory=list)
-    cells: Cells | None = None
+
+    @property
+    def trials(self) -> list[TrialConfig]:
+        return [p.config for p in self.planned]
+
+    @property
+    def keys(self) -> list[str]:
+        return [p.key for p in self.planned]
 
     def summary(self) -> dict[str, Any]:
         return {"trials": len(self.trials), **self.shared.counts()}
@@ -55,7 +61,7 @@ class Plan:
         """(estimated seconds, trials) of the trials the sweep will run: a grid's planned trials; a search's
         ``num_samples`` per cell at the mean estimate of the cell's stand-ins, and its held-out runs
         (``repeats`` per cell, scaled from the dev facts to the held-out ones), before any early stop."""
-        if self.cells is None or not self.cells.searching:
+        if not self.cells.searching:
             return sum(e["time_s"] for e in self.estimates), len(self.trials)
         per_cell: dict[int, list[float]] = {}
         for p, e in zip(self.planned, self.estimates):
@@ -118,7 +124,7 @@ def make_plan(cfg: SweepConfig, dry_run: bool = False, budget_gb: float | None =
         _pre_score_seconds(j.trial, len(j.missing()), tflops, cfg.estimate.bandwidth_gbs)
         for j in shared.scores.values()
     )
-    return Plan(trials, keys, shared, estimates, seconds, planned, cells)
+    return Plan(planned, cells, shared, estimates, seconds)
 
 
 def _pre_score_seconds(t: TrialConfig, n: int, tflops: float, bandwidth: float) -> float:
@@ -215,7 +221,7 @@ def _fmt_s(x: float) -> str:
 
 def format_plan(cfg: SweepConfig, plan: Plan) -> str:
     s = plan.summary()
-    searching = plan.cells is not None and plan.cells.searching
+    searching = plan.cells.searching
     what = "stand-in trial(s) of a search" if searching else "trials"
     lines = [f"sweep {cfg.name}: {s['trials']} {what} (id {sweep_id(cfg)})"]
     lines.append(
@@ -229,7 +235,7 @@ def format_plan(cfg: SweepConfig, plan: Plan) -> str:
             f"{t.mode:<17} {t.n_edits:>5} {e['gpu_memory_gb']:>7.1f} {e['time_s']:>8.0f}  {hp}"
         )
     if searching:
-        lines += _search_lines(cfg, plan.cells)  # type: ignore[arg-type]
+        lines += _search_lines(cfg, plan.cells)
     sh = plan.shared
     workers = stats_workers(cfg)  # resources.max_concurrent, else 1: a dry run asks no cluster
     budget = f"{sh.budget_gb:g} GB per worker" if sh.budget_gb is not None else "no memory budget set"
