@@ -94,13 +94,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     from editors.stats import StatsStore, get_or_compute
     from editors.targets import compute_keys
     from editors.templates import context_templates
-    from sweep.config import parse_config, trial_hparams
-    from sweep.data import load_counterfact, select
-    from sweep.shared import model_identity, stats_keys
-    from sweep.work import compute_stats
+    from sweep.config import parse_config
+    from sweep.evals.data import load_counterfact, select
+    from sweep.shared.compute import compute_stats
+    from sweep.shared.keys import model_identity, stats_keys
 
     cfg = parse_config(trial_config(args.layer, sizes[-1], args.facts, args.store, args.stats_tokens))
-    hp = trial_hparams(cfg)
+    hp = cfg.edit_hparams
     records = select(load_counterfact(args.facts), n=sizes[-1], unique_subjects_seed=37)
     model, tok = load_model(None, device="cpu")
     spec = spec_for(model)

@@ -4,12 +4,12 @@
     python -m bench.gpu --tiny --out x.json # the same code on a tiny model on the CPU (the test suite)
 
 Needs only torch, transformers and this repository's ``editors`` (plus the Ray- and MLflow-free
-``sweep.metrics`` and ``sweep.prepass`` planning helpers): no Ray, MLflow, gguf or download, since a bare
+``sweep.evals.metrics`` and ``sweep.shared.needs`` planning helpers): no Ray, MLflow, gguf or download, since a bare
 GPU machine may have nothing else. It records, each with its wall time and peak device memory:
 
 - ``tests``: the ``gpu``-marked tests (``python -m pytest -m gpu``), passed or not;
 - ``stats_one_layer``: statistics tokens/s of layer 1 alone;
-- ``stats_all_layers``: all 32 layers in the passes :func:`sweep.prepass.split_passes` plans for this
+- ``stats_all_layers``: all 32 layers in the passes :func:`sweep.shared.needs.split_passes` plans for this
   card's memory (the same rule as a sweep's pre-pass), tokens/s of the whole set;
 - ``values``: target values at B = 100 (25 fixed steps, no early stop), s/edit;
 - ``solves``: MEMIT, EMMET and AlphaEdit updates at B = 4,096 from layer 1's C;
@@ -129,9 +129,9 @@ def gpu_tests() -> dict[str, Any]:
 
 
 def planned_passes(kind: str, device: str, n_layers: int) -> list[tuple[int, ...]]:
-    """The statistics passes a sweep would plan for this model on this device (sweep.prepass's rule)."""
+    """The statistics passes a sweep would plan for this model on this device (sweep.shared.needs's rule)."""
     from sweep.config import parse_config
-    from sweep.prepass import BUDGET_SHARE, Shape, pass_memory_gb, split_passes
+    from sweep.shared.needs import BUDGET_SHARE, Shape, pass_memory_gb, split_passes
 
     n, d, dk, _, _, vocab = SHAPES[kind]
     params = vocab * d * 2 + n * (2 * d * d + 2 * d * d * 8 / 32 + 3 * d * dk)
@@ -146,8 +146,8 @@ def planned_passes(kind: str, device: str, n_layers: int) -> list[tuple[int, ...
 
 
 def run(kind: str, device: str, with_tests: bool) -> dict[str, Any]:
-    from sweep.data import Record
-    from sweep.metrics import score_records
+    from sweep.evals.data import Record
+    from sweep.evals.metrics import score_records
 
     n_tok_one, n_tok_all, b_values, b_solve, n_score = SIZES[kind]
     out: dict[str, Any] = {

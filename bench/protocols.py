@@ -2,11 +2,11 @@
 
     python -m bench.protocols --facts 64 --write-results
 
-- per fact, on the unedited model: teacher-forced scoring (``sweep.metrics.score_records``: every
+- per fact, on the unedited model: teacher-forced scoring (``sweep.evals.metrics.score_records``: every
   prompt's target tokens in batched forwards) against generation-based scoring (``scoring.generated``:
-  the WILD protocol, greedy decoding on the KV cache to a natural stop, ``sweep.generation``), on the
+  the WILD protocol, greedy decoding on the KV cache to a natural stop, ``sweep.evals.generation``), on the
   same CounterFact and ZsRE facts (rewrite, paraphrase and neighbourhood prompts alike);
-- one probe point (AlphaEdit's six ``glue_eval`` tasks, ``--probe-items`` each, ``sweep.probes``)
+- one probe point (AlphaEdit's six ``glue_eval`` tasks, ``--probe-items`` each, ``sweep.evals.probes``)
   against one batch of edits (MEMIT at layer 0, ``--edit-batch`` facts, 10 value steps on the bare
   prompt: the value settings of the SmolLM2 studies), the edit restored afterwards.
 
@@ -41,7 +41,7 @@ def _timed(fn: Any) -> tuple[Any, float]:
 def scoring_costs(model: Any, tok: Any, records: list[Any], gen_tokens: int) -> dict[str, float]:
     """Seconds per fact of each protocol on ``records`` (one dataset), and the generated scores' means."""
     from editors import spec_for
-    from sweep.metrics import GenSettings, aggregate, generated_scores, score_records
+    from sweep.evals.metrics import GenSettings, aggregate, generated_scores, score_records
 
     spec = spec_for(model)
     score_records(model, tok, spec, records[:2])  # warm-up
@@ -62,7 +62,7 @@ def scoring_costs(model: Any, tok: Any, records: list[Any], gen_tokens: int) -> 
 def probe_vs_edit(model: Any, tok: Any, records: list[Any], items: int, stats: dict[int, Any]) -> dict[str, float]:
     """Seconds of one probe point and of one MEMIT batch of ``records`` (restored afterwards)."""
     from editors import load_hparams, run_schedule
-    from sweep.probes import run_probes
+    from sweep.evals.probes import run_probes
 
     folder = DATA / "glue_eval"
     run_probes(model, tok, ["sst2"], folder, n_items=2)  # warm-up (and the tokenisation cache)
@@ -93,7 +93,7 @@ def layer0_stats(model: Any, tok: Any) -> dict[int, Any]:
 
 def run(n_facts: int, threads: int, items: int, edit_batch: int, gen_tokens: int) -> dict[str, Any]:
     from editors import load_model
-    from sweep.data import load_dataset, select
+    from sweep.evals.data import load_dataset, select
     from sweep.stages import machine
 
     torch.set_num_threads(threads)

@@ -110,7 +110,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
     from editors.stats import StatsStore
     from sweep.config import parse_config
-    from sweep.shared import model_identity, stats_keys
+    from sweep.shared.keys import model_identity, stats_keys
     from sweep.trial import trial_alone
 
     torch.set_num_threads(spec["threads"])
@@ -163,7 +163,7 @@ def run_ours_stats(spec: dict[str, Any]) -> dict[str, Any]:
 
 def rome_records(n: int) -> Path:
     """The first n CounterFact records in the ROME format the reference reads (built from the EasyEdit copy)."""
-    from sweep.data import load_counterfact, select
+    from sweep.evals.data import load_counterfact, select
 
     recs = select(load_counterfact(str(FACTS)), n=n)
     out = [

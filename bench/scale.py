@@ -31,7 +31,7 @@ def summary_of(storage: Path, name: str) -> dict[str, Any]:
 
 def row(uri: str, storage: Path, name: str) -> dict[str, Any]:
     from sweep.report import fetch_trials, find_sweep, trials_frame
-    from sweep.tracking import client
+    from sweep.tune.tracking import client
 
     s = summary_of(storage, name)
     c = client(uri)

@@ -7,7 +7,7 @@ Every record's rewrite, paraphrase and neighbourhood prompts are scored with bot
 unedited model (the generation test excluded, as in bench.run), by:
 
 - ``reference``: ``compute_rewrite_quality_counterfact`` one record per call, in its own venv;
-- ``ours, per fact``: ``sweep.metrics.score_records`` one record per call (the same granularity);
+- ``ours, per fact``: ``sweep.evals.metrics.score_records`` one record per call (the same granularity);
 - ``ours, batched``: all records in one call (what a sweep does), ``scoring.batch_size`` prompts per
   forward;
 - ``ours, full rows``: the previous algorithm (each (prompt, target) pair a row of its own, so every
@@ -114,8 +114,8 @@ def timed(fn: Any, reps: int = 2) -> tuple[Any, float]:
 def run(n_facts: int, threads: int, reference: bool) -> dict[str, Any]:
     from bench.run import REF_PY, REF_RUNNER, rome_records, subprocess_json
     from editors import load_model, spec_for
-    from sweep.data import load_counterfact, select
-    from sweep.metrics import score_records
+    from sweep.evals.data import load_counterfact, select
+    from sweep.evals.metrics import score_records
 
     torch.set_num_threads(threads)
     records = select(load_counterfact(str(ROOT.parent / "shared/data/counterfact/counterfact-edit.json")), n=n_facts)

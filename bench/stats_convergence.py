@@ -32,7 +32,7 @@ BEGIN, END = "<!-- bench:convergence:begin -->", "<!-- bench:convergence:end -->
 def sweep_rows(uri: str, sweep: str) -> list[dict[str, Any]]:
     """One row per trial of ``sweep``: algorithm, B, max_tokens, final ES/PS/NS/S, mean update norm."""
     from sweep.report import fetch_trials, find_sweep
-    from sweep.tracking import client
+    from sweep.tune.tracking import client
 
     c = client(uri)
     sw = find_sweep(c, "model-editing", sweep, None)

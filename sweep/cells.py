@@ -6,7 +6,7 @@ A **cell** is one variant of the base trial at one point of the grid's lists (it
 
 - ``grid`` trials: the cell itself, ``repeats`` times (``search.algorithm: grid``, the default);
 - ``search`` trials: ``search.num_samples`` configurations of the grid's distributions suggested by the
-  search algorithm (:mod:`sweep.search`), on the dev facts when ``search.dev_facts`` is set;
+  search algorithm (:mod:`sweep.tune.search`), on the dev facts when ``search.dev_facts`` is set;
 - ``heldout`` trials: the cell's best configuration (or each Pareto point) once the search has ended, on
   the facts after the dev facts, ``repeats`` times.
 
@@ -35,13 +35,11 @@ from .config import (
     TrialConfig,
     _absolute,
     _set,
-    method_name,
     parse_config,
     parse_distribution,
-    trial_hparams,
     trial_key,
 )
-from .registry import CORE, GEN_CORE, NAMES, STAGES
+from .evals.registry import CORE, GEN_CORE, NAMES, STAGES
 
 Phase = Literal["grid", "search", "heldout"]
 
@@ -84,7 +82,7 @@ class PlannedTrial:
 
     @property
     def layers(self) -> list[int]:
-        return list(trial_hparams(self.config).layers)
+        return list(self.config.edit_hparams.layers)
 
     def params(self) -> dict[str, Any]:
         """What the trial's MLflow run adds to its config's params."""
@@ -94,8 +92,9 @@ class PlannedTrial:
         return out
 
     def point(self) -> dict[str, Any]:
-        """The trial as Tune's config holds it (``{"point": {..., "sampled": {...}}}``: what
-        :meth:`Cells.resolve` reads back, plus the columns of Tune's progress table)."""
+        """The trial as Tune's config holds it: ``{"point": {"trial": self, ...}}``, the planned trial
+        itself (which :func:`planned_of` takes back out, in the trainable, the scheduler and the MLflow
+        callback) beside the columns of Tune's progress table (method, layers, batch size, mode, sampled)."""
         t = self.config
         point = {
             "cell": self.cell_index,
@@ -108,7 +107,13 @@ class PlannedTrial:
             "mode": t.mode,
         }
         point["sampled"] = {space_name(k): v for k, v in self.sampled.items()}
+        point["trial"] = self
         return {"point": point}
+
+
+def planned_of(config: dict[str, Any]) -> PlannedTrial:
+    """The :class:`PlannedTrial` a Tune config carries (:meth:`PlannedTrial.point`), as it was planned."""
+    return config["point"]["trial"]
 
 
 def space_name(key: str) -> str:
@@ -182,7 +187,7 @@ class Cells:
         """The planned trial of ``cell`` in ``phase``, repeat ``repeat``, with the ``sampled`` values; an
         invalid combination is a :class:`ConfigError` naming the cell and the values."""
         c = self.cells[cell]
-        sampled = dict(sampled or {})
+        sampled = {k: _plain(v) for k, v in (sampled or {}).items()}
         data = dict(c.data)
         for k, v in sampled.items():
             data = _set(data, k, v)
@@ -194,12 +199,11 @@ class Cells:
         except ConfigError as e:
             where = ", ".join([c.label()] + [f"{k}={v}" for k, v in sampled.items()])
             raise ConfigError(f"grid ({where}): {e}") from None
-        hp = trial_hparams(t)
         plain = to_dict(t)
         # a search may suggest one configuration twice (a choice-only space, TPE repeating itself): each
         # suggestion is a trial and a run of its own, so its place in the search is part of its key
         key = trial_key(t) if index is None else f"{trial_key(t)}-{index}"
-        return PlannedTrial(t, key, method_name(t, hp), phase, cell_id(plain), cell, repeat, index, sampled)
+        return PlannedTrial(t, key, t.method_name, phase, cell_id(plain), cell, repeat, index, sampled)
 
     def _phase(self, data: dict[str, Any], phase: Phase) -> dict[str, Any]:
         """The facts of ``phase``: a search's first ``dev`` facts, the held-out ones after them."""
@@ -210,13 +214,6 @@ class Cells:
         if phase == "search":
             return _set(data, "n_edits", n_dev)
         return _set(_set(data, "n_edits", n_test), "dataset.offset", offset + n_dev)
-
-    def resolve(self, config: dict[str, Any]) -> PlannedTrial:
-        """The :class:`PlannedTrial` of a Tune config (``{"point": {..., "sampled": {...}}}``)."""
-        p = config["point"]
-        names = {space_name(k): k for k in self.cells[int(p["cell"])].spaces}
-        sampled = {names.get(k, k): _plain(v) for k, v in (p.get("sampled") or {}).items()}
-        return self.trial(int(p["cell"]), p["phase"], int(p.get("repeat") or 0), sampled, p.get("index"))
 
     # ------------------------------------------------------------------------------------------------
     # Whole phases

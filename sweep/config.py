@@ -5,7 +5,7 @@ A trial config (:class:`TrialConfig`) is everything one trial depends on; a swee
 spaces (:class:`Distribution`), with the sweep's search, scheduler, repeats, resources, stores and
 tracking. Every check that needs no model runs at parse time, and each error names the field the user
 wrote. The configs flow one way: config -> cells and plan (:mod:`sweep.cells`, :mod:`sweep.plan`) ->
-shared work (:mod:`sweep.prepass`) -> trial (:mod:`sweep.stages`) -> result -> tracking -> report.
+shared work (:mod:`sweep.shared.needs`) -> trial (:mod:`sweep.stages`) -> result -> tracking -> report.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +28,7 @@ from editors.model import parse_dtype
 from editors.schedule import MODES, check_schedule
 from editors.stats import accumulation_dtype
 
-from .registry import PROBE_TASKS
+from .evals.registry import PROBE_TASKS
 
 # ----------------------------------------------------------------------------------------------------
 # One trial
@@ -106,7 +107,7 @@ class ScoringConfig:
     probes: tuple[str, ...] = ()  # of sst2, mrpc, cola, rte, nli, mmlu (sentiment_analysis, dialogue)
     probe_every: int = 0  # batches between probe points (0: before editing and at the end only)
     probe_items: int = 100  # items per task (AlphaEdit: records[10:110])
-    probe_data: str | None = None  # the folder of the probe JSON lines (python -m sweep.probes fetch makes one)
+    probe_data: str | None = None  # the folder of the probe JSON lines (python -m sweep.evals.probes fetch makes one)
 
 
 @dataclass(frozen=True)
@@ -136,16 +137,28 @@ class TrialConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     method: str | None = None  # the method's name in reports (None: the algorithm + its lifelong settings)
 
+    @cached_property
+    def edit_hparams(self) -> EditHParams:
+        """The algorithm's typed hyperparameters: its preset with ``hp`` and ``layers`` over it, resolved
+        once per config (the value is cached on the object and pickles with it, so a planned trial carries
+        it through Tune to its worker). An invalid value is a :class:`ConfigError` naming ``hp.<field>``."""
+        return _resolve_hparams(self)
 
-def method_name(cfg: TrialConfig, hp: EditHParams | None = None) -> str:
-    """The trial's method as reports name it: ``cfg.method`` if set, else the algorithm with the
-    lifelong-editing settings it turns on, e.g. ``memit+nas+prune``."""
-    if cfg.method:
-        return cfg.method
-    hp = hp or trial_hparams(cfg)
-    parts = [cfg.algorithm.lower()]
-    parts += [name for name, on in (("nas", hp.nas), ("prune", hp.prune_base), ("rect", hp.rect_keep)) if on]
-    return "+".join(parts)
+    @property
+    def method_name(self) -> str:
+        """The trial's method as reports name it: ``method`` if set, else the algorithm with the
+        lifelong-editing settings it turns on, e.g. ``memit+nas+prune``."""
+        if self.method:
+            return self.method
+        hp = self.edit_hparams
+        parts = [self.algorithm.lower()]
+        parts += [name for name, on in (("nas", hp.nas), ("prune", hp.prune_base), ("rect", hp.rect_keep)) if on]
+        return "+".join(parts)
+
+    @property
+    def needs_stats(self) -> bool:
+        """Whether the trial's algorithm needs the statistics (as its ``TRAITS`` declare)."""
+        return traits(self.algorithm).needs_stats(self.edit_hparams)
 
 
 def parse_config(data: dict[str, Any]) -> TrialConfig:
@@ -153,7 +166,7 @@ def parse_config(data: dict[str, Any]) -> TrialConfig:
     model runs here, each error naming its field."""
     cfg = from_dict(TrialConfig, data)
     check_algorithm(cfg.algorithm)
-    trial_hparams(cfg)
+    cfg.edit_hparams  # noqa: B018  (resolved and checked here, once)
     if cfg.mode not in MODES:
         raise ConfigError(f"mode: unknown schedule {cfg.mode!r}; choose one of {list(MODES)}")
     if cfg.n_edits < 1:
@@ -290,14 +303,14 @@ def _check_protocols(cfg: TrialConfig) -> None:
         raise ConfigError("scoring.probe_every: set scoring.probes too (e.g. [sst2, mrpc, cola, rte, nli, mmlu])")
     if sc.probe_data is not None and not Path(sc.probe_data).expanduser().is_dir():
         raise ConfigError(
-            f"scoring.probe_data: {sc.probe_data!r} is not a folder (python -m sweep.probes fetch --out DIR makes "
-            "one; null fetches the authors' files once into the cache)"
+            f"scoring.probe_data: {sc.probe_data!r} is not a folder (python -m sweep.evals.probes fetch --out DIR "
+            "makes one; null fetches the authors' files once into the cache)"
         )
 
 
 def check_local_store(name: str, value: Any) -> None:
     """A shared-work store must be a folder, not a URI: the driver writes every store and hands its
-    contents to the nodes through Ray (sweep.fulfil); the error names ``name``."""
+    contents to the nodes through Ray (sweep.shared.fulfil); the error names ``name``."""
     if isinstance(value, str) and "://" in value:
         raise ConfigError(
             f"{name}: {value!r} is a URI; the shared-work stores are folders on the driver's disk (the "
@@ -310,7 +323,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrialConfig:
     return parse_config(merge(base, parse_overrides(overrides)))
 
 
-def trial_hparams(cfg: TrialConfig) -> EditHParams:
+def _resolve_hparams(cfg: TrialConfig) -> EditHParams:
     extra = dict(cfg.hp)
     if cfg.layers is not None:
         extra["layers"] = list(cfg.layers)
@@ -327,11 +340,6 @@ def trial_hparams(cfg: TrialConfig) -> EditHParams:
         raise ConfigError(
             f"{where}:{inner.split(':', 1)[1] if ':' in inner else ' ' + inner} ({cfg.algorithm})"
         ) from None
-
-
-def needs_stats(cfg: TrialConfig, hp: EditHParams | None = None) -> bool:
-    """Whether the trial's algorithm needs the statistics (as its ``TRAITS`` declare)."""
-    return traits(cfg.algorithm).needs_stats(hp or trial_hparams(cfg))
 
 
 def resolve_device(device: str) -> str:

@@ -6,14 +6,14 @@
     python -m sweep.launch --config ... --dry-run                            # the plan, no model loaded
     python -m sweep.launch --config ... --resume                             # continue a stopped sweep
 
-The chain: config -> plan (:mod:`sweep.cells`, :mod:`sweep.plan`, :mod:`sweep.prepass`: the trials, each
+The chain: config -> plan (:mod:`sweep.cells`, :mod:`sweep.plan`, :mod:`sweep.shared.needs`: the trials, each
 resolved once, shared work, memory and cost, with a worker's GPU memory from the config or the cluster) ->
-shared work: a grid's fulfilled before its trials start (:func:`sweep.fulfil.fulfil_ray`: statistics passes
+shared work: a grid's fulfilled before its trials start (:func:`sweep.shared.fulfil.fulfil_ray`: statistics passes
 split over the workers, target values and pre-edit scores computed once as Ray tasks, written by this
 process to the stores on its disk, handed on as copies it owns), a search's on demand as its trials ask
-(:mod:`sweep.service`, which every trial asks) -> the trials on Ray Tune (:mod:`sweep.worker`; a search's
-suggested by :mod:`sweep.search`, then each method's best on the held-out facts), each reporting its whole
-result through Ray -> MLflow (:mod:`sweep.tracking`) -> the summary next to Tune's storage (a local path or
+(:mod:`sweep.shared.service`, which every trial asks) -> the trials on Ray Tune (:mod:`sweep.shared.tasks`; a search's
+suggested by :mod:`sweep.tune.search`, then each method's best on the held-out facts), each reporting its whole
+result through Ray -> MLflow (:mod:`sweep.tune.tracking`) -> the summary next to Tune's storage (a local path or
 a URI such as ``s3://bucket/sweeps``).
 """
 
@@ -33,13 +33,13 @@ import torch
 from editors.config import ConfigError, to_dict
 from editors.store import write_json_atomic
 
-from .cells import Cells, PlannedTrial, space_name
+from .cells import Cells, PlannedTrial, planned_of, space_name
 from .config import SweepConfig, load_sweep, sweep_id
-from .fulfil import WorkCounts, fulfil_ray
+from .evals.probes import check_probe_data
 from .plan import Plan, format_plan, make_plan
-from .prepass import SharedPlan, plan_shared
-from .probes import check_probe_data
-from .search import Best, CellSearch, best_of, per_method, scheduler
+from .shared.fulfil import WorkCounts, fulfil_ray
+from .shared.needs import SharedPlan, plan_shared
+from .tune.search import Best, CellSearch, best_of, per_method, scheduler
 
 log = logging.getLogger("sweep.launch")
 
@@ -159,7 +159,7 @@ def gpu_budget(cfg: SweepConfig, args: argparse.Namespace) -> float | None:
 def _ask_cluster_gpu() -> float:
     import ray
 
-    from .worker import gpu_memory_task
+    from .shared.tasks import gpu_memory_task
 
     if not ray.is_initialized():
         raise RuntimeError("gpu budget: join the cluster first (init_ray)")
@@ -183,14 +183,14 @@ def _ask_cluster_gpu() -> float:
 def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     """Start (or resume) the sweep; returns a summary with the parent run id and work counters.
 
-    A grid sweep's shared work is fulfilled up front (:func:`sweep.fulfil.fulfil_ray`) and handed to the
-    sweep's service (:mod:`sweep.service`), which every trial asks for its inputs; a search's is
+    A grid sweep's shared work is fulfilled up front (:func:`sweep.shared.fulfil.fulfil_ray`) and handed to the
+    sweep's service (:mod:`sweep.shared.service`), which every trial asks for its inputs; a search's is
     fulfilled on demand through the same service, as its trials ask. A search with held-out facts then
     runs each cell's best configuration on them (``phase: heldout``)."""
     import ray
 
-    from . import tracking
-    from .service import start as start_service
+    from .shared.service import start as start_service
+    from .tune import tracking
 
     t_start = time.perf_counter()
     sid = sweep_id(cfg)
@@ -225,9 +225,9 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
         shared = plan.shared
         if len(todo) < len(plan.planned):  # resumed: the shared work of the trials still to run, stores re-read
             shared = plan_shared(cfg, [p.config for p in todo], [p.key for p in todo], budget_gb=plan.shared.budget_gb)
-        from . import worker
+        from .shared import tasks
 
-        refs, counts = fulfil_ray(shared, cfg, worker)
+        refs, counts = fulfil_ray(shared, cfg, tasks)
         seeds = [(shared.needs[k], r) for k, r in refs.items()]
         log.info("shared work: %s", counts.as_dict())
         _log_statistics(c, parent, shared)
@@ -235,11 +235,11 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
     reach = sorted({tuple(p.layers) for p in plan.planned}) if cells.searching else []
     service = start_service(cfg, seeds, plan.shared.budget_gb, reach)
     del seeds  # the service holds the references now
-    callback = tracking.make_callback(uri, exp, parent, sid, cells)
+    callback = tracking.make_callback(uri, exp, parent, sid)
     if cells.searching:
         max_edits = max(p.config.n_edits for p in plan.planned)  # the stand-ins: every cell's search trials
         grid = _tuner(cfg, cells, service, callback, args, None, max_edits).fit()
-        results = _resolved(cells, grid)
+        results = _resolved(grid)
         errors = grid.num_errors
         best = best_of(cfg, [(p, r.metrics or {}) for p, r in results if p is not None])
         summary["best"] = _log_search(c, exp, parent, cfg, best)
@@ -251,12 +251,12 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
                 for r in range(cfg.repeats)
             ]
             held = _tuner(cfg, cells, service, callback, args, heldout, None, suffix="-heldout").fit()
-            results += _resolved(cells, held)
+            results += _resolved(held)
             errors += held.num_errors
     else:
         max_edits = max((p.config.n_edits for p in todo), default=1)
         grid = _tuner(cfg, cells, service, callback, args, todo, max_edits).fit()
-        results, errors = _resolved(cells, grid), grid.num_errors
+        results, errors = _resolved(grid), grid.num_errors
     work: dict[str, Any] = counts.as_dict()
     for k, v in ray.get(service.counts.remote()).items():  # what the trials computed on demand
         work[k] = work.get(k, 0) + v if k != "fulfil_s" else work.get(k, 0)
@@ -271,7 +271,7 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
 def _log_search(c: Any, exp: str, parent: str, cfg: SweepConfig, best: dict[int, list[Best]]) -> dict[str, Any]:
     """The search's outcome on the parent run: params ``search.*`` and ``search.json`` (per method its best
     configuration, or its Pareto set, with the run that found it); returned for the summary."""
-    from . import tracking
+    from .tune import tracking
 
     runs = {k: r.info.run_id for k, r in tracking.trial_runs(c, exp, parent).items()}
     s = cfg.search
@@ -309,7 +309,7 @@ def _close_parent(
     sweep's totals, and close the parent run; an unreachable server leaves it for ``--resume``."""
     from mlflow.entities import Metric
 
-    from . import tracking
+    from .tune import tracking
 
     reports = {p.key: r.metrics for p, r in results if r.metrics and p is not None}
     try:
@@ -371,14 +371,14 @@ def _tuner(
     suffix: str = "",
 ) -> Any:
     """A Tune run (restored when resuming): over ``trials`` (a grid's, or the held-out runs), or, when
-    None, the search's suggestions (:class:`sweep.search.CellSearch`); with the sweep's scheduler, if any,
+    None, the search's suggestions (:class:`sweep.tune.search.CellSearch`); with the sweep's scheduler, if any,
     whose time runs to ``max_edits`` (None: no scheduler, as for the held-out runs: they are the results,
     and ASHA would stop a cell's later repeats against its first)."""
     from ray import tune
 
-    from . import worker
+    from .tune import trainable
 
-    fn = tune.with_parameters(worker.trainable, cells=cells, service=service)
+    fn = tune.with_parameters(trainable.trainable, service=service, scheduled=cfg.scheduler is not None)
     fn = tune.with_resources(fn, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     storage = storage_path(cfg)
     name = f"{cfg.name}-{sweep_id(cfg)}{suffix}"
@@ -419,9 +419,9 @@ def _tuner(
     return tune.Tuner(fn, param_space=space, run_config=run_config, tune_config=tune_config)
 
 
-def _resolved(cells: Cells, grid: Any) -> list[tuple[PlannedTrial | None, Any]]:
-    """Each Tune result with its trial, resolved once (None for a result without a config)."""
-    return [(cells.resolve(r.config) if r.config else None, r) for r in grid]
+def _resolved(grid: Any) -> list[tuple[PlannedTrial | None, Any]]:
+    """Each Tune result with the planned trial its config carries (None for a result without a config)."""
+    return [(planned_of(r.config) if r.config else None, r) for r in grid]
 
 
 def _row(p: PlannedTrial | None, r: Any) -> tuple:
@@ -457,7 +457,7 @@ def _print_summary(
     print(f"MLflow: {uri} (experiment {cfg.mlflow.experiment!r}, parent run {parent})")
     if not uri.startswith(("http://", "https://")):
         print(f"  view:   mlflow ui --backend-store-uri {uri}")
-    from .tracking import runs_url
+    from .tune.tracking import runs_url
 
     print(f"  runs:   {runs_url(uri, exp)}")
     print(f"  report: python -m sweep.report --sweep {cfg.name} --tracking-uri {uri}")
@@ -492,7 +492,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from .tracking import TrackingUnavailable
+    from .tune.tracking import TrackingUnavailable
 
     try:
         cfg = load_sweep(args.config, args.overrides)
@@ -518,8 +518,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _no_gpu(e: BaseException) -> BaseException | None:
-    """The :class:`~sweep.worker.NoGPU` behind ``e`` (a Ray task error wraps it as its cause), or None."""
-    from .worker import NoGPU
+    """The :class:`~sweep.shared.tasks.NoGPU` behind ``e`` (a Ray task error wraps it as its cause), or None."""
+    from .shared.tasks import NoGPU
 
     seen: BaseException | None = e
     while seen is not None:

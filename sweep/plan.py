@@ -1,7 +1,7 @@
 """The plan of a sweep: which trials run, what they share, what it will cost (``--dry-run`` prints it).
 
 The plan expands the sweep config's grid (:mod:`sweep.config`), validates every trial against its
-model's shape before anything starts, hands the shared work to :func:`sweep.prepass.plan_shared`
+model's shape before anything starts, hands the shared work to :func:`sweep.shared.needs.plan_shared`
 (statistics passes under a memory budget, target values and pre-edit scores once per fact), and
 estimates each trial's device memory and time from shapes alone.
 """
@@ -18,8 +18,9 @@ from editors.config import ConfigError
 from editors.templates import N_TEMPLATES
 
 from .cells import Cells, PlannedTrial, check_search
-from .config import SweepConfig, TrialConfig, method_name, sweep_id, trial_hparams
-from .prepass import (
+from .config import SweepConfig, TrialConfig, sweep_id
+from .shared.keys import stats_dtype
+from .shared.needs import (
     Shape,
     SharedPlan,
     model_shape,
@@ -30,7 +31,6 @@ from .prepass import (
     stats_workers,
     value_seconds,
 )
-from .shared import stats_dtype
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Plan:
 
 def make_plan(cfg: SweepConfig, dry_run: bool = False, budget_gb: float | None = None) -> Plan:
     """Expand, validate against the models' shapes, and plan the shared work (no model is loaded;
-    ``dry_run``, ``budget_gb``: see :func:`sweep.prepass.plan_shared`; the launcher's
+    ``dry_run``, ``budget_gb``: see :func:`sweep.shared.needs.plan_shared`; the launcher's
     :func:`sweep.launch.gpu_budget` says the budget)."""
     from editors.model import check_layer
 
@@ -86,11 +86,11 @@ def make_plan(cfg: SweepConfig, dry_run: bool = False, budget_gb: float | None =
     keys = [p.key for p in planned]
     for t in trials:
         shape = model_shape(t.model.source, t.model.gguf_file, t.model.revision)
-        for layer in trial_hparams(t).layers:
+        for layer in t.edit_hparams.layers:
             try:
                 check_layer(layer, shape.n_layers, "layers")
             except ValueError as e:
-                raise ConfigError(f"trial {t.algorithm} {list(trial_hparams(t).layers)}: {e}") from None
+                raise ConfigError(f"trial {t.algorithm} {list(t.edit_hparams.layers)}: {e}") from None
     for t in trials:
         st, sc = t.stats, t.scoring
         if sc.ppl and st.max_tokens is None and (st.max_texts is None or st.max_texts > sc.ppl_offset):
@@ -153,7 +153,7 @@ def estimate(
     only when the sweep does not share them), the generation-based scoring (:func:`generation_seconds`)
     and the probe points (:func:`probe_seconds`) when configured.
     """
-    hp = trial_hparams(t)
+    hp = t.edit_hparams
     bytes_w = 2 if t.model.dtype in ("bfloat16", "bf16", "float16", "fp16") else 4
     n_prompts = N_TEMPLATES[hp.context_templates] + 1
     rows = min(t.batch_size, hp.value_batch) * n_prompts
@@ -231,7 +231,7 @@ def format_plan(cfg: SweepConfig, plan: Plan) -> str:
     for i, (t, e) in enumerate(zip(plan.trials, plan.estimates)):
         hp = ", ".join(f"{k}={v}" for k, v in t.hp.items())
         lines.append(
-            f"{i:>3} {method_name(t):<13} {t.dataset.name:<11} {list(trial_hparams(t).layers)!s:<10} {t.batch_size:>5} "
+            f"{i:>3} {t.method_name:<13} {t.dataset.name:<11} {list(t.edit_hparams.layers)!s:<10} {t.batch_size:>5} "
             f"{t.mode:<17} {t.n_edits:>5} {e['gpu_memory_gb']:>7.1f} {e['time_s']:>8.0f}  {hp}"
         )
     if searching:
@@ -292,7 +292,7 @@ def _search_lines(cfg: SweepConfig, cells: Cells) -> list[str]:
         f"search: {s.algorithm} over {space}; {s.num_samples} trial(s) per cell x {len(cells.cells)} cell(s), "
         f"optimising {goal}" + (f"; {cfg.scheduler.name} on {cfg.scheduler.metric}" if cfg.scheduler else ""),
         "  the rows above stand for the search's trials (each cell at its spaces' options or middle); the shared "
-        "work below is what they need, fulfilled on demand as trials ask (sweep.service)",
+        "work below is what they need, fulfilled on demand as trials ask (sweep.shared.service)",
     ]
     if cells.split is not None:
         n_dev, n_test = cells.split

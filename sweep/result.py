@@ -10,7 +10,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .registry import CORE, STAGES
+from .evals.registry import CORE, STAGES
 
 #: The key of a trial's last Tune report that carries its whole result (:meth:`TrialResult.pack`).
 REPORT_KEY = "trial_result"
@@ -28,7 +28,7 @@ class CurvePoint:
         batch_scores: ES/PS/NS/S of this batch's facts.
         forget: the forgetting curve's point when measured (``all_*``, ``first_*``), else empty.
         health: the edited matrices' health when measured (``drift sigma_max cond delta_sigma_max ppl``).
-        probes: the capability probes when measured (``probe_<task>_<metric>``, :mod:`sweep.probes`).
+        probes: the capability probes when measured (``probe_<task>_<metric>``, :mod:`sweep.evals.probes`).
     """
 
     batch: int
@@ -81,7 +81,7 @@ class TrialResult:
     Attributes:
         config, hparams: the resolved trial config and hyperparameters (as plain data).
         metrics: stage (``pre``, ``at_edit``, ``final``) -> metric (``es ps ns s em pm nm *_acc ge ppl
-            gen_* probe_*``, :mod:`sweep.registry`) -> value, in percent (ES...) or as is (ppl).
+            gen_* probe_*``, :mod:`sweep.evals.registry`) -> value, in percent (ES...) or as is (ppl).
         per_record: one row per fact: ``case_id`` and ``<stage>_<metric>``.
         curves: one point per batch (``edits``, ``applied``, ``update_norm``, S/ES/PS/NS so far...).
         stats_tokens: layer -> tokens averaged into its C.
@@ -99,7 +99,7 @@ class TrialResult:
         method: the method's name in reports (:func:`sweep.config.method_name`).
         trial_key, node, pid, stats_zero_copy: set by a sweep's worker.
         dataset: the benchmark the facts come from (``dataset.name``).
-        metric_info: each metric's dataset, protocol and label (:func:`sweep.registry.describe`), so a
+        metric_info: each metric's dataset, protocol and label (:func:`sweep.evals.registry.describe`), so a
             teacher-forced number is never read as a generated one.
     """
 

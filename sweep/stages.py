@@ -4,8 +4,8 @@ Scoring follows docs/ALGORITHMS.md §4: every fact on the unedited model ("pre")
 after their own batch ("at_edit", the reference code's protocol) and every fact on the final model
 ("final", AlphaEdit's protocol; in ``batch`` mode each batch is edited on the unedited weights, so final =
 at_edit). The trial consumes complete shared inputs (statistics, batch-mode target values, pre-edit
-scores, the unedited perplexity and probes), fulfilled before it starts: a sweep's (:mod:`sweep.fulfil`,
-:mod:`sweep.service`), or :func:`sweep.trial.trial_alone`'s for a trial alone. The stages:
+scores, the unedited perplexity and probes), fulfilled before it starts: a sweep's (:mod:`sweep.shared.fulfil`,
+:mod:`sweep.shared.service`), or :func:`sweep.trial.trial_alone`'s for a trial alone. The stages:
 :func:`load_records` -> :func:`load_for_trial` -> :func:`check_inputs` -> :func:`edit_and_score` (the
 schedule, each batch scored right after it) -> final scoring -> :func:`run_trial`'s result. No Ray, no
 MLflow, no CLI.
@@ -33,9 +33,9 @@ from editors.requests import validate_requests
 from editors.schedule import BatchEvent, StopSchedule
 from editors.templates import TemplateCache, TemplateGroups
 
-from .config import TrialConfig, method_name, needs_stats, resolve_device, trial_hparams
-from .data import Record, load_selection
-from .metrics import (
+from .config import TrialConfig, resolve_device
+from .evals.data import Record, load_selection
+from .evals.metrics import (
     RecordScores,
     Reference,
     aggregate,
@@ -44,9 +44,9 @@ from .metrics import (
     heldout_perplexity,
     score_records,
 )
-from .registry import CORE, GEN_CORE, describe
+from .evals.registry import CORE, GEN_CORE, describe
 from .result import CurvePoint, TrialResult, UpdateNorms
-from .shared import TrialInputs, model_identity, record_digest, request_digest
+from .shared.keys import TrialInputs, model_identity, record_digest, request_digest
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,8 @@ class Scorer:
         )
 
     def probes(self) -> dict[str, float]:
-        """The capability probes (``scoring.probes``) on the model as it is (:mod:`sweep.probes`)."""
-        from .work import compute_probes
+        """The capability probes (``scoring.probes``) on the model as it is (:mod:`sweep.evals.probes`)."""
+        from .shared.compute import compute_probes
 
         sync(self.model.device)
         t0 = time.perf_counter()
@@ -193,12 +193,12 @@ class Scorer:
 
     def multihop(self, recs: list[Record]) -> dict[str, float]:
         """MQuAKE's multi-hop scores of the cases whose every rewrite is among ``recs`` (the edits in the
-        model; :func:`sweep.mquake.multihop_metrics`), or nothing for another dataset."""
+        model; :func:`sweep.evals.mquake.multihop_metrics`), or nothing for another dataset."""
         d = self.cfg.dataset
         if d.name != "mquake":
             return {}
-        from .data import resolve_source
-        from .mquake import complete_cases, load_cases, multihop_metrics
+        from .evals.data import resolve_source
+        from .evals.mquake import complete_cases, load_cases, multihop_metrics
 
         if self._cases is None:
             self._cases = load_cases(resolve_source(d.source, d.sha256))
@@ -424,10 +424,10 @@ def check_inputs(cfg: TrialConfig, hp: EditHParams, records: list[Record], input
             "inputs: run_trial needs its shared inputs; fulfil them first "
             "(trial_alone(cfg) runs one trial with them, as python -m sweep.trial does)"
         )
-    stats = needs_stats(cfg, hp)
+    stats = cfg.needs_stats
     lack = inputs.missing(cfg, records, stats)
     if lack:
-        raise ValueError(f"inputs: the trial's shared inputs lack {'; '.join(lack)} (sweep.fulfil fulfils them)")
+        raise ValueError(f"inputs: the trial's shared inputs lack {'; '.join(lack)} (sweep.shared.fulfil fulfils them)")
     inputs.counts = {  # this run's use of them (values_reused grows as the schedule takes values)
         "stats_reused": len(hp.layers) if stats else 0,
         "values_reused": 0,
@@ -498,13 +498,13 @@ def run_trial(
     """Run one trial and return its :class:`~sweep.result.TrialResult` (see the module docstring).
 
     Args:
-        inputs: the trial's shared inputs, complete (:mod:`sweep.fulfil`: a sweep's fulfilment, or
+        inputs: the trial's shared inputs, complete (:mod:`sweep.shared.fulfil`: a sweep's fulfilment, or
             :func:`trial_alone` for a trial alone); what is missing is an error.
         model, tok: a loaded model to reuse (its edited weights are restored exactly at the end).
         on_batch: called with each batch's curve point (a sweep reports it as an intermediate result).
     """
     t_start = time.perf_counter()
-    hp = trial_hparams(cfg)
+    hp = cfg.edit_hparams
     torch.manual_seed(cfg.seed)
     records = load_records(cfg)
     model, tok, spec, load_s = load_for_trial(cfg, hp, model, tok)
@@ -545,7 +545,7 @@ def run_trial(
         health=log_.health,
         collapsed_at=log_.collapsed_at,
         collapse_reason=log_.collapse_reason,
-        method=method_name(cfg, hp),
+        method=cfg.method_name,
         update_norms=UpdateNorms([p["update_norm"] for p in log_.curves], norms),
         solver_fallbacks=log_.solver_fallbacks,
         stats_tokens=dict(inputs.stats_tokens),

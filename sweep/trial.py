@@ -4,7 +4,7 @@
     python -m sweep.trial --config sweep/configs/trial/demo.yaml algorithm=emmet batch_size=4 --out r.json
 
 :func:`trial_alone` plans the trial's shared work as a one-trial sweep, fulfils it in this process
-(:func:`sweep.fulfil.fulfil_local`) and runs the trial's stages (:func:`sweep.stages.run_trial`); it is
+(:func:`sweep.shared.fulfil.fulfil_local`) and runs the trial's stages (:func:`sweep.stages.run_trial`); it is
 also the way to run a trial from a notebook.
 """
 
@@ -19,11 +19,11 @@ from typing import Any
 from editors.config import ConfigError
 from editors.store import write_json_atomic
 
-from .config import SweepConfig, TrialConfig, load_config, trial_hparams, trial_key
-from .fulfil import fulfil_local
-from .prepass import plan_shared
-from .registry import SUMMARY
+from .config import SweepConfig, TrialConfig, load_config, trial_key
+from .evals.registry import SUMMARY
 from .result import TrialResult
+from .shared.fulfil import fulfil_local
+from .shared.needs import plan_shared
 from .stages import load_for_trial, load_records, run_trial
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,10 @@ def trial_alone(
     ``TrialResult``."""
     load_records(cfg)  # a bad dataset fails before any weights are loaded
     if cfg.scoring.probes:  # so do probe files that are neither given nor fetchable
-        from .probes import check_probe_data
+        from .evals.probes import check_probe_data
 
         check_probe_data([cfg])
-    model, tok, _, load_s = load_for_trial(cfg, trial_hparams(cfg), model, tok)
+    model, tok, _, load_s = load_for_trial(cfg, cfg.edit_hparams, model, tok)
     sweep = SweepConfig(name="trial", share_values=False, scores_store=scores_store)  # type: ignore[arg-type]
     key = trial_key(cfg)
     t0 = time.perf_counter()

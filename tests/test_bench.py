@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench import run
-from sweep.data import load_counterfact, parse_records, select
+from sweep.evals.data import load_counterfact, parse_records, select
 
 pytestmark = pytest.mark.skipif(not run.FACTS.exists(), reason="needs ../shared/data/counterfact")
 

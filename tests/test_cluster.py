@@ -143,8 +143,8 @@ def test_shared_work_computed_on_a_worker_is_owned_by_the_head_and_survives_the_
     from ray.experimental import get_object_locations
 
     from editors.stats import StatsStore
-    from sweep import worker
-    from sweep.fulfil import fulfil_ray
+    from sweep.shared import tasks
+    from sweep.shared.fulfil import fulfil_ray
 
     out = tmp_path / "out"
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -158,7 +158,7 @@ def test_shared_work_computed_on_a_worker_is_owned_by_the_head_and_survives_the_
             grid = {"algorithm": ["memit"], "layers": [[1, 2]], "batch_size": [4], "mode": ["batch"]}
             cfg = load_sweep(str(sweep_yaml(assets, out, "owned", grid)))
             plan = make_plan(cfg)
-            refs, work = fulfil_ray(plan.shared, cfg, worker)
+            refs, work = fulfil_ray(plan.shared, cfg, tasks)
             assert (work.stats_passes, work.stats_shards, work.stats_layers_computed) == (1, 2, 2), cluster.logs()
             assert (work.values_optimised, work.scores_computed, work.ppl_computed) == (4, 4, 1)
             alive = [n for n in ray.nodes() if n["Alive"]]

@@ -15,10 +15,10 @@ ray = pytest.importorskip("ray")
 jsonschema = pytest.importorskip("jsonschema")
 from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402  (private API)
 
-from sweep import prepass  # noqa: E402
 from sweep.cells import expand  # noqa: E402
-from sweep.config import load_sweep, needs_stats, trial_hparams  # noqa: E402
+from sweep.config import load_sweep  # noqa: E402
 from sweep.plan import estimate  # noqa: E402
+from sweep.shared import needs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -60,7 +60,7 @@ def _gpu_gb(instance_type: str) -> float:
 
 # ----------------------------------------------------------------------------------------------------
 # What the shipped Llama-3-8B sweeps need, by the project's planner (sweep.plan.estimate for a trial,
-# sweep.prepass.pass_memory_gb for a statistics pass split as plan_shared splits it)
+# sweep.shared.needs.pass_memory_gb for a statistics pass split as plan_shared splits it)
 
 
 def _llama_configs() -> list[str]:
@@ -75,9 +75,9 @@ def _llama_configs() -> list[str]:
 LLAMA_CONFIGS = _llama_configs()
 
 
-def _shape() -> prepass.Shape:
-    known = prepass.KNOWN_SHAPES[LLAMA3_8B]
-    return known if isinstance(known, prepass.Shape) else prepass.Shape(**known)
+def _shape() -> needs.Shape:
+    known = needs.KNOWN_SHAPES[LLAMA3_8B]
+    return known if isinstance(known, needs.Shape) else needs.Shape(**known)
 
 
 @functools.cache
@@ -92,15 +92,15 @@ def _needs(name: str) -> dict:
     budget = cfg.resources.gpu_memory_gb
     groups: dict[str, tuple] = {}
     for t in trials:
-        if needs_stats(t):
-            groups.setdefault(prepass.stats_group(t), (t, set()))[1].update(trial_hparams(t).layers)
+        if t.needs_stats:
+            groups.setdefault(needs.stats_group(t), (t, set()))[1].update(t.edit_hparams.layers)
     passes = []
     for t, layers in groups.values():
 
         def fits(n: int, t=t) -> bool:
-            return budget is None or prepass.pass_memory_gb(shape, n, t) <= prepass.BUDGET_SHARE * budget
+            return budget is None or needs.pass_memory_gb(shape, n, t) <= needs.BUDGET_SHARE * budget
 
-        passes += [prepass.pass_memory_gb(shape, len(run), t) for run in prepass.split_passes(sorted(layers), fits)]
+        passes += [needs.pass_memory_gb(shape, len(run), t) for run in needs.split_passes(sorted(layers), fits)]
     weights = max(shape.params * _BYTES.get(t.model.dtype, 4) for t in trials)
     return {"budget_gb": budget, "trial_gb": trial_gb, "passes_gb": passes, "weights_bytes": weights}
 
@@ -115,7 +115,7 @@ def test_gpu_workers_fit_the_biggest_trial_and_statistics_pass(name):
     assert need["passes_gb"], f"{name}: no statistics pass planned"
     for wname, nt in _gpu_worker_types(_load()).items():
         itype = nt["node_config"]["InstanceType"]
-        room = prepass.BUDGET_SHARE * _gpu_gb(itype)  # the planner's own headroom for fragmentation
+        room = needs.BUDGET_SHARE * _gpu_gb(itype)  # the planner's own headroom for fragmentation
         # The planner splits statistics passes under the config's budget: it must not exceed the card.
         assert need["budget_gb"] is not None and need["budget_gb"] <= _gpu_gb(itype), (name, wname)
         assert need["trial_gb"] <= room, f"{name}: a {need['trial_gb']:.1f} GB trial on {itype} ({room:.1f} GB)"
@@ -126,7 +126,7 @@ def test_gpu_workers_fit_the_biggest_trial_and_statistics_pass(name):
 
 @pytest.mark.parametrize("itype", ["g5.2xlarge", "g5.4xlarge", "p4d.24xlarge"])
 def test_a10g_and_a100_40gb_are_too_small_for_the_fp32_paper_trials(itype):
-    assert _needs("paper-batch.yaml")["trial_gb"] > prepass.BUDGET_SHARE * _gpu_gb(itype)
+    assert _needs("paper-batch.yaml")["trial_gb"] > needs.BUDGET_SHARE * _gpu_gb(itype)
 
 
 def test_gpu_worker_resources_match_the_instance():

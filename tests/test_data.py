@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sweep.data import DEMO, DatasetError, load_counterfact, parse_records, select
+from sweep.evals.data import DEMO, DatasetError, load_counterfact, parse_records, select
 from tests.conftest import COUNTERFACT
 
 EDIT = COUNTERFACT / "counterfact-edit.json"
@@ -129,7 +129,7 @@ def test_offset_takes_the_facts_after_the_first_and_order_seed_shuffles_the_same
     """A held-out trial (``dataset.offset``) edits the facts after a search's; a repeat (``order_seed``)
     edits the same facts in another fixed order."""
     from sweep.config import DatasetConfig
-    from sweep.data import load_selection
+    from sweep.evals.data import load_selection
 
     d = DatasetConfig(source=str(EDIT), unique_subjects_seed=37)
     first = [r.case_id for r in load_selection(d, 20)]

@@ -11,7 +11,7 @@ import pytest
 
 from editors.requests import validate_requests
 from sweep.config import DatasetConfig
-from sweep.data import (
+from sweep.evals.data import (
     ZSRE_URL,
     DatasetError,
     Record,
@@ -281,7 +281,7 @@ def test_empty_alt_records_are_skipped_under_alt_only(tmp_path, caplog):
         tmp_path, "zsre.json", [mend_record(), mend_record(alt=""), mend_record(alt="  "), mend_record(alt="1990")]
     )
     assert [r.case_id for r in load_dataset("zsre", path)] == [0, 1, 2, 3]
-    with caplog.at_level(logging.INFO, logger="sweep.data"):
+    with caplog.at_level(logging.INFO, logger="sweep.evals.data"):
         recs = load_dataset("zsre", path, target="alt")
     assert [(r.case_id, r.target_new) for r in recs] == [(0, "2006"), (3, "1990")]  # positions kept
     assert "skipped 2 of 4 records with an empty 'alt'" in caplog.text

@@ -14,8 +14,8 @@ import torch
 from conftest import make_model
 
 from editors.requests import encode
-from sweep import generation
-from sweep.generation import (
+from sweep.evals import generation
+from sweep.evals.generation import (
     GenFact,
     context_prompt,
     cut_answer,

@@ -11,8 +11,8 @@ from scipy.stats import hmean as scipy_hmean
 from torch import nn
 
 from editors.model import ModelSpec
-from sweep.data import Record
-from sweep.metrics import aggregate, hmean, ngram_entropy, score_records, target_scores
+from sweep.evals.data import Record
+from sweep.evals.metrics import aggregate, hmean, ngram_entropy, score_records, target_scores
 
 
 class Bigram(nn.Module):
@@ -153,7 +153,7 @@ def test_length_chunks_minimise_the_tokens_run_as_brute_force_does():
     + the batch cost), checked against every partition of a small sorted list."""
     import itertools
 
-    from sweep.metrics import BATCH_COST_TOKENS, _length_chunks
+    from sweep.evals.metrics import BATCH_COST_TOKENS, _length_chunks
 
     def cost(parts: list[list[int]]) -> int:
         return sum(max(p) * len(p) + BATCH_COST_TOKENS for p in parts)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sweep.data import load_dataset
-from sweep.metrics import aggregate, score_records, token_accuracy
+from sweep.evals.data import load_dataset
+from sweep.evals.metrics import aggregate, score_records, token_accuracy
 from tests.test_metrics import SPEC, Bigram
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -11,10 +11,10 @@ import re
 import pytest
 
 from editors.requests import encode
-from sweep import mquake
-from sweep.data import DatasetError
-from sweep.generation import normalize_answer
-from sweep.mquake import (
+from sweep.evals import mquake
+from sweep.evals.data import DatasetError
+from sweep.evals.generation import normalize_answer
+from sweep.evals.mquake import (
     STYLES,
     CaseScores,
     MQuAKEError,
@@ -247,7 +247,7 @@ def test_load_prompt_needs_a_folder(tmp_path, caplog):
     with pytest.raises(MQuAKEError, match=r"multihop-cot-prompts.txt"):
         load_prompt(tmp_path, "cot")
     (tmp_path / "multihop-prompts.txt").write_text("Q: a? A: b\n")
-    with caplog.at_level(logging.WARNING, logger="sweep.mquake"):
+    with caplog.at_level(logging.WARNING, logger="sweep.evals.mquake"):
         assert load_prompt(tmp_path) == "Q: a? A: b"  # a trailing newline is dropped
     assert "not the upstream file's" in caplog.text
 
@@ -308,7 +308,7 @@ def test_aggregate():
 
 
 def fake_generation(monkeypatch, tok, replies):
-    """Stand in for :func:`sweep.generation.greedy_generate`: each prompt gets the continuation of the first
+    """Stand in for :func:`sweep.evals.generation.greedy_generate`: each prompt gets the continuation of the first
     key of ``replies`` its text ends with; every call is recorded."""
     calls = []
 

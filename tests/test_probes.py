@@ -1,4 +1,4 @@
-"""The capability probes (sweep.probes) against AlphaEdit's glue_eval: strings equal to the shared
+"""The capability probes (sweep.evals.probes) against AlphaEdit's glue_eval: strings equal to the shared
 protocol.json, prompts built by hand the authors' way, metrics against hand-computed values, the parse
 rules on hand-written generations, both predictions against the authors' unbatched loop on the tiny model,
 and the pickle converter refusing any class."""
@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sweep import probes as P
+from sweep.evals import probes as P
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue_eval"
 
@@ -48,7 +48,7 @@ def protocol(data) -> dict:
 
 
 def record(data: Path, task: str, index: int) -> dict:
-    """Record ``index`` (0-based) of a task's file, read here without sweep.probes."""
+    """Record ``index`` (0-based) of a task's file, read here without sweep.evals.probes."""
     lines = (data / f"{task}.jsonl").read_text(encoding="utf-8").splitlines()
     return json.loads(lines[index])
 
@@ -153,7 +153,7 @@ def test_bad_records_name_file_line_and_field(tmp_path):
     (tmp_path / "sst2.jsonl").write_text(lines[0] + "\n{oops\n")
     with pytest.raises(P.ProbeDataError, match=r"sst2\.jsonl:2: not a JSON line"):
         P.load_items(tmp_path, "sst2", n_items=1)
-    with pytest.raises(P.ProbeDataError, match=r"no such probe file .*sweep\.probes fetch"):
+    with pytest.raises(P.ProbeDataError, match=r"no such probe file .*sweep\.evals\.probes fetch"):
         P.load_items(tmp_path, "cola")
     with pytest.raises(ValueError, match="unknown task 'glue'"):
         P.load_items(tmp_path, "glue")
@@ -435,7 +435,7 @@ def test_fetch_fails_with_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         P.main(["fetch", "--out", str(tmp_path / "d"), "--tasks", "sst2"])
     msg = str(e.value.code)
-    assert "\n" not in msg and msg.startswith("sweep.probes fetch: cannot download https://raw.githubusercontent")
+    assert "\n" not in msg and msg.startswith("sweep.evals.probes fetch: cannot download https://raw.githubusercontent")
     assert f"/{P.COMMIT}/glue_eval/dataset/sst2.pkl" in msg and "name resolution" in msg
 
     monkeypatch.setattr(P, "_download", lambda url, timeout: pickle.dumps([{"a": 1}]))

@@ -10,7 +10,7 @@ import yaml
 
 from editors.config import ConfigError
 from sweep.config import load_config
-from sweep.registry import NAMES, describe
+from sweep.evals.registry import NAMES, describe
 from sweep.trial import trial_alone
 from tests.conftest import write_tiny_assets
 from tests.test_trial import overrides
@@ -69,7 +69,7 @@ def test_zsre_trial_reports_both_protocols_and_probes_over_the_edits(tiny_dir):
 def test_mquake_trial_asks_the_multihop_questions_of_complete_cases(tiny_dir, monkeypatch):
     """Two cases of 4 rewrites; 6 edits leave the second case incomplete, so only the first case's
     questions are asked, on the unedited model and after editing (new and old answers both scored)."""
-    import sweep.mquake as mq
+    import sweep.evals.mquake as mq
 
     asked: list[list[int]] = []
     real = mq.multihop_scores
@@ -126,7 +126,7 @@ def test_protocol_settings_errors_name_the_field(over, field):
 
 
 def test_probe_files_neither_given_nor_fetchable_fail_before_any_weights(tiny_dir, tmp_path, monkeypatch):
-    import sweep.probes as probes
+    import sweep.evals.probes as probes
     import sweep.trial as trial
 
     def offline(url: str, timeout: float) -> bytes:
@@ -146,13 +146,13 @@ def test_the_unedited_probes_are_shared_work_computed_once(tiny_dir, tmp_path, m
     """Four trials of a sweep share one probe point of the unedited model: computed once, stored under
     a key of the model, tasks, items and the probe files' content, read by a second fulfilment, and
     handed to every trial as its pre-edit probes (none of them probes the unedited model itself)."""
-    import sweep.probes as probes
-    import sweep.work as work
+    import sweep.evals.probes as probes
+    import sweep.shared.compute as work
     from editors import load_model
     from sweep.config import load_sweep
-    from sweep.fulfil import fulfil_local
     from sweep.plan import make_plan
-    from sweep.shared import probes_key
+    from sweep.shared.fulfil import fulfil_local
+    from sweep.shared.keys import probes_key
     from sweep.stages import run_trial
     from tests.test_shared import sweep_file
 

@@ -13,13 +13,13 @@ ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("optuna")
 
-from editors.config import ConfigError  # noqa: E402
+from editors.config import ConfigError, to_dict  # noqa: E402
 from sweep import launch  # noqa: E402
-from sweep.cells import Cells, cell_id  # noqa: E402
+from sweep.cells import Cells, cell_id, planned_of  # noqa: E402
 from sweep.config import load_sweep  # noqa: E402
 from sweep.plan import make_plan  # noqa: E402
-from sweep.search import Best, PlannedTrial, best_of, pareto, per_method  # noqa: E402
 from sweep.stages import load_records  # noqa: E402
+from sweep.tune.search import Best, PlannedTrial, best_of, pareto, per_method  # noqa: E402
 from tests.conftest import write_sweep_yaml, write_tiny_assets  # noqa: E402
 
 
@@ -103,7 +103,7 @@ def test_no_held_out_fact_reaches_the_search(assets):
 def test_each_variant_searches_its_own_grid(assets):
     """A variant's ``grid`` adds its own keys to the sweep's: AlphaEdit samples L2 where MEMIT samples λ, both
     the shared layers; the searcher of each cell suggests its own keys only, and its trials carry them."""
-    from sweep.search import CellSearch
+    from sweep.tune.search import CellSearch
 
     variants = {
         "memit": {"algorithm": "memit", "grid": {"hp.mom2_update_weight": {"loguniform": [100, 1e5]}}},
@@ -120,7 +120,7 @@ def test_each_variant_searches_its_own_grid(assets):
         ("memit", "{'batch_size': 2}", ["hp.mom2_update_weight", "layers"]),
     ]
     searcher = CellSearch(cfg, cells)
-    got = [cells.resolve(searcher.suggest(f"t{i}")) for i in range(9)]
+    got = [planned_of(searcher.suggest(f"t{i}")) for i in range(9)]
     assert searcher.suggest("t9") == searcher.FINISHED  # 3 cells x 3 samples
     for t in got:
         hp = t.config.hp
@@ -187,9 +187,9 @@ BAD = [
 
 @pytest.mark.parametrize("extra, grid, field", BAD)
 def test_a_bad_search_names_its_field_before_any_model(assets, capsys, monkeypatch, extra, grid, field):
-    import sweep.worker
+    import sweep.shared.tasks
 
-    monkeypatch.setattr(sweep.worker, "cached_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(sweep.shared.tasks, "_cached_model", lambda *a, **k: pytest.fail("a model was loaded"))
     base_grid = {"layers": [[1]], "batch_size": [2], "hp.mom2_update_weight": {"loguniform": [100, 1e5]}}
     path = search_yaml(assets, "bad", {**base_grid, **(grid or {})}, **extra)
     assert launch.main(["--config", str(path), "--local"]) == 2
@@ -197,10 +197,40 @@ def test_a_bad_search_names_its_field_before_any_model(assets, capsys, monkeypat
     assert field in err, err
 
 
+def test_a_trial_is_resolved_once_and_reaches_its_worker_as_planned(assets, monkeypatch):
+    """Planning resolves each trial's hyperparameters once; what Tune carries to the worker (the pickled
+    config) is that planned trial, so the worker resolves nothing again: with the resolver broken after
+    planning, the unpickled trial still gives its hyperparameters, method and needs, equal to the plan's."""
+    import pickle
+
+    import sweep.config
+    from sweep.tune.search import CellSearch
+
+    grid = {"layers": {"choice": [[0], [1]]}, "hp.mom2_update_weight": {"loguniform": [100, 1e5]}, "batch_size": [2]}
+    cfg = load_sweep(
+        str(search_yaml(assets, "once", grid, search={"algorithm": "random", "metric": "final.s", "num_samples": 2}))
+    )
+    cells = Cells(cfg)
+    config = CellSearch(cfg, cells).suggest("t0")
+    planned = planned_of(config)
+    calls = []
+    real = sweep.config._resolve_hparams
+    monkeypatch.setattr(sweep.config, "_resolve_hparams", lambda c: calls.append(c) or real(c))
+    shipped = planned_of(pickle.loads(pickle.dumps(config)))  # Tune's config, as a worker receives it
+    assert shipped == planned and shipped.config.edit_hparams == planned.config.edit_hparams
+    assert shipped.config.method_name == "memit" and shipped.config.needs_stats
+    assert list(shipped.config.edit_hparams.layers) == shipped.layers == shipped.sampled["layers"]
+    assert shipped.config.edit_hparams.mom2_update_weight == shipped.sampled["hp.mom2_update_weight"]
+    assert calls == []  # nothing was resolved after planning
+    fresh = sweep.config.parse_config(to_dict(shipped.config))  # a config parsed anew resolves, once
+    assert fresh.edit_hparams == shipped.config.edit_hparams and fresh.edit_hparams is fresh.edit_hparams
+    assert len(calls) == 1
+
+
 def test_the_scheduler_compares_a_search_trial_with_its_cell_and_a_grid_trial_with_its_method():
     from types import SimpleNamespace
 
-    from sweep.search import PerCell
+    from sweep.tune.search import PerCell
 
     made: list[list[str]] = []
 
@@ -222,7 +252,8 @@ def test_the_scheduler_compares_a_search_trial_with_its_cell_and_a_grid_trial_wi
         ("g2", {"phase": "grid", "cell": 2, "method": "emmet"}),
     ]
     for tid, point in points:
-        sched.on_trial_add(None, SimpleNamespace(trial_id=tid, config={"point": point}))
+        planned = SimpleNamespace(phase=point["phase"], cell_index=point["cell"], method=point["method"])
+        sched.on_trial_add(None, SimpleNamespace(trial_id=tid, config={"point": {"trial": planned}}))
     assert sorted(made) == [["g0", "g1"], ["g2"], ["s0", "s2"], ["s1"]]
 
 

@@ -11,9 +11,9 @@ import torch
 
 from editors import load_model
 from sweep.config import SweepConfig, TrialConfig, parse_config, trial_key
-from sweep.fulfil import fulfil_local
-from sweep.prepass import plan_shared
-from sweep.service import SharedWork, obtain
+from sweep.shared.fulfil import fulfil_local
+from sweep.shared.needs import plan_shared
+from sweep.shared.service import SharedWork, obtain
 from tests.conftest import write_tiny_assets
 
 
@@ -94,7 +94,7 @@ def test_trials_that_ask_at_once_compute_each_unit_once(assets, tmp_path):
 
 
 def test_a_lapsed_grant_goes_to_the_next_trial(assets, tmp_path, monkeypatch):
-    import sweep.service as svc
+    import sweep.shared.service as svc
 
     service = SharedWork(sweep_cfg(tmp_path))
     data = trial(assets, tmp_path)

@@ -17,11 +17,11 @@ import torch
 import yaml
 
 from editors.store import Store
-from sweep.config import load_sweep, parse_config, trial_hparams
+from sweep.config import load_sweep, parse_config
 from sweep.plan import make_plan
-from sweep.prepass import pass_memory_gb, split_passes
-from sweep.shared import ValuesStore, model_identity, values_key
-from sweep.work import compute_stats
+from sweep.shared.compute import compute_stats
+from sweep.shared.keys import ValuesStore, model_identity, values_key
+from sweep.shared.needs import pass_memory_gb, split_passes
 from tests.conftest import make_model, write_tiny_assets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,8 +124,8 @@ def test_store_reports_corrupt_and_foreign_files_as_misses(tmp_path, caplog):
 def test_values_and_scores_of_a_changed_dataset_or_model_are_not_reused(assets, tok_bos):
     """Values and pre-scores are keyed on the facts' content and the weights' fingerprint: a record
     changed in place misses alone; weights re-saved to the same folder miss everywhere."""
-    from sweep.prepass import plan_shared
-    from sweep.shared import ScoresStore, record_digest, request_digest, scores_key
+    from sweep.shared.keys import ScoresStore, record_digest, request_digest, scores_key
+    from sweep.shared.needs import plan_shared
     from sweep.stages import load_records
 
     cfg = load_sweep(str(sweep_file(assets)))
@@ -137,9 +137,9 @@ def test_values_and_scores_of_a_changed_dataset_or_model_are_not_reused(assets, 
     t = plan.trials[0]
     mid = model_identity(t.model)
     recs = load_records(t)
-    vkey = values_key(t, trial_hparams(t), mid)
+    vkey = values_key(t, t.edit_hparams, mid)
     ValuesStore(cfg.values_store).put(vkey, [request_digest(r.request()) for r in recs], torch.randn(4, 32))
-    from sweep.metrics import RecordScores
+    from sweep.evals.metrics import RecordScores
 
     rows = [RecordScores(r.case_id, 1, 1, 1, 0, 0, 0, 1, 1, 1) for r in recs]
     ScoresStore(cfg.scores_store).put_rows(
@@ -179,7 +179,7 @@ def test_split_passes_fills_from_the_deepest_layer():
 def test_passes_under_a_small_budget_give_the_same_statistics_as_one_pass(assets):
     """A budget that fits two layers splits layers 0-3 into two passes; their C equal one pass's."""
     from editors import load_model
-    from sweep.prepass import model_shape
+    from sweep.shared.needs import model_shape
 
     path = sweep_file(assets, "budget")
     cfg0 = load_sweep(str(path))
@@ -269,7 +269,7 @@ def test_converged_statistics_stop_early_and_record_their_tokens(tmp_path, tok):
 def test_sigkill_mid_prepass_loses_at_most_the_chunks_in_flight(assets, tmp_path):
     """The launcher SIGKILLs itself after 3 stored chunks; the same command then computes exactly what
     the stores lack and the sweep completes."""
-    from sweep.fulfil import CHAOS_KILL_ENV
+    from sweep.shared.fulfil import CHAOS_KILL_ENV
 
     path = sweep_file(assets, "killed")
     env = {**os.environ, CHAOS_KILL_ENV: "3", CHAOS_KILL_ENV + "_MARK": str(tmp_path / "mark")}
@@ -354,8 +354,8 @@ def test_malformed_values_and_score_rows_are_misses_reported_once(tmp_path, capl
     are read as misses (to be recomputed) with one warning each, never returned."""
     from dataclasses import dataclass
 
-    from sweep.metrics import RecordScores
-    from sweep.shared import ScoresStore, ValuesStore
+    from sweep.evals.metrics import RecordScores
+    from sweep.shared.keys import ScoresStore, ValuesStore
 
     @dataclass(frozen=True)
     class K:
@@ -380,13 +380,13 @@ def test_malformed_values_and_score_rows_are_misses_reported_once(tmp_path, capl
 
 
 def test_fulfil_reads_what_the_stores_hold_and_two_fulfillers_compute_each_unit_once(assets):
-    """The one rule every unit goes through (sweep.fulfil): computed and stored by the fulfiller when
+    """The one rule every unit goes through (sweep.shared.fulfil): computed and stored by the fulfiller when
     missing, read when stored (counted as read, with no computation), and two fulfillers at once (two
     sweeps on one driver) compute each unit exactly once between them."""
     import threading
 
     from editors import load_model
-    from sweep.fulfil import LocalBackend, run_units, units_of
+    from sweep.shared.fulfil import LocalBackend, run_units, units_of
 
     cfg = load_sweep(str(sweep_file(assets, "rule", **{"base.scoring": {"ppl": True, "ppl_texts": 2}})))
     plan = make_plan(cfg)
@@ -456,7 +456,7 @@ def test_a_pass_of_many_layers_is_read_and_written_one_layer_at_a_time(tmp_path,
     at a time when asked for (a 29-layer pass of Llama-3-8B is 24 GB: never in memory whole)."""
     from editors.stats import SecondMoment, StatsKey, StatsStore
     from sweep.config import parse_config
-    from sweep.fulfil import Moments, StatsUnit
+    from sweep.shared.fulfil import Moments, StatsUnit
 
     keys = {layer: StatsKey(**{**_KEY, "layer": layer}) for layer in range(3)}
     unit = StatsUnit(parse_config({}), "g", keys, str(tmp_path))
@@ -496,9 +496,9 @@ def local_ray():
 
 
 def _recording_tasks(folder: Path, d_key: int, d_model: int):
-    """:class:`sweep.fulfil.RayTasks` whose bodies write the pid of the process that ran them into
+    """:class:`sweep.shared.fulfil.RayTasks` whose bodies write the pid of the process that ran them into
     ``folder`` and return small results of the right shapes; no model (a fake GPU has no CUDA device,
-    which sweep.worker's bodies refuse)."""
+    which sweep.shared.tasks's bodies refuse)."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -517,7 +517,7 @@ def _recording_tasks(folder: Path, d_key: int, d_model: int):
         return np.zeros((len(records), d_model), np.float32), 0.01
 
     def scores_task(trial, records):
-        from sweep.metrics import RecordScores
+        from sweep.evals.metrics import RecordScores
 
         mark("scores")
         return [RecordScores(r.case_id, 1, 1, 0, 0, 0, 0, 1, 1, 0).fields() for r in records], 0.01
@@ -545,7 +545,7 @@ def test_no_process_that_computed_a_gpu_unit_outlives_the_fulfilment(assets, tmp
     trial waits for that GPU (ray.remote(fn).options(num_gpus=1) reuses its processes)."""
     import psutil
 
-    from sweep.fulfil import fulfil_ray
+    from sweep.shared.fulfil import fulfil_ray
 
     resources = {"cpu": 1, "gpu": 1, "gpu_memory_gb": 24}
     path = sweep_file(assets, "gpu", resources=resources, values_chunk=2, **{"base.scoring": {"ppl": True}})
@@ -576,7 +576,8 @@ def test_the_planning_probe_of_a_gpu_node_leaves_no_process_holding_it(tmp_path,
     as the shared-work tasks' do, rather than keeping the context while trials wait for that GPU."""
     import psutil
 
-    from sweep import launch, worker
+    from sweep import launch
+    from sweep.shared import tasks
 
     marks = tmp_path / "pids"
     marks.mkdir()
@@ -585,7 +586,7 @@ def test_the_planning_probe_of_a_gpu_node_leaves_no_process_holding_it(tmp_path,
         (marks / str(os.getpid())).touch()
         return {"node": "fake", "name": "fake GPU", "total_gb": 24.0}
 
-    monkeypatch.setattr(worker, "gpu_memory_task", probe)
+    monkeypatch.setattr(tasks, "gpu_memory_task", probe)
     assert launch._ask_cluster_gpu() == 24.0
     (pid,) = (int(p.name) for p in marks.iterdir())
     deadline = time.time() + 20
@@ -596,17 +597,17 @@ def test_the_planning_probe_of_a_gpu_node_leaves_no_process_holding_it(tmp_path,
 
 def test_a_pass_split_over_workers_through_fulfil_ray_equals_one_pass(assets, local_ray):
     """A statistics pass split into parts (three, on two CPUs: resources.max_concurrent) through
-    fulfil_ray, on sweep.worker's own task bodies, stores the C of one unsplit pass; it counts as one
+    fulfil_ray, on sweep.shared.tasks's own task bodies, stores the C of one unsplit pass; it counts as one
     pass of three tasks."""
     from editors import load_model
     from editors.stats import StatsStore
-    from sweep import worker
-    from sweep.fulfil import fulfil_ray
+    from sweep.shared import tasks
+    from sweep.shared.fulfil import fulfil_ray
 
     over = ["base.layers=[0,2]", "share_values=false", "resources.max_concurrent=3"]
     cfg = load_sweep(str(sweep_file(assets, "split", **{"base.scoring": {"ppl": False, "pre": False}})), over)
     plan = make_plan(cfg)
-    refs, work = fulfil_ray(plan.shared, cfg, worker)
+    refs, work = fulfil_ray(plan.shared, cfg, tasks)
     assert (work.stats_passes, work.stats_shards, work.stats_layers_computed) == (1, 3, 2)
     (p,) = plan.shared.passes
     model, tok = load_model(str(assets / "model"))

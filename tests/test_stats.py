@@ -499,8 +499,8 @@ def test_sample_seed_on_hf_draws_rows_of_the_whole_dataset(monkeypatch):
 def test_stats_settings_reach_the_pass_and_the_key(tmp_path: Path, model, tok):
     from editors.config import ConfigError
     from sweep.config import parse_config
-    from sweep.shared import stats_keys
-    from sweep.work import compute_stats
+    from sweep.shared.compute import compute_stats
+    from sweep.shared.keys import stats_keys
 
     paras = _numbered_corpus(tmp_path / "c.txt")
 

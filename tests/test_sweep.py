@@ -93,7 +93,7 @@ def launch_args(argv):
 
 
 def test_killed_trial_is_retried_and_reported_once(assets, local_ray, monkeypatch, tmp_path):
-    from sweep.worker import CHAOS_ENV
+    from sweep.tune.trainable import CHAOS_ENV
 
     marker = tmp_path / "killed"
     monkeypatch.setenv(CHAOS_ENV, str(marker))
@@ -244,7 +244,7 @@ def _stop_server_then_log(*args, **kwargs):
     import os
     import signal
 
-    from sweep import tracking
+    from sweep.tune import tracking
 
     marker = Path(os.environ["TEST_MLFLOW_MARKER"])
     if not marker.exists():
@@ -259,7 +259,7 @@ def _stop_server_then_log(*args, **kwargs):
 def test_a_server_that_goes_away_mid_sweep_loses_no_result(assets, local_ray, tmp_path, monkeypatch):
     """A real ``mlflow server`` on loopback, stopped while the trials run: they finish, their results
     stay in Tune's storage, and ``--resume`` after a restart logs every one of them, once."""
-    from sweep import tracking
+    from sweep.tune import tracking
 
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -297,7 +297,7 @@ def test_a_server_that_goes_away_mid_sweep_loses_no_result(assets, local_ray, tm
 def test_trial_runs_are_live_from_the_start_and_close_with_real_times(assets, local_ray, monkeypatch):
     """The child run exists (RUNNING, with its params and colour) before the trial's result is logged,
     its curve points arrive as the batches finish, and it closes FINISHED with the trial's own span."""
-    from sweep import tracking
+    from sweep.tune import tracking
 
     seen = {}
     real = tracking.log_trial

@@ -48,8 +48,8 @@ def test_batch_trial_alone_and_with_handed_inputs(tiny_dir):
     shared) it computes none of it and gets the same metrics; incomplete inputs are one clear error."""
     from editors import load_model
     from sweep.config import SweepConfig, trial_key
-    from sweep.fulfil import fulfil_local
-    from sweep.prepass import plan_shared
+    from sweep.shared.fulfil import fulfil_local
+    from sweep.shared.needs import plan_shared
 
     cfg = load_config(None, overrides(tiny_dir, **{"stats.store": str(tiny_dir / "stats-batch")}))
     first = trial_alone(cfg, progress=False)
@@ -160,7 +160,7 @@ def test_forgetting_curve_equals_a_direct_rescoring_and_health_is_recorded(tiny_
     for the first batch, the mean of its facts' final per-record scores; the first equals the first
     batch's scores at edit (the same model). Health points come every ``health_every`` batches."""
     from editors import load_model
-    from sweep.metrics import aggregate, score_records
+    from sweep.evals.metrics import aggregate, score_records
     from sweep.stages import load_records
 
     ov = overrides(
@@ -185,8 +185,7 @@ def test_forgetting_curve_equals_a_direct_rescoring_and_health_is_recorded(tiny_
     # the model the trial handed back is unedited; re-edit 2 facts by hand and re-score them directly
     from editors import run_schedule, spec_for
     from editors.stats import StatsStore
-    from sweep.config import trial_hparams
-    from sweep.shared import model_identity, stats_keys
+    from sweep.shared.keys import model_identity, stats_keys
 
     recs = load_records(cfg)
     store = StatsStore(cfg.stats.store)
@@ -196,7 +195,7 @@ def test_forgetting_curve_equals_a_direct_rescoring_and_health_is_recorded(tiny_
         tok,
         [r.request() for r in recs[:2]],
         "memit",
-        trial_hparams(cfg),
+        cfg.edit_hparams,
         {1: store.get(key).mom2},
         batch_size=1,
         mode="sequential-batch",
@@ -238,7 +237,7 @@ def test_the_same_trial_twice_gives_identical_metrics_and_records_the_machine(ti
 def test_every_metric_a_trial_reports_is_declared_once_in_the_registry(tiny_dir):
     """The registry is the one list of metrics: a trial's stages hold only declared names, its per-record
     rows only declared per-record fields, and each declaration is complete and unique."""
-    from sweep.registry import BY_NAME, CORE, METRICS, NAMES, RECORD_FIELDS, STAGES
+    from sweep.evals.registry import BY_NAME, CORE, METRICS, NAMES, RECORD_FIELDS, STAGES
 
     assert len(set(NAMES)) == len(NAMES) and set(CORE) <= set(NAMES)
     assert len({(m.name, m.dataset) for m in METRICS}) == len(METRICS)  # one declaration per name and dataset

@@ -44,7 +44,7 @@ A study's sections come first, where the sweep has their params (``phase``, ``re
   over the repeats, each said in words (:mod:`.significance`).
 
 Datasets are kept apart: ES/PS/NS/S mean different things on CounterFact and on ZsRE/QAEdit
-(:func:`sweep.registry.label`). A sweep over one dataset (``dataset.name``; a run without it is
+(:func:`sweep.evals.registry.label`). A sweep over one dataset (``dataset.name``; a run without it is
 CounterFact's) writes every section into ``--out``; over several, each dataset's sections go into
 ``<out>/<dataset>/`` with its own ``report.md``, and ``<out>`` holds ``protocols``, ``probes`` (a row,
 panel or line per dataset) and a ``report.md`` linking the datasets'.

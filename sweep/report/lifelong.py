@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..colors import method_color
-from ..registry import CORE, label
+from ..evals.registry import CORE, label
 from .files import markdown_table, write_csv, write_figure, write_text
 from .schema import COLLAPSED_AT, DEFAULT_DATASET, METHOD_ORDER, SEQUENTIAL_MODES, Section
 

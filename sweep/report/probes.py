@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..colors import method_color
-from ..registry import STAGES
+from ..evals.registry import STAGES
 from .files import markdown_table, write_csv, write_figure, write_text
 from .schema import (
     COLLAPSED_AT,

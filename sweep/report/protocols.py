@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from ..colors import method_color
-from ..registry import CORE, label
+from ..evals.registry import CORE, label
 from .aggregate import aggregate_series, present
 from .files import markdown_table, write_csv, write_figure, write_text
 from .schema import DATASET, PROTOCOL_WORDS, Section, dataset_order, dataset_title

@@ -29,7 +29,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..colors import method_color
-from ..registry import label
+from ..evals.registry import label
 from .aggregate import stage_metric
 from .files import markdown_table, write_csv, write_figure, write_text
 from .schema import CELL, DATASET, DEFAULT_DATASET, PHASE, REPEAT, SETTINGS, Section

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..registry import STAGES
+from ..evals.registry import STAGES
 from .schema import (
     CURVES,
     DATASET,
@@ -284,7 +284,7 @@ def fetch_search(client: Any, sweep: Sweep) -> SearchSpec | None:
 
 def fetch_per_record(client: Any, run_ids: Sequence[str]) -> dict[str, pd.DataFrame]:
     """Each run's artifact ``per_record.csv`` (one row per fact: ``case_id`` ..., then ``<stage>_<metric>``
-    ×100; :func:`sweep.tracking._per_record_csv`), by run id; a run without one is left out (logged)."""
+    ×100; :func:`sweep.tune.tracking._per_record_csv`), by run id; a run without one is left out (logged)."""
     import tempfile
 
     out: dict[str, pd.DataFrame] = {}

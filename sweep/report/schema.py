@@ -1,4 +1,4 @@
-"""What the report reads of the run schema (:mod:`sweep.tracking`): columns, orders, labels, and the
+"""What the report reads of the run schema (:mod:`sweep.tune.tracking`): columns, orders, labels, and the
 typed objects that cross its modules."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..registry import CORE, GEN_CORE, NAMES, STAGES
+from ..evals.registry import CORE, GEN_CORE, NAMES, STAGES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "model-editing"
-SCORES = NAMES  # every metric a stage may hold (sweep.registry)
+SCORES = NAMES  # every metric a stage may hold (sweep.evals.registry)
 TIME_STAGES = tuple(f"time.{s}" for s in ("load", "shared", "statistics", "keys", "values", "solve", "score"))
 TIMINGS = (*TIME_STAGES, "time.total")
 MEMORY = ("memory.cpu_rss_peak_mb", "memory.gpu_peak_mb")
@@ -57,7 +57,7 @@ CURVES = (
 #: the param naming the benchmark a trial edits (runs logged before it existed: CounterFact)
 DATASET = "dataset.name"
 DEFAULT_DATASET = "counterfact"
-#: the params that say what a trial's numbers were measured on and how (:func:`sweep.tracking.trial_params`)
+#: the params that say what a trial's numbers were measured on and how (:func:`sweep.tune.tracking.trial_params`)
 DATA_PARAMS = (DATASET, "dataset.target", "scoring.generated", "scoring.gen_context", "scoring.probes")
 PARAMS = (
     "method",
@@ -102,7 +102,7 @@ METHOD_ORDER = ("rome", "memit", "emmet", "alphaedit", "encore", "memit+nas", "m
 SEQUENTIAL_MODES = ("sequential-batch", "sequential")
 #: optional columns added to the section tables when any trial of the section has them
 EXTRA_COLUMNS = ("at_edit.ge", "final.ge", "pre.ppl", "final.ppl", UPDATE_NORM)
-#: the protocols in words, as column headers and legends say them (:mod:`sweep.registry`)
+#: the protocols in words, as column headers and legends say them (:mod:`sweep.evals.registry`)
 PROTOCOL_WORDS = {"teacher_forced": "teacher-forced", "generated": "generated (WILD)"}
 #: capability probes: ``<stage>.probe_<task>_<metric>`` and ``curve.probe_<task>_<metric>``
 PROBE_PREFIX = "probe_"
@@ -111,7 +111,7 @@ PROBE_CURVE_PREFIX = f"curve.{PROBE_PREFIX}"
 #: generation-based F1; ``lik_*`` compare the label words' likelihoods)
 PROBE_HEADLINE = ("f1", "acc", "lik_f1", "lik_acc", "mcc", "lik_mcc")
 #: (task, metric) -> the score of uniform random guessing, in percent (the probes' scale,
-#: :meth:`sweep.probes.ProbeResult.metrics`), drawn as the figure's "chance" line. Binary tasks (sst2 mrpc
+#: :meth:`sweep.evals.probes.ProbeResult.metrics`), drawn as the figure's "chance" line. Binary tasks (sst2 mrpc
 #: cola rte nli sentiment_analysis) guess one of two labels: accuracy 50, and F1 (the authors' *weighted*
 #: F1, sum over classes of share_c · F1_c = sum share_c² / (share_c + 1/2)) 50 on a balanced slice (52 on a
 #: 70/30 slice, as CoLA's and MRPC's roughly are); MCC is 0 for any guess that ignores the input. mmlu and
@@ -125,7 +125,7 @@ CHANCE: dict[tuple[str, str], float] = {
     },
     **{(task, m): v for task in ("mmlu", "dialogue") for m, v in (("f1", 25.0), ("acc", 25.0), ("mcc", 0.0))},
 }
-#: a probe metric in words (:func:`sweep.probes.task_metrics`; ``lik_<m>``: the same of the likelihood prediction)
+#: a probe metric in words (:func:`sweep.evals.probes.task_metrics`; ``lik_<m>``: the same of the likelihood prediction)
 PROBE_METRIC_WORDS = {"f1": "weighted F1", "acc": "accuracy", "mcc": "MCC", "invalid": "unparsed answers"}
 #: the probe tasks known by name (longest first, so ``sentiment_analysis_f1`` parses as that task)
 PROBE_TASKS = tuple(sorted({t for t, _ in CHANCE}, key=lambda t: (-len(t), t)))
@@ -151,7 +151,7 @@ SECTION_FILES = {
 HPARAM_FILES = ("hparam_*.csv", "hparam_*.md", "fig_hparam_*.png")
 #: settings that make separate lines in a hyperparameter figure
 HPARAM_DIMS = ("mode", "batch_size", "layers", "n_edits", "model", "hparams")
-#: the benchmarks' names in words, as the runs' descriptions write them (:data:`sweep.tracking.DATASET_NAMES`)
+#: the benchmarks' names in words, as the runs' descriptions write them (:data:`sweep.tune.tracking.DATASET_NAMES`)
 DATASET_TITLES = {"counterfact": "CounterFact", "zsre": "ZsRE", "qaedit": "QAEdit", "mquake": "MQuAKE"}
 RUN_ID = re.compile(r"^[0-9a-zA-Z_-]+$")
 

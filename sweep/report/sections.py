@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..registry import CORE, NAMES, STAGES, label, metric
+from ..evals.registry import CORE, NAMES, STAGES, label, metric
 from .aggregate import aggregate_series, present, stage_metric
 from .figures import series_colors, series_figure
 from .files import markdown_table, write_csv, write_figure, write_text
@@ -65,7 +65,7 @@ def layer_search_section(
 ) -> tuple[Section | None, dict[str, tuple[int, float, str]]]:
     """Paper Fig. 1: S/ES/PS/NS at edit vs layer, batch mode at batch size 1; returns the best layer per algorithm.
 
-    ``dataset`` names the trials' benchmark (their metrics' labels, :func:`sweep.registry.label`)."""
+    ``dataset`` names the trials' benchmark (their metrics' labels, :func:`sweep.evals.registry.label`)."""
     sec = Section("layer_search", "Layer search (batch mode, batch size 1, at edit)")
     batch = trials[(trials["mode"] == "batch") & trials["batch_size"].notna() & trials["layer"].notna()]
     picked = []

@@ -5,7 +5,7 @@
 - :func:`paired_bootstrap`: two methods' per-fact scores on the same facts, resampled together (the same
   facts drawn for both) with a fixed seed: the observed difference of ES/PS/NS (a difference of means)
   and of S, its 95% percentile interval and a two-sided p. S is not a per-fact mean: it is the harmonic
-  mean of the mean ES, PS and NS (0 when any is 0; :func:`sweep.metrics.aggregate`), so each resample
+  mean of the mean ES, PS and NS (0 when any is 0; :func:`sweep.evals.metrics.aggregate`), so each resample
   recomputes it from the resampled means. Facts repeated over several runs (repeats of a cell) are
   resampled as clusters: a drawn fact brings all its rows.
 - :func:`sign_test`: the exact two-sided sign test of wins against losses (ties dropped), binomial(n, 1/2).
@@ -175,7 +175,7 @@ class SignTest:
 
 
 def _hmean_rows(parts: np.ndarray) -> np.ndarray:
-    """The harmonic mean over the last axis (0 where any part is <= 0), as :func:`sweep.metrics.hmean`."""
+    """The harmonic mean over the last axis (0 where any part is <= 0), as :func:`sweep.evals.metrics.hmean`."""
     ok = (parts > 0).all(axis=-1)
     safe = np.where(parts > 0, parts, 1.0)
     return np.where(ok, parts.shape[-1] / (1.0 / safe).sum(axis=-1), 0.0)

@@ -1,6 +1,6 @@
 """The work trials share: what each result is keyed on, where it is stored, and what a trial is handed.
 
-Three results are the same in many trials of a sweep and are computed once by :mod:`sweep.prepass`:
+Three results are the same in many trials of a sweep and are computed once by :mod:`sweep.shared.needs`:
 
 - **second moments** C of one layer: :class:`editors.stats.StatsKey` (model, layer, corpus with its
   sample seed, caps, tokens per text, accumulation dtype, weights dtype, convergence tolerance) in an
@@ -41,7 +41,7 @@ from editors.stats import SecondMoment, StatsKey, seq_len_key
 from editors.store import Store, key_digest, part_name
 from editors.targets import ValueHParams
 
-from .registry import RECORD_FIELDS, TEACHER_FORCED
+from ..evals.registry import RECORD_FIELDS, TEACHER_FORCED
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ def _warn_once(what: str, msg: str, *args: Any) -> None:
 if TYPE_CHECKING:
     from editors.hparams import EditHParams
 
-    from .config import ModelConfig, TrialConfig
-    from .data import Record
+    from ..config import ModelConfig, TrialConfig
+    from ..evals.data import Record
 
 VALUES_FORMAT = "sweep.values.v2"
 SCORES_FORMAT = "sweep.scores.v1"
@@ -132,7 +132,7 @@ class ScoresKey:
     model: str
     model_dtype: str
     batch_size: int  # prompts per forward: padding changes float rounding, hence the odd tie
-    metrics: str = "sweep.metrics.score_records.v1"
+    metrics: str = "sweep.evals.metrics.score_records.v1"
 
 
 def scores_key(cfg: TrialConfig, model_id: str) -> ScoresKey:
@@ -141,9 +141,9 @@ def scores_key(cfg: TrialConfig, model_id: str) -> ScoresKey:
     ``gen_ref``, which the edited model's ``gen_ns`` is compared with)."""
     sc = cfg.scoring
     qa = TEACHER_FORCED[cfg.dataset.name] == "token_accuracy"
-    metrics = "sweep.metrics.score_qa.v1" if qa else ScoresKey.metrics
+    metrics = "sweep.evals.metrics.score_qa.v1" if qa else ScoresKey.metrics
     if sc.generated:
-        metrics += f"+sweep.generation.wild.v1:{sc.gen_context}:{sc.gen_max_new_tokens}:{sc.gen_batch_size}"
+        metrics += f"+sweep.evals.generation.wild.v1:{sc.gen_context}:{sc.gen_max_new_tokens}:{sc.gen_batch_size}"
     return ScoresKey(model_id, cfg.model.dtype, sc.batch_size, metrics)
 
 
@@ -176,11 +176,11 @@ class ProbesKey:
     items: int
     batch_size: int
     files: str  # a digest of the tasks' files: their sha256, or the authors' md5s when fetched
-    protocol: str = "sweep.probes.run_probes.v1"
+    protocol: str = "sweep.evals.probes.run_probes.v1"
 
 
 def probes_key(cfg: TrialConfig, model_id: str) -> ProbesKey:
-    from .probes import files_digest
+    from ..evals.probes import files_digest
 
     sc = cfg.scoring
     files = files_digest(sc.probe_data, sc.probes)
@@ -349,11 +349,10 @@ class TrialInputs:
 
     def missing(self, cfg: TrialConfig, records: Sequence[Record], needs_stats: bool) -> list[str]:
         """What the trial ``cfg`` on ``records`` needs that these inputs lack (empty: complete)."""
-        from .config import trial_hparams
 
         out = []
         if needs_stats:
-            layers = list(trial_hparams(cfg).layers)
+            layers = list(cfg.edit_hparams.layers)
             have = set(self.stats or {})
             if not set(layers) <= have:
                 out.append(f"statistics of layers {sorted(set(layers) - have)}")
@@ -371,7 +370,7 @@ class TrialInputs:
 @dataclass
 class TrialRefs:
     """A trial's shared inputs as object-store references, resolved on its worker by :func:`inputs_of`
-    (:func:`sweep.service.obtain`)."""
+    (:func:`sweep.shared.service.obtain`)."""
 
     stats: dict[int, Any] = field(default_factory=dict)  # layer -> ref of C [d_key, d_key] (numpy)
     stats_tokens: dict[int, int] = field(default_factory=dict)

@@ -1,10 +1,10 @@
 """Shared work on demand: one actor on the driver's node hands every trial its shared inputs.
 
 A trial that a search suggests after launch (a new λ, a new layer) was never planned, so nothing was
-fulfilled for it by trial key. The service plans its shared work when it asks (:func:`sweep.prepass.
+fulfilled for it by trial key. The service plans its shared work when it asks (:func:`sweep.shared.needs.
 plan_shared` on that one trial) and looks each piece up by **what it is** (statistics by (group, layer),
 values and scores by (key, fact), perplexity and probes by key), so a piece that any trial, the up-front
-fulfilment (:func:`sweep.fulfil.fulfil_ray`) or an earlier sweep (the stores) produced is found:
+fulfilment (:func:`sweep.shared.fulfil.fulfil_ray`) or an earlier sweep (the stores) produced is found:
 
     ask(trial)  ->  complete: its references      (hand_out: what it needs, wherever it came from)
                 ->  else one missing unit: read from the stores by the service, or granted to the asker,
@@ -18,7 +18,7 @@ unit is granted again), and trials that need the same units split them chunk by 
 
 The service writes every delivered unit to the stores (it runs on the driver's node, whose disk holds
 them) and puts the copy the trials read: every object is owned by the head, none by the worker that
-computed it. Its counters (:class:`sweep.fulfil.WorkCounts`) say what was computed and what was read.
+computed it. Its counters (:class:`sweep.shared.fulfil.WorkCounts`) say what was computed and what was read.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ from .fulfil import (
     ray_handle,
     units_of,
 )
-from .shared import TrialInputs, TrialRefs, inputs_of
+from .keys import TrialInputs, TrialRefs, inputs_of
 
 if TYPE_CHECKING:
-    from .config import SweepConfig, TrialConfig
-    from .prepass import SharedPlan, TrialNeeds
+    from ..config import SweepConfig, TrialConfig
+    from .needs import SharedPlan, TrialNeeds
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class SharedWork:
 
     def _plan(self, t: TrialConfig, key: str) -> _Planned:
         if key not in self._plans:
-            from .prepass import plan_shared
+            from .needs import plan_shared
 
             plan: SharedPlan = plan_shared(self.cfg, [t], [key], budget_gb=self.budget_gb)
             need = plan.needs[key]
@@ -186,8 +186,8 @@ class SharedWork:
         group = need.stats_group
         assert group is not None
         if group not in self._reach_passes:
-            from .config import parse_config
-            from .prepass import plan_shared
+            from ..config import parse_config
+            from .needs import plan_shared
 
             others = []
             for layers in dict.fromkeys(self.reach):
@@ -221,7 +221,7 @@ class SharedWork:
     def ask(self, t: TrialConfig) -> Answer:
         """The trial's references when everything it needs exists; else a unit for it to compute (after
         the stores were tried); else how many of its units others are computing."""
-        from .config import trial_key
+        from ..config import trial_key
 
         key = trial_key(t)
         with self._lock:

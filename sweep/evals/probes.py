@@ -30,7 +30,7 @@ AlphaEdit's paper plots F1 per task (SST, MRPC, CoLA, RTE, MMLU, NLI): the gener
 
 Where this differs from the authors' loop, on purpose (identical for every model they ran: GPT-2 XL,
 GPT-J, Llama-3-8B-Instruct): prompts are generated in left-padded batches on the KV cache
-(:func:`sweep.generation.greedy_generate`) and scored in batches (:func:`sweep.metrics.target_scores`
+(:func:`sweep.evals.generation.greedy_generate`) and scored in batches (:func:`sweep.evals.metrics.target_scores`
 where ``tok(prompt + " " + w)`` is the prompt's ids followed by the word's, else the joint row as they
 run it), so a near-tie may fall the other way by rounding; the label word's BOS is dropped for any
 tokenizer that adds one (they test ``"llama" in the model name``); the model-name table of context
@@ -298,7 +298,7 @@ def load_all(folder: str | Path, task: str) -> list[ProbeItem]:
     t = task_of(task)
     path = Path(folder) / t.file
     if not path.is_file():
-        raise ProbeDataError(f"{path}: no such probe file (python -m sweep.probes fetch --out {folder} makes it)")
+        raise ProbeDataError(f"{path}: no such probe file (python -m sweep.evals.probes fetch --out {folder} makes it)")
     return [item_of(t, path, n, r) for n, r in enumerate(read_records(path), start=1)]
 
 
@@ -564,7 +564,7 @@ def _joint_nll(
 def likelihood_nll(model: nn.Module, tok: Any, enc: EncodedTask, *, batch_size: int = 32) -> torch.Tensor:
     """Mean NLL of each scored word after each prompt: [items, words] float64 (the authors' ``probs``
     before exp(−·)). Pairs whose joint tokenisation is the prompt's ids then the word's go through
-    :func:`sweep.metrics.target_scores` (one pass per prompt, shared by its words); others run the
+    :func:`sweep.evals.metrics.target_scores` (one pass per prompt, shared by its words); others run the
     joint row as the authors do."""
     from .metrics import target_scores
 
@@ -603,7 +603,7 @@ def _generate(model: nn.Module, tok: Any, prompts: Sequence[Sequence[int]], gen_
     """``gen_len`` greedy new tokens per prompt, ended as ``model.generate`` ends one sequence: at the first
     of the model's EOS ids (:func:`eos_ids`, kept, as ``generate`` keeps it).
 
-    :func:`~sweep.generation.greedy_generate` ends a row at any of its end ids (the tokenizer's EOS too)
+    :func:`~sweep.evals.generation.greedy_generate` ends a row at any of its end ids (the tokenizer's EOS too)
     and keeps that id here (``keep_end``); a row ended by an id that is not one of the model's EOS ids
     (``generate`` would go on) is continued from where it stopped.
     """
@@ -676,7 +676,7 @@ class ProbeResult:
         """Flat ``probe_<task>_<metric>`` ×100 (percent; MCC a signed percent), e.g. ``probe_sst2_f1`` (the
         authors' headline, the generation-based weighted F1 AlphaEdit's figures plot), ``probe_sst2_mcc``,
         ``probe_sst2_acc``, ``probe_sst2_invalid``, ``probe_sst2_lik_f1`` / ``_lik_mcc`` / ``_lik_acc``
-        (each declared in :mod:`sweep.registry`; the point's time is :attr:`seconds`)."""
+        (each declared in :mod:`sweep.evals.registry`; the point's time is :attr:`seconds`)."""
         return {f"probe_{t}_{k}": 100.0 * v for t, d in self.tasks.items() for k, v in d.items()}
 
 
@@ -869,7 +869,7 @@ def probe_folder(data: str | Path | None, tasks: Sequence[str]) -> Path:
         except ProbeDataError as e:
             raise ProbeDataError(
                 f"scoring.probe_data: null, and {e}; offline? give a folder of the probe JSON lines "
-                "(python -m sweep.probes fetch --out DIR where there is a network)"
+                "(python -m sweep.evals.probes fetch --out DIR where there is a network)"
             ) from None
     return folder
 
@@ -885,8 +885,8 @@ def check_probe_data(trials: list[Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m sweep.probes fetch --out DIR``: the authors' probe data as checked JSON lines."""
-    parser = argparse.ArgumentParser(prog="python -m sweep.probes", description=__doc__.splitlines()[0])
+    """``python -m sweep.evals.probes fetch --out DIR``: the authors' probe data as checked JSON lines."""
+    parser = argparse.ArgumentParser(prog="python -m sweep.evals.probes", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help=f"download AlphaEdit's glue_eval pickles ({COMMIT[:7]}) as JSON lines")
     f.add_argument("--out", required=True, type=Path, help="folder for the <task>.jsonl files")
@@ -897,7 +897,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         fetch(args.out, args.tasks, timeout=args.timeout)
     except ProbeDataError as e:
-        sys.exit(f"sweep.probes fetch: {' '.join(str(e).split())}")
+        sys.exit(f"sweep.evals.probes fetch: {' '.join(str(e).split())}")
 
 
 if __name__ == "__main__":

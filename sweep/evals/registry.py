@@ -107,7 +107,7 @@ METRICS: tuple[Metric, ...] = (
            "cases whose every rewrite is in the model (their questions are asked)"),
 )  # fmt: skip
 
-#: the capability probes (AlphaEdit's glue_eval, sweep.probes): AlphaEdit's six, then the two it ships unused
+#: the capability probes (AlphaEdit's glue_eval, sweep.evals.probes): AlphaEdit's six, then the two it ships unused
 PROBE_TASKS = ("sst2", "mrpc", "cola", "rte", "nli", "mmlu", "sentiment_analysis", "dialogue")
 _PROBE_KINDS = (
     ("f1", "generated", "F1", "weighted F1 of the greedy 5-token answer's parsed label (AlphaEdit's figures)"),
@@ -135,7 +135,7 @@ METRICS += tuple(
 )
 
 #: each dataset's teacher-forced ES/PS/NS: CounterFact's probability comparisons (MQuAKE's rewrites are
-#: CounterFact facts) or the ZsRE lineage's token accuracy (sweep.metrics.score_counterfact / score_qa)
+#: CounterFact facts) or the ZsRE lineage's token accuracy (sweep.evals.metrics.score_counterfact / score_qa)
 TEACHER_FORCED = {
     "counterfact": "probability",
     "mquake": "probability",

@@ -1,5 +1,5 @@
 """The teacher-forced metrics of every dataset, one scoring path for every algorithm (docs/ALGORITHMS.md
-§7, §9), and the entry to the generation-based ones (:mod:`sweep.generation`).
+§7, §9), and the entry to the generation-based ones (:mod:`sweep.evals.generation`).
 
 For each prompt, the mean per-token NLL of ``" " + target`` by teacher forcing (memit
 ``eval_utils_counterfact.py``): the prompt is tokenised with the tokenizer's special tokens (BOS where the
@@ -253,7 +253,7 @@ class RecordScores:
     generalisation and specificity under teacher forcing (CounterFact: probability comparisons; ZsRE and
     QAEdit: token accuracy); a field is None where the record's dataset or the trial's protocols do not
     define it (the magnitudes and ``*_acc`` are CounterFact's; ``gen_*`` need ``scoring.generated``).
-    The fields are :data:`sweep.registry.RECORD_FIELDS`, in order."""
+    The fields are :data:`sweep.evals.registry.RECORD_FIELDS`, in order."""
 
     case_id: int
     es: float
@@ -276,7 +276,7 @@ class RecordScores:
 
 @dataclass(frozen=True)
 class GenSettings:
-    """The generation-based (WILD) protocol of a trial (``scoring.gen_*``; :mod:`sweep.generation`)."""
+    """The generation-based (WILD) protocol of a trial (``scoring.gen_*``; :mod:`sweep.evals.generation`)."""
 
     context: str = "bare"
     max_new_tokens: int = 50
@@ -325,7 +325,7 @@ def score_records(
 def generated_scores(
     model: nn.Module, tok: Any, records: Sequence[Record], gs: GenSettings, reference: Sequence[Reference] | None
 ) -> list[Any]:
-    """:func:`sweep.generation.generated_scores` of ``records`` (the target and its aliases accepted)."""
+    """:func:`sweep.evals.generation.generated_scores` of ``records`` (the target and its aliases accepted)."""
     from .generation import GenFact
     from .generation import generated_scores as wild
 

@@ -37,12 +37,13 @@ import yaml
 
 from editors.config import to_dict
 
-from .colors import method_color
-from .registry import RECORD_FIELDS, STAGES
-from .result import REPORT_KEY, TrialResult
+from ..cells import planned_of
+from ..colors import method_color
+from ..evals.registry import RECORD_FIELDS, STAGES
+from ..result import REPORT_KEY, TrialResult
 
 if TYPE_CHECKING:
-    from .cells import PlannedTrial
+    from ..cells import PlannedTrial
 
 log = logging.getLogger(__name__)
 
@@ -238,13 +239,11 @@ def start_trial_run(c: Any, exp_id: str, parent: str, sid: str, planned: Planned
     finish); a run this sweep left RUNNING for the same trial (a killed launcher) is continued."""
     from mlflow.entities import Param
 
-    from .config import trial_hparams
-
     key, cfg, method = planned.key, planned.config, planned.method
     left = running_trial_runs(c, exp_id, parent)
     if key in left:
         return left[key].info.run_id
-    hp = trial_hparams(cfg)
+    hp = cfg.edit_hparams
     run = c.create_run(
         exp_id,
         run_name=run_name(method, list(hp.layers), cfg.batch_size, cfg.mode, key),
@@ -419,12 +418,12 @@ def _per_record_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def make_callback(uri: str, exp_id: str, parent: str, sid: str, cells: Any):
+def make_callback(uri: str, exp_id: str, parent: str, sid: str):
     """A Tune callback that keeps one child run per trial: RUNNING from its start with its params, each
     batch's curve point streamed as it is reported, closed FINISHED with the result (or, for a trial a
-    scheduler stopped, with what it measured until then), or FAILED. ``cells``
-    (:class:`sweep.cells.Cells`) resolves each trial's Tune config, grid point or search suggestion. An
-    unreachable server costs no result: it stays in Tune's storage for ``--resume`` to log."""
+    scheduler stopped, with what it measured until then), or FAILED; each trial's run is named by the
+    :class:`~sweep.cells.PlannedTrial` its Tune config carries. An unreachable server costs no result: it
+    stays in Tune's storage for ``--resume`` to log."""
     from ray import tune
 
     class MlflowTrials(tune.Callback):
@@ -439,7 +438,7 @@ def make_callback(uri: str, exp_id: str, parent: str, sid: str, cells: Any):
 
         def _plan(self, trial: Any) -> Any:
             if trial.trial_id not in self.planned:
-                self.planned[trial.trial_id] = cells.resolve(trial.config)
+                self.planned[trial.trial_id] = planned_of(trial.config)
             return self.planned[trial.trial_id]
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -1,7 +1,7 @@
 """Planning the shared work of a sweep: what its trials share, what the stores lack, what it will cost.
 
 No model is loaded here. :func:`plan_shared` walks the expanded trials and builds, per content key
-(:mod:`sweep.shared`; every key is built here, once, and handed on):
+(:mod:`sweep.shared.keys`; every key is built here, once, and handed on):
 
 - statistics: per (model, statistics settings), the layers any trial edits. Layers in the store are read
   by the fulfiller; the rest are split into **passes** whose accumulators fit next to the model in a
@@ -14,7 +14,7 @@ No model is loaded here. :func:`plan_shared` walks the expanded trials and build
   model's capability probes per :class:`ProbesKey`.
 
 The model's shape comes from its ``config.json`` alone (:func:`model_shape`), and the cost estimate from
-shapes. Computing the plan is :mod:`sweep.fulfil`'s job (in this process, or on Ray).
+shapes. Computing the plan is :mod:`sweep.shared.fulfil`'s job (in this process, or on Ray).
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from editors.model import n_layers_of
 from editors.stats import StatsKey, StatsStore, StreamSlice, split_stream
 from editors.templates import N_TEMPLATES
 
-from .config import trial_hparams
-from .shared import (
+from .keys import (
     PplKey,
     ProbesKey,
     ScoresKey,
@@ -54,8 +53,8 @@ from .shared import (
 )
 
 if TYPE_CHECKING:
-    from .config import SweepConfig, TrialConfig
-    from .data import Record
+    from ..config import SweepConfig, TrialConfig
+    from ..evals.data import Record
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +339,7 @@ def plan_shared(
     datasets: dict[tuple, list[Record]] = {}
     identities: dict[tuple, str] = {}  # a model's identity hashes its files: once per model, not per trial
     for tkey, t in zip(keys, trials):
-        hp = trial_hparams(t)
+        hp = t.edit_hparams
         tr = traits(t.algorithm)
         mref = (t.model.source, t.model.gguf_file, t.model.revision)
         if mref not in identities:
@@ -380,7 +379,7 @@ def plan_shared(
 def _selection(t: TrialConfig, datasets: dict[tuple, list[Any]], dry_run: bool) -> tuple[tuple, list[Any]]:
     """(the selection's key, its records) of trial ``t``, loaded once per selection; in a dry run, a
     dataset not at hand gives ``None`` per fact (counted by position)."""
-    from .data import DatasetError, load_selection
+    from ..evals.data import DatasetError, load_selection
 
     d = t.dataset
     dkey = (
@@ -480,7 +479,7 @@ def value_seconds(t: TrialConfig, shape: Shape, tflops: float, n_facts: int) -> 
     """Time of ``n_facts`` target-value optimisations: 6 · params · tokens per step (forward + backward)
     × steps, with ~12 tokens per prompt after the cached prefix."""
 
-    hp = trial_hparams(t)
+    hp = t.edit_hparams
     n_prompts = N_TEMPLATES[hp.context_templates] + 1
     return 6 * shape.params * n_facts * n_prompts * 12 * hp.v_num_grad_steps / (tflops * 1e12)
 

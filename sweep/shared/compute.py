@@ -1,6 +1,6 @@
 """The shared work itself, on a loaded model: no Ray, no store, no claim.
 
-What :mod:`sweep.fulfil`'s backends run (in this process, or inside :mod:`sweep.worker`'s Ray tasks):
+What :mod:`sweep.shared.fulfil`'s backends run (in this process, or inside :mod:`sweep.shared.tasks`'s Ray tasks):
 second moments of some layers in one pass over the corpus (or a part's raw sums), target values v* of batch-mode facts,
 pre-edit scores of facts, and the unedited model's held-out perplexity.
 """
@@ -16,11 +16,9 @@ from editors import spec_for, traits
 from editors.corpus import CorpusSpec, iter_texts
 from editors.stats import MomentSums, SecondMoment, StreamSlice, collect_second_moments, second_moment_sums
 
-from .config import trial_hparams
-
 if TYPE_CHECKING:
-    from .config import TrialConfig
-    from .data import Record
+    from ..config import TrialConfig
+    from ..evals.data import Record
 
 
 def compute_stats(
@@ -57,7 +55,7 @@ def compute_values(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Rec
     from editors.targets import optimize_values
     from editors.templates import TemplateCache, flat
 
-    hp = trial_hparams(cfg)
+    hp = cfg.edit_hparams
     tpl = TemplateCache().get(model, tok, hp.context_templates, hp.template_seed)
     v = optimize_values(
         model,
@@ -77,13 +75,13 @@ def compute_scores(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Rec
     """The score fields (``RecordScores.fields()``) of ``records`` on the model as it is; under
     ``scoring.generated`` each row also holds ``gen_ref``, the model's neighbourhood generations (token
     ids per prompt) that an edited model's ``gen_ns`` is compared with (so its own ``gen_ns`` is 1)."""
-    from .metrics import gen_settings, score_records
+    from ..evals.metrics import gen_settings, score_records
 
     gs = gen_settings(cfg.scoring)
     scores = score_records(model, tok, spec_for(model), records, batch_size=cfg.scoring.batch_size)
     rows: list[dict[str, Any]] = [s.fields() for s in scores]
     if gs is not None:
-        from .metrics import generated_scores
+        from ..evals.metrics import generated_scores
 
         for row, g in zip(rows, generated_scores(model, tok, records, gs, None)):
             row.update(gen_es=g.gen_es, gen_ps=g.gen_ps, gen_ns=1.0, gen_ref=[list(ids) for ids in g.neighbour_ids])
@@ -92,7 +90,7 @@ def compute_scores(cfg: TrialConfig, model: Any, tok: Any, records: Sequence[Rec
 
 def compute_ppl(cfg: TrialConfig, model: Any, tok: Any) -> float:
     """Held-out perplexity on the configured slice of the statistics corpus."""
-    from .metrics import heldout_perplexity
+    from ..evals.metrics import heldout_perplexity
 
     sc = cfg.scoring
     return heldout_perplexity(
@@ -102,7 +100,7 @@ def compute_ppl(cfg: TrialConfig, model: Any, tok: Any) -> float:
 
 def compute_probes(cfg: TrialConfig, model: Any, tok: Any) -> dict[str, float]:
     """The capability probes (``scoring.probes``) of the model as it is: ``probe_<task>_<metric>``."""
-    from .probes import probe_folder, run_probes
+    from ..evals.probes import probe_folder, run_probes
 
     sc = cfg.scoring
     folder = probe_folder(sc.probe_data, sc.probes)

@@ -1,4 +1,4 @@
-"""The typed record every benchmark's loader produces (:mod:`sweep.data`, :mod:`sweep.mquake`) and the
+"""The typed record every benchmark's loader produces (:mod:`sweep.evals.data`, :mod:`sweep.evals.mquake`) and the
 error a bad one raises: the lowest floor of the data, imported by loaders, metrics and trials alike."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 from editors.requests import EditRequest
 
-#: The benchmarks a trial can edit (``DatasetConfig.name``; :func:`sweep.data.load_dataset`).
+#: The benchmarks a trial can edit (``DatasetConfig.name``; :func:`sweep.evals.data.load_dataset`).
 BENCHMARKS = ("counterfact", "zsre", "qaedit", "mquake")
 
 

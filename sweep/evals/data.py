@@ -41,7 +41,7 @@ from editors.store import atomic_write, write_text_atomic
 from .records import BENCHMARKS, DatasetError, Record, check_unique
 
 if TYPE_CHECKING:
-    from .config import DatasetConfig
+    from ..config import DatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ Target = Literal["answers", "alt"]
 #: What a benchmark is called in messages.
 _LABEL = {"counterfact": "CounterFact", "zsre": "ZsRE", "qaedit": "QAEdit", "mquake": "MQuAKE"}
 #: The project's own demo set: 30 counterfactual records about facts SmolLM2-135M gets right.
-DEMO = Path(__file__).parent / "data" / "demo_counterfact.json"
+DEMO = Path(__file__).parent.parent / "data" / "demo_counterfact.json"
 
 
 def _field(rec: dict[str, Any], path: str, cid: Any) -> Any:
@@ -417,7 +417,7 @@ def _load(name: str, source: str, sha256: str | None, target: Target) -> tuple[l
             f"file or a URL" + (f" (the cluster default: {ZSRE_URL})" if name == "zsre" else "")
         )
     path, data = _read_json(source, sha256)
-    if name == "mquake":  # cases of rewrites (sweep.mquake): one record per rewrite
+    if name == "mquake":  # cases of rewrites (sweep.evals.mquake): one record per rewrite
         from .mquake import case_records, parse_cases
 
         return case_records(parse_cases(data, str(path))), len(data)

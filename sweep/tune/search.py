@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .cells import Cells, PlannedTrial, space_name
+from ..cells import Cells, PlannedTrial, planned_of, space_name
 
 if TYPE_CHECKING:
-    from .config import Distribution, SweepConfig
+    from ..config import Distribution, SweepConfig
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,8 @@ class PerCell(_scheduler_base()):  # type: ignore[misc]
         self._by_cell: dict[str, Any] = {}
 
     def _of(self, trial: Any) -> Any:
-        p = trial.config["point"]
-        group = f"cell {int(p['cell'])}" if p["phase"] == "search" else str(p["method"])
+        p = planned_of(trial.config)
+        group = f"cell {p.cell_index}" if p.phase == "search" else p.method
         if group not in self._by_cell:
             self._by_cell[group] = self._make()
         return self._by_cell[group]

@@ -1,46 +1,34 @@
-"""What runs inside Ray workers: the model cache, the shared-work tasks and the trial trainable.
+"""What the shared work runs inside Ray workers: the per-process model cache, the GPU check and the tasks.
 
 - The model is loaded once per worker process (:func:`cached_model`); with Tune's actor reuse every
-  trial of that worker gets the same model, whose edited weights ``run_trial`` restores exactly.
-- The shared-work tasks only compute: their bodies are :mod:`sweep.work`'s ``compute_*`` functions,
-  and they *return* their results, which :func:`sweep.fulfil.fulfil_ray` (in the driver) writes to the
-  stores and hands to the trials as copies it puts itself. No task writes to its node's disk and none
+  trial of that worker gets the same model, whose edited weights ``run_trial`` restores exactly (the
+  trainable, :mod:`sweep.tune.trainable`, uses the same cache).
+- The tasks only compute: their bodies are :mod:`sweep.shared.compute`'s ``compute_*`` functions,
+  and they *return* their results, which :func:`sweep.shared.fulfil.fulfil_ray` (in the driver) writes to
+  the stores and hands to the trials as copies it puts itself. No task writes to its node's disk and none
   of its results stays in its node's object store, so a worker node that shares no disk with the
   driver, or is gone, loses nothing. A task given a GPU runs in a process of its own that exits after
   it (``RayBackend``: ``max_calls=1``), so the model it cached here and its CUDA memory go with it.
 - A task or trial that Ray gave a GPU but that sees no CUDA device fails at once (:func:`require_gpu`):
   it never falls back to the CPU.
-- The trainable (:func:`trainable`) resolves its Tune config into a :class:`~sweep.cells.PlannedTrial`,
-  asks the sweep's service for its inputs (:func:`sweep.service.obtain_ray`: computing, on its own model,
-  any unit the service grants it) and runs the trial's stages (:func:`sweep.stages.run_trial`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .cells import Cells
-from .config import ModelConfig, parse_config, resolve_device
-from .registry import CORE
-from .result import REPORT_KEY, CurvePoint
-from .shared import stats_dtype
-from .stages import run_trial
-from .work import compute_ppl, compute_probes, compute_scores, compute_stats, compute_stats_part, compute_values
+from ..config import ModelConfig, parse_config, resolve_device
+from .compute import compute_ppl, compute_probes, compute_scores, compute_stats, compute_stats_part, compute_values
+from .keys import stats_dtype
 
 log = logging.getLogger(__name__)
-
-#: Set to a file path to make the first trial that reaches its first batch kill its own worker
-#: process (once: the file marks that it happened). Fault-injection for the retry test.
-CHAOS_ENV = "MODEL_EDITING_CHAOS_KILL_ONCE"
 
 _MODELS: dict[tuple, tuple[Any, Any]] = {}  # per worker process: (source, gguf, revision, dtype, device)
 
@@ -88,7 +76,7 @@ def _cached_model(mc: ModelConfig, dtype: str | None = None) -> tuple[Any, Any, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# The shared-work tasks (submitted by sweep.fulfil.RayBackend; they return, the driver stores)
+# The shared-work tasks (submitted by sweep.shared.fulfil.RayBackend; they return, the driver stores)
 
 
 def stats_task(trial: dict[str, Any], layers: list[int], part: dict[str, Any] | None = None) -> Iterator[Any]:
@@ -161,73 +149,3 @@ def gpu_memory_task() -> dict[str, Any]:
     require_gpu()
     props = torch.cuda.get_device_properties(0)
     return {"node": ray.util.get_node_ip_address(), "name": props.name, "total_gb": props.total_memory / 1e9}
-
-
-# ----------------------------------------------------------------------------------------------------
-# A trial
-
-
-def batch_report(point: CurvePoint) -> dict[str, Any]:
-    """One batch's report to Tune: edits so far, the scores so far (``s es ps ns``: the progress table's
-    columns, and as ``at_edit.<m>`` for a scheduler) and the curve point (``curve.*``, streamed to MLflow)."""
-    flat = point.flat()
-    return {
-        "edits": point.edits,
-        **point.at_edit,
-        **{f"at_edit.{k}": v for k, v in point.at_edit.items()},
-        **{f"curve.{k}": v for k, v in flat.items() if isinstance(v, (int, float))},
-    }
-
-
-def trainable(config: dict[str, Any], cells: Cells, service: Any) -> None:
-    """One Tune trial: ``config`` (``{"point": ..., "sampled": ...}``, a grid point or a search's
-    suggestion) is resolved into its :class:`~sweep.cells.PlannedTrial` once; its shared inputs come from
-    the sweep's service (:mod:`sweep.service`: found by what they are, or computed here on the way).
-
-    Reports one intermediate result per batch (:func:`batch_report`) and a final result with the trial's
-    scalar metrics and the whole :class:`~sweep.result.TrialResult`, packed.
-    """
-    import ray
-    from ray import tune
-
-    from .service import obtain_ray
-
-    planned = cells.resolve(config)
-    cfg = planned.config
-    model, tok, load_s = _cached_model(cfg.model)
-    got = obtain_ray(service, cfg, model, tok)
-    inputs = got.inputs
-
-    chaos = os.environ.get(CHAOS_ENV)
-
-    def on_batch(point: CurvePoint) -> None:
-        if chaos and not Path(chaos).exists():
-            Path(chaos).write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
-        # Under a scheduler the last batch's point rides in the final report (tracking.log_trial): ASHA stops a
-        # trial that reaches its max_t, which must be after the final result, not before it
-        if point.edits < cfg.n_edits or cells.cfg.scheduler is None:
-            tune.report(batch_report(point))
-
-    result = run_trial(cfg, inputs=inputs, model=model, tok=tok, on_batch=on_batch)
-    result.trial_key = planned.key
-    result.timings["load"] = load_s  # 0 when an earlier trial of this worker loaded the model
-    result.timings["shared"] = got.seconds  # shared work this trial computed for the sweep
-    result.timings["wait_inputs"] = got.waited_s
-    for kind, n in got.computed.items():
-        result.work[f"{kind}_computed_for_sweep"] = n
-    result.node = ray.get_runtime_context().get_node_id()
-    result.pid = os.getpid()
-    result.stats_zero_copy = inputs.zero_copy  # a read-only view of the object store, not a per-trial copy
-    # The whole result rides in the last report, through Ray to the driver: no checkpoint, so no node
-    # needs the driver's disk (tracking.result_of).
-    tune.report(
-        {
-            "edits": cfg.n_edits,
-            **{m: result.metrics["final"][m] for m in CORE},
-            **result.flat_metrics(),
-            REPORT_KEY: result.pack(),
-        }
-    )
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

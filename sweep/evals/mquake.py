@@ -383,7 +383,7 @@ def extract_answer(generation: str, style: Style = "direct") -> str:
 def answer_matches(prediction: str, golds: Iterable[str], match: Match = "normalized") -> bool:
     """Whether ``prediction`` is one of ``golds`` (an answer and its aliases).
 
-    ``normalized`` (the default): equal after SQuAD normalisation (:func:`sweep.generation.exact_match`).
+    ``normalized`` (the default): equal after SQuAD normalisation (:func:`sweep.evals.generation.exact_match`).
     ``exact``: the stripped prediction equals one of them as written, MeLLo's rule (``ans ==
     d["new_answer"] or ans in d["new_answer_alias"]``, princeton-nlp/MQuAKE ``run_mello.ipynb``), which
     ``normalized`` only widens (case, punctuation, articles). No containment: ``"Arabic or English"``
@@ -399,7 +399,7 @@ def answer_matches(prediction: str, golds: Iterable[str], match: Match = "normal
 
 def recalls_target(generation: str, target: str) -> bool:
     """Edit-wise success of one edit: the cloze completion starts with ``target``, in whole words,
-    after SQuAD normalisation (:func:`sweep.generation.normalize_answer`). The paper counts an edit
+    after SQuAD normalisation (:func:`sweep.evals.generation.normalize_answer`). The paper counts an edit
     when the edited model's answer to the cloze statement is the new object; under greedy decoding, a
     completion that starts with the object is the generated form of the reference code's "every
     target token is the argmax"."""
@@ -447,7 +447,7 @@ def _generate(
     batch_size: int,
     keep: Sequence[int] | None = None,
 ) -> list[str]:
-    """Greedy continuations of ``texts`` (:func:`sweep.generation.greedy_generate`), decoded without
+    """Greedy continuations of ``texts`` (:func:`sweep.evals.generation.greedy_generate`), decoded without
     special tokens; each distinct text is generated once (MQuAKE cases share many edits). ``keep``: the
     number of new tokens to keep of each (greedy decoding is prefix-consistent, so this is what a run
     with that budget alone returns)."""
@@ -562,7 +562,7 @@ CASE_STRIDE = 10
 
 
 def case_records(cases: Sequence[Case]) -> list[Any]:
-    """Every rewrite of ``cases`` as a :class:`sweep.data.Record` (``dataset="mquake"``), case by case
+    """Every rewrite of ``cases`` as a :class:`sweep.evals.data.Record` (``dataset="mquake"``), case by case
     in order, ``case_id = case × CASE_STRIDE + j``. A rewrite has no paraphrase or neighbourhood prompt:
     its teacher-forced ES is CounterFact's (P(new) > P(true) after the cloze); MQuAKE's own measure is
     the multi-hop one (:func:`multihop_metrics`)."""

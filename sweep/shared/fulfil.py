@@ -1,6 +1,6 @@
 """Fulfil a shared-work plan: every trial's complete inputs, each piece computed once, stored by one owner.
 
-Planning (:mod:`sweep.prepass`: shapes, memory, passes, the content keys, cost) says *what* the trials
+Planning (:mod:`sweep.shared.needs`: shapes, memory, passes, the content keys, cost) says *what* the trials
 share; this module makes it exist. The plan becomes **units** (a statistics pass, a chunk of target values
 or of pre-edit scores, a perplexity), and each unit goes through one rule, whoever runs it:
 
@@ -14,7 +14,7 @@ one, and two sweeps at once compute each unit once (the lease). Two backends:
 
 - :class:`LocalBackend` computes on a model loaded in this process (:func:`sweep.trial.trial_alone`, which
   ``python -m sweep.trial`` runs, and notebooks); :func:`fulfil_local` returns ``{trial key: TrialInputs}``;
-- :class:`RayBackend` submits each unit as Ray tasks (:mod:`sweep.worker`'s bodies, handed in by the
+- :class:`RayBackend` submits each unit as Ray tasks (:mod:`sweep.shared.tasks`'s bodies, handed in by the
   launcher), all at once, so passes and chunks run on every free worker, a statistics pass split over
   the workers (its parts' sums added here); a task that holds a GPU runs in a process that exits after
   it, which frees the device and the model it loaded. The driver fetches every result, writes it and
@@ -22,7 +22,7 @@ one, and two sweeps at once compute each unit once (the lease). Two backends:
   none stays on the worker that computed it. :func:`fulfil_ray` returns ``{trial key: TrialRefs}``
   (references a trial resolves on its worker).
 
-The work itself is :mod:`sweep.work`'s.
+The work itself is :mod:`sweep.shared.compute`'s.
 
 The work counters (:class:`WorkCounts`) count what this fulfilment computed and what it read, unit by unit.
 """
@@ -47,7 +47,8 @@ import torch
 from editors.stats import MomentSums, SecondMoment, StatsKey, StatsStore, StreamSlice, add_sums
 from editors.store import claim, part_name
 
-from .shared import (
+from .compute import compute_ppl, compute_probes, compute_scores, compute_stats, compute_values
+from .keys import (
     PplKey,
     ProbesKey,
     ScoresKey,
@@ -60,12 +61,11 @@ from .shared import (
     inputs_of,
     stats_dtype,
 )
-from .work import compute_ppl, compute_probes, compute_scores, compute_stats, compute_values
 
 if TYPE_CHECKING:
-    from .config import SweepConfig, TrialConfig
-    from .data import Record
-    from .prepass import SharedPlan, TrialNeeds
+    from ..config import SweepConfig, TrialConfig
+    from ..evals.data import Record
+    from .needs import SharedPlan, TrialNeeds
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,11 @@ class StatsUnit:
     stored), shared by the trials of ``group``; computed on Ray in ``shards`` parts (:meth:`parts`)."""
 
     trial: TrialConfig
-    group: str  # the trials that share these statistics (sweep.prepass.stats_group)
+    group: str  # the trials that share these statistics (sweep.shared.needs.stats_group)
     keys: dict[int, StatsKey]
     store: str | None
     kind: str = "stats"
-    shards: int = 1  # workers the pass splits over (sweep.prepass.stats_workers)
+    shards: int = 1  # workers the pass splits over (sweep.shared.needs.stats_workers)
 
     @property
     def layers(self) -> list[int]:
@@ -95,9 +95,9 @@ class StatsUnit:
 
     def parts(self) -> list[StreamSlice]:
         """The parts of the pass's token stream, one task each, whose sums add up to the one-pass C
-        (:func:`sweep.prepass.pass_parts`: ``shards`` of them, fewer for a stream of fewer tokens or
+        (:func:`sweep.shared.needs.pass_parts`: ``shards`` of them, fewer for a stream of fewer tokens or
         texts, one when no cap bounds the stream or the pass checks its convergence)."""
-        from .prepass import pass_parts
+        from .needs import pass_parts
 
         return pass_parts(self.trial, self.shards)
 
@@ -323,7 +323,7 @@ class LocalBackend:
 
 
 class RayTasks(Protocol):
-    """The task bodies a :class:`RayBackend` submits (:mod:`sweep.worker` is one: they load the model
+    """The task bodies a :class:`RayBackend` submits (:mod:`sweep.shared.tasks` is one: they load the model
     once per worker process and return what they compute)."""
 
     def stats_task(self, trial: dict[str, Any], layers: list[int], part: dict[str, Any] | None = None) -> Any: ...
@@ -346,7 +346,7 @@ class RayBackend:
     next layer.
 
     A task that asks for GPUs runs in a worker process that exits after it (``max_calls=1``): the process
-    that ran it would otherwise keep the model in its cache (:mod:`sweep.worker`) and the CUDA
+    that ran it would otherwise keep the model in its cache (:mod:`sweep.shared.tasks`) and the CUDA
     allocator's memory until the trial placed on that GPU runs out of memory. CPU tasks reuse their
     processes (and the model they loaded)."""
 
@@ -644,13 +644,13 @@ def _dedupe(items: Sequence[tuple[tuple[str, ...], Any]]) -> list[tuple[tuple[st
 
 
 def fulfil_ray(plan: SharedPlan, cfg: SweepConfig, tasks: RayTasks) -> tuple[dict[str, TrialRefs], WorkCounts]:
-    """Fulfil ``plan`` on Ray: every missing unit tasks (``tasks``: :mod:`sweep.worker`), all at once, a
-    statistics pass split over the workers that can run it (:func:`sweep.prepass.stats_workers` of the
+    """Fulfil ``plan`` on Ray: every missing unit tasks (``tasks``: :mod:`sweep.shared.tasks`), all at once, a
+    statistics pass split over the workers that can run it (:func:`sweep.shared.needs.stats_workers` of the
     cluster's resources now); this process writes the stores and owns every handle. Returns (trial key
     -> its references, what was computed and read)."""
     import ray
 
-    from .prepass import stats_workers
+    from .needs import stats_workers
 
     gpu = cfg.resources.prepass_gpu if cfg.resources.prepass_gpu is not None else cfg.resources.gpu
     backend = RayBackend({"num_cpus": cfg.resources.cpu, "num_gpus": gpu, "max_retries": cfg.retries}, tasks)
