@@ -37,9 +37,9 @@ from .cells import Cells, PlannedTrial, planned_of, space_name
 from .config import SweepConfig, load_sweep, sweep_id
 from .evals.probes import check_probe_data
 from .plan import Plan, format_plan, make_plan
-from .shared.fulfil import WorkCounts, fulfil_ray
+from .shared.fulfil import Feed, WorkCounts
 from .shared.needs import SharedPlan, plan_shared
-from .tune.search import Best, CellSearch, best_of, per_method, scheduler
+from .tune.search import Best, CellSearch, ReadyFirst, best_of, per_method, scheduler
 
 log = logging.getLogger("sweep.launch")
 
@@ -202,14 +202,16 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
     parent, reused = tracking.start_parent(c, exp, cfg.name, sid, args.resume)
     if not reused:
         _log_sweep(c, parent, cfg, plan)
-    done = tracking.trial_runs(c, exp, parent)
     if not ray.is_initialized():
         init_ray(args)
     cells = plan.cells
+    if args.resume and not cells.searching and (n := _recover(cfg, c, exp, parent, sid)):
+        log.info("resumed: %d trial result(s) from the stopped sweep's Tune state logged to MLflow", n)
+    known = tracking.child_runs(c, exp, parent)  # the one search of the trial runs until the sweep ends
+    done = known.finished
     summary: dict[str, Any] = {"parent_run_id": parent, "tracking_uri": uri}
-    counts = WorkCounts()
-    seeds: list = []
     todo = [p for p in plan.planned if p.key not in done]
+    feed = None
     if not cells.searching:
         if args.resume and not todo:
             log.info("every trial of %s is already in MLflow: nothing to run", cfg.name)
@@ -222,20 +224,19 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
                 "errors": 0,
                 "wall_s": time.perf_counter() - t_start,
             }
+    # a search's suggestions can reach every layer set of its stand-ins: their statistics in shared passes
+    reach = sorted({tuple(p.layers) for p in plan.planned}) if cells.searching else []
+    service = start_service(cfg, plan.shared.budget_gb, reach)
+    if not cells.searching:
         shared = plan.shared
         if len(todo) < len(plan.planned):  # resumed: the shared work of the trials still to run, stores re-read
             shared = plan_shared(cfg, [p.config for p in todo], [p.key for p in todo], budget_gb=plan.shared.budget_gb)
         from .shared import tasks
 
-        refs, counts = fulfil_ray(shared, cfg, tasks)
-        seeds = [(shared.needs[k], r) for k, r in refs.items()]
-        log.info("shared work: %s", counts.as_dict())
+        # fulfilled beside the trials: each trial starts once its own inputs exist (ReadyFirst, in _tuner)
+        feed = Feed(shared, cfg, tasks, service)
         _log_statistics(c, parent, shared)
-    # a search's suggestions can reach every layer set of its stand-ins: their statistics in shared passes
-    reach = sorted({tuple(p.layers) for p in plan.planned}) if cells.searching else []
-    service = start_service(cfg, seeds, plan.shared.budget_gb, reach)
-    del seeds  # the service holds the references now
-    callback = tracking.make_callback(uri, exp, parent, sid)
+    callback = tracking.make_callback(uri, exp, parent, sid, known)
     if cells.searching:
         max_edits = max(p.config.n_edits for p in plan.planned)  # the stand-ins: every cell's search trials
         grid = _tuner(cfg, cells, service, callback, args, None, max_edits).fit()
@@ -250,13 +251,16 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
                 for b in bs
                 for r in range(cfg.repeats)
             ]
-            held = _tuner(cfg, cells, service, callback, args, heldout, None, suffix="-heldout").fit()
-            results += _resolved(held)
-            errors += held.num_errors
+            if held_todo := [p for p in heldout if p.key not in done]:  # resumed: MLflow's finished runs kept
+                held = _tuner(cfg, cells, service, callback, args, held_todo, None, suffix="-heldout").fit()
+                results += _resolved(held)
+                errors += held.num_errors
     else:
         max_edits = max((p.config.n_edits for p in todo), default=1)
-        grid = _tuner(cfg, cells, service, callback, args, todo, max_edits).fit()
+        grid = _tuner(cfg, cells, service, callback, args, todo, max_edits, feed=feed).fit()
         results, errors = _resolved(grid), grid.num_errors
+    counts = feed.join() if feed is not None else WorkCounts()
+    log.info("shared work fulfilled up front: %s", counts.as_dict())
     work: dict[str, Any] = counts.as_dict()
     for k, v in ray.get(service.counts.remote()).items():  # what the trials computed on demand
         work[k] = work.get(k, 0) + v if k != "fulfil_s" else work.get(k, 0)
@@ -369,12 +373,15 @@ def _tuner(
     trials: list[PlannedTrial] | None,
     max_edits: int | None,
     suffix: str = "",
+    feed: Feed | None = None,
 ) -> Any:
-    """A Tune run (restored when resuming): over ``trials`` (a grid's, or the held-out runs), or, when
-    None, the search's suggestions (:class:`sweep.tune.search.CellSearch`); with the sweep's scheduler, if any,
-    whose time runs to ``max_edits`` (None: no scheduler, as for the held-out runs: they are the results,
-    and ASHA would stop a cell's later repeats against its first)."""
+    """A Tune run: over ``trials`` (a grid's, or the held-out runs: each started once what it needs exists,
+    :class:`sweep.tune.search.ReadyFirst`; ``feed``: the grid's shared work, whose failure stops them), or,
+    when None, the search's suggestions (:class:`sweep.tune.search.CellSearch`, restored when resuming);
+    with the sweep's scheduler, if any, whose time runs to ``max_edits`` (None: no scheduler, as for the
+    held-out runs: they are the results, and ASHA would stop a cell's later repeats against its first)."""
     from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
 
     from .tune import trainable
 
@@ -388,6 +395,10 @@ def _tuner(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # A search's metric (final.s) is in a trial's last report only, not in its per-batch ones
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # MLflow holds every result: no CSV/JSON/TensorBoard copies of each report (with its planned trial), so
+    # the result grid has no per-trial dataframe to read (its warning says so for every trial)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     columns = {"point/method": "method", "point/layers": "layers", "point/batch_size": "B", "point/mode": "mode"}
     columns.update({f"point/sampled/{space_name(k)}": k.removeprefix("hp.") for k in cells.spaces})
     reporter = tune.CLIReporter(
@@ -404,9 +415,10 @@ def _tuner(
         failure_config=tune.FailureConfig(max_failures=cfg.retries),
     )
     path = f"{storage.rstrip('/')}/{name}"
-    if args.resume and tune.Tuner.can_restore(path):
+    if trials is None and args.resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=fn, resume_errored=True)
     tune_config = tune.TuneConfig(
+        trial_dirname_creator=lambda trial: trial.trial_id,  # the config (a planned trial) names no folder
         reuse_actors=True,
         max_concurrent_trials=cfg.resources.max_concurrent,
         scheduler=scheduler(cfg, max_edits) if max_edits is not None else None,
@@ -414,9 +426,36 @@ def _tuner(
     if trials is None:
         tune_config.search_alg = CellSearch(cfg, cells)
         tune_config.num_samples = cfg.search.num_samples * len(cells.cells)
-        return tune.Tuner(fn, param_space={}, run_config=run_config, tune_config=tune_config)
-    space = {"point": tune.grid_search([p.point()["point"] for p in trials])}
-    return tune.Tuner(fn, param_space=space, run_config=run_config, tune_config=tune_config)
+    else:  # planned trials (a grid's still to run, or the held-out runs): a fresh Tune run over them, also
+        # when resuming (MLflow says which are done, _recover), each started when its inputs exist
+        import ray
+
+        ready = ReadyFirst(
+            trials,
+            lambda ts: ray.get(service.startable.remote(ts)),
+            lambda: feed is not None and feed.error is not None,
+        )
+        # as many trials pending as can run (Tune keeps one pending for a searcher of its own otherwise, and
+        # a cluster would then place them one by one)
+        tune_config.search_alg = ready if cfg.resources.max_concurrent else ConcurrencyLimiter(ready, len(trials))
+        tune_config.num_samples = len(trials)
+    return tune.Tuner(fn, param_space={}, run_config=run_config, tune_config=tune_config)
+
+
+def _recover(cfg: SweepConfig, c: Any, exp: str, parent: str, sid: str) -> int:
+    """Log to MLflow the results a stopped grid sweep's Tune state holds and MLflow lacks (trials that ended
+    while the server was away); returns how many. The state is only read: the resumed sweep is a fresh
+    Tune run over the trials MLflow has no finished run of."""
+    from ray import tune
+
+    from .tune import tracking
+
+    path = f"{storage_path(cfg).rstrip('/')}/{cfg.name}-{sweep_id(cfg)}"
+    if not tune.Tuner.can_restore(path):
+        return 0
+    old = tune.ExperimentAnalysis(path).trials
+    reports = {planned_of(t.config).key: t.last_result for t in old if t.status == "TERMINATED" and t.last_result}
+    return tracking.log_missing(c, exp, parent, sid, reports)
 
 
 def _resolved(grid: Any) -> list[tuple[PlannedTrial | None, Any]]:

@@ -124,3 +124,76 @@ def test_a_search_computes_the_statistics_of_every_layer_it_can_reach_in_one_pas
     own = client(alone, model, tok, trial(assets, tmp_path / "alone", layers=[2]))
     assert own.computed["stats"] == 1
     assert torch.allclose(own.inputs.stats[2], later.inputs.stats[2], rtol=1e-5, atol=1e-7)
+
+
+def test_the_drivers_units_start_trials_as_each_is_supplied(assets, tmp_path):
+    """A grid's up-front fulfilment beside the trials: while the driver holds a unit, no trial is granted it
+    and a trial that needs it cannot start; once supplied, the trials that need nothing else start (while
+    others still wait on theirs) and are handed the driver's own handles, counted once (by the driver)."""
+    from sweep.shared.fulfil import LocalBackend, StatsUnit, fulfil_unit, units_of
+
+    model, tok = load_model(str(assets / "model"), device="cpu")
+    cfg = sweep_cfg(tmp_path)
+    a = trial(assets, tmp_path, layers=[1], scoring={"ppl": False, "pre": False})
+    stats_b = {"corpus": str(assets / "corpus.txt"), "max_tokens": 1500, "store": str(tmp_path / "stats")}
+    b = trial(assets, tmp_path, layers=[2], scoring={"ppl": False, "pre": False}, stats=stats_b)
+    # two statistics passes (b's statistics settings differ: a group of their own), values for each layer
+    plan = plan_shared(cfg, [a, b], [trial_key(a), trial_key(b)], budget_gb=None)
+    units = units_of(plan, cfg)
+    stats = [u for u in units if isinstance(u, StatsUnit)]
+    assert len(stats) == 2
+    by_layer = {la: u for u in stats for la in u.layers}
+    service = SharedWork(cfg)
+    service.expect(units)
+    assert service.startable([a, b]) == [False, False]
+    assert service.ask(a).grant is None  # the driver's: no trial computes it
+    backend = LocalBackend(model, tok, progress=False)
+    done = {id(u): fulfil_unit(u, backend) for u in units}
+    for u in units:  # everything but the statistics of layer 2 arrives
+        if u is not by_layer[2]:
+            service.supply(u, done[id(u)])
+    assert service.startable([a, b]) == [True, False]
+    ref = service.ask(a).refs
+    assert ref is not None and ref.stats[1] is done[id(by_layer[1])].handle[1]  # the driver's own handle
+    assert service.ask(b).grant is None and service.ask(b).waiting == 1  # not granted: the driver's
+    service.supply(by_layer[2], done[id(by_layer[2])])
+    assert service.startable([a, b]) == [True, True]
+    ref = service.ask(b).refs
+    assert ref is not None and ref.stats[2] is done[id(by_layer[2])].handle[2]
+    assert service.counts()["stats_layers_computed"] == 0  # the driver's units are the driver's to count
+
+
+def test_ready_first_suggests_each_trial_once_its_inputs_exist_in_plan_order():
+    """Tune's grid fed by readiness: nothing is suggested while no trial can start (Tune asks again), then
+    the startable trials in plan order, each once, and FINISHED after the last."""
+    from types import SimpleNamespace
+
+    from sweep.tune.search import ReadyFirst
+
+    trials = [SimpleNamespace(config=f"c{i}", point=lambda i=i: {"point": {"trial": i}}) for i in range(3)]
+    ready: set[str] = set()
+    asked: list[list[str]] = []
+
+    def startable(configs):
+        asked.append(list(configs))
+        return [c in ready for c in configs]
+
+    s = ReadyFirst(trials, startable, poll_s=0.0)
+    assert s.suggest("t0") is None  # nothing can start
+    ready.add("c2")
+    assert s.suggest("t1") == {"point": {"trial": 2}}
+    assert s.suggest("t2") is None
+    ready.update({"c0", "c1"})
+    assert [s.suggest(f"t{i}")["point"]["trial"] for i in (3, 4)] == [0, 1]
+    assert s.suggest("t5") == s.FINISHED
+    assert asked[-1] == ["c1"]  # only the trials still to start are asked about
+    s2 = ReadyFirst(trials, startable, poll_s=60.0)
+    ready.clear()
+    assert s2.suggest("u0") is None and s2.suggest("u1") is None
+    assert len(asked) == 5 + 1  # the second None came from the poll interval, not another question
+    failed = [False]
+    s3 = ReadyFirst(trials, startable, lambda: failed[0], poll_s=0.0)
+    ready.add("c0")
+    assert s3.suggest("v0") == {"point": {"trial": 0}}
+    failed[0] = True  # the shared work failed: nothing more starts, and Tune is told it is over
+    assert s3.suggest("v1") == s3.FINISHED

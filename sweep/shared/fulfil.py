@@ -550,7 +550,9 @@ class Fulfilled:
     probes: dict[ProbesKey, dict[str, float]] = field(default_factory=dict)
     work: WorkCounts = field(default_factory=WorkCounts)
 
-    def take(self, unit: Unit, d: Done) -> None:
+    def take(self, unit: Unit, d: Done, count: bool = True) -> None:
+        """Index ``unit``'s handle by what it holds; ``count``: add it to :attr:`work` (not when the
+        fulfilment that counted it hands it on)."""
         if isinstance(unit, StatsUnit):
             for layer in unit.layers:
                 self.stats[(unit.group, layer)] = d.handle[layer]
@@ -562,12 +564,18 @@ class Fulfilled:
         else:
             for digest in unit.digests:
                 self.facts[(unit.key, digest)] = (unit.digests, d.handle)
-        self.work.add(unit, d.computed, d.seconds)
+        if count:
+            self.work.add(unit, d.computed, d.seconds)
 
 
-def run_units(units: Sequence[Unit], backend: Backend, parallel: bool) -> Fulfilled:
+def run_units(
+    units: Sequence[Unit],
+    backend: Backend,
+    parallel: bool,
+    on_done: Callable[[Unit, Done], None] | None = None,
+) -> Fulfilled:
     """Fulfil every unit (at once on threads when ``parallel``: a Ray backend's tasks then run on every
-    free worker), logging each as it ends; raises the first unit's error."""
+    free worker), logging each as it ends and passing it to ``on_done``; raises the first unit's error."""
     out = Fulfilled()
     t0 = time.perf_counter()
     chaos = int(os.environ[CHAOS_KILL_ENV]) if os.environ.get(CHAOS_KILL_ENV) else None
@@ -576,6 +584,8 @@ def run_units(units: Sequence[Unit], backend: Backend, parallel: bool) -> Fulfil
 
     def one(unit: Unit) -> None:
         d = fulfil_unit(unit, backend)
+        if on_done is not None:
+            on_done(unit, d)
         with lock:
             out.take(unit, d)
             _log_unit(unit, d.computed, time.perf_counter() - t0)
@@ -643,20 +653,63 @@ def _dedupe(items: Sequence[tuple[tuple[str, ...], Any]]) -> list[tuple[tuple[st
     return list(seen.values())
 
 
-def fulfil_ray(plan: SharedPlan, cfg: SweepConfig, tasks: RayTasks) -> tuple[dict[str, TrialRefs], WorkCounts]:
-    """Fulfil ``plan`` on Ray: every missing unit tasks (``tasks``: :mod:`sweep.shared.tasks`), all at once, a
-    statistics pass split over the workers that can run it (:func:`sweep.shared.needs.stats_workers` of the
-    cluster's resources now); this process writes the stores and owns every handle. Returns (trial key
-    -> its references, what was computed and read)."""
+def _ray_units(plan: SharedPlan, cfg: SweepConfig, tasks: RayTasks) -> tuple[list[Unit], RayBackend]:
+    """The plan's units, each statistics pass split over the workers that can run it
+    (:func:`sweep.shared.needs.stats_workers` of the cluster's resources now), and the backend for them."""
     import ray
 
     from .needs import stats_workers
 
     gpu = cfg.resources.prepass_gpu if cfg.resources.prepass_gpu is not None else cfg.resources.gpu
     backend = RayBackend({"num_cpus": cfg.resources.cpu, "num_gpus": gpu, "max_retries": cfg.retries}, tasks)
-    shards = stats_workers(cfg, ray.cluster_resources())
-    got = run_units(units_of(plan, cfg, shards), backend, parallel=True)
+    return units_of(plan, cfg, stats_workers(cfg, ray.cluster_resources())), backend
+
+
+def fulfil_ray(plan: SharedPlan, cfg: SweepConfig, tasks: RayTasks) -> tuple[dict[str, TrialRefs], WorkCounts]:
+    """Fulfil ``plan`` on Ray: every missing unit tasks (``tasks``: :mod:`sweep.shared.tasks`), all at once, a
+    statistics pass split over the workers that can run it; this process writes the stores and owns every
+    handle. Returns (trial key -> its references, what was computed and read)."""
+    units, backend = _ray_units(plan, cfg, tasks)
+    got = run_units(units, backend, parallel=True)
     return _hand_out(plan, got), got.work
+
+
+class Feed:
+    """:func:`fulfil_ray` beside the trials: the units are the driver's to fulfil (the service grants them
+    to no trial, :meth:`~sweep.shared.service.SharedWork.expect`), each is handed to the service as soon as
+    it ends, so a trial whose inputs exist starts then, not after all the shared work
+    (:class:`sweep.tune.search.ReadyFirst` asks the service which can start). A unit that fails (after
+    Ray's retries) fails the sweep, as a fulfilment up front would: no further trial starts, and
+    :meth:`join` raises its error."""
+
+    def __init__(self, plan: SharedPlan, cfg: SweepConfig, tasks: RayTasks, service: Any) -> None:
+        import ray
+
+        self.units, self._backend = _ray_units(plan, cfg, tasks)
+        self._service = service
+        self.error: BaseException | None = None
+        self._work = WorkCounts()
+        ray.get(service.expect.remote(self.units))
+        self._thread = threading.Thread(target=self._run, name="fulfil", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import ray
+
+        def done(unit: Unit, d: Done) -> None:
+            ray.get(self._service.supply.remote(unit, d))
+
+        try:
+            self._work = run_units(self.units, self._backend, True, done).work
+        except BaseException as e:
+            self.error = e
+
+    def join(self) -> WorkCounts:
+        """Wait for the fulfilment to end; what it computed and read (its error, if a unit failed)."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self._work
 
 
 def fulfil_local(

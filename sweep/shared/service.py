@@ -4,7 +4,7 @@ A trial that a search suggests after launch (a new λ, a new layer) was never pl
 fulfilled for it by trial key. The service plans its shared work when it asks (:func:`sweep.shared.needs.
 plan_shared` on that one trial) and looks each piece up by **what it is** (statistics by (group, layer),
 values and scores by (key, fact), perplexity and probes by key), so a piece that any trial, the up-front
-fulfilment (:func:`sweep.shared.fulfil.fulfil_ray`) or an earlier sweep (the stores) produced is found:
+fulfilment (:class:`sweep.shared.fulfil.Feed`) or an earlier sweep (the stores) produced is found:
 
     ask(trial)  ->  complete: its references      (hand_out: what it needs, wherever it came from)
                 ->  else one missing unit: read from the stores by the service, or granted to the asker,
@@ -15,6 +15,12 @@ Why the asking trial computes: it holds a GPU (or CPU) slot and the model alread
 need a slot that waiting trials hold (a deadlock once every slot waits), and a model load. A unit goes to
 one trial at a time (a lease, renewed while it computes and dropped when it expires, so a dead trial's
 unit is granted again), and trials that need the same units split them chunk by chunk.
+
+A grid's shared work is planned whole and fulfilled by the driver beside the trials (its statistics
+passes split over every free worker): those units are the driver's (:meth:`SharedWork.expect`), granted
+to no trial, and each is supplied as it ends (:meth:`SharedWork.supply`). The driver starts a trial only
+when nothing it needs is still the driver's to fulfil (:meth:`SharedWork.startable`), so no trial holds a
+slot that the driver's tasks wait for.
 
 The service writes every delivered unit to the stores (it runs on the driver's node, whose disk holds
 them) and puts the copy the trials read: every object is owned by the head, none by the worker that
@@ -34,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from editors.config import ConfigError, to_dict
 
 from .fulfil import (
+    Done,
     FactUnit,
     Fulfilled,
     LocalBackend,
@@ -58,6 +65,8 @@ LEASE_S = 120.0
 #: How often a computing trial renews its grant, and how often a waiting trial asks again.
 RENEW_S = 15.0
 POLL_S = 2.0
+#: The holder of the units the driver fulfils up front (:meth:`SharedWork.expect`).
+DRIVER = "driver"
 
 
 @dataclass(frozen=True)
@@ -120,12 +129,12 @@ class _Planned:
 
 class SharedWork:
     """The service's state and methods; :func:`start` runs it as a Ray actor (threaded: many trials ask at
-    once), and tests call it in-process. ``seeds``: (needs, references) of trials fulfilled up front."""
+    once), and tests call it in-process. What the driver fulfils up front comes unit by unit
+    (:meth:`expect`, :meth:`supply`)."""
 
     def __init__(
         self,
         cfg: SweepConfig,
-        seeds: list[tuple[TrialNeeds, TrialRefs]] = (),  # type: ignore[assignment]
         put: Callable[[Unit, Any], Any] | None = None,
         budget_gb: float | None = None,
         reach: Sequence[Sequence[int]] = (),
@@ -141,29 +150,9 @@ class SharedWork:
         self._plans: dict[str, _Planned] = {}
         self._reach_passes: dict[str, list[StatsUnit]] = {}  # statistics group -> its reachable layers' passes
         self._have: set[tuple] = set()
-        for need, tr in seeds:
-            self._seed(need, tr)
 
     # ------------------------------------------------------------------------------------------------
     # What is there
-
-    def _seed(self, need: TrialNeeds, tr: TrialRefs) -> None:
-        g = self.got
-        for layer, h in tr.stats.items():
-            g.stats[(need.stats_group, layer)] = h
-            g.stats_tokens[(need.stats_group, layer)] = tr.stats_tokens[layer]
-            self._have.add(("stats", need.stats_group, layer))
-        for key, chunks in ((need.values, tr.values), (need.scores, tr.scores)):
-            for ds, h in chunks:
-                for d in ds:
-                    g.facts[(key, d)] = (ds, h)
-                    self._have.add(("facts", key, d))
-        if need.ppl is not None and tr.ppl is not None:
-            g.ppl[need.ppl] = tr.ppl
-            self._have.add(("ppl", need.ppl))
-        if need.probes is not None and tr.probes is not None:
-            g.probes[need.probes] = tr.probes
-            self._have.add(("probes", need.probes))
 
     def _plan(self, t: TrialConfig, key: str) -> _Planned:
         if key not in self._plans:
@@ -283,8 +272,6 @@ class SharedWork:
         self._take(token, unit, value, computed=True, seconds=seconds)
 
     def _take(self, token: str, unit: Unit, value: Any, computed: bool, seconds: float) -> None:
-        from .fulfil import Done
-
         tokens = value.tokens if isinstance(value, Moments) else {}
         handle = self._put(unit, value)
         with self._lock:
@@ -292,6 +279,40 @@ class SharedWork:
             self._have.update(unit_ids(unit))
             self._drop(token)
         log.info("shared work: %s %s", _what(unit), "computed by a trial" if computed else "read from the store")
+
+    # ------------------------------------------------------------------------------------------------
+    # The driver's up-front fulfilment, handed over unit by unit
+
+    def expect(self, units: Sequence[Unit]) -> None:
+        """Mark ``units`` as being fulfilled by the driver (:func:`sweep.shared.fulfil.fulfil_ray`): no
+        trial is granted them, and a trial that needs one is not :meth:`startable` until it is supplied."""
+        with self._lock:
+            for unit in units:
+                token = uuid.uuid4().hex
+                self._hold(token, unit, DRIVER)
+                self._leases[token].deadline = float("inf")  # the driver's own tasks, retried by Ray
+
+    def supply(self, unit: Unit, done: Done) -> None:
+        """A unit the driver fulfilled: its handles (copies the driver owns) become what trials are handed."""
+        with self._lock:
+            self.got.take(unit, done, count=False)  # the driver's feed counts its own work
+            self._have.update(unit_ids(unit))
+            for token in {self._busy[i] for i in unit_ids(unit) if i in self._busy}:
+                if self._leases[token].holder == DRIVER:
+                    self._drop(token)
+
+    def startable(self, trials: Sequence[TrialConfig]) -> list[bool]:
+        """For each trial, whether it can start without waiting on the driver: none of the pieces it needs
+        is still the driver's to fulfil (a missing piece that is not, the trial computes itself)."""
+        from ..config import trial_key
+
+        out = []
+        with self._lock:
+            for t in trials:
+                planned = self._plan(t, trial_key(t))
+                missing = [i for u in planned.units for i in unit_ids(u) if i not in self._have]
+                out.append(not any(self._leases[self._busy[i]].holder == DRIVER for i in missing if i in self._busy))
+        return out
 
     def counts(self) -> dict[str, float]:
         """What this service computed (through the trials) and read, as :class:`WorkCounts` says it."""
@@ -330,12 +351,11 @@ class _RaySharedWork(SharedWork):
     def __init__(
         self,
         cfg: SweepConfig,
-        seeds: list[tuple[TrialNeeds, TrialRefs]],
         budget_gb: float | None,
         reach: Sequence[Sequence[int]],
     ) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        super().__init__(cfg, seeds, ray_handle, budget_gb, reach)
+        super().__init__(cfg, ray_handle, budget_gb, reach)
 
     def node(self) -> str:
         import ray
@@ -345,7 +365,6 @@ class _RaySharedWork(SharedWork):
 
 def start(
     cfg: SweepConfig,
-    seeds: list[tuple[TrialNeeds, TrialRefs]],
     budget_gb: float | None = None,
     reach: Sequence[Sequence[int]] = (),
 ) -> Any:
@@ -365,7 +384,7 @@ def start(
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
             max_restarts=0,
         )
-        .remote(cfg, list(seeds), budget_gb, [list(ls) for ls in reach])
+        .remote(cfg, budget_gb, [list(ls) for ls in reach])
     )
     ray.get(actor.node.remote())  # started (its errors surface here, not in the first trial)
     return actor

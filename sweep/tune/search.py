@@ -7,6 +7,7 @@
   Optuna's random sampler, ``optuna`` its TPE sampler (multi-objective when ``search.metric`` is a list).
 - :func:`scheduler` is Tune's ASHA on the per-batch reports, time = edits applied, one rung ladder per
   cell (:class:`PerCell`): a trial is stopped against the trials of its own method, not another's.
+- :class:`ReadyFirst` feeds a grid's trials to Tune as their shared inputs come to exist.
 - :func:`best_of` picks each cell's best trial (or its Pareto set) from the finished results.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -129,6 +131,48 @@ class CellSearch(_searcher_base()):  # type: ignore[misc]
 
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+
+
+class ReadyFirst(_searcher_base()):  # type: ignore[misc]
+    """A grid's trials in plan order, each suggested as soon as it can start: ``startable`` (the sweep's
+    service, :meth:`~sweep.shared.service.SharedWork.startable`) says which trials need nothing the driver
+    is still fulfilling. So a trial starts when its own inputs exist, not after all the shared work, and no
+    trial holds a worker's slot waiting for a task that needs that slot. ``None`` ("nothing to start now",
+    asked again at most every ``poll_s``) until every trial was suggested, then ``FINISHED``; also
+    ``FINISHED`` once ``stopped()`` (the shared work failed: no further trial starts)."""
+
+    def __init__(
+        self, trials: Sequence[PlannedTrial], startable: Any, stopped: Any = lambda: False, poll_s: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.left = list(trials)
+        self._startable = startable
+        self._stopped = stopped
+        self._poll_s = poll_s
+        self._next = 0.0
+
+    def set_search_properties(self, metric: Any, mode: Any, config: dict, **spec: Any) -> bool:
+        return True  # nothing is searched: the trials are the plan's
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its config (tuner.pkl): not the service of a sweep that will be gone when it is read
+        return {**self.__dict__, "_startable": None, "_stopped": None}
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if not self.left or self._stopped():
+            return self.FINISHED
+        now = time.monotonic()
+        if now < self._next:
+            return None
+        ready = self._startable([p.config for p in self.left])
+        i = next((i for i, ok in enumerate(ready) if ok), None)
+        if i is None:
+            self._next = now + self._poll_s
+            return None
+        return self.left.pop(i).point()
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass
 
 
 def _unspace(spaces: dict[str, Distribution], sampled: dict[str, Any]) -> dict[str, Any]:

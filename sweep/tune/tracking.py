@@ -29,7 +29,11 @@ import json
 import logging
 import math
 import os
+import queue
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -233,16 +237,15 @@ def _tags(parent: str, sid: str, key: str, method: str) -> dict[str, str]:
     }
 
 
-def start_trial_run(c: Any, exp_id: str, parent: str, sid: str, planned: PlannedTrial) -> str:
+def start_trial_run(c: Any, exp_id: str, parent: str, sid: str, planned: PlannedTrial, left: str | None = None) -> str:
     """The trial's child run, RUNNING from the trial's start with its params (the config's, and where the
     trial sits in the sweep: :meth:`sweep.cells.PlannedTrial.params`; its curves stream into it as batches
-    finish); a run this sweep left RUNNING for the same trial (a killed launcher) is continued."""
+    finish); ``left``: the run this sweep left RUNNING for the same trial (a killed launcher), continued."""
     from mlflow.entities import Param
 
     key, cfg, method = planned.key, planned.config, planned.method
-    left = running_trial_runs(c, exp_id, parent)
-    if key in left:
-        return left[key].info.run_id
+    if left is not None:
+        return left
     hp = cfg.edit_hparams
     run = c.create_run(
         exp_id,
@@ -379,9 +382,9 @@ def log_failed_trial(
     return run_id
 
 
-def _error_text(trial: Any) -> str:
-    """A failed trial's error as Tune recorded it (the error file's text; its path if unreadable)."""
-    path = getattr(trial, "error_file", None) or ""
+def _error_text(path: str | None) -> str:
+    """A failed trial's error as Tune recorded it (its error file's text; the path if unreadable)."""
+    path = path or ""
     try:
         return Path(path).read_text(encoding="utf-8", errors="replace") if path else "trial failed"
     except OSError:
@@ -418,60 +421,147 @@ def _per_record_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def make_callback(uri: str, exp_id: str, parent: str, sid: str):
+@dataclass(frozen=True)
+class Children:
+    """The sweep's trial runs when the launcher starts (one search): trial key -> run id of those
+    FINISHED (never run again) and of those a killed launcher left RUNNING (continued)."""
+
+    finished: dict[str, str] = field(default_factory=dict)
+    running: dict[str, str] = field(default_factory=dict)
+
+
+def child_runs(c: Any, exp_id: str, parent: str) -> Children:
+    """The :class:`Children` of ``parent``, in one search."""
+    runs = c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=50_000)
+    by: dict[str, dict[str, str]] = {"FINISHED": {}, "RUNNING": {}}
+    for r in runs:
+        if r.info.status in by:
+            by[r.info.status][r.data.tags.get("trial.key")] = r.info.run_id
+    return Children(by["FINISHED"], by["RUNNING"])
+
+
+class Writer:
+    """One thread that makes every MLflow call of the callback, in the order they were submitted, so
+    Tune's loop (and with it every trial waiting in ``tune.report``) never waits for the server. A call
+    that fails is logged and the next goes on; :meth:`flush` waits until every submitted call is done."""
+
+    def __init__(self) -> None:
+        self._q: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._q.put((fn, args))
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            try:
+                if job is not None:
+                    job[0](*job[1])
+            except Exception as e:  # each job logs its own failures: this is a last resort
+                log.warning("MLflow writer: %s failed (%s)", getattr(job[0], "__name__", job[0]), e)
+            finally:
+                self._q.task_done()
+
+    def flush(self) -> None:
+        self._q.join()
+
+
+def make_callback(uri: str, exp_id: str, parent: str, sid: str, known: Children):
     """A Tune callback that keeps one child run per trial: RUNNING from its start with its params, each
     batch's curve point streamed as it is reported, closed FINISHED with the result (or, for a trial a
     scheduler stopped, with what it measured until then), or FAILED; each trial's run is named by the
     :class:`~sweep.cells.PlannedTrial` its Tune config carries. An unreachable server costs no result: it
-    stays in Tune's storage for ``--resume`` to log."""
+    stays in Tune's storage for ``--resume`` to log.
+
+    It keeps up with many trials: which trials have runs is read once at launch (``known``,
+    :func:`child_runs`) and kept in memory, never searched again per trial; every MLflow call is made on
+    one :class:`Writer` thread, in order, so Tune's loop only queues (``bench/driver.py``); the writer is
+    flushed when an experiment ends."""
     from ray import tune
 
     class MlflowTrials(tune.Callback):
         def __init__(self) -> None:
-            self.runs: dict[str, str] = {}
+            self.finished = set(known.finished)  # keys FINISHED in MLflow before this launch
+            self.left = dict(known.running)  # key -> run a killed launcher left RUNNING
+            self.started: set[str] = set()  # keys whose start was queued (Tune's loop)
+            self.runs: dict[str, str] = {}  # key -> run id (the writer's)
             self.streamed: dict[str, int] = {}
             self.logged: set[str] = set()
             self.planned: dict[str, Any] = {}  # Tune's trial id -> PlannedTrial
+            self._writer: Writer | None = None
+            self._client: Any = None
 
-        def _c(self):
-            return client(uri)
+        def __getstate__(self) -> dict[str, Any]:  # Tune pickles its run config: no thread, no client
+            return {**self.__dict__, "_writer": None, "_client": None}
+
+        @property
+        def writer(self) -> Writer:
+            if self._writer is None:
+                self._writer = Writer()
+            return self._writer
+
+        def _c(self):  # only ever called on the writer's thread
+            if self._client is None:
+                self._client = client(uri)
+            return self._client
 
         def _plan(self, trial: Any) -> Any:
             if trial.trial_id not in self.planned:
                 self.planned[trial.trial_id] = planned_of(trial.config)
             return self.planned[trial.trial_id]
 
+        # Tune's loop: queue, never wait for the server
+
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             p = self._plan(trial)
-            if p.key in self.runs:
-                return  # a retried attempt continues the same run
+            if p.key in self.started or p.key in self.finished:
+                return  # a retried attempt continues the same run; a finished one is never reopened
+            self.started.add(p.key)
+            self.writer.submit(self._start, p)
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            point = {k.removeprefix("curve."): v for k, v in result.items() if k.startswith("curve.")}
+            if "edits" in point:
+                self.writer.submit(self._curve, self._plan(trial).key, point, int(time.time() * 1000))
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.writer.submit(self._complete, self._plan(trial), dict(trial.last_result or {}))
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.writer.submit(self._error, self._plan(trial), getattr(trial, "error_file", None))
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            self.writer.flush()  # every run in MLflow before the launcher reads them back
+
+        # The writer's thread: the MLflow calls
+
+        def _start(self, p: Any) -> None:
             try:
-                self.runs[p.key] = start_trial_run(self._c(), exp_id, parent, sid, p)
+                self.runs[p.key] = start_trial_run(self._c(), exp_id, parent, sid, p, self.left.pop(p.key, None))
                 self.streamed[p.key] = 0
             except Exception as e:
                 log.warning("MLflow did not take the start of trial %s (%s); it is logged when it ends", p.key, e)
 
-        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            key = self._plan(trial).key
-            point = {k.removeprefix("curve."): v for k, v in result.items() if k.startswith("curve.")}
-            if key not in self.runs or "edits" not in point:
+        def _curve(self, key: str, point: dict[str, Any], now: int) -> None:
+            if key not in self.runs:
                 return
             try:
-                self._c().log_batch(self.runs[key], metrics=curve_metrics(point, int(time.time() * 1000)))
+                self._c().log_batch(self.runs[key], metrics=curve_metrics(point, now))
                 self.streamed[key] += 1
             except Exception as e:
                 log.warning("MLflow did not take a curve point of trial %s (%s)", key, e)
 
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            p = self._plan(trial)
+        def _complete(self, p: Any, last: dict[str, Any]) -> None:
             key = p.key
-            result = result_of(trial.last_result)
+            if key in self.logged or key in self.finished:
+                return  # resumed sweep: already in MLflow
             try:
                 c = self._c()
-                if key in self.logged or key in trial_runs(c, exp_id, parent):
-                    return  # resumed sweep: already in MLflow
-                if result is None and "edits" in (trial.last_result or {}) and key in self.runs:
-                    log_stopped(c, self.runs[key], trial.last_result)  # a scheduler stopped it
+                result = result_of(last)
+                if result is None and "edits" in last and key in self.runs:
+                    log_stopped(c, self.runs[key], last)  # a scheduler stopped it
                     self.logged.add(key)
                     return
                 if result is None:
@@ -484,14 +574,13 @@ def make_callback(uri: str, exp_id: str, parent: str, sid: str):
             except Exception as e:  # the server went away: the result stays in Tune's storage
                 log.warning("MLflow did not take trial %s (%s); its result is kept, --resume logs it", key, e)
 
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            key = self._plan(trial).key
+        def _error(self, p: Any, error_file: str | None) -> None:
+            key = p.key
+            if key in self.logged or key in self.finished:
+                return
             try:
-                c = self._c()
-                if key in self.logged or key in trial_runs(c, exp_id, parent):
-                    return
-                err = _error_text(trial)
-                log_failed_trial(c, exp_id, parent, sid, key, trial.config["point"], err, self.runs.get(key))
+                err = _error_text(error_file)
+                log_failed_trial(self._c(), exp_id, parent, sid, key, p.point()["point"], err, self.runs.get(key))
                 self.logged.add(key)
             except Exception as e:
                 log.warning("MLflow did not take the failure of trial %s (%s)", key, e)
