@@ -416,7 +416,11 @@ def _tuner(
     )
     path = f"{storage.rstrip('/')}/{name}"
     if trials is None and args.resume and tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable=fn, resume_errored=True)
+        restored = tune.Tuner.restore(path, trainable=fn, resume_errored=True)
+        # Tune restores the stopped launch's RunConfig (tuner.pkl), whose callback logs to the old tracking
+        # target and parent run: this launch's callback replaces it (RunConfig has no public setter)
+        restored._local_tuner.get_run_config().callbacks = [callback]
+        return restored
     tune_config = tune.TuneConfig(
         trial_dirname_creator=lambda trial: trial.trial_id,  # the config (a planned trial) names no folder
         reuse_actors=True,

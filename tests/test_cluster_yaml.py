@@ -255,3 +255,76 @@ def test_validator_needs_explicit_resources_offline():
     del cfg["available_node_types"]["ray.worker.gpu"]["resources"]
     with pytest.raises(jsonschema.ValidationError, match="'resources' is a required property"):
         _validate(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The head's state on the host (its container is disposable)
+
+
+def _host_backed(cfg: dict) -> list[str]:
+    """The head container's folders that live on the host: its ``head_run_options`` (and ``run_options``)
+    volumes, and the file mounts, which Ray bind-mounts from the host."""
+    docker = cfg["docker"]
+    roots = []
+    for opt in docker.get("run_options", []) + docker.get("head_run_options", []):
+        m = re.match(r"^(?:--volume[= ]|-v )([^:]+):([^:\s]+)", opt)
+        if m:
+            roots.append(m.group(2))
+    roots += [dst.replace("~", "/home/ray", 1) for dst in cfg["file_mounts"]]
+    return [r.rstrip("/") for r in roots]
+
+
+def _head_writes(cfg: dict) -> dict[str, str]:
+    """Every path a shipped config or the head's commands write on the head (what -> absolute path);
+    a relative store or storage is under the project folder, where the launcher runs (``load_sweep``
+    makes it absolute against this process's folder: moved to the head's)."""
+    project, here = "/home/ray/model-editing-sweep", str(Path.cwd())
+
+    def absolute(p: str) -> str:
+        if p.startswith(here + "/"):
+            return project + p[len(here) :]
+        return p if p.startswith("/") else f"{project}/{p}"
+
+    out = {}
+    for path in sorted((ROOT / "sweep" / "configs").glob("*.yaml")):
+        sweep = load_sweep(str(path))
+        if not re.match(r"^\w+://", sweep.storage):
+            out[f"{path.name}: storage"] = absolute(sweep.storage)
+        out[f"{path.name}: values_store"] = absolute(sweep.values_store)
+        out[f"{path.name}: scores_store"] = absolute(sweep.scores_store)
+        for t in expand(sweep):
+            if t.stats.store is not None:
+                out[f"{path.name}: stats.store"] = absolute(t.stats.store)
+    mlflow = " ".join(c for c in cfg["head_start_ray_commands"] if "mlflow server" in c)
+    out["mlflow --backend-store-uri"] = re.search(r"--backend-store-uri sqlite:///(\S+)", mlflow).group(1)
+    out["mlflow --artifacts-destination"] = re.search(r"--artifacts-destination (\S+)", mlflow).group(1)
+    setup = " ".join(cfg["head_setup_commands"])
+    out["MODEL_EDITING_CACHE"] = re.search(r"MODEL_EDITING_CACHE=(\S+?)\"?(\s|$)", setup).group(1)
+    return out
+
+
+def test_everything_the_head_writes_is_on_the_host_not_in_its_container():
+    """Ray runs the head's container with --rm and recreates it when file_mounts change or after a reboot:
+    the stores, Tune's storage, MLflow's database and artifacts and the downloads of every shipped config
+    must sit on a host volume or a file mount, or hours of Llama-3-8B statistics and every run go with it."""
+    cfg = _load()
+    roots = _host_backed(cfg)
+    assert "/home/ray/state" in roots  # the head's volume
+    writes = _head_writes(cfg)
+    assert len(writes) > 3 * len(list((ROOT / "sweep" / "configs").glob("*.yaml")))
+    lost = {what: p for what, p in writes.items() if not any(p == r or p.startswith(r + "/") for r in roots)}
+    assert not lost, f"written inside the head's container, lost when it is recreated: {lost}"
+
+
+def test_the_head_volume_check_fails_on_a_path_in_the_container():
+    """The check above can fail: the MLflow database where it used to be (the container's home)."""
+    cfg = _load()
+    cfg["head_start_ray_commands"] = [
+        c.replace("sqlite:////home/ray/state/mlflow.db", "sqlite:////home/ray/mlflow.db")
+        for c in cfg["head_start_ray_commands"]
+    ]
+    roots = _host_backed(cfg)
+    p = _head_writes(cfg)["mlflow --backend-store-uri"]
+    assert p == "/home/ray/mlflow.db" and not any(p.startswith(r + "/") for r in roots)
+    cfg["docker"]["head_run_options"] = []
+    assert "/home/ray/state" not in _host_backed(cfg)
