@@ -9,7 +9,7 @@ expands the sweep's parent run and checks that the table lists every trial of th
 opens one trial's page and checks that it shows its params (``method``, ``batch_size``, ``hp.*``).
 ``--screenshot`` writes the runs table as a PNG. Chromium is driven by Playwright (``pip install
 playwright``; it uses the system's Chromium, no browser download). Exit 0 when every check passes; the
-same function backs ``tests/test_ui.py``.
+same function backs ``tests/sweep/test_ui.py``.
 """
 
 from __future__ import annotations

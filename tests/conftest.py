@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data"
 WIKI = DATA / "wiki" / "wiki.utf8"
 COUNTERFACT = DATA / "counterfact"

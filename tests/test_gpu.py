@@ -8,7 +8,7 @@ import torch
 from editors import compute_deltas, load_hparams, spec_for
 from editors.stats import collect_second_moments
 from tests.conftest import corpus_text, make_model
-from tests.test_editors import REQUESTS, TEMPLATES
+from tests.editors.test_editors import REQUESTS, TEMPLATES
 
 pytestmark = [
     pytest.mark.gpu,

@@ -3,8 +3,6 @@ over the edits, multi-hop questions once a case's rewrites are in, and the setti
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
@@ -12,10 +10,10 @@ from editors.config import ConfigError
 from sweep.config import load_config
 from sweep.evals.registry import NAMES, describe
 from sweep.trial import trial_alone
-from tests.conftest import write_tiny_assets
-from tests.test_trial import overrides
+from tests.conftest import SHARED, write_tiny_assets
+from tests.sweep.test_trial import overrides
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED / "data"
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +152,7 @@ def test_the_unedited_probes_are_shared_work_computed_once(tiny_dir, tmp_path, m
     from sweep.shared.fulfil import fulfil_local
     from sweep.shared.keys import probes_key
     from sweep.stages import run_trial
-    from tests.test_shared import sweep_file
+    from tests.sweep.shared.test_shared import sweep_file
 
     runs: list[tuple[str, ...]] = []
     real = probes.run_probes

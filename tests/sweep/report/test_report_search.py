@@ -27,7 +27,7 @@ from sweep.report.search import (
     search_table,
 )
 from sweep.report.significance import mean_ci, sign_test
-from tests.test_report import PNG, _log_trial, mlflow_store
+from tests.sweep.report.test_report import PNG, _log_trial, mlflow_store
 
 LAMBDAS = (100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0, 100000.0, 50.0)
 LAYERS = (1, 2, 2, 2, 3, 1, 2, 3)

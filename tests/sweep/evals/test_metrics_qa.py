@@ -1,18 +1,17 @@
 """ZsRE/QAEdit teacher-forced token accuracy against hand computation on the bigram model whose every
-logit is known (tests/test_metrics.py), for both ZsRE edit targets."""
+logit is known (tests/sweep/evals/test_metrics.py), for both ZsRE edit targets."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
 from sweep.evals.data import load_dataset
 from sweep.evals.metrics import aggregate, score_records, token_accuracy
-from tests.test_metrics import SPEC, Bigram
+from tests.conftest import SHARED
+from tests.sweep.evals.test_metrics import SPEC, Bigram
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED / "data"
 
 
 def hand_accuracy(model: Bigram, tok, prompt: str, target: str) -> float:

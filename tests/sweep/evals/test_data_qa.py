@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 
@@ -22,9 +21,10 @@ from sweep.evals.data import (
     select,
 )
 from tests import conftest
+from tests.conftest import SHARED
 
 # ../shared/data beside the repository root; never copied into the repository
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED / "data"
 ZSRE = DATA / "zsre"
 MEND = ZSRE / "zsre_mend_eval_portability_gpt4.json"
 KNOWEDIT = ZSRE / "ZsRE-test-all.json"

@@ -22,9 +22,7 @@ from sweep.plan import make_plan
 from sweep.shared.compute import compute_stats
 from sweep.shared.keys import ValuesStore, model_identity, values_key
 from sweep.shared.needs import pass_memory_gb, split_passes
-from tests.conftest import make_model, write_tiny_assets
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, make_model, write_tiny_assets
 
 
 @pytest.fixture()

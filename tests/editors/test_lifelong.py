@@ -15,7 +15,7 @@ from editors.model import hooks, weight
 from editors.requests import encode_at, fill, target_ids
 from editors.schedule import StopSchedule, WeightHealth
 from editors.targets import ValueHParams, optimize_values, reprs_at_subject
-from tests.test_editors import REQUESTS, TEMPLATES, random_stats
+from tests.editors.test_editors import REQUESTS, TEMPLATES, random_stats
 
 
 def orthonormal(n: int, k: int, seed: int) -> torch.Tensor:

@@ -19,8 +19,8 @@ from sweep.cells import expand  # noqa: E402
 from sweep.config import load_sweep  # noqa: E402
 from sweep.plan import estimate  # noqa: E402
 from sweep.shared import needs  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
 CLUSTER_DOC = ROOT / "docs" / "CLUSTER.md"
 LLAMA3_8B = "meta-llama/Meta-Llama-3-8B"
@@ -204,7 +204,7 @@ def test_project_is_mounted_and_installed_on_every_node():
     # the head copy nothing; .gitignore (rsync_filter) keeps them out of the project sync instead
     assert not any(name in excluded for name in (".cache", "mlflow.db", "mlruns"))
     assert cfg["rsync_filter"] == [".gitignore"]
-    ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
+    ignored = (ROOT / ".gitignore").read_text().split()
     assert {".cache/", "mlflow.db", "mlruns/"} <= set(ignored)
     assert any("mlflow server" in c for c in cfg["head_start_ray_commands"])
 

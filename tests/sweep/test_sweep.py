@@ -15,9 +15,9 @@ from sweep import launch  # noqa: E402
 from sweep.cells import expand  # noqa: E402
 from sweep.config import load_sweep  # noqa: E402
 from sweep.plan import make_plan  # noqa: E402
-from tests.conftest import write_sweep_yaml, write_tiny_assets  # noqa: E402
+from tests.conftest import ROOT, write_sweep_yaml, write_tiny_assets  # noqa: E402
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "sweep" / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "sweep" / "configs").glob("*.yaml"))
 
 
 pytestmark = pytest.mark.integration  # every test here starts Ray or MLflow, or checks their errors
@@ -59,6 +59,13 @@ def test_sweep_shares_work_tracks_in_mlflow_and_resumes(assets, local_ray, monke
     assert work["stats_passes"] == 1 and work["stats_layers_computed"] == 2
     assert work["values_optimised"] == 2 * 4  # two value layers x four facts, shared by MEMIT and EMMET
     assert work["scores_computed"] == 4  # the unedited model scored once per fact for all 8 trials
+    # Tune's experiment state keeps no packed result of a trial MLflow has: a few KB per trial
+    from ray import tune
+
+    from sweep.result import REPORT_KEY
+
+    state = tune.ExperimentAnalysis(f"{launch.storage_path(cfg)}/{cfg.name}-{launch.sweep_id(cfg)}").trials
+    assert len(state) == 8 and all(t.last_result and REPORT_KEY not in t.last_result for t in state)
     runs, parents, c = children(assets, "grid8", summary["parent_run_id"])
     assert len(parents) == 1 and len(runs) == 8
     seen = set()

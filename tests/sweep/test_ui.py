@@ -13,7 +13,7 @@ from sweep import launch
 from sweep.config import load_sweep
 from sweep.plan import make_plan
 from tests.conftest import write_tiny_assets
-from tests.test_sweep import launch_args, sweep_yaml
+from tests.sweep.test_sweep import launch_args, sweep_yaml
 
 pytestmark = [
     pytest.mark.browser,

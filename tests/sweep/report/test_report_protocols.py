@@ -14,7 +14,7 @@ from sweep.report.probes import probes_figure, probes_table
 from sweep.report.protocols import drop_col, protocols_figure, protocols_table, rank_col, ranking_sentence, value_col
 from sweep.report.runs import trials_frame
 from sweep.report.schema import CHANCE, chance, probe_parts
-from tests.test_report import PNG, _log_trial
+from tests.sweep.report.test_report import PNG, _log_trial
 
 DATASETS = ("counterfact", "zsre")
 METHODS = ("memit", "emmet")

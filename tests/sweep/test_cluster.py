@@ -18,11 +18,11 @@ mlflow = pytest.importorskip("mlflow")
 from sweep import launch  # noqa: E402
 from sweep.config import load_sweep, sweep_id  # noqa: E402
 from sweep.plan import make_plan  # noqa: E402
-from tests.conftest import write_sweep_yaml, write_tiny_assets  # noqa: E402
+from tests.conftest import SHARED, write_sweep_yaml, write_tiny_assets  # noqa: E402
 from tests.private_cluster import job_server_available, private_disk_cluster, unavailable  # noqa: E402
 
 #: AlphaEdit's probe files as JSON lines (../shared/data/glue_eval), a path every node sees, as the data
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue_eval"
+GLUE = SHARED / "data" / "glue_eval"
 
 
 pytestmark = pytest.mark.integration  # clusters of Ray processes, a moto S3 server, job submission

@@ -22,8 +22,9 @@ import pytest
 import torch
 
 from sweep.evals import probes as P
+from tests.conftest import SHARED
 
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue_eval"
+GLUE = SHARED / "data" / "glue_eval"
 
 
 @pytest.fixture(scope="module", autouse=True)
