@@ -1,5 +1,5 @@
-"""The driver's cost per report: simulated trials reporting through the MLflow callback into a real
-``mlflow server`` (SQLite), the previous callback (``before``) beside today's (``after``) in one run.
+"""The driver's cost per report: simulated trials reporting through the MLflow callback into a real MLflow
+server (``mlflow ui`` on SQLite), the previous callback (``before``) beside today's (``after``) in one run.
 
     python -m bench.driver                                  # 8, 16, 32, 64 trials x 100 batches
     python -m bench.driver --trials 8 64 --batches 20       # a quick look
@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from bench.ui_check import mlflow_ui
 from sweep.cells import Cells
 from sweep.config import SweepConfig
 from sweep.result import REPORT_KEY, TrialResult, UpdateNorms
@@ -233,35 +232,6 @@ def run_one(side: str, uri: str, n: int, batches: int, root: Path) -> dict[str, 
     }
 
 
-@contextmanager
-def mlflow_server(root: Path) -> Any:
-    """A real ``mlflow server`` on SQLite on a free local port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "art"),
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"))
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                tracking.client(uri).search_experiments(max_results=1)
-                break
-            except Exception:
-                if time.time() > deadline or proc.poll() is not None:
-                    log_tail = (root / "server.log").read_text()[-2000:]
-                    raise RuntimeError(f"mlflow server did not start: {log_tail}") from None
-                time.sleep(1)
-        yield uri
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     out = [
         "| trials | side | per report, mean (p99) ms | start + end per trial, ms | until all in MLflow, s "
@@ -285,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, mlflow_server(Path(tmp)) as uri:
+    with tempfile.TemporaryDirectory() as tmp, mlflow_ui(f"sqlite:///{Path(tmp) / 'mlflow.db'}") as uri:
         for n in args.trials:
             for side in ("before", "after"):
                 rows.append(run_one(side, uri, n, args.batches, Path(tmp)))

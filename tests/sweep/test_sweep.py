@@ -333,3 +333,33 @@ def test_trial_runs_are_live_from_the_start_and_close_with_real_times(assets, lo
     header = open(csv_text).readline().strip().split(",")
     assert header[:5] == ["case_id", "subject", "prompt", "target_new", "target_true"]
     assert header.index("pre_es") < header.index("at_edit_es") < header.index("final_es")
+
+
+def test_a_resume_onto_a_new_tracking_server_logs_there_and_runs_what_it_lacks(assets, local_ray, monkeypatch):
+    """The tracking target from the environment (a cluster's MLFLOW_TRACKING_URI), moved between a sweep and
+    its --resume (a new cluster, a new server): the resumed sweep logs to the new target through this
+    launch's callback, runs exactly the trials it has no finished run of, each once, and writes nothing
+    more to the old one (Tuner.restore would have restored the old callback and run nothing)."""
+    path = sweep_yaml(assets, "moved", {"algorithm": ["memit", "emmet"], "layers": [[1]], "batch_size": [2]})
+    text = yaml.safe_load(path.read_text())
+    text["mlflow"]["tracking_uri"] = None
+    path.write_text(yaml.safe_dump(text))
+    cfg = load_sweep(str(path))
+    old, new = (f"sqlite:///{assets / 'moved' / name}" for name in ("old.db", "new.db"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", old)
+    first = launch.run(cfg, make_plan(cfg), launch_args(["--local", "--num-cpus", "2"]))
+    assert first["errors"] == 0
+    ray.shutdown()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", new)
+    again = launch.run(cfg, make_plan(cfg), launch_args(["--local", "--num-cpus", "2", "--resume"]))
+    assert again["errors"] == 0 and again["tracking_uri"] == new
+
+    def trial_runs(uri):
+        c = mlflow.tracking.MlflowClient(uri)
+        exp = c.get_experiment_by_name("test")
+        return c.search_runs([exp.experiment_id], filter_string="tags.`sweep.role` = 'trial'")
+
+    moved, kept = trial_runs(new), trial_runs(old)
+    assert sorted(r.data.params["algorithm"] for r in moved) == ["emmet", "memit"]
+    assert all(r.info.status == "FINISHED" for r in moved)
+    assert len(kept) == 2 and all(r.info.status == "FINISHED" for r in kept)  # nothing more on the old server
