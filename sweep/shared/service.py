@@ -118,7 +118,7 @@ class _Lease:
     ids: list[tuple]
     unit: Unit
     deadline: float
-    holder: str  # "service" while it reads the stores, else the trial's key
+    holder: str  # "service" while it reads the stores, DRIVER for the up-front fulfilment, else the trial's key
 
 
 @dataclass
