@@ -73,8 +73,7 @@ def before_callback(uri: str, exp_id: str, parent: str, sid: str) -> Any:
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             p = planned_of(trial.config)
             c = tracking.client(uri)
-            left = tracking.running_trial_runs(c, exp_id, parent)  # a search per trial start
-            rid = left[p.key].info.run_id if p.key in left else None
+            rid = tracking.child_runs(c, exp_id, parent).running.get(p.key)  # a search per trial start
             self.runs[p.key] = tracking.start_trial_run(c, exp_id, parent, sid, p, rid)
             self.streamed[p.key] = 0
 
@@ -89,7 +88,7 @@ def before_callback(uri: str, exp_id: str, parent: str, sid: str) -> Any:
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             p = planned_of(trial.config)
             c = tracking.client(uri)
-            if p.key in self.logged or p.key in tracking.trial_runs(c, exp_id, parent):  # a search per trial end
+            if p.key in self.logged or p.key in tracking.child_runs(c, exp_id, parent).finished:  # a search per end
                 return
             result = tracking.result_of(trial.last_result)
             tracking.log_trial(c, exp_id, parent, sid, result, self.runs[p.key], self.streamed[p.key], p.params())
@@ -192,7 +191,7 @@ def run_one(side: str, uri: str, n: int, batches: int, root: Path) -> dict[str, 
         if side == "before":
             cb = before_callback(uri, exp, parent, sid)
         else:
-            cb = tracking.make_callback(uri, exp, parent, sid, tracking.child_runs(c, exp, parent))
+            cb = tracking.MlflowTrials(uri, exp, parent, sid, tracking.child_runs(c, exp, parent))
         fakes = [SimpleNamespace(trial_id=f"t{i}", config=p.point(), last_result={}) for i, p in enumerate(trials)]
         on_loop = 0.0
         for t in fakes:
@@ -215,7 +214,7 @@ def run_one(side: str, uri: str, n: int, batches: int, root: Path) -> dict[str, 
         cb.on_experiment_end(fakes)  # waits for the writer (after); nothing to wait for (before)
         flush = time.perf_counter() - s
         wall = time.perf_counter() - t0
-    done = tracking.trial_runs(c, exp, parent)
+    done = tracking.child_runs(c, exp, parent).finished
     assert len(done) == n, f"{side}: {len(done)} of {n} runs FINISHED"
     per_report.sort()
     return {

@@ -236,7 +236,7 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
         # fulfilled beside the trials: each trial starts once its own inputs exist (ReadyFirst, in _tuner)
         feed = Feed(shared, cfg, tasks, service)
         _log_statistics(c, parent, shared)
-    callback = tracking.make_callback(uri, exp, parent, sid, known)
+    callback = tracking.MlflowTrials(uri, exp, parent, sid, known)
     if cells.searching:
         max_edits = max(p.config.n_edits for p in plan.planned)  # the stand-ins: every cell's search trials
         grid = _tuner(cfg, cells, service, callback, args, None, max_edits).fit()
@@ -277,7 +277,7 @@ def _log_search(c: Any, exp: str, parent: str, cfg: SweepConfig, best: dict[int,
     configuration, or its Pareto set, with the run that found it); returned for the summary."""
     from .tune import tracking
 
-    runs = {k: r.info.run_id for k, r in tracking.trial_runs(c, exp, parent).items()}
+    runs = tracking.child_runs(c, exp, parent).finished
     s = cfg.search
     out: dict[str, Any] = {"metric": list(s.metrics), "mode": list(s.modes), "best": {}, "pareto": {}}
     for method, bs in per_method(cfg, best).items():

@@ -115,14 +115,12 @@ def result_of(report: dict[str, Any] | None) -> TrialResult | None:
 def log_missing(c: Any, exp_id: str, parent: str, sid: str, reports: dict[str, dict[str, Any]]) -> int:
     """Log every finished trial (key -> its last Tune report) that MLflow does not hold yet (a server
     that was down when the trial ended), unpacking only those results; returns how many were logged."""
-    have = trial_runs(c, exp_id, parent)
-    running = running_trial_runs(c, exp_id, parent)
+    kids = child_runs(c, exp_id, parent)
     n = 0
     for key, report in reports.items():
-        result = result_of(report) if key not in have else None
+        result = result_of(report) if key not in kids.finished else None
         if result is not None:
-            rid = running[key].info.run_id if key in running else None
-            log_trial(c, exp_id, parent, sid, result, rid)
+            log_trial(c, exp_id, parent, sid, result, kids.running.get(key))
             n += 1
     return n
 
@@ -159,10 +157,23 @@ def start_parent(c: Any, exp_id: str, name: str, sid: str, resume: bool) -> tupl
     return run.info.run_id, False
 
 
-def trial_runs(c: Any, exp_id: str, parent: str) -> dict[str, Any]:
-    """trial.key -> run of the FINISHED child runs under ``parent``."""
+@dataclass(frozen=True)
+class Children:
+    """A sweep's trial runs (one search): trial key -> run id of those FINISHED (never run again) and of
+    those a killed launcher left RUNNING (continued, or closed as KILLED)."""
+
+    finished: dict[str, str] = field(default_factory=dict)
+    running: dict[str, str] = field(default_factory=dict)
+
+
+def child_runs(c: Any, exp_id: str, parent: str) -> Children:
+    """The :class:`Children` of ``parent``, in one search."""
     runs = c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=50_000)
-    return {r.data.tags.get("trial.key"): r for r in runs if r.info.status == "FINISHED"}
+    by: dict[str, dict[str, str]] = {"FINISHED": {}, "RUNNING": {}}
+    for r in runs:
+        if r.info.status in by:
+            by[r.info.status][r.data.tags.get("trial.key")] = r.info.run_id
+    return Children(by["FINISHED"], by["RUNNING"])
 
 
 def _finite(x: Any) -> bool:
@@ -255,12 +266,6 @@ def start_trial_run(c: Any, exp_id: str, parent: str, sid: str, planned: Planned
     params = {**trial_params(to_dict(cfg), to_dict(hp), method), **planned.params()}
     c.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     return run.info.run_id
-
-
-def running_trial_runs(c: Any, exp_id: str, parent: str) -> dict[str, Any]:
-    """trial.key -> run of the child runs under ``parent`` still RUNNING."""
-    runs = c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=50_000)
-    return {r.data.tags.get("trial.key"): r for r in runs if r.info.status == "RUNNING"}
 
 
 def curve_metrics(point: dict[str, Any], now: int) -> list[Any]:
@@ -393,9 +398,9 @@ def _error_text(path: str | None) -> str:
 
 def close_running(c: Any, exp_id: str, parent: str) -> int:
     """Close every child run still RUNNING as KILLED (a stopped sweep's unfinished trials)."""
-    left = running_trial_runs(c, exp_id, parent)
-    for r in left.values():
-        c.set_terminated(r.info.run_id, "KILLED")
+    left = child_runs(c, exp_id, parent).running
+    for rid in left.values():
+        c.set_terminated(rid, "KILLED")
     return len(left)
 
 
@@ -419,25 +424,6 @@ def _per_record_csv(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         w.writerow({k: (100 * v if k in scores and isinstance(v, (int, float)) else v) for k, v in r.items()})
     return buf.getvalue()
-
-
-@dataclass(frozen=True)
-class Children:
-    """The sweep's trial runs when the launcher starts (one search): trial key -> run id of those
-    FINISHED (never run again) and of those a killed launcher left RUNNING (continued)."""
-
-    finished: dict[str, str] = field(default_factory=dict)
-    running: dict[str, str] = field(default_factory=dict)
-
-
-def child_runs(c: Any, exp_id: str, parent: str) -> Children:
-    """The :class:`Children` of ``parent``, in one search."""
-    runs = c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=50_000)
-    by: dict[str, dict[str, str]] = {"FINISHED": {}, "RUNNING": {}}
-    for r in runs:
-        if r.info.status in by:
-            by[r.info.status][r.data.tags.get("trial.key")] = r.info.run_id
-    return Children(by["FINISHED"], by["RUNNING"])
 
 
 class Writer:
@@ -492,7 +478,13 @@ class Writer:
         self._q.join()
 
 
-def make_callback(uri: str, exp_id: str, parent: str, sid: str, known: Children):
+def _callback_base() -> type:
+    from ray import tune
+
+    return tune.Callback
+
+
+class MlflowTrials(_callback_base()):  # type: ignore[misc]
     """A Tune callback that keeps one child run per trial: RUNNING from its start with its params, each
     batch's curve point streamed as it is reported, closed FINISHED with the result (or, for a trial a
     scheduler stopped, with what it measured until then), or FAILED; each trial's run is named by the
@@ -503,133 +495,141 @@ def make_callback(uri: str, exp_id: str, parent: str, sid: str, known: Children)
     :func:`child_runs`) and kept in memory, never searched again per trial; every MLflow call is made on
     one :class:`Writer` thread, in order, so Tune's loop only queues (``bench/driver.py``); the writer is
     flushed when an experiment ends."""
-    from ray import tune
 
-    class MlflowTrials(tune.Callback):
-        def __init__(self) -> None:
-            self.finished = set(known.finished)  # keys FINISHED in MLflow before this launch
-            self.left = dict(known.running)  # key -> run a killed launcher left RUNNING
-            self.started: set[str] = set()  # keys whose start was queued (Tune's loop)
-            self.runs: dict[str, str] = {}  # key -> run id (the writer's)
-            self.streamed: dict[str, int] = {}
-            self.logged: set[str] = set()
-            self.planned: dict[str, Any] = {}  # Tune's trial id -> PlannedTrial
-            self._writer: Writer | None = None
-            self._client: Any = None
+    def __init__(self, uri: str, exp_id: str, parent: str, sid: str, known: Children) -> None:
+        self.uri, self.exp_id, self.parent, self.sid = uri, exp_id, parent, sid
+        self.finished = set(known.finished)  # keys FINISHED in MLflow before this launch
+        self.left = dict(known.running)  # key -> run a killed launcher left RUNNING
+        self.started: set[str] = set()  # keys whose start was queued (Tune's loop)
+        self.runs: dict[str, str] = {}  # key -> run id (the writer's)
+        self.streamed: dict[str, int] = {}
+        self.logged: set[str] = set()
+        self.planned: dict[str, Any] = {}  # Tune's trial id -> PlannedTrial
+        self._writer: Writer | None = None
+        self._client: Any = None
 
-        def __getstate__(self) -> dict[str, Any]:  # Tune pickles its run config: no thread, no client
-            return {**self.__dict__, "_writer": None, "_client": None}
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles its run config: no thread, no client
+        return {**self.__dict__, "_writer": None, "_client": None}
 
-        @property
-        def writer(self) -> Writer:
-            if self._writer is None:
-                self._writer = Writer()
-            return self._writer
+    @property
+    def writer(self) -> Writer:
+        if self._writer is None:
+            self._writer = Writer()
+        return self._writer
 
-        def _c(self):  # only ever called on the writer's thread
-            if self._client is None:
-                self._client = client(uri)
-            return self._client
+    def _c(self):  # only ever called on the writer's thread
+        if self._client is None:
+            self._client = client(self.uri)
+        return self._client
 
-        def _plan(self, trial: Any) -> Any:
-            if trial.trial_id not in self.planned:
-                self.planned[trial.trial_id] = planned_of(trial.config)
-            return self.planned[trial.trial_id]
+    def _plan(self, trial: Any) -> Any:
+        if trial.trial_id not in self.planned:
+            self.planned[trial.trial_id] = planned_of(trial.config)
+        return self.planned[trial.trial_id]
 
-        # Tune's loop: queue, never wait for the server
+    # Tune's loop: queue, never wait for the server
 
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            p = self._plan(trial)
-            if p.key in self.started or p.key in self.finished:
-                return  # a retried attempt continues the same run; a finished one is never reopened
-            self.started.add(p.key)
-            self.writer.submit(self._start, p)
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        p = self._plan(trial)
+        if p.key in self.started or p.key in self.finished:
+            return  # a retried attempt continues the same run; a finished one is never reopened
+        self.started.add(p.key)
+        self.writer.submit(self._start, p)
 
-        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            point = {k.removeprefix("curve."): v for k, v in result.items() if k.startswith("curve.")}
-            if "edits" in point:
-                self.writer.submit_many(self._curves, self._plan(trial).key, point, int(time.time() * 1000))
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        point = {k.removeprefix("curve."): v for k, v in result.items() if k.startswith("curve.")}
+        if "edits" in point:
+            self.writer.submit_many(self._curves, self._plan(trial).key, point, int(time.time() * 1000))
 
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.writer.submit(self._complete, self._plan(trial), dict(trial.last_result or {}))
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.writer.submit(self._complete, self._plan(trial), dict(trial.last_result or {}))
 
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.writer.submit(self._error, self._plan(trial), getattr(trial, "error_file", None))
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.writer.submit(self._error, self._plan(trial), getattr(trial, "error_file", None))
 
-        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-            if trials and all(t.status in ("TERMINATED", "ERROR") for t in trials):
-                self.writer.flush()  # nothing runs: Tune may be about to write its last experiment state
-            self._slim(trials)
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if trials and all(t.status in ("TERMINATED", "ERROR") for t in trials):
+            self.writer.flush()  # nothing runs: Tune may be about to write its last experiment state
+        self._slim(trials)
 
-        def on_experiment_end(self, trials: list, **info: Any) -> None:
-            self.writer.flush()  # every run in MLflow before the launcher reads them back
-            self._slim(trials)
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.writer.flush()  # every run in MLflow before the launcher reads them back
+        self._slim(trials)
 
-        def _slim(self, trials: list) -> None:
-            """Drop the packed result from the last report of each trial MLflow has taken (on Tune's loop,
-            which writes the experiment state): the state keeps a few KB per trial instead of the whole
-            result (~0.8 MB for 2,000 facts); a result MLflow has not taken stays for ``--resume``."""
-            for t in trials:
-                last = t.last_result
-                if last and REPORT_KEY in last and self.planned.get(t.trial_id) is not None:
-                    if self.planned[t.trial_id].key in self.logged:
-                        del last[REPORT_KEY]
+    def _slim(self, trials: list) -> None:
+        """Drop the packed result from the last report of each trial MLflow has taken (on Tune's loop,
+        which writes the experiment state): the state keeps a few KB per trial instead of the whole
+        result (~0.8 MB for 2,000 facts); a result MLflow has not taken stays for ``--resume``."""
+        for t in trials:
+            last = t.last_result
+            if last and REPORT_KEY in last and self.planned.get(t.trial_id) is not None:
+                if self.planned[t.trial_id].key in self.logged:
+                    del last[REPORT_KEY]
 
-        # The writer's thread: the MLflow calls
+    # The writer's thread: the MLflow calls
 
-        def _start(self, p: Any) -> None:
+    def _start(self, p: Any) -> None:
+        try:
+            self.runs[p.key] = start_trial_run(
+                self._c(), self.exp_id, self.parent, self.sid, p, self.left.pop(p.key, None)
+            )
+            self.streamed[p.key] = 0
+        except Exception as e:
+            log.warning("MLflow did not take the start of trial %s (%s); it is logged when it ends", p.key, e)
+
+    def _curves(self, points: list[tuple[str, dict[str, Any], int]]) -> None:
+        """Curve points queued together: one ``log_batch`` per run (at most 1000 metrics each)."""
+        by_key: dict[str, list[tuple[dict[str, Any], int]]] = {}
+        for key, point, now in points:
+            by_key.setdefault(key, []).append((point, now))
+        for key, pts in by_key.items():
+            if key not in self.runs:
+                continue
             try:
-                self.runs[p.key] = start_trial_run(self._c(), exp_id, parent, sid, p, self.left.pop(p.key, None))
-                self.streamed[p.key] = 0
+                metrics = [m for point, now in pts for m in curve_metrics(point, now)]
+                for k in range(0, len(metrics), 1000):
+                    self._c().log_batch(self.runs[key], metrics=metrics[k : k + 1000])
+                self.streamed[key] += len(pts)
             except Exception as e:
-                log.warning("MLflow did not take the start of trial %s (%s); it is logged when it ends", p.key, e)
+                log.warning("MLflow did not take %d curve point(s) of trial %s (%s)", len(pts), key, e)
 
-        def _curves(self, points: list[tuple[str, dict[str, Any], int]]) -> None:
-            """Curve points queued together: one ``log_batch`` per run (at most 1000 metrics each)."""
-            by_key: dict[str, list[tuple[dict[str, Any], int]]] = {}
-            for key, point, now in points:
-                by_key.setdefault(key, []).append((point, now))
-            for key, pts in by_key.items():
-                if key not in self.runs:
-                    continue
-                try:
-                    metrics = [m for point, now in pts for m in curve_metrics(point, now)]
-                    for k in range(0, len(metrics), 1000):
-                        self._c().log_batch(self.runs[key], metrics=metrics[k : k + 1000])
-                    self.streamed[key] += len(pts)
-                except Exception as e:
-                    log.warning("MLflow did not take %d curve point(s) of trial %s (%s)", len(pts), key, e)
-
-        def _complete(self, p: Any, last: dict[str, Any]) -> None:
-            key = p.key
-            if key in self.logged or key in self.finished:
-                return  # resumed sweep: already in MLflow
-            try:
-                c = self._c()
-                result = result_of(last)
-                if result is None and "edits" in last and key in self.runs:
-                    log_stopped(c, self.runs[key], last)  # a scheduler stopped it
-                    self.logged.add(key)
-                    return
-                if result is None:
-                    log.warning("trial %s finished without its result in the last report; not logged", key)
-                    return
-                log_trial(
-                    c, exp_id, parent, sid, result, self.runs.get(key), self.streamed.get(key, 0), extra=p.params()
-                )
+    def _complete(self, p: Any, last: dict[str, Any]) -> None:
+        key = p.key
+        if key in self.logged or key in self.finished:
+            return  # resumed sweep: already in MLflow
+        try:
+            c = self._c()
+            result = result_of(last)
+            if result is None and "edits" in last and key in self.runs:
+                log_stopped(c, self.runs[key], last)  # a scheduler stopped it
                 self.logged.add(key)
-            except Exception as e:  # the server went away: the result stays in Tune's storage
-                log.warning("MLflow did not take trial %s (%s); its result is kept, --resume logs it", key, e)
-
-        def _error(self, p: Any, error_file: str | None) -> None:
-            key = p.key
-            if key in self.logged or key in self.finished:
                 return
-            try:
-                err = _error_text(error_file)
-                log_failed_trial(self._c(), exp_id, parent, sid, key, p.point()["point"], err, self.runs.get(key))
-                self.logged.add(key)
-            except Exception as e:
-                log.warning("MLflow did not take the failure of trial %s (%s)", key, e)
+            if result is None:
+                log.warning("trial %s finished without its result in the last report; not logged", key)
+                return
+            log_trial(
+                c,
+                self.exp_id,
+                self.parent,
+                self.sid,
+                result,
+                self.runs.get(key),
+                self.streamed.get(key, 0),
+                extra=p.params(),
+            )
+            self.logged.add(key)
+        except Exception as e:  # the server went away: the result stays in Tune's storage
+            log.warning("MLflow did not take trial %s (%s); its result is kept, --resume logs it", key, e)
 
-    return MlflowTrials()
+    def _error(self, p: Any, error_file: str | None) -> None:
+        key = p.key
+        if key in self.logged or key in self.finished:
+            return
+        try:
+            err = _error_text(error_file)
+            log_failed_trial(
+                self._c(), self.exp_id, self.parent, self.sid, key, p.point()["point"], err, self.runs.get(key)
+            )
+            self.logged.add(key)
+        except Exception as e:
+            log.warning("MLflow did not take the failure of trial %s (%s)", key, e)
