@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from editors.model import ModelSpec, hooks, model_device, parse_dtype, run_until
 from editors.requests import pad_id, pad_right
-from editors.store import Store, claim, key_digest, key_json
+from editors.store import Remote, Store, claim, key_digest, key_json
 
 log = logging.getLogger(__name__)
 
@@ -648,9 +648,9 @@ class StatsStore:
     """A folder of cached second moments, one ``<digest>.safetensors`` file per :class:`StatsKey`
     (an :class:`editors.store.Store`: atomic writes, the key checked on read)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, remote: Remote | None = None) -> None:
         self.root = Path(root)
-        self._store = Store(self.root, STATS_FORMAT)
+        self._store = Store(self.root, STATS_FORMAT, remote)
 
     def path(self, key: StatsKey) -> Path:
         return self._store.path(key)

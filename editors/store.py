@@ -13,6 +13,11 @@ chunk by chunk as the work finishes, so that a killed run keeps every chunk it f
 share a store (two sweeps at once) :func:`claim` an entry before computing it, so only one computes it
 and the other waits and reads it. A claim is an ``flock`` on a lock file next to the entry: the kernel
 releases it when its holder exits, however it exits, so a dead holder's entry is taken over at once.
+
+A store can have a :class:`Remote`: a second home of its entries (a prefix on cloud storage, given by
+``sweep``). A miss in the folder is looked up there and copied into the folder; every entry written is
+copied there after its local write. Entries are content-keyed and never rewritten, so the folder is a
+cache of the remote that needs no invalidation.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -137,17 +142,53 @@ def _warn_once(path: Path, why: str) -> None:
         log.warning("cache file %s %s; ignoring it (it will be recomputed)", path, why)
 
 
+class Remote(Protocol):
+    """A second home of a store's entries, each named by its path under the store's folder ("/"-separated)."""
+
+    def fetch(self, name: str, dest: Path) -> bool:
+        """Copy entry ``name`` to ``dest`` (atomically); False when the remote has none."""
+        ...
+
+    def publish(self, name: str, src: Path) -> None:
+        """Copy the local file ``src`` to entry ``name`` (readers see all of it or nothing)."""
+        ...
+
+    def names(self, folder: str) -> list[str]:
+        """The file names in ``folder`` (an entry's parts); empty when there is none."""
+        ...
+
+
 class Store:
     """A folder of content-keyed entries; ``fmt`` names the payload format and is checked on read.
 
     Args:
         root: the folder (created on the first write).
         fmt: a format tag such as ``"editors.stats.v2"``; files of another tag are misses.
+        remote: where the entries are also kept (a miss here is looked up there; writes go to both).
     """
 
-    def __init__(self, root: str | os.PathLike, fmt: str) -> None:
+    def __init__(self, root: str | os.PathLike, fmt: str, remote: Remote | None = None) -> None:
         self.root = Path(root)
         self.fmt = fmt
+        self.remote = remote
+
+    def _here(self, path: Path) -> bool:
+        """Whether ``path`` is a file in the folder, copied from the remote on a local miss."""
+        if path.is_file():
+            return True
+        if self.remote is None:
+            return False
+        return self.remote.fetch(path.relative_to(self.root).as_posix(), path)
+
+    def _written(self, path: Path) -> Path:
+        """``path``, just written, copied to the remote. A remote that fails is a warning: the entry is
+        in the folder, and the sweep goes on (a later write of another entry tries again)."""
+        if self.remote is not None:
+            try:
+                self.remote.publish(path.relative_to(self.root).as_posix(), path)
+            except OSError as e:
+                log.warning("%s was not copied to the store's remote (%s); it stays in the folder", path, e)
+        return path
 
     def path(self, key: Any, part: str | None = None, ext: str = "safetensors") -> Path:
         digest = key_digest(key)
@@ -175,13 +216,14 @@ class Store:
     ) -> Path:
         """Write ``tensors`` (moved to CPU, made contiguous) with ``meta`` under ``key`` atomically."""
         payload = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        return atomic_write(self.path(key, part), lambda p: save_file(payload, str(p), metadata=self._meta(key, meta)))
+        path = atomic_write(self.path(key, part), lambda p: save_file(payload, str(p), metadata=self._meta(key, meta)))
+        return self._written(path)
 
     def get_tensors(self, key: Any, part: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         """(tensors, metadata) of ``key``, or None when absent, unreadable, truncated or of another key
         (the last three are reported once, as a warning)."""
         path = self.path(key, part)
-        return self._read_tensors(path, key) if path.is_file() else None
+        return self._read_tensors(path, key) if self._here(path) else None
 
     def _read_tensors(self, path: Path, key: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         try:
@@ -199,6 +241,8 @@ class Store:
         """The metadata of ``key``'s entry from its file header alone (no tensor read), or None when
         absent, unreadable or of another key."""
         path = self.path(key, part)
+        if not self._here(path):
+            return None
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
@@ -209,6 +253,8 @@ class Store:
     def has(self, key: Any, part: str | None = None) -> bool:
         """Whether a readable entry of ``key`` exists (reads the header only)."""
         path = self.path(key, part)
+        if not self._here(path):
+            return False
         try:
             with safe_open(str(path), framework="pt") as f:
                 return self._matches(f.metadata(), key)
@@ -219,11 +265,11 @@ class Store:
 
     def put_json(self, key: Any, data: Any, part: str | None = None) -> Path:
         doc = {"format": self.fmt, "key": json.loads(key_json(key)), "data": data}
-        return write_json_atomic(self.path(key, part, "json"), doc, indent=None)
+        return self._written(write_json_atomic(self.path(key, part, "json"), doc, indent=None))
 
     def get_json(self, key: Any, part: str | None = None) -> Any | None:
         path = self.path(key, part, "json")
-        return self._read_json(path, key) if path.is_file() else None
+        return self._read_json(path, key) if self._here(path) else None
 
     def _read_json(self, path: Path, key: Any) -> Any | None:
         try:
@@ -241,6 +287,10 @@ class Store:
     def iter_parts(self, key: Any, ext: str = "safetensors") -> Iterator[Any]:
         """Every readable part of ``key``: ``(tensors, meta)`` for safetensors, the data for JSON."""
         folder = self.root / key_digest(key)
+        if self.remote is not None:  # the parts the remote holds and the folder lacks
+            for name in self.remote.names(folder.name):
+                if name.endswith(f".{ext}") and not name.startswith("."):
+                    self._here(folder / name)
         if not folder.is_dir():
             return
         for path in sorted(folder.glob(f"[!.]*.{ext}")):
@@ -254,4 +304,13 @@ def part_name(items: list[str]) -> str:
     return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
 
 
-__all__ = ["Store", "atomic_write", "key_digest", "key_json", "part_name", "write_json_atomic", "write_text_atomic"]
+__all__ = [
+    "Remote",
+    "Store",
+    "atomic_write",
+    "key_digest",
+    "key_json",
+    "part_name",
+    "write_json_atomic",
+    "write_text_atomic",
+]

@@ -41,6 +41,9 @@ class ModelConfig:
     revision: str | None = None
     dtype: str = "float32"  # float32 as the reference; bfloat16 halves memory on a GPU
     device: str = "auto"  # "auto" = the first CUDA device if there is one, else CPU
+    # A copy of the hub model's files on the cluster's storage (s3://..., or a folder every node mounts),
+    # filled from the Hub once by the driver; workers load from it (sweep.shared.mirror). Needs a commit revision
+    mirror: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class StatsConfig:
     sample_seed: int | None = None
     dtype: Literal["float32", "float64"] = "float32"
     batch_tokens: int | None = None  # padded tokens per forward pass (None: 1024 on CPU, 8192 on GPU)
-    store: str | None = ".cache/stats"  # disk cache folder (None: keep in memory only)
+    store: str | None = ".cache/stats"  # a folder, or a URI (s3://lab/stats) backed by a local copy; None: in memory
     tolerance: float | None = None  # stop once C⁻¹ of held-out keys changes less than this (None: read to the caps)
     model_dtype: str | None = None  # weights' dtype during the pass (None: model.dtype); bfloat16 halves it
 
@@ -264,7 +267,8 @@ def _check_fields(cfg: TrialConfig) -> None:
             f"stats.corpus: {corpus!r} does not exist (give a text file, a folder of .txt/.utf8 files, "
             f"'{EMBEDDED_WIKI}', or 'hf:<dataset>[:<config>][:<split>]')"
         )
-    check_local_store("stats.store", cfg.stats.store)
+    check_location("stats.store", cfg.stats.store)
+    _check_mirror(m)
     if cfg.dataset.case_ids is not None and len(set(cfg.dataset.case_ids)) != len(cfg.dataset.case_ids):
         raise ConfigError("dataset.case_ids: every case id at most once")
 
@@ -308,13 +312,40 @@ def _check_protocols(cfg: TrialConfig) -> None:
         )
 
 
-def check_local_store(name: str, value: Any) -> None:
-    """A shared-work store must be a folder, not a URI: the driver writes every store and hands its
-    contents to the nodes through Ray (sweep.shared.fulfil); the error names ``name``."""
-    if isinstance(value, str) and "://" in value:
+#: The URI schemes a store or a model mirror may name (pyarrow's file systems).
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def check_location(name: str, value: Any) -> None:
+    """A shared-work store is a folder on the driver's disk or a URI of cloud storage
+    (sweep.shared.mirror: a local copy backed by the prefix); the error names ``name``."""
+    if not isinstance(value, str) or "://" not in value:
+        return
+    scheme = value.split("://", 1)[0].lower()
+    if scheme not in STORAGE_SCHEMES:
         raise ConfigError(
-            f"{name}: {value!r} is a URI; the shared-work stores are folders on the driver's disk (the "
-            "driver writes them and hands their contents to every node through Ray); give a local path"
+            f"{name}: {value!r} is neither a folder on the driver's disk nor a URI of cloud storage "
+            f"({', '.join(s + '://' for s in STORAGE_SCHEMES)})"
+        )
+
+
+def _check_mirror(m: ModelConfig) -> None:
+    """A mirrored model is a hub id at a commit, mirrored to cloud storage or an absolute folder."""
+    if m.mirror is None:
+        return
+    check_location("model.mirror", m.mirror)
+    if "://" not in m.mirror and not Path(m.mirror).is_absolute():
+        raise ConfigError(f"model.mirror: {m.mirror!r}: an absolute folder every node mounts, or a URI (s3://...)")
+    if m.source is None or _looks_local(m.source):
+        raise ConfigError(
+            f"model.mirror: mirrors models of the Hugging Face hub, but model.source is {m.source!r}, a local "
+            "model; leave model.mirror unset"
+        )
+    if not _COMMIT.match(m.revision or ""):
+        raise ConfigError(
+            f"model.revision: {m.revision!r}; a mirror holds one commit of a model: give its 40-digit commit "
+            f"hash (HfApi().model_info({m.source!r}).sha)"
         )
 
 
@@ -497,8 +528,10 @@ class SweepConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     retries: int = 1  # a failed trial is retried this many times
     storage: str = ".cache/ray_results"  # Tune's storage_path on the driver, or a URI (s3://, gs://)
-    values_store: str = ".cache/values"  # target values, on the driver's disk (it writes every store)
-    scores_store: str = ".cache/scores"  # pre-edit scores and perplexities, on the driver's disk
+    # The stores: folders on the driver's disk (it writes every store), or URIs (s3://lab/values): a local
+    # copy backed by the prefix, read back by later clusters (sweep.shared.mirror)
+    values_store: str = ".cache/values"  # target values
+    scores_store: str = ".cache/scores"  # pre-edit scores, perplexities and probe points
     share_values: bool = True  # compute batch-mode values once for the sweep (off: each trial optimises its own)
     values_chunk: int = 256  # facts per value / pre-score task (each stored as it finishes)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
@@ -556,9 +589,9 @@ def load_sweep(path: str, overrides: list[str] = ()) -> SweepConfig:
             parse_distribution(key, values, f"variants.{vname}.grid")
     if cfg.retries < 0:
         raise ConfigError("retries: must be >= 0")
-    check_local_store("values_store", cfg.values_store)
-    check_local_store("scores_store", cfg.scores_store)
-    check_local_store("base.stats.store", (cfg.base.get("stats") or {}).get("store"))
+    check_location("values_store", cfg.values_store)
+    check_location("scores_store", cfg.scores_store)
+    check_location("base.stats.store", (cfg.base.get("stats") or {}).get("store"))
     if cfg.values_chunk < 1:
         raise ConfigError(f"values_chunk: must be >= 1, got {cfg.values_chunk}")
     r = cfg.resources

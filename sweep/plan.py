@@ -20,13 +20,14 @@ from editors.templates import N_TEMPLATES
 from .cells import Cells, PlannedTrial, check_search
 from .config import SweepConfig, TrialConfig, sweep_id
 from .shared.keys import stats_dtype
+from .shared.mirror import prepare
 from .shared.needs import (
     Shape,
     SharedPlan,
-    model_shape,
     pass_parts,
     plan_shared,
     score_seconds,
+    shape_of,
     stats_wall_seconds,
     stats_workers,
     value_seconds,
@@ -84,8 +85,10 @@ def make_plan(cfg: SweepConfig, dry_run: bool = False, budget_gb: float | None =
     check_search(cfg, cells, planned)
     trials = [p.config for p in planned]
     keys = [p.key for p in planned]
+    if not dry_run:
+        prepare(cfg, trials)  # stores under a URI writable, mirrored models in their mirror (and here)
     for t in trials:
-        shape = model_shape(t.model.source, t.model.gguf_file, t.model.revision)
+        shape = shape_of(t.model)
         for layer in t.edit_hparams.layers:
             try:
                 check_layer(layer, shape.n_layers, "layers")
@@ -109,7 +112,7 @@ def make_plan(cfg: SweepConfig, dry_run: bool = False, budget_gb: float | None =
     estimates = [
         estimate(
             t,
-            model_shape(t.model.source, t.model.gguf_file, t.model.revision),
+            shape_of(t.model),
             tflops,
             shared.needs[k],
             cfg.estimate.bandwidth_gbs,
@@ -138,7 +141,7 @@ def _pre_score_seconds(t: TrialConfig, n: int, tflops: float, bandwidth: float) 
 
 
 def _shape(t: TrialConfig) -> Shape:
-    return model_shape(t.model.source, t.model.gguf_file, t.model.revision)
+    return shape_of(t.model)
 
 
 def estimate(

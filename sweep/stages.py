@@ -47,6 +47,7 @@ from .evals.metrics import (
 from .evals.registry import CORE, GEN_CORE, describe
 from .result import CurvePoint, TrialResult, UpdateNorms
 from .shared.keys import TrialInputs, model_identity, record_digest, request_digest
+from .shared.mirror import loadable
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +115,12 @@ def load_for_trial(cfg: TrialConfig, hp: EditHParams, model: Any, tok: Any) -> t
     after its layers are checked against its config (so a bad layer costs no weights)."""
     t = time.perf_counter()
     if model is None:
-        n_layers = n_layers_of(
-            model_config(cfg.model.source, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision)
-        )
+        mc = loadable(cfg.model)  # a mirrored model: this node's checked copy
+        n_layers = n_layers_of(model_config(mc.source, gguf_file=mc.gguf_file, revision=mc.revision))
         for layer in hp.layers:
             check_layer(layer, n_layers, "layers")
         model, tok = load_model(
-            cfg.model.source,
-            gguf_file=cfg.model.gguf_file,
-            revision=cfg.model.revision,
-            dtype=cfg.model.dtype,
-            device=resolve_device(cfg.model.device),
+            mc.source, gguf_file=mc.gguf_file, revision=mc.revision, dtype=mc.dtype, device=resolve_device(mc.device)
         )
     load_s = time.perf_counter() - t
     spec = spec_for(model)

@@ -23,6 +23,7 @@ from .config import SweepConfig, TrialConfig, load_config, trial_key
 from .evals.registry import SUMMARY
 from .result import TrialResult
 from .shared.fulfil import fulfil_local
+from .shared.mirror import prepare
 from .shared.needs import plan_shared
 from .stages import load_for_trial, load_records, run_trial
 
@@ -49,8 +50,9 @@ def trial_alone(
         from .evals.probes import check_probe_data
 
         check_probe_data([cfg])
-    model, tok, _, load_s = load_for_trial(cfg, cfg.edit_hparams, model, tok)
     sweep = SweepConfig(name="trial", share_values=False, scores_store=scores_store)  # type: ignore[arg-type]
+    prepare(sweep, [cfg])  # stores under a URI writable, a mirrored model in its mirror (filled from the Hub once)
+    model, tok, _, load_s = load_for_trial(cfg, cfg.edit_hparams, model, tok)
     key = trial_key(cfg)
     t0 = time.perf_counter()
     inputs, work = fulfil_local(plan_shared(sweep, [cfg], [key]), sweep, model, tok, progress)

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from editors.stats import MomentSums, SecondMoment, StatsKey, StatsStore, StreamSlice, add_sums
+from editors.stats import MomentSums, SecondMoment, StatsKey, StreamSlice, add_sums
 from editors.store import claim, part_name
 
 from .compute import compute_ppl, compute_probes, compute_scores, compute_stats, compute_values
@@ -60,7 +60,9 @@ from .keys import (
     as_tensor,
     inputs_of,
     stats_dtype,
+    stats_store,
 )
+from .mirror import loadable
 
 if TYPE_CHECKING:
     from ..config import SweepConfig, TrialConfig
@@ -106,17 +108,17 @@ class StatsUnit:
         return len(self.keys)
 
     def locks(self) -> list[Path]:
-        return [StatsStore(self.store).path(self.keys[layer]) for layer in self.layers] if self.store else []
+        return [stats_store(self.store).path(self.keys[layer]) for layer in self.layers] if self.store else []
 
     def stored(self) -> bool:
         """Whether the store holds every layer (file headers only: a claim's waiter polls this)."""
-        return bool(self.store) and all(key in StatsStore(self.store) for key in self.keys.values())
+        return bool(self.store) and all(key in stats_store(self.store) for key in self.keys.values())
 
     def read(self) -> Moments | None:
         """The stored statistics, each layer read from disk only when asked for."""
         if not self.stored():
             return None
-        store = StatsStore(self.store)  # type: ignore[arg-type]
+        store = stats_store(self.store)  # type: ignore[arg-type]
 
         def fetch(key: StatsKey) -> SecondMoment:
             sm = store.get(key)
@@ -131,7 +133,7 @@ class StatsUnit:
     def write(self, value: Moments) -> None:
         if self.store:
             for layer in self.layers:  # one layer in memory at a time
-                StatsStore(self.store).put(self.keys[layer], value[layer])
+                stats_store(self.store).put(self.keys[layer], value[layer])
 
 
 class Moments(Mapping[int, SecondMoment]):
@@ -299,7 +301,7 @@ class LocalBackend:
             return self.model, self.tok
         from editors import load_model
 
-        mc = cfg.model
+        mc = loadable(cfg.model)
         dev = str(self.model.device)
         return load_model(mc.source, gguf_file=mc.gguf_file, revision=mc.revision, dtype=stats_dtype(cfg), device=dev)
 

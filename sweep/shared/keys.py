@@ -37,11 +37,12 @@ from editors import traits
 from editors.corpus import CorpusSpec, corpus_identity
 from editors.model import ModelRef
 from editors.requests import EditRequest
-from editors.stats import SecondMoment, StatsKey, seq_len_key
+from editors.stats import SecondMoment, StatsKey, StatsStore, seq_len_key
 from editors.store import Store, key_digest, part_name
 from editors.targets import ValueHParams
 
 from ..evals.registry import RECORD_FIELDS, TEACHER_FORCED
+from .mirror import store_location
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +219,18 @@ def record_digest(r: Record) -> str:
 # Stores
 
 
+def stats_store(root: str | os.PathLike) -> StatsStore:
+    """The statistics store at ``root``: a folder, or a URI backed by a local copy (:mod:`.mirror`)."""
+    return StatsStore(*store_location(root))
+
+
 class ValuesStore:
-    """Target values per fact under a :class:`ValuesKey`: one safetensors part per finished chunk."""
+    """Target values per fact under a :class:`ValuesKey`: one safetensors part per finished chunk;
+    ``root`` a folder or a URI (:func:`stats_store`)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.store = Store(root, VALUES_FORMAT)
+        folder, remote = store_location(root)
+        self.store = Store(folder, VALUES_FORMAT, remote)
 
     def put(self, key: ValuesKey, digests: Sequence[str], values: torch.Tensor) -> None:
         """Store ``values`` [n, d_model] of the facts ``digests`` as one part (atomic)."""
@@ -263,7 +271,8 @@ class ScoresStore:
     """Pre-edit scores per fact under a :class:`ScoresKey` (JSON parts), and perplexities by key."""
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.store = Store(root, SCORES_FORMAT)
+        folder, remote = store_location(root)
+        self.store = Store(folder, SCORES_FORMAT, remote)
 
     def put_rows(self, key: ScoresKey, digests: Sequence[str], rows: Sequence[dict[str, float]]) -> None:
         """Store the score fields (``RecordScores.fields()``) of the facts ``digests`` as one part."""

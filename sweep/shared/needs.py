@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from editors import traits
 from editors.config import ConfigError
 from editors.model import n_layers_of
-from editors.stats import StatsKey, StatsStore, StreamSlice, split_stream
+from editors.stats import StatsKey, StreamSlice, split_stream
 from editors.templates import N_TEMPLATES
 
 from .keys import (
@@ -49,11 +49,13 @@ from .keys import (
     scores_key,
     stats_dtype,
     stats_keys,
+    stats_store,
     values_key,
 )
+from .mirror import config_source
 
 if TYPE_CHECKING:
-    from ..config import SweepConfig, TrialConfig
+    from ..config import ModelConfig, SweepConfig, TrialConfig
     from ..evals.data import Record
 
 log = logging.getLogger(__name__)
@@ -177,6 +179,11 @@ class Shape:
     d_key: int
     vocab: int
     params: float
+
+
+def shape_of(mc: ModelConfig) -> Shape:
+    """:func:`model_shape` of ``mc``, read from its mirror's local copy when there is one."""
+    return model_shape(*config_source(mc))
 
 
 @functools.lru_cache(maxsize=16)
@@ -416,7 +423,7 @@ def _stats_passes(
     passes that fit ``budget`` (a layer that cannot fit alone is a config error naming the field)."""
     passes: list[StatsPass] = []
     for group, (t, layers) in groups.items():
-        store = StatsStore(t.stats.store) if t.stats.store else None
+        store = stats_store(t.stats.store) if t.stats.store else None
         mid = identities[(t.model.source, t.model.gguf_file, t.model.revision)]
         skeys = stats_keys(t, sorted(layers), mid)
         cached = tuple(sorted(layer for layer, k in skeys.items() if store is not None and k in store))
@@ -425,7 +432,7 @@ def _stats_passes(
         missing = sorted(set(layers) - set(cached))
         if not missing:
             continue
-        shape = model_shape(t.model.source, t.model.gguf_file, t.model.revision)
+        shape = shape_of(t.model)
         on_gpu = cfg.resources.gpu > 0 and t.model.device != "cpu"
         one = pass_memory_gb(shape, 1, t, on_gpu)
         if budget is not None and one > BUDGET_SHARE * budget:

@@ -27,6 +27,7 @@ import torch
 from ..config import ModelConfig, parse_config, resolve_device
 from .compute import compute_ppl, compute_probes, compute_scores, compute_stats, compute_stats_part, compute_values
 from .keys import stats_dtype
+from .mirror import loadable
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def _cached_model(mc: ModelConfig, dtype: str | None = None) -> tuple[Any, Any, 
     from editors import load_model
 
     require_gpu()
+    mc = loadable(mc)  # a mirrored model: this node's checked copy
     device = resolve_device(mc.device)
     dtype = dtype or mc.dtype
     key = (mc.source, mc.gguf_file, mc.revision, dtype, device)
