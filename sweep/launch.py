@@ -36,9 +36,9 @@ from editors.store import write_json_atomic
 from .cells import Cells, PlannedTrial, planned_of, space_name
 from .config import SweepConfig, load_sweep, sweep_id
 from .evals.probes import check_probe_data
-from .plan import Plan, format_plan, make_plan
+from .plan import SPILL_SHARE, Plan, format_plan, make_plan
 from .shared.fulfil import Feed, WorkCounts
-from .shared.needs import SharedPlan, plan_shared
+from .shared.needs import HeadNeeds, SharedPlan, plan_shared
 from .tune.search import Best, CellSearch, ReadyFirst, best_of, per_method, scheduler
 
 log = logging.getLogger("sweep.launch")
@@ -180,6 +180,27 @@ def _ask_cluster_gpu() -> float:
     return float(got["total_gb"])
 
 
+def check_head(need: HeadNeeds) -> None:
+    """Refuse a driver's node whose object store cannot hold the sweep's shared work below Ray's spilling
+    threshold (:data:`sweep.plan.SPILL_SHARE`): the service keeps a copy of every statistic and value the
+    trials read there (:class:`sweep.shared.needs.HeadNeeds`); past the threshold Ray spills them to the
+    head's disk and every trial's read waits on it. Raises :class:`ConfigError` naming the sizes and fixes."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    have = next((n["Resources"].get("object_store_memory", 0.0) for n in ray.nodes() if n["NodeID"] == here), 0.0)
+    if have and need.object_store_bytes > SPILL_SHARE * have:
+        raise ConfigError(
+            f"resources: the sweep's shared work is {need.object_store_bytes / 1e9:.1f} GB (statistics "
+            f"{need.stats_bytes / 1e9:.1f} GB, values {need.values_bytes / 1e9:.1f} GB), held in the object store "
+            f"of the driver's node, which has {have / 1e9:.1f} GB ({SPILL_SHARE:.0%} before Ray spills to disk); "
+            f"start the head with ray start --object-store-memory={int(need.object_store_bytes / SPILL_SHARE) + 1} "
+            "(and a /dev/shm as large: cluster.yaml's head_run_options --shm-size) on a head with that much "
+            "memory, or split the sweep (fewer layers or facts per launch)"
+        )
+    log.info("head: %.1f GB of shared work in an object store of %.1f GB", need.object_store_bytes / 1e9, have / 1e9)
+
+
 def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     """Start (or resume) the sweep; returns a summary with the parent run id and work counters.
 
@@ -196,14 +217,15 @@ def run(cfg: SweepConfig, plan: Plan, args: argparse.Namespace) -> dict[str, Any
     sid = sweep_id(cfg)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     tracking.check_server(uri)  # within seconds, before the pre-pass spends anything
+    if not ray.is_initialized():
+        init_ray(args)
+    check_head(plan.shared.head())  # before a run is opened or anything computed
     c = tracking.client(uri)
     exp = tracking.experiment_id(c, cfg.mlflow.experiment)
     print(f"MLflow: {uri}; the runs as they finish: {tracking.runs_url(uri, exp)}")
     parent, reused = tracking.start_parent(c, exp, cfg.name, sid, args.resume)
     if not reused:
         _log_sweep(c, parent, cfg, plan)
-    if not ray.is_initialized():
-        init_ray(args)
     cells = plan.cells
     if args.resume and not cells.searching and (n := _recover(cfg, c, exp, parent, sid)):
         log.info("resumed: %d trial result(s) from the stopped sweep's Tune state logged to MLflow", n)

@@ -35,6 +35,10 @@ from .shared.needs import (
 
 log = logging.getLogger(__name__)
 
+#: Ray spills objects to disk once a node's object store is this full (object_spilling_threshold): the
+#: head must hold the sweep's shared work below it.
+SPILL_SHARE = 0.8
+
 
 @dataclass
 class Plan:
@@ -265,6 +269,12 @@ def format_plan(cfg: SweepConfig, plan: Plan) -> str:
         f"pre-edit scores: {s['scores_to_compute']} facts to score, {s['scores_cached']} stored "
         f"(instead of {s['scores_without_sharing']} without sharing)"
     )
+    head = sh.head()
+    lines.append(
+        f"head (the driver's node): its object store holds {_gb(head.object_store_bytes)} for the trials "
+        f"(statistics {_gb(head.stats_bytes)}, values {_gb(head.values_bytes)}; the launch refuses a head "
+        f"with less than {_gb(head.object_store_bytes / SPILL_SHARE)}), its stores gain {_gb(head.store_bytes)}"
+    )
     trials_s, n_trials = plan.trial_seconds(cfg)
     sec = plan.shared_seconds
     total = trials_s + sec["statistics"] + sec["values"] + sec["scores"]
@@ -278,6 +288,10 @@ def format_plan(cfg: SweepConfig, plan: Plan) -> str:
         + f"; total {_fmt_s(total)} of device time"
     )
     return "\n".join(lines)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _search_lines(cfg: SweepConfig, cells: Cells) -> list[str]:

@@ -42,8 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Where a node keeps its local copies (stores under a URI, mirrored models); default ~/.cache/model-editing-sweep.
-CACHE_ENV = "EDIT_SWEEP_CACHE"
+#: Where a node keeps its local copies (stores under a URI, mirrored models): the project's download cache.
+CACHE_ENV = "MODEL_EDITING_CACHE"
 MANIFEST = "MANIFEST.json"
 #: The files of a hub model the mirror keeps: configs, tokenizers and safetensors weights.
 MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja")
@@ -59,8 +59,11 @@ def is_uri(value: object) -> bool:
 
 
 def cache_root() -> Path:
-    """This node's folder of local copies: ``$EDIT_SWEEP_CACHE``, else ``~/.cache/model-editing-sweep``."""
-    return Path(os.environ.get(CACHE_ENV) or "~/.cache/model-editing-sweep").expanduser()
+    """This node's folder of local copies: ``$MODEL_EDITING_CACHE``, else ``~/.cache/model-editing-sweep``
+    (on a cluster, the head's state volume: cluster.yaml)."""
+    from ..evals.data import cache_dir
+
+    return cache_dir()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -124,6 +124,29 @@ class TrialNeeds:
     probes: ProbesKey | None = None
 
 
+@dataclass(frozen=True)
+class HeadNeeds:
+    """What the driver's node (a cluster's head) holds for a sweep. The service keeps one object-store copy
+    of every statistic and target value the trials read, for the sweep's length (copies the driver owns,
+    :mod:`sweep.shared.fulfil`, so no worker holds them); the stores on its disk gain what is computed.
+
+    Attributes:
+        stats_bytes: Σ over the passes' layers of d_key² × the bytes of ``stats.dtype``.
+        values_bytes: Σ over the value jobs' facts of d_model × 4 (float32).
+        store_bytes: what the stores gain: the statistics to compute and the values to optimise.
+        largest_layer_bytes: the largest single object (one layer's C): Ray cannot split an object.
+    """
+
+    stats_bytes: int = 0
+    values_bytes: int = 0
+    store_bytes: int = 0
+    largest_layer_bytes: int = 0
+
+    @property
+    def object_store_bytes(self) -> int:
+        return self.stats_bytes + self.values_bytes
+
+
 @dataclass
 class SharedPlan:
     """What a sweep shares: statistics passes (and store reads), per-key fact jobs for values and
@@ -138,6 +161,20 @@ class SharedPlan:
     budget_gb: float | None
     probes: dict[ProbesKey, TrialConfig] = field(default_factory=dict)
     probes_cached: dict[ProbesKey, dict[str, float]] = field(default_factory=dict)
+
+    def head(self) -> HeadNeeds:
+        """What the driver's node holds and stores for this plan (:class:`HeadNeeds`)."""
+        stats = values = stored = largest = 0
+        for p in self.passes:
+            layer = shape_of(p.trial.model).d_key ** 2 * (8 if p.trial.stats.dtype == "float64" else 4)
+            stats += layer * len(p.layers)
+            stored += 0 if p.read_only else layer * len(p.layers)
+            largest = max(largest, layer)
+        for job in self.values.values():
+            fact = shape_of(job.trial.model).d_model * 4
+            values += fact * len(job.digests)
+            stored += fact * len(job.missing())
+        return HeadNeeds(stats, values, stored, largest)
 
     def counts(self) -> dict[str, int]:
         computed = [p for p in self.passes if not p.read_only]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +25,8 @@ from tests.private_cluster import job_server_available, private_disk_cluster, un
 #: AlphaEdit's probe files as JSON lines (../shared/data/glue_eval), a path every node sees, as the data
 GLUE = SHARED / "data" / "glue_eval"
 
+
+from pyarrow import fs  # noqa: E402  (Ray Tune's dependency)
 
 pytestmark = pytest.mark.integration  # clusters of Ray processes, a moto S3 server, job submission
 
@@ -243,8 +246,6 @@ def s3(tmp_path, monkeypatch):
 def test_s3_storage_reaches_tune_unchanged_and_resumes(assets, tmp_path, s3, monkeypatch):
     """``storage: s3://...`` is handed to Tune as is (not turned into a local folder ``s3:``): the
     experiment and the summary land in the bucket, and --resume finds the sweep there."""
-    from pyarrow import fs
-
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     grid = {"algorithm": ["memit"], "layers": [[1]], "batch_size": [2, 4], "mode": ["batch"]}
@@ -271,6 +272,59 @@ def test_s3_storage_reaches_tune_unchanged_and_resumes(assets, tmp_path, s3, mon
     finally:
         ray.shutdown()
     assert again["work"]["trials_run"] == 0 and again["parent_run_id"] == summary["parent_run_id"]
+
+
+def test_stores_and_the_model_mirror_on_s3_serve_a_second_cluster(assets, tmp_path, s3, monkeypatch):
+    """One cluster computes the statistics, values, scores and perplexity into ``s3://`` stores and fills
+    the model mirror from the Hub once; a second cluster (an empty cache on its nodes, its own tracking
+    and storage) computes none of them, and its workers load the weights from the mirror, never the Hub."""
+    from sweep.shared import mirror
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    downloads: list[str] = []
+
+    def hub(repo: str, rev: str, dest: Path, patterns: list[str]) -> None:
+        downloads.append(f"{repo}@{rev}")
+        shutil.copytree(assets / "model", dest)
+
+    monkeypatch.setattr(mirror, "_hub_download", hub)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the workers could not reach the Hub if they tried
+    monkeypatch.chdir(tmp_path)
+    on_s3 = [
+        "base.model.source=org/tiny",
+        f"base.model.revision={commit}",
+        "base.model.mirror=s3://sweeps/models",
+        "base.stats.store=s3://sweeps/stats",
+        "values_store=s3://sweeps/values",
+        "scores_store=s3://sweeps/scores",
+    ]
+    grid = {"algorithm": ["memit"], "layers": [[1]], "batch_size": [2, 4], "mode": ["batch"]}
+    args = launch.parser().parse_args(["--config", "x", "--local", "--num-cpus", "2", "--quiet"])
+    works = []
+    for cluster in ("one", "two"):
+        monkeypatch.setenv(mirror.CACHE_ENV, str(tmp_path / cluster / "cache"))  # the nodes' own disks
+        cfg = load_sweep(str(sweep_yaml(assets, tmp_path / cluster, "s3stores", grid)), on_s3)
+        try:
+            summary = launch.run(cfg, make_plan(cfg), args)
+        finally:
+            ray.shutdown()
+        assert summary["errors"] == 0 and summary["trials"] == 2
+        works.append(summary["work"])
+    first, second = works
+    assert (first["stats_layers_computed"], first["values_optimised"], first["scores_computed"]) == (1, 4, 4)
+    assert (second["stats_layers_computed"], second["values_optimised"], second["scores_computed"]) == (0, 0, 0)
+    assert (second["stats_layers_read"], second["values_read"], second["scores_read"], second["ppl_read"]) == (
+        1,
+        4,
+        4,
+        1,
+    )
+    assert downloads == [f"org/tiny@{commit}"]  # once per model and commit, by the first driver
+    listing = {i.path for i in s3.get_file_info(fs.FileSelector("sweeps", recursive=True))}
+    assert f"sweeps/models/org--tiny/{commit}/MANIFEST.json" in listing
+    assert any(p.startswith("sweeps/stats/") and p.endswith(".safetensors") for p in listing)
+    copy = tmp_path / "two" / "cache" / "models" / "org--tiny" / commit
+    assert (copy / "MANIFEST.json").is_file()  # the second cluster's nodes read the mirror
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,3 +383,30 @@ def test_planning_never_sizes_passes_from_the_drivers_card(assets, tmp_path, cap
     assert launch.main(["--config", str(path), "--dry-run"]) == 2
     assert capsys.readouterr().err.startswith("error: resources.gpu_memory_gb:")
     assert launch.main(["--config", str(path), "--dry-run", "resources.gpu_memory_gb=48"]) == 0
+
+
+def test_a_head_too_small_for_the_shared_work_is_refused_before_any_run(tmp_path):
+    """The paper's batch sweep holds Llama-3-8B's statistics and values on the driver's node; a node with
+    a 100 MB object store is refused with the sizes and the fix, before MLflow has a run or a pass starts."""
+    from editors.config import ConfigError
+    from tests.conftest import ROOT
+
+    db = tmp_path / "mlflow.db"
+    cfg = load_sweep(str(ROOT / "sweep" / "configs" / "paper-batch.yaml"), [f"mlflow.tracking_uri=sqlite:///{db}"])
+    plan = make_plan(cfg, dry_run=True)
+    need = plan.shared.head()
+    assert need.stats_bytes == 14336**2 * 4 * len({la for p in plan.shared.passes for la in p.layers})
+    ray.init(address="local", num_cpus=1, object_store_memory=100 * 1024**2, include_dashboard=False)
+    try:
+        with pytest.raises(ConfigError, match=r"^resources: the sweep's shared work is \d+\.\d GB") as e:
+            launch.run(cfg, plan, launch.parser().parse_args(["--config", "x", "--quiet"]))
+        assert f"--object-store-memory={int(need.object_store_bytes / launch.SPILL_SHARE) + 1}" in str(e.value)
+        launch.check_head(
+            make_plan(load_sweep(str(ROOT / "sweep" / "configs" / "demo.yaml")), dry_run=True).shared.head()
+        )
+    finally:
+        ray.shutdown()
+    runs = mlflow.tracking.MlflowClient(f"sqlite:///{db}").search_runs(
+        [e.experiment_id for e in mlflow.tracking.MlflowClient(f"sqlite:///{db}").search_experiments()]
+    )
+    assert runs == []

@@ -17,7 +17,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config  # noqa
 
 from sweep.cells import expand  # noqa: E402
 from sweep.config import load_sweep  # noqa: E402
-from sweep.plan import estimate  # noqa: E402
+from sweep.plan import SPILL_SHARE, estimate, make_plan  # noqa: E402
 from sweep.shared import needs  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
@@ -149,6 +149,45 @@ def test_gpu_worker_resources_match_the_instance():
 
 def test_ray_validates_the_shipped_file():
     _validate(_load())
+
+
+# The head's host RAM per instance type (AWS); the driver, MLflow and Ray's own processes need room beside /dev/shm.
+HEAD_RAM = {"r5.4xlarge": 128 * GiB, "m5.2xlarge": 32 * GiB}
+HEAD_ROOM = 24 * GiB
+
+
+def _head_sizes(cfg: dict) -> tuple[int, int, int, int]:
+    """(object store bytes, /dev/shm bytes, RAM bytes, disk bytes) of the head as cluster.yaml starts it."""
+    start = " ".join(cfg["head_start_ray_commands"])
+    store = int(re.search(r"ray start --head[^;]*--object-store-memory=(\d+)", start).group(1))
+    shm = re.search(r"--shm-size=(\d+)g", " ".join(cfg["docker"]["head_run_options"]))
+    head = cfg["available_node_types"][cfg["head_node_type"]]["node_config"]
+    disk = head["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] * GiB
+    return store, int(shm.group(1)) * GiB, HEAD_RAM[head["InstanceType"]], disk
+
+
+@functools.cache
+def _head_need(name: str) -> needs.HeadNeeds:
+    return make_plan(load_sweep(str(ROOT / "sweep" / "configs" / name)), dry_run=True).shared.head()
+
+
+@pytest.mark.parametrize("name", LLAMA_CONFIGS)
+def test_the_head_holds_each_shipped_sweeps_shared_work_without_spilling(name):
+    store, shm, ram, _ = _head_sizes(_load())
+    need = _head_need(name)
+    assert need.object_store_bytes <= SPILL_SHARE * store, f"{name}: {need.object_store_bytes / 1e9:.1f} GB"
+    assert store <= shm, "the object store must fit the head's /dev/shm (Ray falls back to /tmp otherwise)"
+    assert shm + HEAD_ROOM <= ram, "the head's RAM: /dev/shm plus the driver, MLflow and Ray"
+
+
+def test_the_heads_disk_holds_every_shipped_sweeps_stores_twice_over():
+    *_, disk = _head_sizes(_load())
+    assert 2 * sum(_head_need(n).store_bytes for n in LLAMA_CONFIGS) <= disk
+
+
+def test_the_paper_layer_search_would_spill_on_the_old_head():
+    """The issue's case: an m5.2xlarge's default object store (30% of its RAM) cannot hold the layer search."""
+    assert _head_need("paper-layer-search.yaml").object_store_bytes > SPILL_SHARE * 0.3 * HEAD_RAM["m5.2xlarge"]
 
 
 def test_head_runs_no_trials():

@@ -74,7 +74,7 @@ def test_a_torn_upload_is_refused_and_a_missing_model_names_the_driver(tmp_path,
     weights = tmp_path / "mirror" / "org--tiny" / COMMIT / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # same size, other bytes
     monkeypatch.setenv(mirror.CACHE_ENV, str(tmp_path / "node-c"))
-    with pytest.raises(mirror.MirrorError, match="model.safetensors does not match its manifest"):
+    with pytest.raises(mirror.MirrorError, match=r"model\.safetensors does not match its manifest"):
         mirror.loadable(mc)
     assert not (tmp_path / "node-c" / "models" / "org--tiny" / COMMIT / mirror.MANIFEST).exists()
 
@@ -116,7 +116,7 @@ def test_a_store_that_cannot_be_written_fails_before_any_work(tmp_path):
     from editors.config import ConfigError
 
     (tmp_path / "a-file").write_text("")  # a prefix no folder can be made under
-    with pytest.raises(ConfigError, match="^values_store: cannot write under"):
+    with pytest.raises(ConfigError, match=r"^values_store: cannot write under"):
         mirror.Bucket(str(tmp_path / "a-file" / "values")).check_writable("values_store")
     mirror.Bucket(str(tmp_path / "ok")).check_writable("values_store")
     assert list((tmp_path / "ok").iterdir()) == []  # the check leaves nothing behind

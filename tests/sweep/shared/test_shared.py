@@ -16,11 +16,12 @@ import pytest
 import torch
 import yaml
 
+from editors import load_model
 from editors.store import Store
 from sweep.config import load_sweep, parse_config
 from sweep.plan import make_plan
 from sweep.shared.compute import compute_stats
-from sweep.shared.keys import ValuesStore, model_identity, values_key
+from sweep.shared.keys import ValuesStore, model_identity, stats_store, values_key
 from sweep.shared.needs import pass_memory_gb, split_passes
 from tests.conftest import ROOT, make_model, write_tiny_assets
 
@@ -619,3 +620,25 @@ def test_a_pass_split_over_workers_through_fulfil_ray_equals_one_pass(assets, lo
         torch.testing.assert_close(
             torch.from_numpy(local_ray.get(handed).copy()), one[layer].mom2, rtol=1e-5, atol=1e-6
         )
+
+
+def test_the_heads_share_of_a_plan_is_its_statistics_and_values_by_hand(assets):
+    """HeadNeeds: 2 layers × d_key² × 4 bytes (8 in float64) and 4 facts × d_model × 4 bytes, from the
+    model's config.json; a stored layer still counts for the object store but no longer for the disk."""
+    conf = json.loads((assets / "model" / "config.json").read_text())
+    d_key, d_model = conf["intermediate_size"], conf["hidden_size"]
+    path = sweep_file(assets, "head", grid={"algorithm": ["memit"], "batch_size": [2, 4]})
+    head = make_plan(load_sweep(str(path), ["base.layers=[0,1]"])).shared.head()
+    assert head.stats_bytes == 2 * d_key**2 * 4 and head.largest_layer_bytes == d_key**2 * 4
+    assert head.values_bytes == 4 * d_model * 4
+    assert head.store_bytes == head.object_store_bytes == head.stats_bytes + head.values_bytes
+    wide = make_plan(load_sweep(str(path), ["base.layers=[0,1]", "base.stats.dtype=float64"])).shared.head()
+    assert wide.stats_bytes == 2 * d_key**2 * 8
+
+    plan = make_plan(load_sweep(str(path), ["base.layers=[0,1]"]))
+    model, tok = load_model(str(assets / "model"))
+    p = plan.shared.passes[0]
+    stats_store(p.trial.stats.store).put(p.keys[0], compute_stats(p.trial, model, tok, [0], progress=False)[0])
+    after = make_plan(load_sweep(str(path), ["base.layers=[0,1]"])).shared.head()
+    assert after.object_store_bytes == head.object_store_bytes
+    assert after.store_bytes == head.store_bytes - d_key**2 * 4
