@@ -3,6 +3,7 @@ storage (S3 on loopback), ``ray job submit``'s runtime env, and nodes that adver
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -194,6 +195,83 @@ def test_shared_work_computed_on_a_worker_is_owned_by_the_head_and_survives_the_
             assert got[2].shape == (4, 32) and len(got[3]) == 4
         finally:
             ray.shutdown()
+
+
+def _n_finished(db: Path) -> int:
+    """Finished trial runs in an MLflow SQLite file, read directly (a poll of milliseconds)."""
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as con:
+            q = (
+                "SELECT COUNT(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                "WHERE t.key = 'sweep.role' AND t.value = 'trial' AND r.status = 'FINISHED'"
+            )
+            return con.execute(q).fetchone()[0]
+    except sqlite3.OperationalError:  # the tables are not there yet
+        return 0
+
+
+def _finished_trials(uri: str) -> list:
+    c = mlflow.tracking.MlflowClient(uri)
+    exp = c.get_experiment_by_name("test")
+    if exp is None:
+        return []
+    runs = c.search_runs([exp.experiment_id], filter_string="tags.`sweep.role` = 'trial'")
+    return [r for r in runs if r.info.status == "FINISHED"]
+
+
+@pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
+def test_a_driver_killed_mid_sweep_resumes_onto_a_new_tracking_server_with_every_trial_once(
+    assets, tmp_path, monkeypatch
+):
+    """On the private-disk cluster: a driver (its own process, as ``ray job submit`` or a shell runs it)
+    SIGKILLed once a trial is in MLflow; the cluster then moves to a new tracking server (the
+    environment's MLFLOW_TRACKING_URI) and ``--resume`` runs the rest there: every trial in the new
+    server exactly once, finished, and nothing more written to the old one."""
+    out = tmp_path / "out"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    old, new = f"sqlite:///{out / 'old.db'}", f"sqlite:///{out / 'new.db'}"
+    with private_disk_cluster(out, tmp_path / "logs", worker_cpus=1) as cluster:
+        grid = {"algorithm": ["memit", "emmet"], "layers": [[1]], "batch_size": [1, 2, 4], "mode": ["batch"]}
+        # each trial's edited perplexity over 60 texts: seconds per trial, so the driver dies between trials
+        ppl = {"ppl_texts": 60, "ppl_max_len": 128}
+        mlf = {"tracking_uri": None, "experiment": "test"}
+        path = sweep_yaml(assets, out, "killed", grid, scoring=ppl, mlflow=mlf)
+        log = (tmp_path / "driver.log").open("w")
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "sweep.launch", "--config", str(path), "--address", cluster.address, "--quiet"],
+            env={**os.environ, "MLFLOW_TRACKING_URI": old},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.time() + 300
+            while not _n_finished(out / "old.db"):
+                assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+                assert time.time() < deadline, "no trial finished within 300 s"
+                time.sleep(0.05)
+        finally:
+            os.killpg(driver.pid, 9)
+            driver.wait(30)
+            log.close()
+        before = {r.data.tags["trial.key"] for r in _finished_trials(old)}
+        assert 1 <= len(before) < 6, "the driver must die mid-sweep"
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", new)
+        cfg = load_sweep(str(path))
+        try:
+            again = launch.run(cfg, make_plan(cfg), launch.parser().parse_args([*_argv(cluster), "--resume"]))
+        finally:
+            ray.shutdown()
+        assert again["errors"] == 0 and again["tracking_uri"] == new, cluster.logs()
+        moved = _finished_trials(new)
+        assert len(moved) == 6 and len({r.data.tags["trial.key"] for r in moved}) == 6
+        assert sorted(r.data.params["algorithm"] for r in moved) == ["emmet"] * 3 + ["memit"] * 3
+        assert {r.data.tags["trial.key"] for r in _finished_trials(old)} == before  # the old server untouched
 
 
 # ----------------------------------------------------------------------------------------------------
