@@ -235,9 +235,9 @@ def test_a_driver_killed_mid_sweep_resumes_onto_a_new_tracking_server_with_every
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     old, new = f"sqlite:///{out / 'old.db'}", f"sqlite:///{out / 'new.db'}"
     with private_disk_cluster(out, tmp_path / "logs", worker_cpus=1) as cluster:
-        grid = {"algorithm": ["memit", "emmet"], "layers": [[1]], "batch_size": [1, 2, 4], "mode": ["batch"]}
-        # each trial's edited perplexity over 60 texts: seconds per trial, so the driver dies between trials
-        ppl = {"ppl_texts": 60, "ppl_max_len": 128}
+        grid = {"algorithm": ["memit", "emmet"], "layers": [[1]], "batch_size": [1, 2], "mode": ["batch"]}
+        # each trial's edited perplexity over 40 texts: seconds per trial, so the driver dies between trials
+        ppl = {"ppl_texts": 40, "ppl_max_len": 128}
         mlf = {"tracking_uri": None, "experiment": "test"}
         path = sweep_yaml(assets, out, "killed", grid, scoring=ppl, mlflow=mlf)
         log = (tmp_path / "driver.log").open("w")
@@ -259,7 +259,7 @@ def test_a_driver_killed_mid_sweep_resumes_onto_a_new_tracking_server_with_every
             driver.wait(30)
             log.close()
         before = {r.data.tags["trial.key"] for r in _finished_trials(old)}
-        assert 1 <= len(before) < 6, "the driver must die mid-sweep"
+        assert 1 <= len(before) < 4, "the driver must die mid-sweep"
 
         monkeypatch.setenv("MLFLOW_TRACKING_URI", new)
         cfg = load_sweep(str(path))
@@ -269,8 +269,8 @@ def test_a_driver_killed_mid_sweep_resumes_onto_a_new_tracking_server_with_every
             ray.shutdown()
         assert again["errors"] == 0 and again["tracking_uri"] == new, cluster.logs()
         moved = _finished_trials(new)
-        assert len(moved) == 6 and len({r.data.tags["trial.key"] for r in moved}) == 6
-        assert sorted(r.data.params["algorithm"] for r in moved) == ["emmet"] * 3 + ["memit"] * 3
+        assert len(moved) == 4 and len({r.data.tags["trial.key"] for r in moved}) == 4
+        assert sorted(r.data.params["algorithm"] for r in moved) == ["emmet", "emmet", "memit", "memit"]
         assert {r.data.tags["trial.key"] for r in _finished_trials(old)} == before  # the old server untouched
 
 

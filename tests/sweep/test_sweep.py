@@ -277,6 +277,7 @@ def test_a_server_that_goes_away_mid_sweep_loses_no_result(assets, local_ray, tm
     path.write_text(yaml.safe_dump(text))
     cfg = load_sweep(str(path))
     marker = tmp_path / "server-stopped"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # each call to the stopped server fails at once
     monkeypatch.setenv("TEST_MLFLOW_PID", str(server.pid))
     monkeypatch.setenv("TEST_MLFLOW_MARKER", str(marker))
     monkeypatch.setattr(tracking, "_real_log_trial", tracking.log_trial, raising=False)
