@@ -41,37 +41,76 @@ def _timed(fn: Any) -> tuple[Any, float]:
 def scoring_costs(model: Any, tok: Any, records: list[Any], gen_tokens: int) -> dict[str, float]:
     """Seconds per fact of each protocol on ``records`` (one dataset), and the generated scores' means."""
     from editors import spec_for
+    from sweep.evals import generation
     from sweep.evals.metrics import GenSettings, aggregate, generated_scores, score_records
 
     spec = spec_for(model)
     score_records(model, tok, spec, records[:2])  # warm-up
     tf, tf_s = _timed(lambda: score_records(model, tok, spec, records, batch_size=64))
     gs = GenSettings("bare", gen_tokens, 64)
+    right = generation._prefill_right_padded
+    generation._prefill_right_padded = lambda *a: None  # before: the prompts prefilled left-padded and masked
+    try:
+        gen0, gen0_s = _timed(lambda: generated_scores(model, tok, records, gs, None))
+    finally:
+        generation._prefill_right_padded = right
     gen, gen_s = _timed(lambda: generated_scores(model, tok, records, gs, None))
     n = len(records)
     return {
         "facts": n,
         "teacher_forced_s_per_fact": tf_s / n,
+        "generated_before_s_per_fact": gen0_s / n,
         "generated_s_per_fact": gen_s / n,
+        "generated_same": sum(a == b for a, b in zip(gen0, gen)),
+        "ratio_before": gen0_s / tf_s,
         "ratio": gen_s / tf_s,
         "es": aggregate(tf)["es"],
         "gen_es": 100 * sum(g.gen_es for g in gen) / n,
     }
 
 
+def separate_passes(model: Any, tok: Any, folder: Path, items: int) -> dict[str, tuple[list[int], list[int]]]:
+    """The probe point as it ran before one prefill served both predictions: task by task, the
+    generation's passes, then the label words' own passes. Returns task -> (generated, likelihood)."""
+    import math
+
+    from sweep.evals.probes import encode_task, generate_answers, likelihood_nll, likelihood_prediction
+
+    out = {}
+    for name in TASKS:
+        enc = encode_task(tok, name, folder, items)
+        gen, _ = generate_answers(model, tok, enc, batch_size=32)
+        nll = likelihood_nll(model, tok, enc, batch_size=32)
+        out[name] = (gen, [likelihood_prediction(enc.task, [math.exp(-v) for v in row]) for row in nll.tolist()])
+    return out
+
+
 def probe_vs_edit(model: Any, tok: Any, records: list[Any], items: int, stats: dict[int, Any]) -> dict[str, float]:
-    """Seconds of one probe point and of one MEMIT batch of ``records`` (restored afterwards)."""
+    """Seconds of one probe point (one prefill per prompt, the tasks pooled: ``run_probes``) beside the
+    same point run as before (:func:`separate_passes`) and one MEMIT batch of ``records`` (restored
+    afterwards); how many of the 2 × items × tasks predictions the two probe runs share."""
     from editors import load_hparams, run_schedule
-    from sweep.evals.probes import run_probes
+    from sweep.evals.probes import encode_task, run_probes
 
     folder = DATA / "glue_eval"
     run_probes(model, tok, ["sst2"], folder, n_items=2)  # warm-up (and the tokenisation cache)
+    for name in TASKS:
+        encode_task(tok, name, folder, items)  # every task's prompts tokenised before timing (cached)
+    before, before_s = _timed(lambda: separate_passes(model, tok, folder, items))
     point, probe_s = _timed(lambda: run_probes(model, tok, list(TASKS), folder, n_items=items, batch_size=32))
+    same = sum(
+        (a == b)
+        for name in TASKS
+        for old, new in zip(before[name], (point.predictions[name].generated, point.predictions[name].likelihood))
+        for a, b in zip(old, new)
+    )
     hp = load_hparams("memit", "smollm2-135m", layers=[0], v_num_grad_steps=10, context_templates="none")
     reqs = [r.request() for r in records]
     _, edit_s = _timed(lambda: run_schedule(model, tok, reqs, "memit", hp, stats, batch_size=len(reqs), mode="batch"))
     return {
         "probe_items": items * len(TASKS),
+        "probe_point_before_s": before_s,
+        "predictions_same": same,
         "probe_point_s": probe_s,
         "edit_batch": len(reqs),
         "edit_batch_s": edit_s,
@@ -112,25 +151,29 @@ def table(res: dict[str, Any]) -> str:
     lines = [
         f"### Protocol costs, SmolLM2-135M fp32, {m['threads']} threads ({m['cpu']})",
         "",
-        "| dataset | facts | teacher-forced s/fact | generated (WILD) s/fact | generated ÷ teacher-forced "
-        "| ES teacher-forced | ES generated |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| dataset | facts | teacher-forced s/fact | generated (WILD) s/fact, left-padded prefill (before) "
+        "| generated s/fact, right-padded prefill | generated ÷ teacher-forced (before → now) "
+        "| facts scored the same | ES teacher-forced | ES generated |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in ("counterfact", "zsre"):
         r = res[name]
         lines.append(
-            f"| {name} | {r['facts']} | {r['teacher_forced_s_per_fact']:.3f} | {r['generated_s_per_fact']:.3f} "
-            f"| {r['ratio']:.1f}× | {r['es']:.1f} | {r['gen_es']:.1f} |"
+            f"| {name} | {r['facts']} | {r['teacher_forced_s_per_fact']:.3f} | {r['generated_before_s_per_fact']:.3f} "
+            f"| {r['generated_s_per_fact']:.3f} | {r['ratio_before']:.1f}× → {r['ratio']:.1f}× "
+            f"| {r['generated_same']} / {r['facts']} | {r['es']:.1f} | {r['gen_es']:.1f} |"
         )
     p = res["probe_vs_edit"]
     lines += [
         "",
         f"Generation capped at {res['gen_max_new_tokens']} new tokens, batches of 64 prompts.",
         "",
-        "| one probe point (6 tasks) | seconds | one edit batch (MEMIT, layer 0, 10 value steps) | seconds "
-        "| probe ÷ edit |",
-        "|---|---:|---|---:|---:|",
-        f"| {p['probe_items']} items ({p['probe_s_per_item']:.2f} s/item) | {p['probe_point_s']:.1f} "
+        "| one probe point (6 tasks) | task by task, two passes (before) s | one prefill, tasks pooled s "
+        "| speed-up | predictions equal | one edit batch (MEMIT, layer 0, 10 value steps) | seconds | probe ÷ edit |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
+        f"| {p['probe_items']} items ({p['probe_s_per_item']:.2f} s/item) | {p['probe_point_before_s']:.1f} "
+        f"| {p['probe_point_s']:.1f} | {p['probe_point_before_s'] / p['probe_point_s']:.2f}× "
+        f"| {p['predictions_same']} / {2 * p['probe_items']} "
         f"| {p['edit_batch']} facts | {p['edit_batch_s']:.1f} | {p['probe_over_edit']:.2f} |",
         "",
     ]

@@ -32,15 +32,15 @@ import math
 import re
 import string
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
-from editors.model import model_device
-from editors.requests import encode, pad_id
+from editors.model import ModelSpecError, get_module, hooks, model_device, run_until, spec_for
+from editors.requests import encode, pad_id, pad_right
 from editors.targets import cache_kwarg
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,28 @@ def end_ids(model: nn.Module, tok: Any) -> set[int]:
     return eos_ids(model) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
 
 
+def _prefill_right_padded(model: nn.Module, seqs: Sequence[Sequence[int]], pad: int, cache: Any) -> tuple | None:
+    """Prefill right-padded prompts with no attention mask into ``cache``: (logits at each row's last
+    token [rows, vocab] float32, the prompts' mask [rows, L], each row's length [rows]), or None for a
+    model whose final norm and LM head are not known (then the caller pads left).
+
+    A real token never attends to a later pad (causal attention), so every real token's keys, values and
+    logits are those of its row alone, and the pass takes the unmasked attention path. The LM head runs
+    at the last tokens only; the decoding steps mask the pads out of the cache."""
+    try:
+        spec = spec_for(model)
+        head = get_module(model, spec.lm_head)
+    except ModelSpecError:
+        return None
+    device = model_device(model)
+    ids, mask = pad_right(seqs, pad, device)
+    lengths = mask.sum(1)
+    with hooks(model, outputs=[spec.final_norm], stop_after=spec.final_norm) as st:
+        run_until(model, use_cache=True, input_ids=ids, **{cache_kwarg(model): cache})
+    last = st[f"out:{spec.final_norm}"][torch.arange(len(seqs), device=device), lengths - 1]
+    return head(last).float(), mask, lengths
+
+
 def _generate_batch(
     model: nn.Module,
     tok: Any,
@@ -108,22 +130,31 @@ def _generate_batch(
     max_new_tokens: int,
     stop_texts: Sequence[str],
     keep_end: bool = False,
+    on_prefill: Callable[[torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of one batch of prompts on a ``DynamicCache``: one prefill forward over the
-    left-padded prompts, then one forward of one token per still-running row. Finished rows leave the
-    batch (and the cache), so a long-running row does not carry the finished ones."""
+    prompts (right-padded, unmasked: :func:`_prefill_right_padded`), then one forward of one token per
+    still-running row. Finished rows leave the
+    batch (and the cache), so a long-running row does not carry the finished ones. ``on_prefill`` gets
+    the prefill's last-position logits [rows, vocab] float32 (what else a caller reads of the prompt)."""
     from transformers import DynamicCache
 
     device = model_device(model)
     eos = end_ids(model, tok)
-    ids, mask = pad_left(seqs, pad_id(tok), device)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)  # [rows, L]: pads get 0, real tokens 0..len-1
     cache = DynamicCache()
     params = inspect.signature(model.forward).parameters
     common = {cache_kwarg(model): cache, "use_cache": True}
     keep_last = "logits_to_keep" in params
-    logits = _last_logits(model, keep_last, input_ids=ids, attention_mask=mask, position_ids=positions, **common)
-    next_pos = positions[:, -1] + 1  # [rows]
+    right = _prefill_right_padded(model, seqs, pad_id(tok), cache)
+    if right is not None:
+        logits, mask, next_pos = right  # next_pos [rows]: each row's length, where its first new token goes
+    else:  # left-padded, masked: every row's last token in the last column
+        ids, mask = pad_left(seqs, pad_id(tok), device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # [rows, L]: pads get 0, real tokens 0..len-1
+        logits = _last_logits(model, keep_last, input_ids=ids, attention_mask=mask, position_ids=positions, **common)
+        next_pos = positions[:, -1] + 1
+    if on_prefill is not None:
+        on_prefill(logits)
     new: list[list[int]] = [[] for _ in seqs]
     live = list(range(len(seqs)))  # the input row of each batch row
     for step in range(max_new_tokens):
@@ -163,6 +194,7 @@ def greedy_generate(
     stop_texts: Sequence[str] = STOP_TEXTS,
     batch_size: int = 32,
     keep_end: bool = False,
+    on_prefill: Callable[[Sequence[int], torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of token-id prompts, batched on the KV cache.
 
@@ -174,13 +206,17 @@ def greedy_generate(
             token that completed it is kept; :func:`cut_answer` cuts the text). ``()``: only EOS and the cap.
         batch_size: prompts per batch; prompts are sorted by length so a batch pads little.
         keep_end: keep the end id that ended a row as its last token (so a caller can tell which).
+        on_prefill: called per batch with the batch's prompt indices and the logits at their last
+            tokens [rows, vocab] float32, from the prefill the generation continues from: a caller that
+            also scores what follows each prompt reads it here instead of running the prompt again.
 
     Returns:
         The new token ids of each prompt, in input order; an end id (:func:`end_ids`: EOS, a chat
         model's end of turn) ends a row and is not included unless ``keep_end``.
 
-    Batches are left-padded with an attention mask and position ids = cumsum(mask) − 1, so every row
-    sees the positions it would see alone.
+    Every row sees the positions it would see alone: a batch's prompts are prefilled right-padded with no
+    mask (pads come after every real token), then each new token goes at its row's own next position with
+    the pads masked (a model whose layout ``editors`` does not know is left-padded and masked instead).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
@@ -195,7 +231,8 @@ def greedy_generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        gens = _generate_batch(model, tok, [prompts[i] for i in chunk], max_new_tokens, stop_texts, keep_end)
+        hook = None if on_prefill is None else (lambda logits, chunk=chunk: on_prefill(chunk, logits))
+        gens = _generate_batch(model, tok, [prompts[i] for i in chunk], max_new_tokens, stop_texts, keep_end, hook)
         for i, g in zip(chunk, gens):
             out[i] = g
     log.debug(

@@ -561,22 +561,31 @@ def _joint_nll(
     return out
 
 
-def likelihood_nll(model: nn.Module, tok: Any, enc: EncodedTask, *, batch_size: int = 32) -> torch.Tensor:
+def likelihood_nll(
+    model: nn.Module,
+    tok: Any,
+    enc: EncodedTask,
+    *,
+    batch_size: int = 32,
+    pairs: Sequence[tuple[int, int]] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean NLL of each scored word after each prompt: [items, words] float64 (the authors' ``probs``
     before exp(−·)). Pairs whose joint tokenisation is the prompt's ids then the word's go through
     :func:`sweep.evals.metrics.target_scores` (one pass per prompt, shared by its words); others run the
-    joint row as the authors do."""
+    joint row as the authors do. ``pairs``: only these (item, word) entries, written into ``out``."""
     from .metrics import target_scores
 
     spec = spec_for(model)
     n, k = len(enc.items), len(enc.word_ids)
-    out = torch.empty(n, k, dtype=torch.float64)
-    fast = [(i, w) for i in range(n) for w in range(k) if enc.joint[i][w] is None]
+    out = torch.empty(n, k, dtype=torch.float64) if out is None else out
+    todo = [(i, w) for i in range(n) for w in range(k)] if pairs is None else list(pairs)
+    fast = [(i, w) for i, w in todo if enc.joint[i][w] is None]
     if fast:
         pairs = [(enc.prompts[i], enc.task.scored_words[w]) for i, w in fast]
         nll, _ = target_scores(model, tok, spec, pairs, batch_size=batch_size)
         out[[i for i, _ in fast], [w for _, w in fast]] = nll.double()
-    slow = [(i, w) for i in range(n) for w in range(k) if enc.joint[i][w] is not None]
+    slow = [(i, w) for i, w in todo if enc.joint[i][w] is not None]
     if slow:
         rows = [(enc.joint[i][w], len(enc.prompt_ids[i]) - 1, enc.word_ids[w]) for i, w in slow]
         vals = _joint_nll(model, tok, rows, batch_size)
@@ -599,9 +608,17 @@ def _check_generation_config(model: nn.Module) -> None:
         log.warning("probes: the model's generation config sets %s, which model.generate applies; not here", odd)
 
 
-def _generate(model: nn.Module, tok: Any, prompts: Sequence[Sequence[int]], gen_len: int, bs: int) -> list[list[int]]:
+def _generate(
+    model: nn.Module,
+    tok: Any,
+    prompts: Sequence[Sequence[int]],
+    gen_len: int,
+    bs: int,
+    on_prefill: Callable[[Sequence[int], torch.Tensor], None] | None = None,
+) -> list[list[int]]:
     """``gen_len`` greedy new tokens per prompt, ended as ``model.generate`` ends one sequence: at the first
-    of the model's EOS ids (:func:`eos_ids`, kept, as ``generate`` keeps it).
+    of the model's EOS ids (:func:`eos_ids`, kept, as ``generate`` keeps it). ``on_prefill`` sees each
+    batch of prompts' last-token logits (:func:`~sweep.evals.generation.greedy_generate`).
 
     :func:`~sweep.evals.generation.greedy_generate` ends a row at any of its end ids (the tokenizer's EOS too)
     and keeps that id here (``keep_end``); a row ended by an id that is not one of the model's EOS ids
@@ -615,8 +632,16 @@ def _generate(model: nn.Module, tok: Any, prompts: Sequence[Sequence[int]], gen_
     while todo:
         left = {i: gen_len - len(seqs[i]) for i in todo}
         rows = [[*prompts[i], *seqs[i]] for i in todo]
+        hook, on_prefill = on_prefill, None  # the first round's prefill is of the prompts alone
         new = greedy_generate(
-            model, tok, rows, max_new_tokens=max(left.values()), stop_texts=(), batch_size=bs, keep_end=True
+            model,
+            tok,
+            rows,
+            max_new_tokens=max(left.values()),
+            stop_texts=(),
+            batch_size=bs,
+            keep_end=True,
+            on_prefill=hook,
         )
         going = []
         for i, g in zip(todo, new):
@@ -627,18 +652,61 @@ def _generate(model: nn.Module, tok: Any, prompts: Sequence[Sequence[int]], gen_
     return [s[: next((j + 1 for j, t in enumerate(s) if t in model_eos), len(s))] for s in seqs]
 
 
-def generate_answers(
-    model: nn.Module, tok: Any, enc: EncodedTask, *, gen_len: int = GEN_LEN, batch_size: int = 32
-) -> tuple[list[int], list[str]]:
-    """The generation prediction of every item and its continuation (the decoded output with the decoded
-    prompt removed, ``str.replace`` as the authors do)."""
-    new = _generate(model, tok, enc.prompt_ids, gen_len, batch_size)
+def _answers(tok: Any, enc: EncodedTask, new: Sequence[Sequence[int]]) -> tuple[list[int], list[str]]:
+    """Each item's generation prediction and continuation from its new tokens ``new``."""
     preds, texts = [], []
     for ids, gen, ptext in zip(enc.prompt_ids, new, enc.prompt_texts):
         decoded = tok.decode([*ids, *gen], skip_special_tokens=True)
         preds.append(parse_answer(enc.task, decoded, ptext))
         texts.append(decoded.replace(ptext, ""))
     return preds, texts
+
+
+def generate_answers(
+    model: nn.Module, tok: Any, enc: EncodedTask, *, gen_len: int = GEN_LEN, batch_size: int = 32
+) -> tuple[list[int], list[str]]:
+    """The generation prediction of every item and its continuation (the decoded output with the decoded
+    prompt removed, ``str.replace`` as the authors do)."""
+    return _answers(tok, enc, _generate(model, tok, enc.prompt_ids, gen_len, batch_size))
+
+
+def predict(
+    model: nn.Module, tok: Any, encs: Sequence[EncodedTask], *, gen_len: int = GEN_LEN, batch_size: int = 32
+) -> list[tuple[list[int], list[str], torch.Tensor]]:
+    """Both predictions of every item of every task in ``encs``: (generation predictions, continuations,
+    the words' NLLs [items, words] float64) per task, as :func:`generate_answers` and
+    :func:`likelihood_nll` give them, with each prompt run once for both.
+
+    The prompts of all tasks are generated together, sorted by length (so batches pad little across
+    tasks); the prefill that the generation continues from also gives, at each prompt's last token, the
+    NLL of every single-token scored word that follows the prompt's ids as they are. Only multi-token
+    words and words that tokenise jointly with the prompt (:class:`EncodedTask` ``joint``) run a
+    forward of their own (:func:`likelihood_nll`). The same logits as the separate passes up to float
+    noise (a row's padding differs): the predictions equal theirs except where two words tie within it.
+    """
+    prompts = [ids for enc in encs for ids in enc.prompt_ids]
+    owner = [(k, i) for k, enc in enumerate(encs) for i in range(len(enc.items))]
+    nll = [torch.full((len(enc.items), len(enc.word_ids)), math.nan, dtype=torch.float64) for enc in encs]
+    single = [[(w, wid[0]) for w, wid in enumerate(enc.word_ids) if len(wid) == 1] for enc in encs]
+
+    def read(rows: Sequence[int], logits: torch.Tensor) -> None:
+        logp = torch.log_softmax(logits, dim=-1)
+        for r, j in enumerate(rows):
+            k, i = owner[j]
+            for w, wid in single[k]:
+                if encs[k].joint[i][w] is None:
+                    nll[k][i, w] = -float(logp[r, wid])
+
+    new = _generate(model, tok, prompts, gen_len, batch_size, on_prefill=read)
+    out, start = [], 0
+    for k, enc in enumerate(encs):
+        gen = new[start : start + len(enc.items)]
+        start += len(enc.items)
+        rest = [(i, w) for i in range(len(enc.items)) for w in range(len(enc.word_ids)) if math.isnan(nll[k][i, w])]
+        if rest:
+            likelihood_nll(model, tok, enc, batch_size=batch_size, pairs=rest, out=nll[k])
+        out.append((*_answers(tok, enc, gen), nll[k]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -663,7 +731,8 @@ class ProbeResult:
     Attributes:
         tasks: task -> :func:`task_metrics` (fractions: F1, accuracy and invalid in [0, 1], MCC in [−1, 1]).
         seconds: wall time of the whole point.
-        task_seconds: task -> its wall time.
+        task_seconds: task -> its share of the point's wall time, by its prompts' tokens (the tasks run
+            together, batched across tasks).
         predictions: task -> the per-item predictions.
     """
 
@@ -709,22 +778,26 @@ def run_probes(
     _check_generation_config(model)
     _sync(model)
     t0 = time.perf_counter()
+    encs = [
+        encode_task(tok, name, folder, n_items, n_shots=n_shots, max_context=max_context, gen_len=gen_len)
+        for name in names
+    ]
+    got = predict(model, tok, encs, gen_len=gen_len, batch_size=batch_size)
+    _sync(model)
+    seconds = time.perf_counter() - t0
+    tokens = [sum(map(len, enc.prompt_ids)) for enc in encs]
     metrics, secs, preds = {}, {}, {}
-    for name in names:
-        t1 = time.perf_counter()
-        enc = encode_task(tok, name, folder, n_items, n_shots=n_shots, max_context=max_context, gen_len=gen_len)
-        gen, texts = generate_answers(model, tok, enc, gen_len=gen_len, batch_size=batch_size)
-        nll = likelihood_nll(model, tok, enc, batch_size=batch_size)
+    for name, enc, (gen, texts, nll), n_tok in zip(names, encs, got, tokens):
         lik = [likelihood_prediction(enc.task, [math.exp(-v) for v in row]) for row in nll.tolist()]
         gold = [it.gold for it in enc.items]
         metrics[name] = task_metrics(gold, gen, lik)
         preds[name] = TaskPredictions(
             tuple(gold), tuple(gen), tuple(lik), tuple(texts), tuple(map(tuple, nll.tolist()))
         )
-        _sync(model)
-        secs[name] = time.perf_counter() - t1
-        log.info("probe %s: f1 %.3f mcc %.3f (%.1f s)", name, metrics[name]["f1"], metrics[name]["mcc"], secs[name])
-    return ProbeResult(metrics, time.perf_counter() - t0, secs, preds)
+        secs[name] = seconds * n_tok / max(sum(tokens), 1)
+        log.info("probe %s: f1 %.3f mcc %.3f", name, metrics[name]["f1"], metrics[name]["mcc"])
+    log.info("probe point: %d tasks, %d items, %.1f s", len(names), sum(len(e.items) for e in encs), seconds)
+    return ProbeResult(metrics, seconds, secs, preds)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def test_batched_cached_greedy_equals_uncached_loop(request, which, arch):
     tok = request.getfixturevalue(which)
     model = sharp_llama(len(tok), seed=3) if arch == "llama" else make_gpt2(len(tok), seed=3)
     prompts = [encode(tok, p)[0] for p in PROMPTS]
-    assert len({len(p) for p in prompts}) == len(prompts)  # all lengths differ: real left padding
+    assert len({len(p) for p in prompts}) == len(prompts)  # all lengths differ: real padding
     # a random model never says "." or "\n": stop instead at the text of the first prompt's third token,
     # so that rows stop at different steps (and some run to the cap)
     stops = (".", "\n", tok.decode(uncached_greedy(model, tok, prompts[0], 3, ())[2:]))
@@ -124,6 +124,12 @@ def test_batched_cached_greedy_equals_uncached_loop(request, which, arch):
     for bs in (2, 16):
         got = greedy_generate(model, tok, prompts, max_new_tokens=7, stop_texts=stops, batch_size=bs)
         assert got == want, (stops, bs)
+    # the prefill ran right-padded and unmasked (the pads masked only in the decoding steps)
+    from transformers import DynamicCache
+
+    from sweep.evals.generation import _prefill_right_padded
+
+    assert _prefill_right_padded(model, prompts[:2], 0, DynamicCache()) is not None
 
 
 def test_batches_are_sorted_by_length(tok, model, monkeypatch):

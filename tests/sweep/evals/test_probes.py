@@ -348,6 +348,44 @@ def test_run_probes_equals_the_authors_loop(data, which, request):
         assert r.tasks[name] == P.task_metrics(pr.gold, pr.generated, pr.likelihood)
 
 
+def test_one_prefill_serves_both_predictions_of_every_task(data, model, tok, monkeypatch):
+    """predict (the tasks pooled, each prompt run once for its generation and its single-token words) gives
+    what the separate passes give: the same generations, the same NLLs to float noise, the same
+    likelihood predictions; only the pairs the prefill cannot score (multi-token or jointly tokenised
+    words) reach likelihood_nll."""
+    tasks = ("sst2", "mrpc", "mmlu", "rte")
+    encs = [P.encode_task(tok, t, data, 5) for t in tasks]
+    separate = [
+        (*P.generate_answers(model, tok, enc, batch_size=3), P.likelihood_nll(model, tok, enc, batch_size=3))
+        for enc in encs
+    ]
+    asked: list[tuple[str, list]] = []
+    real = P.likelihood_nll
+
+    def spy(model, tok, enc, *, batch_size=32, pairs=None, out=None):
+        asked.append((enc.task.name, list(pairs)))
+        return real(model, tok, enc, batch_size=batch_size, pairs=pairs, out=out)
+
+    monkeypatch.setattr(P, "likelihood_nll", spy)
+    pooled = P.predict(model, tok, encs, batch_size=3)
+    for enc, (gen, texts, nll), (gen0, texts0, nll0) in zip(encs, pooled, separate):
+        assert (gen, texts) == (gen0, texts0), enc.task.name
+        assert torch.allclose(nll, nll0, atol=1e-5), enc.task.name
+        lik = [P.likelihood_prediction(enc.task, [math.exp(-v) for v in row]) for row in nll.tolist()]
+        lik0 = [P.likelihood_prediction(enc.task, [math.exp(-v) for v in row]) for row in nll0.tolist()]
+        assert lik == lik0, enc.task.name
+    for name, pairs in asked:
+        enc = encs[tasks.index(name)]
+        assert pairs and all(len(enc.word_ids[w]) > 1 or enc.joint[i][w] is not None for i, w in pairs)
+    n_single = sum(
+        len(wid) == 1 and enc.joint[i][w] is None
+        for enc in encs
+        for i in range(len(enc.items))
+        for w, wid in enumerate(enc.word_ids)
+    )
+    assert n_single > 0, "the tiny tokenizer must give the prefill some words to score"
+
+
 def test_joint_rows_score_as_the_prompt_then_word(data, model, tok):
     """The authors' joint-row path (used where ``tok(prompt + " " + w)`` splits otherwise) agrees with the
     shared-prompt path where the two tokenisations are the same."""
