@@ -210,11 +210,12 @@ PROBE_GEN_TOKENS = 5
 def probe_seconds(
     shape: Shape, n_tasks: int, items: int, batch: int, tflops: float, bandwidth_gbs: float, bytes_w: int
 ) -> float:
-    """One probe point: each task's items prefilled once (the generation's prompt also gives the label
-    words' likelihoods) and decoded :data:`PROBE_GEN_TOKENS` steps per batch."""
+    """One probe point (:func:`sweep.evals.probes.predict`): every item's prompt prefilled once (the prefill
+    the generation continues from also gives the label words' likelihoods), the tasks' items batched
+    together, and :data:`PROBE_GEN_TOKENS` decoding steps per batch."""
     n = n_tasks * items
-    flops = 2 * shape.params * n * (PROBE_PROMPT_TOKENS + PROBE_GEN_TOKENS + 2)
-    steps = n_tasks * -(-items // batch) * PROBE_GEN_TOKENS
+    flops = 2 * shape.params * n * (PROBE_PROMPT_TOKENS + PROBE_GEN_TOKENS)
+    steps = -(-n // batch) * PROBE_GEN_TOKENS
     return flops / (tflops * 1e12) + steps * shape.params * bytes_w / (bandwidth_gbs * 1e9)
 
 

@@ -29,10 +29,12 @@ AlphaEdit's paper plots F1 per task (SST, MRPC, CoLA, RTE, MMLU, NLI): the gener
 (:meth:`ProbeResult.metrics`: ``probe_<task>_f1``).
 
 Where this differs from the authors' loop, on purpose (identical for every model they ran: GPT-2 XL,
-GPT-J, Llama-3-8B-Instruct): prompts are generated in left-padded batches on the KV cache
-(:func:`sweep.evals.generation.greedy_generate`) and scored in batches (:func:`sweep.evals.metrics.target_scores`
-where ``tok(prompt + " " + w)`` is the prompt's ids followed by the word's, else the joint row as they
-run it), so a near-tie may fall the other way by rounding; the label word's BOS is dropped for any
+GPT-J, Llama-3-8B-Instruct): the prompts of all tasks are generated together in batches on the KV cache
+(:func:`sweep.evals.generation.greedy_generate`), and the prefill the generation continues from also
+scores every single-token label word that follows the prompt's ids (:func:`predict`); other words are
+scored in batches (:func:`sweep.evals.metrics.target_scores` where ``tok(prompt + " " + w)`` is the
+prompt's ids followed by the word's, else the joint row as they run it), so a near-tie may fall the
+other way by rounding; the label word's BOS is dropped for any
 tokenizer that adds one (they test ``"llama" in the model name``); the model-name table of context
 lengths is read only when few-shot prompts need it (they look it up, and fail on other names, always).
 """
