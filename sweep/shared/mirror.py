@@ -50,8 +50,9 @@ MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.j
 _CHUNK = 8 << 20
 
 
-class MirrorError(RuntimeError):
-    """The model mirror lacks a model, or a copied file does not match its manifest."""
+class MirrorError(ValueError):
+    """The model mirror lacks a model, or a copied file does not match its manifest (the launcher reports
+    it as one line, as it does a config error)."""
 
 
 def is_uri(value: object) -> bool:
@@ -184,13 +185,11 @@ def store_location(value: str | os.PathLike) -> tuple[Path, Bucket | None]:
     return cache_root() / "stores" / scheme / rest.strip("/"), bucket(str(value))
 
 
-def store_fields(cfg: SweepConfig, trials: Iterable[TrialConfig]) -> dict[str, str]:
-    """Each store of the sweep under a URI, by the field that names it."""
-    out = {f: v for f in ("values_store", "scores_store") if is_uri(v := getattr(cfg, f))}
-    for t in trials:
-        if is_uri(t.stats.store):
-            out.setdefault("stats.store", t.stats.store)  # type: ignore[arg-type]
-    return out
+def store_fields(cfg: SweepConfig, trials: Iterable[TrialConfig]) -> list[tuple[str, str]]:
+    """(the field that names it, the URI) of every store of the sweep under a URI, each once."""
+    out = [(f, v) for f in ("values_store", "scores_store") if is_uri(v := getattr(cfg, f))]
+    out += [("stats.store", t.stats.store) for t in trials if is_uri(t.stats.store)]  # type: ignore[misc]
+    return list(dict.fromkeys(out))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -312,7 +311,7 @@ def prepare(cfg: SweepConfig, trials: Iterable[TrialConfig]) -> None:
     """Before any work: every store under a URI is writable, and every mirrored model is in its mirror
     (filled from the Hub by this process, the driver, when it is not)."""
     trials = list(trials)
-    for field, uri in store_fields(cfg, trials).items():
+    for field, uri in store_fields(cfg, trials):
         bucket(uri).check_writable(field)
     seen: set[tuple[str | None, str | None, str]] = set()
     for t in trials:
