@@ -145,6 +145,10 @@ def _warn_once(path: Path, why: str) -> None:
 class Remote(Protocol):
     """A second home of a store's entries, each named by its path under the store's folder ("/"-separated)."""
 
+    def exists(self, name: str) -> bool:
+        """Whether the remote holds entry ``name`` (nothing is copied)."""
+        ...
+
     def fetch(self, name: str, dest: Path) -> bool:
         """Copy entry ``name`` to ``dest`` (atomically); False when the remote has none."""
         ...
@@ -251,10 +255,12 @@ class Store:
         return meta if self._matches(meta, key) else None
 
     def has(self, key: Any, part: str | None = None) -> bool:
-        """Whether a readable entry of ``key`` exists (reads the header only)."""
+        """Whether a readable entry of ``key`` exists (reads the header only). An entry only the remote
+        holds counts by its content-keyed name and is not copied (a plan, or a dry run, copies nothing;
+        the read that needs it copies it and checks its key)."""
         path = self.path(key, part)
-        if not self._here(path):
-            return False
+        if not path.is_file():
+            return self.remote is not None and self.remote.exists(path.relative_to(self.root).as_posix())
         try:
             with safe_open(str(path), framework="pt") as f:
                 return self._matches(f.metadata(), key)

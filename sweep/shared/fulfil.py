@@ -126,9 +126,11 @@ class StatsUnit:
                 raise FileNotFoundError(f"statistics of layer {key.layer} left the store {store.root}")
             return sm
 
-        tokens = {layer: store.n_tokens(key) for layer, key in self.keys.items()}
+        tokens = {layer: store.n_tokens(key) for layer, key in self.keys.items()}  # each header read (copied)
+        if any(n is None for n in tokens.values()):
+            return None  # an entry the store's remote named but that cannot be read: computed again
         fetches = {layer: (lambda k=key: fetch(k)) for layer, key in self.keys.items()}
-        return Moments(fetches, tokens if all(n is not None for n in tokens.values()) else None)  # type: ignore[arg-type]
+        return Moments(fetches, tokens)  # type: ignore[arg-type]
 
     def write(self, value: Moments) -> None:
         if self.store:

@@ -28,6 +28,9 @@ class FolderRemote:
         self.fetched: list[str] = []
         self.published: list[str] = []
 
+    def exists(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
     def fetch(self, name: str, dest: Path) -> bool:
         src = self.root / name
         if not src.is_file():
@@ -57,7 +60,8 @@ def test_an_entry_written_on_one_cluster_is_read_on_another_through_the_remote(t
     assert len(remote.published) == 2 and not remote.fetched
 
     second = Store(tmp_path / "b", "t.v1", remote)  # an empty folder: a new cluster's disk
-    assert second.has(Key("x")) and second.metadata(Key("x"))["n"] == "7"
+    assert second.has(Key("x")) and not remote.fetched  # counted by its name: a plan copies nothing
+    assert second.metadata(Key("x"))["n"] == "7"
     tensors, _ = second.get_tensors(Key("x"))
     assert torch.equal(tensors["w"], torch.arange(6.0).reshape(2, 3))
     assert second.get_json(Key("y")) == {"score": 0.5}
