@@ -422,6 +422,14 @@ def run_until(model: nn.Module, use_cache: bool = False, **batch: Any) -> Any:
         return None
 
 
+def final_hidden(model: nn.Module, spec: ModelSpec, **batch: Any) -> torch.Tensor:
+    """The final norm's output [rows, L, d_model] of one forward of ``batch`` (the LM head is not run:
+    a caller applies it at the positions it reads). A cache in ``batch`` is filled by every block."""
+    with hooks(model, outputs=[spec.final_norm], stop_after=spec.final_norm) as st:
+        run_until(model, **batch)
+    return st[f"out:{spec.final_norm}"]
+
+
 @contextlib.contextmanager
 def no_weight_grads(model: nn.Module) -> Iterator[None]:
     """Turn ``requires_grad`` off on every parameter for the duration, then restore the flags.

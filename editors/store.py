@@ -176,20 +176,22 @@ class Store:
         self.fmt = fmt
         self.remote = remote
 
+    def _name(self, path: Path) -> str:
+        """The remote's name of the folder's ``path``."""
+        return path.relative_to(self.root).as_posix()
+
     def _here(self, path: Path) -> bool:
         """Whether ``path`` is a file in the folder, copied from the remote on a local miss."""
         if path.is_file():
             return True
-        if self.remote is None:
-            return False
-        return self.remote.fetch(path.relative_to(self.root).as_posix(), path)
+        return self.remote is not None and self.remote.fetch(self._name(path), path)
 
     def _written(self, path: Path) -> Path:
-        """``path``, just written, copied to the remote. A remote that fails is a warning: the entry is
-        in the folder, and the sweep goes on (a later write of another entry tries again)."""
+        """``path``, just written, copied to the remote. A remote that fails is a warning: the entry stays
+        in the folder only (the remote lacks it until it is written again), and the sweep goes on."""
         if self.remote is not None:
             try:
-                self.remote.publish(path.relative_to(self.root).as_posix(), path)
+                self.remote.publish(self._name(path), path)
             except OSError as e:
                 log.warning("%s was not copied to the store's remote (%s); it stays in the folder", path, e)
         return path
@@ -260,7 +262,7 @@ class Store:
         the read that needs it copies it and checks its key)."""
         path = self.path(key, part)
         if not path.is_file():
-            return self.remote is not None and self.remote.exists(path.relative_to(self.root).as_posix())
+            return self.remote is not None and self.remote.exists(self._name(path))
         try:
             with safe_open(str(path), framework="pt") as f:
                 return self._matches(f.metadata(), key)

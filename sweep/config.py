@@ -317,10 +317,15 @@ STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
+def is_uri(value: object) -> bool:
+    """Whether ``value`` is a URI (``s3://``, ``gs://``, any pyarrow file system) rather than a local path."""
+    return isinstance(value, str) and "://" in value
+
+
 def check_location(name: str, value: Any) -> None:
     """A shared-work store is a folder on the driver's disk or a URI of cloud storage
     (sweep.shared.mirror: a local copy backed by the prefix); the error names ``name``."""
-    if not isinstance(value, str) or "://" not in value:
+    if not is_uri(value):
         return
     scheme = value.split("://", 1)[0].lower()
     if scheme not in STORAGE_SCHEMES:
@@ -335,7 +340,7 @@ def _check_mirror(m: ModelConfig) -> None:
     if m.mirror is None:
         return
     check_location("model.mirror", m.mirror)
-    if "://" not in m.mirror and not Path(m.mirror).is_absolute():
+    if not is_uri(m.mirror) and not Path(m.mirror).is_absolute():
         raise ConfigError(f"model.mirror: {m.mirror!r}: an absolute folder every node mounts, or a URI (s3://...)")
     if m.source is None or _looks_local(m.source):
         raise ConfigError(
@@ -570,7 +575,7 @@ def load_sweep(path: str, overrides: list[str] = ()) -> SweepConfig:
     data = merge(load_yaml(path), parse_overrides(overrides))
     data["base"] = _absolute(data.get("base") or {})
     for k in ("storage", "values_store", "scores_store"):
-        if isinstance(data.get(k), str) and "://" not in data[k]:
+        if isinstance(data.get(k), str) and not is_uri(data[k]):
             from pathlib import Path
 
             data[k] = str(Path(data[k]).expanduser().resolve())

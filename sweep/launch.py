@@ -34,7 +34,7 @@ from editors.config import ConfigError, to_dict
 from editors.store import write_json_atomic
 
 from .cells import Cells, PlannedTrial, planned_of, space_name
-from .config import SweepConfig, load_sweep, sweep_id
+from .config import SweepConfig, is_uri, load_sweep, sweep_id
 from .evals.probes import check_probe_data
 from .plan import SPILL_SHARE, Plan, format_plan, make_plan
 from .shared.fulfil import Feed, WorkCounts
@@ -90,11 +90,6 @@ def init_ray(args: argparse.Namespace) -> None:
         )
     else:
         ray.init(address=args.address, runtime_env=env, log_to_driver=args.verbose)
-
-
-def is_uri(path: str) -> bool:
-    """Whether ``path`` is a URI (``s3://``, ``gs://``, any pyarrow file system) rather than a local path."""
-    return "://" in path
 
 
 def storage_path(cfg: SweepConfig) -> str:

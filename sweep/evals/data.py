@@ -325,9 +325,14 @@ def parse_qa_records(data: Any, name: str, target: Target = "answers", source: s
 # Sources: a local path, a URL (downloaded once into a cache), or "demo"
 
 
+#: The project's download cache on each node (datasets, probe files, stores under a URI, mirrored models).
+CACHE_ENV = "MODEL_EDITING_CACHE"
+
+
 def cache_dir() -> Path:
-    """``$MODEL_EDITING_CACHE`` or ``~/.cache/model-editing-sweep``."""
-    return Path(os.environ.get("MODEL_EDITING_CACHE", Path.home() / ".cache" / "model-editing-sweep"))
+    """``$MODEL_EDITING_CACHE`` or ``~/.cache/model-editing-sweep`` (on a cluster, the head's state volume:
+    cluster.yaml)."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "model-editing-sweep"))
 
 
 def sha256_file(path: Path) -> str:

@@ -39,7 +39,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-from editors.model import ModelSpecError, get_module, hooks, model_device, run_until, spec_for
+from editors.model import ModelSpecError, final_hidden, get_module, model_device, spec_for
 from editors.requests import encode, pad_id, pad_right
 from editors.targets import cache_kwarg
 
@@ -117,9 +117,8 @@ def _prefill_right_padded(model: nn.Module, seqs: Sequence[Sequence[int]], pad: 
     device = model_device(model)
     ids, mask = pad_right(seqs, pad, device)
     lengths = mask.sum(1)
-    with hooks(model, outputs=[spec.final_norm], stop_after=spec.final_norm) as st:
-        run_until(model, use_cache=True, input_ids=ids, **{cache_kwarg(model): cache})
-    last = st[f"out:{spec.final_norm}"][torch.arange(len(seqs), device=device), lengths - 1]
+    hidden = final_hidden(model, spec, use_cache=True, input_ids=ids, **{cache_kwarg(model): cache})
+    last = hidden[torch.arange(len(seqs), device=device), lengths - 1]
     return head(last).float(), mask, lengths
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from editors.model import ModelSpec, ModelSpecError, get_module, hooks, model_device, run_until
+from editors.model import ModelSpec, ModelSpecError, final_hidden, get_module, model_device
 from editors.requests import encode, pad_id, pad_right, target_ids
 from editors.targets import PrefixCache, cache_kwarg
 
@@ -58,13 +58,6 @@ class _TargetTokens:
         owner = torch.tensor(owners)
         self.nll.index_add_(0, owner, tok_nll)
         self.miss.index_add_(0, owner, (~hit).long())
-
-
-def _final_hidden(model: nn.Module, spec: ModelSpec, **batch: Any) -> torch.Tensor:
-    """The final norm's output [rows, L, d] of one forward (the LM head is not run)."""
-    with hooks(model, outputs=[spec.final_norm], stop_after=spec.final_norm) as st:
-        run_until(model, **batch)
-    return st[f"out:{spec.final_norm}"]
 
 
 def target_scores(
@@ -180,7 +173,7 @@ def _score_cached(
     device = model_device(model)
     ids, _ = pad_right(seqs, pad_id(tok), device)
     cache = DynamicCache()
-    hidden = _final_hidden(model, spec, input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
+    hidden = final_hidden(model, spec, input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
     lengths = torch.tensor([len(q) for q in seqs], device=device)
     last = hidden[torch.arange(len(seqs), device=device), lengths - 1]  # [prompts, d]
     firsts = [(j, i) for j, g in enumerate(groups) for i in g]
@@ -196,7 +189,7 @@ def _score_cached(
     plen = prefix.lengths[sel]
     valid = torch.arange(prefix.width, device=device)[None] < plen[:, None]
     step_ids, step_mask = pad_right([tids[i][:-1] for _, i in rows], pad_id(tok), device)
-    h = _final_hidden(
+    h = final_hidden(
         model,
         spec,
         input_ids=step_ids,
@@ -227,7 +220,7 @@ def _score_full_rows(
     model without a KV cache); the target's tokens from index ``first`` on are scored."""
     device = model_device(model)
     ids, mask = pad_right([seqs[j] + tids[i][:-1] for j, i in rows], pad_id(tok), device)
-    hidden = _final_hidden(model, spec, input_ids=ids, attention_mask=mask)
+    hidden = final_hidden(model, spec, input_ids=ids, attention_mask=mask)
     r_idx, pos, tgt, owner = [], [], [], []
     for r, (j, i) in enumerate(rows):
         for k, t in enumerate(tids[i]):
@@ -492,9 +485,7 @@ def perplexity(model: nn.Module, tok: Any, spec: ModelSpec, texts: Sequence[str]
         if len(ids) < 2:
             continue
         x = torch.tensor([ids], device=device)
-        with hooks(model, outputs=[spec.final_norm], stop_after=spec.final_norm) as st:
-            run_until(model, input_ids=x)
-        logp = torch.log_softmax(lm_head(st[f"out:{spec.final_norm}"][0, :-1]).float(), -1)
+        logp = torch.log_softmax(lm_head(final_hidden(model, spec, input_ids=x)[0, :-1]).float(), -1)
         total += float(-logp.gather(1, x[0, 1:, None]).sum())
         count += len(ids) - 1
     return math.exp(total / count) if count else float("nan")

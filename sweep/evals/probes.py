@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from editors.model import get_module, hooks, model_device, run_until, spec_for
+from editors.model import final_hidden, get_module, model_device, spec_for
 from editors.requests import pad_id, pad_right, target_ids
 
 from .generation import eos_ids
@@ -537,9 +537,7 @@ def _logits_at(
     for b in range(0, len(seqs), bs):
         rows = range(b, min(b + bs, len(seqs)))
         x, mask = pad_right([list(seqs[r]) for r in rows], pad_id(tok), device)
-        with hooks(model, outputs=[spec.final_norm], stop_after=spec.final_norm) as st:
-            run_until(model, input_ids=x, attention_mask=mask)
-        hidden = st[f"out:{spec.final_norm}"]
+        hidden = final_hidden(model, spec, input_ids=x, attention_mask=mask)
         r_idx = torch.tensor([k for k, r in enumerate(rows) for _ in positions[r]], device=device)
         pos = torch.tensor([p for r in rows for p in positions[r]], device=device)
         out += list(head(hidden[r_idx, pos]).float().cpu().split([len(positions[r]) for r in rows]))

@@ -2,12 +2,12 @@
 
 **Stores under a URI.** The shared-work stores (``stats.store``, ``values_store``, ``scores_store``) are
 folders on the driver's disk. Given as a URI (``s3://lab/edit-stores/stats``; any file system pyarrow
-opens), a store is a local copy (under :func:`cache_root`) backed by that prefix: a miss in the copy is
-looked up under the prefix, and every entry the driver writes goes there after its local write
-(:class:`Bucket`, an :class:`editors.store.Remote`). Entries are content-keyed and never rewritten, so a
-later cluster, or another lab's, reads what any earlier one computed: Llama-3-8B's statistics are
-computed once per lab, not once per cluster. Only the driver writes (the nodes hand it what they
-compute, :mod:`sweep.shared.fulfil`).
+opens), a store is a local copy (under ``$MODEL_EDITING_CACHE``: :func:`~sweep.evals.data.cache_dir`)
+backed by that prefix: a miss in the copy is looked up under the prefix, and every entry the driver
+writes goes there after its local write (:class:`Bucket`, an :class:`editors.store.Remote`). Entries
+are content-keyed and never rewritten, so a later cluster, or another lab's, reads what any earlier one
+computed: Llama-3-8B's statistics are computed once per lab, not once per cluster. Only the driver
+writes (the nodes hand it what they compute, :mod:`sweep.shared.fulfil`).
 
 **The model mirror** (``model.mirror``: a URI, or a folder every node mounts) holds a hub model's files
 at one pinned commit, ``<mirror>/<org>--<name>/<commit>/``, and a ``MANIFEST.json`` of each file's size
@@ -35,15 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 from editors.store import atomic_write, claim, write_json_atomic
 
-from ..config import ConfigError
+from ..config import ConfigError, is_uri
+from ..evals.data import CACHE_ENV, cache_dir
 
 if TYPE_CHECKING:
     from ..config import ModelConfig, SweepConfig, TrialConfig
 
 log = logging.getLogger(__name__)
 
-#: Where a node keeps its local copies (stores under a URI, mirrored models): the project's download cache.
-CACHE_ENV = "MODEL_EDITING_CACHE"
 MANIFEST = "MANIFEST.json"
 #: The files of a hub model the mirror keeps: configs, tokenizers and safetensors weights.
 MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja")
@@ -53,18 +52,6 @@ _CHUNK = 8 << 20
 class MirrorError(ValueError):
     """The model mirror lacks a model, or a copied file does not match its manifest (the launcher reports
     it as one line, as it does a config error)."""
-
-
-def is_uri(value: object) -> bool:
-    return isinstance(value, str) and "://" in value
-
-
-def cache_root() -> Path:
-    """This node's folder of local copies: ``$MODEL_EDITING_CACHE``, else ``~/.cache/model-editing-sweep``
-    (on a cluster, the head's state volume: cluster.yaml)."""
-    from ..evals.data import cache_dir
-
-    return cache_dir()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,11 +165,11 @@ def bucket(uri: str) -> Bucket:
 
 def store_location(value: str | os.PathLike) -> tuple[Path, Bucket | None]:
     """(the local folder, its remote or None) of a store given as a folder or a URI: the local copy of
-    ``s3://b/p`` is ``<cache_root>/stores/s3/b/p``."""
+    ``s3://b/p`` is ``<cache_dir>/stores/s3/b/p``."""
     if not is_uri(value):
         return Path(value), None
     scheme, rest = str(value).split("://", 1)
-    return cache_root() / "stores" / scheme / rest.strip("/"), bucket(str(value))
+    return cache_dir() / "stores" / scheme / rest.strip("/"), bucket(str(value))
 
 
 def store_fields(cfg: SweepConfig, trials: Iterable[TrialConfig]) -> list[tuple[str, str]]:
@@ -202,7 +189,7 @@ def _folder(mc: ModelConfig) -> str:
 
 def local_copy(mc: ModelConfig) -> Path:
     """This node's copy of a mirrored model (complete when its manifest is there)."""
-    return cache_root() / "models" / _folder(mc)
+    return cache_dir() / "models" / _folder(mc)
 
 
 def _sha256(path: Path) -> str:
@@ -322,10 +309,10 @@ def prepare(cfg: SweepConfig, trials: Iterable[TrialConfig]) -> None:
 
 
 __all__ = [
+    "CACHE_ENV",
     "Bucket",
     "MirrorError",
     "bucket",
-    "cache_root",
     "config_source",
     "fill",
     "loadable",
