@@ -36,21 +36,30 @@ class AlgorithmTraits:
             so their values depend on the batch's earlier requests.
         stats_switch: the boolean hyperparameter that turns the statistics off (ROME's
             ``mom2_adjustment``: C = I), or None when they are always needed.
+        uses_values: whether the algorithm edits towards optimised target values v* (UltraEdit
+            does not: nothing to share or precompute).
+        uses_stats: whether the algorithm ever reads the second moments C (UltraEdit does not).
     """
 
     name: str
     value_site: Literal["block", "rewrite"] = "block"
     sequential_within_batch: bool = False
     stats_switch: str | None = None
+    uses_values: bool = True
+    uses_stats: bool = True
 
     def needs_stats(self, hparams: Any) -> bool:
         """Whether a run with ``hparams`` needs the second moments C."""
+        if not self.uses_stats:
+            return False
         return self.stats_switch is None or bool(getattr(hparams, self.stats_switch, True))
 
     def values_shareable(self, mode: str, batch_size: int) -> bool:
         """Whether each request's v* depends only on the unedited model (so trials can share it):
         ``batch`` mode only (otherwise earlier batches' edits are in the model), and for an algorithm
         that edits a batch's requests one after another, only single-request batches."""
+        if not self.uses_values:
+            return False
         return mode == "batch" and not (self.sequential_within_batch and batch_size > 1)
 
 
@@ -65,16 +74,98 @@ class EditState:
             from the statistics.
         batches: number of batches applied so far.
         value_norm_anchor: NAS's anchor N̄ of the target values' norm, from the first batch.
+        rls_inverse: layer -> RLSEdit's P_t = (M_0 + Σ K Kᵀ)⁻¹ [d_key, d_key] float64.
+        running: module shape (d_in, d_out) -> UltraEdit's lifelong running statistics.
+
+    :meth:`state_dict` and :meth:`from_state_dict` save and restore all of it bit-identically (e.g. with
+    ``torch.save``), so a sequence of batches can be stopped and continued.
     """
 
     prev_keys: dict[int, torch.Tensor] = field(default_factory=dict)
     projectors: dict[int, torch.Tensor] = field(default_factory=dict)
     batches: int = 0
     value_norm_anchor: float | None = None
+    rls_inverse: dict[int, torch.Tensor] = field(default_factory=dict)
+    running: dict[tuple[int, int], RunningStats] = field(default_factory=dict)
 
     def add_keys(self, layer: int, keys: torch.Tensor) -> None:
         old = self.prev_keys.get(layer)
         self.prev_keys[layer] = keys if old is None else torch.cat([old, keys], dim=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors, numbers and dicts (loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "prev_keys": dict(self.prev_keys),
+            "projectors": dict(self.projectors),
+            "batches": self.batches,
+            "value_norm_anchor": self.value_norm_anchor,
+            "rls_inverse": dict(self.rls_inverse),
+            "running": {f"{d_in}x{d_out}": r.state_dict() for (d_in, d_out), r in self.running.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, Any]) -> EditState:
+        """The state :meth:`state_dict` saved."""
+        running = {}
+        for key, r in sd.get("running", {}).items():
+            d_in, d_out = (int(x) for x in key.split("x"))
+            running[(d_in, d_out)] = RunningStats.from_state_dict(r)
+        return cls(
+            prev_keys=dict(sd.get("prev_keys", {})),
+            projectors=dict(sd.get("projectors", {})),
+            batches=int(sd.get("batches", 0)),
+            value_norm_anchor=sd.get("value_norm_anchor"),
+            rls_inverse=dict(sd.get("rls_inverse", {})),
+            running=running,
+        )
+
+
+@dataclass
+class RunningStats:
+    """UltraEdit's lifelong normaliser of token rows x = [key, output gradient] (``nets.py``
+    ``RunningMeanStd``, float32 buffers as there): count ``n`` [1], ``mean`` [d], ``m2`` [d] (the sum of
+    squared deviations, the authors' ``var``) and ``std`` [d].
+
+    :meth:`update` is the authors' parallel update, kept as written: it adds m·var(x) where Chan's
+    exact formula has (m − 1)·var(x), so the statistics match theirs to the bit, not the textbook's.
+    """
+
+    n: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def zeros(cls, size: int, device: torch.device | str = "cpu") -> RunningStats:
+        z = torch.zeros(size, dtype=torch.float32, device=device)
+        return cls(torch.zeros(1, dtype=torch.float32, device=device), z.clone(), z.clone(), z.clone())
+
+    def update(self, x: torch.Tensor) -> None:
+        """Take in rows x: [m, d] (m ≥ 2: the sample variance of one row is undefined)."""
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise ValueError(f"running statistics: need at least 2 rows of shape [m, d], got {tuple(x.shape)}")
+        x = x.to(self.mean)
+        m = x.shape[0]
+        n = self.n + m
+        delta = x.mean(0) - self.mean
+        self.mean = self.mean + m * delta / n
+        self.m2 = self.m2 + m * x.var(0) + self.n * m * delta.pow(2) / n
+        self.std = (self.m2 / (n - 1 + torch.finfo(x.dtype).eps)).sqrt()
+        self.n = n
+
+    def clone(self) -> RunningStats:
+        return RunningStats.from_state_dict(self.state_dict())
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """(x − mean) / (std + eps): [m, d]."""
+        return (x - self.mean) / (self.std + torch.finfo(self.std.dtype).eps)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"n": self.n, "mean": self.mean, "m2": self.m2, "std": self.std}
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> RunningStats:
+        return cls(sd["n"].clone(), sd["mean"].clone(), sd["m2"].clone(), sd["std"].clone())
 
 
 @dataclass

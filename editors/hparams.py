@@ -43,6 +43,10 @@ class EditHParams(ValueHParams):
             singular values above σ_max(W₀) (:mod:`editors.algorithms.prune`; e, 2, 1.5 or 1.2).
         mpes_hits: ENCORE's most-probable early stopping in the value optimisation
             (:func:`editors.targets.optimize_values`).
+        beta_hse, sphere_alpha: SPHERE (arXiv 2510.01172), each layer's update projected away from
+            the weight's principal hyperspherical directions that hold a share ``beta_hse`` of the
+            energy, with strength ``sphere_alpha`` (:mod:`editors.algorithms.sphere`; 0 = off; the
+            authors: 0.5 / 0.5 on AlphaEdit, 0.5 / 0.8 on MEMIT).
     """
 
     layers: tuple[int, ...]
@@ -54,9 +58,15 @@ class EditHParams(ValueHParams):
     nas: bool = False
     rect_keep: float | None = None
     prune_base: float | None = None
+    beta_hse: float = 0.0
+    sphere_alpha: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 <= self.beta_hse <= 1:
+            raise ValueError(f"beta_hse: SPHERE's energy share must be in [0, 1] (0: off), got {self.beta_hse}")
+        if not 0 <= self.sphere_alpha <= 1:
+            raise ValueError(f"sphere_alpha: SPHERE's suppression strength must be in [0, 1], got {self.sphere_alpha}")
         if self.rect_keep is not None and not 0 < self.rect_keep <= 1:
             raise ValueError(f"rect_keep: the fraction of entries kept must be in (0, 1] or null, got {self.rect_keep}")
         if self.prune_base is not None and not self.prune_base > 1:
@@ -83,8 +93,11 @@ class ROMEHParams(EditHParams):
         super().__post_init__()
         if len(self.layers) != 1:
             raise ValueError(f"layers: ROME edits exactly one layer, got {list(self.layers)}")
-        if self.nas or self.rect_keep is not None:
-            raise ValueError("nas / rect_keep: apply to the MEMIT-style algorithms (memit, emmet, alphaedit, encore)")
+        if self.nas or self.rect_keep is not None or self.beta_hse:
+            raise ValueError(
+                "nas / rect_keep / beta_hse: apply to the MEMIT-style algorithms "
+                "(memit, emmet, alphaedit, encore, rlsedit)"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,12 +162,74 @@ class ENCOREHParams(MEMITHParams):
             raise ValueError("update_norm_lambda: must be >= 0")
 
 
+@dataclass(frozen=True, kw_only=True)
+class RLSEditHParams(MEMITHParams):
+    """RLSEdit (arXiv 2601.15686, ``Euphoria040201/RLSEdit``): recursive ridge least squares over every
+    edit so far, from M_0 = λ²I + μ²·w·C (``lambda_reg`` λ, ``mu_reg`` μ, w = ``mom2_update_weight``).
+
+    ``rls_target``: ``"delta"`` (the authors' code: the layer's output is fitted to the hidden-state
+    shift z* − h itself, residual (z* − h − W k)/(L − i)) or ``"absolute"`` (MEMIT's convention: the
+    output moves by the shift, residual (z* − h)/(L − i)). ``rls_memory``: carry P_t from batch to
+    batch (recursive least squares); false restarts every batch from P_0, which is what the authors'
+    ``evaluate.py`` runs (it passes no ``cache_c`` to RLSEdit)."""
+
+    lambda_reg: float = 0.0
+    mu_reg: float = 1.0
+    rls_target: Literal["delta", "absolute"] = "delta"
+    rls_memory: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lambda_reg < 0 or self.mu_reg < 0:
+            raise ValueError(f"lambda_reg / mu_reg: must be >= 0, got {self.lambda_reg} / {self.mu_reg}")
+        if self.lambda_reg == 0 and self.mu_reg == 0:
+            raise ValueError(
+                "lambda_reg / mu_reg: both 0 leave M_0 = 0 and no preservation term; set mu_reg > 0 (the "
+                "authors' Llama-3-8B value: 1.0) or lambda_reg > 0"
+            )
+        if self.add_prev_edits or self.update_norm_lambda:
+            raise ValueError(
+                "add_prev_edits / update_norm_lambda: ENCORE's options; RLSEdit keeps every earlier key in "
+                "its recursion (rls_memory) and its ridge is lambda_reg"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class UltraEditHParams(EditHParams):
+    """UltraEdit (arXiv 2505.14679, ``XiaojieGu/UltraEdit``): the update of each edited projection
+    solved in closed form from its keys and output gradients at the answer tokens, normalised by
+    running statistics kept over the whole lifetime (:mod:`editors.algorithms.ultraedit`).
+
+    ``ultra_lr``: the step size in V = −lr·‖k̂‖²·ĝ (the authors' 1e-6); ``ultra_ridge``: the ridge of
+    the solve (hard-coded 1 there); ``ultra_sub_batch``: requests per forward/backward, over which the
+    loss is averaged and after each of which the statistics are updated (the authors' dataset
+    ``batch_size``: 10). The value optimisation's fields are not used."""
+
+    context_templates: Literal["rome", "memit", "none"] = "none"
+    ultra_lr: float = 1e-6
+    ultra_ridge: float = 1.0
+    ultra_sub_batch: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.ultra_lr > 0:
+            raise ValueError(f"ultra_lr: must be > 0, got {self.ultra_lr}")
+        if not self.ultra_ridge > 0:
+            raise ValueError(f"ultra_ridge: must be > 0, got {self.ultra_ridge}")
+        if self.ultra_sub_batch < 1:
+            raise ValueError(f"ultra_sub_batch: must be >= 1, got {self.ultra_sub_batch}")
+        if self.nas or self.beta_hse:
+            raise ValueError("nas / beta_hse: act on target values and a layered solve UltraEdit does not have")
+
+
 HPARAMS: dict[str, type[EditHParams]] = {
     "rome": ROMEHParams,
     "memit": MEMITHParams,
     "emmet": EMMETHParams,
     "alphaedit": AlphaEditHParams,
     "encore": ENCOREHParams,
+    "rlsedit": RLSEditHParams,
+    "ultraedit": UltraEditHParams,
 }
 
 

@@ -135,6 +135,7 @@ def run_schedule(
     keep_deltas: bool = False,
     restore_at_end: bool | None = None,
     health_every: int = 0,
+    state: EditState | None = None,
 ) -> ScheduleResult:
     """Edit ``requests`` in batches of ``batch_size`` under ``mode``.
 
@@ -148,6 +149,9 @@ def run_schedule(
             ``result.restore(model)`` later).
         health_every: compute every edited matrix's :class:`WeightHealth` every this many batches
             and after the last (0: never; an SVD per matrix).
+        state: what the sequence carries from batch to batch (:class:`EditState`), advanced in place:
+            pass the state a stopped sequence left (``EditState.from_state_dict``) with the model it
+            left to continue it. Default: a fresh one. ``batch`` mode keeps only its projectors.
     """
     alg = ALGORITHMS.get(str(algorithm).lower())
     if alg is None:
@@ -161,7 +165,7 @@ def run_schedule(
     if templates is None:  # once, on the unedited model, for every batch
         templates = TemplateCache().get(model, tok, hparams.context_templates, hparams.template_seed)
     out = ScheduleResult()
-    state = EditState()
+    state = state if state is not None else EditState()
     applied = 0
     plan = batches(len(reqs), batch_size)
     try:

@@ -8,6 +8,8 @@ residuals R: [d_out, n] = target output minus current output W K; second moment 
 - MEMIT (Meng et al. 2023, Eq. 14; 2405.00664 Eq. 5): Δ = R Kᵀ (λC + K Kᵀ)⁻¹
 - EMMET (Gupta et al. 2024, 2403.14236; 2405.00664 Eq. 7): Δ = R (Kᵀ(λC)⁻¹K + μI)⁻¹ Kᵀ(λC)⁻¹
 - AlphaEdit (Fang et al. 2025, 2410.02355 Eq. 14):   Δ = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + αI)⁻¹
+- RLSEdit (arXiv 2601.15686):  P_t = (P_{t-1}⁻¹ + K Kᵀ)⁻¹ by Woodbury, Δ = R Kᵀ P_t, P_0 = (λ²I + μ²wC)⁻¹
+- UltraEdit (arXiv 2505.14679):  Δ = Vᵀ K (KᵀK + I)⁻¹ with token rows K: [N, d_in], V: [N, d_out]
 
 Linear systems are solved, never inverted: a Cholesky solve for the symmetric positive definite
 systems, LU for AlphaEdit's non-symmetric one. If a factorisation fails or the system is
@@ -227,3 +229,55 @@ def alphaedit_delta(
     m = m + alpha * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
     delta_t = general_solve(m, pk @ r.T, info)  # [d_in, d_out]
     return _finite("alphaedit_delta", delta_t.T)
+
+
+def rls_initial_inverse(cov: torch.Tensor, weight: float, lambda_reg: float, mu_reg: float) -> torch.Tensor:
+    """RLSEdit's P_0 = M_0⁻¹, M_0 = λ²I + μ²·w·C: [d_in, d_in] float64 (``RLSEdit_main.py`` L278-280).
+
+    cov C: [d_in, d_in]; ``weight`` w = ``mom2_update_weight``; λ = ``lambda_reg`` and μ = ``mu_reg``
+    enter squared, as in the authors' code. Inverted through :func:`spd_solve` (Cholesky, pinv when
+    ill-conditioned), and symmetrised.
+    """
+    c = _check("cov", cov, 2)
+    m0 = (mu_reg**2 * weight) * c + lambda_reg**2 * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    p0 = spd_solve((m0 + m0.T) / 2, torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
+    return (p0 + p0.T) / 2
+
+
+def rls_step(
+    inverse: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor, *, info: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One recursive least-squares step of RLSEdit (``RLSEdit_main.py`` L363-373): (ΔW, P_t).
+
+    inverse P_{t-1}: [d_in, d_in] = (M_0 + Σ_{s<t} K_s K_sᵀ)⁻¹; keys K: [d_in, n]; residuals R: [d_out, n].
+    With F = P_{t-1} K and S = I + Kᵀ F: P_t = P_{t-1} − F S⁻¹ Fᵀ (Woodbury: P_t = (P_{t-1}⁻¹ + K Kᵀ)⁻¹),
+    ΔW = R (P_t K)ᵀ: [d_out, d_in], the block-RLS gain. Over T steps from P_0 the weights reach the ridge
+    solution on every key so far, argmin Σ_s ‖W K_s − Ṽ_s‖² + tr((W − W₀) M_0 (W − W₀)ᵀ).
+    """
+    p = _check("inverse", inverse, 2)
+    k = _check("keys", keys, 2)
+    r = _check("residuals", residuals, 2)
+    f = p @ k
+    s = torch.eye(k.shape[1], dtype=k.dtype, device=k.device) + k.T @ f
+    p_new = p - f @ spd_solve((s + s.T) / 2, f.T, info)
+    p_new = (p_new + p_new.T) / 2
+    return _finite("rls_step", r @ (p_new @ k).T), p_new
+
+
+def ultraedit_delta(keys: torch.Tensor, values: torch.Tensor, ridge: float = 1.0) -> torch.Tensor:
+    """UltraEdit's closed form ΔWᵀ = (KᵀK + ridge·I)⁻¹ KᵀV (``editor/ultraedit.py`` L90-94): [d_out, d_in].
+
+    keys K: [N, d_in] (one row per captured token, raw); values V: [N, d_out] (the normalised-gradient
+    targets). Solved in the N×N dual form Kᵀ(KKᵀ + ridge·I)⁻¹V, the same matrix (push-through identity),
+    whichever of N and d_in is smaller is factorised.
+    """
+    k = _check("keys", keys, 2)
+    v = _check("values", values, 2)
+    n, d_in = k.shape
+    if n <= d_in:
+        g = k @ k.T
+        x = spd_solve(g + ridge * torch.eye(n, dtype=k.dtype, device=k.device), v)  # [N, d_out]
+        return _finite("ultraedit_delta", (k.T @ x).T)
+    g = k.T @ k
+    x = spd_solve(g + ridge * torch.eye(d_in, dtype=k.dtype, device=k.device), k.T @ v)  # [d_in, d_out]
+    return _finite("ultraedit_delta", x.T)

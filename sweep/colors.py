@@ -16,6 +16,9 @@ METHOD_COLORS = {
     "memit+prune": "#17becf",
     "memit+rect": "#bcbd22",
     "alphaedit+nas": "#e377c2",
+    "alphaedit+sphere": "#98df8a",
+    "rlsedit": "#aec7e8",
+    "ultraedit": "#ff9896",
 }
 #: any other method: one of these, by a hash of its name (the same in every figure and every report)
 SPARE_COLORS = ("#7f7f7f", "#000080", "#b8860b", "#008080", "#dc143c", "#4b0082", "#bdb76b", "#556b2f")

@@ -155,7 +155,8 @@ class TrialConfig:
             return self.method
         hp = self.edit_hparams
         parts = [self.algorithm.lower()]
-        parts += [name for name, on in (("nas", hp.nas), ("prune", hp.prune_base), ("rect", hp.rect_keep)) if on]
+        settings = (("nas", hp.nas), ("prune", hp.prune_base), ("rect", hp.rect_keep), ("sphere", hp.beta_hse))
+        parts += [name for name, on in settings if on]
         return "+".join(parts)
 
     @property

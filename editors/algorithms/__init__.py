@@ -6,9 +6,12 @@
 ``emmet``      EMMET: equality-constrained batch update (Gupta et al. 2024)
 ``alphaedit``  AlphaEdit: null-space projected update (Fang et al. 2025)
 ``encore``     ENCORE: MEMIT + earlier edits' keys + norm ridge + MPES (Gupta et al. 2025)
+``rlsedit``    RLSEdit: recursive ridge least squares over every edit so far (arXiv 2601.15686)
+``ultraedit``  UltraEdit: closed form from keys and normalised gradients, lifelong statistics (2505.14679)
 ``nas``        NAS: target values anchored to the unedited norm (setting ``nas``)
 ``prune``      PRUNE: the accumulated ΔW's large singular values restrained (``prune_base``)
 ``rect``       RECT: each update sparsified to its largest relative changes (``rect_keep``)
+``sphere``     SPHERE: each update kept off the weight's principal directions (``beta_hse``)
 =============  =======================================================================================
 
 Each algorithm module has ``compute_deltas``, ``update_state`` and ``TRAITS``; the settings modules
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import alphaedit, emmet, encore, memit, rome
+from . import alphaedit, emmet, encore, memit, rlsedit, rome, ultraedit
 
 #: algorithm name -> module with ``compute_deltas`` and ``update_state``.
 ALGORITHMS: dict[str, ModuleType] = {
@@ -28,4 +31,6 @@ ALGORITHMS: dict[str, ModuleType] = {
     "emmet": emmet,
     "alphaedit": alphaedit,
     "encore": encore,
+    "rlsedit": rlsedit,
+    "ultraedit": ultraedit,
 }

@@ -14,7 +14,7 @@ from ..model import ModelSpec, model_device, weight
 from ..requests import EditRequest
 from ..targets import compute_keys, optimize_values, reprs_at_subject
 from ..templates import TemplateGroups, flat
-from . import nas, rect
+from . import nas, rect, sphere
 
 Solve = Callable[[int, torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
 
@@ -42,7 +42,8 @@ def layered_update(
     The lifelong-editing settings act here: with ``hp.nas`` the targets' MLP part is anchored to
     ``state.value_norm_anchor`` (set from the first batch, :mod:`.nas`) before the residuals are taken;
     with ``hp.rect_keep`` each layer's ΔW is sparsified against its weight before the batch after the
-    loop (:mod:`.rect`), as the authors' code does.
+    loop (:mod:`.rect`), as the authors' code does; with ``hp.beta_hse`` each layer's ΔW is projected
+    off the principal directions of its weight before it is written (:mod:`.sphere`, SPHERE).
     """
     device = model_device(model)
     info: dict[str, Any] = {"solver": {}}
@@ -88,6 +89,8 @@ def layered_update(
             layer_info: dict[str, Any] = {}
             with timed(info, "time_solve", device):
                 delta = solve(layer, keys.double(), resid, layer_info)
+                if hp.beta_hse:  # SPHERE: off the principal directions of W as it is now
+                    delta = sphere.project(delta, weight(model, spec, layer), hp.beta_hse, hp.sphere_alpha)
             info["solver"][layer] = layer_info
             deltas[rw] = delta.float()
             keys_used[layer] = keys.float().contiguous()

@@ -98,7 +98,20 @@ INT_PARAMS = ("layer", "batch_size", "n_edits")
 #: the study params read as integers
 INT_STUDY_PARAMS = (REPEAT, SEARCH_INDEX)
 #: the order methods are listed in (their colours: :mod:`sweep.colors`)
-METHOD_ORDER = ("rome", "memit", "emmet", "alphaedit", "encore", "memit+nas", "memit+prune", "memit+rect")
+METHOD_ORDER = (
+    "rome",
+    "memit",
+    "emmet",
+    "alphaedit",
+    "encore",
+    "rlsedit",
+    "ultraedit",
+    "memit+nas",
+    "memit+prune",
+    "memit+rect",
+    "alphaedit+nas",
+    "alphaedit+sphere",
+)
 SEQUENTIAL_MODES = ("sequential-batch", "sequential")
 #: optional columns added to the section tables when any trial of the section has them
 EXTRA_COLUMNS = ("at_edit.ge", "final.ge", "pre.ppl", "final.ppl", UPDATE_NORM)

@@ -254,3 +254,24 @@ def test_every_metric_a_trial_reports_is_declared_once_in_the_registry(tiny_dir)
     teacher_forced = {f for f in fields if "gen_" not in f}  # generation is off in this trial
     assert set(res.per_record[0]) - identity == teacher_forced  # every CounterFact field of every stage is there
     assert res.dataset == "counterfact" and res.metric_info["es"]["protocol"] == "teacher_forced"
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "hp", "method", "stats"),
+    [
+        ("rlsedit", {}, "rlsedit", 1),
+        ("ultraedit", {"hp.ultra_lr": 1e-2}, "ultraedit", 0),
+        ("alphaedit", {"hp.beta_hse": 0.5, "hp.nullspace_threshold": 10.0}, "alphaedit+sphere", 1),
+    ],
+)
+def test_the_2026_methods_run_as_sequential_trials(algorithm, hp, method, stats, tiny_dir):
+    """RLSEdit, UltraEdit and AlphaEdit + SPHERE as trials: named as reports name them, UltraEdit with no
+    statistics and no values, every edit applied and scored."""
+    store = tiny_dir / f"stats-{algorithm}"
+    ov = overrides(tiny_dir, algorithm=algorithm, mode="sequential-batch", **{"stats.store": str(store), **hp})
+    cfg = load_config(None, ov)
+    res = trial_alone(cfg, progress=False)
+    assert res.method == method and cfg.needs_stats == bool(stats)
+    assert res.work["stats_computed"] == stats and res.work["values_optimised"] == (4 if stats else 0)
+    assert [c["edits"] for c in res.curves] == [2, 4]
+    assert all(isinstance(res.metrics["final"][m], float) for m in ("es", "ps", "ns"))
