@@ -48,9 +48,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    # Which benchmark: counterfact (ROME/EasyEdit formats), zsre (MEND/KnowEdit formats), qaedit, or mquake
+    # Which benchmark: counterfact (ROME/EasyEdit formats), zsre (MEND/KnowEdit formats), qaedit, mquake,
+    # wikibigedit (one timestep file), ultraeditbench
     # (MQuAKE cases: n_edits counts rewrites; a case's multi-hop questions are asked once all its rewrites are in)
-    name: Literal["counterfact", "zsre", "qaedit", "mquake"] = "counterfact"
+    name: Literal["counterfact", "zsre", "qaedit", "mquake", "wikibigedit", "ultraeditbench"] = "counterfact"
     source: str = "demo"  # "demo" (CounterFact only), a local file of that benchmark, or a URL
     # ZsRE's edit target: "answers" (answers[0]: ROME/MEMIT/AlphaEdit) or "alt" (EasyEdit); not comparable
     target: Literal["answers", "alt"] = "answers"

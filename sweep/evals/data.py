@@ -19,6 +19,12 @@ ZsRE (question answering; MEND's evaluation split) comes in two shapes, detected
 QAEdit (Yang et al., ACL 2025): ``prompt``, ``target``, ``subject``, ``rephrase``, ``locality`` (see
 :func:`parse_qaedit`).
 
+WikiBigEdit (Thede et al., ICML 2025, arXiv 2503.05683): real Wikidata updates as questions, one file per
+timestep (:data:`WIKIBIGEDIT_URL`): ``update``, ``ans``, ``rephrase``, ``personas``, ``loc``, ``loc_ans``,
+``mhop``, ``mhop_ans``, ``subject`` and Wikidata ids (see :func:`parse_wikibigedit`). UltraEditBench
+(arXiv 2505.14679): ``prompt``, ``rephrase_prompt``, ``ans``, ``loc``, ``loc_ans``, ``subject``, as a JSON
+list or JSON lines (see :func:`parse_ultraeditbench`).
+
 All become one typed :class:`Record`. Every record is validated when loaded, before any model work,
 and an error names the case and the field. ZsRE and QAEdit records have no case ids of their own: a
 record's case id is its position in the file (as MEMIT's), which is what ZsRE sample lists index.
@@ -38,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from editors.store import atomic_write, write_text_atomic
 
-from .records import BENCHMARKS, DatasetError, Record, check_unique
+from .records import BENCHMARKS, QA_BENCHMARKS, DatasetError, Record, check_unique
 
 if TYPE_CHECKING:
     from ..config import DatasetConfig
@@ -51,10 +57,30 @@ ROME_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
 #: ``dsets/zsre.py`` download ``<root>/data/dsets/zsre_mend_eval.json``): the cluster configs' default for
 #: ZsRE. The ZsRE sample lists (``zsre_sampled_unique_10_10000.json``) index its positions.
 ZSRE_URL = "https://rome.baulab.info/data/dsets/zsre_mend_eval.json"
+#: WikiBigEdit's eight timesteps on the Hugging Face Hub (``lukasthede/WikiBigEdit``), e.g.
+#: ``WIKIBIGEDIT_URL.format(span="20240201_20240220")`` for the first; pin the file with ``dataset.sha256``.
+WIKIBIGEDIT_URL = "https://huggingface.co/datasets/lukasthede/WikiBigEdit/resolve/main/wiki_big_edit_{span}.json"
+WIKIBIGEDIT_SPANS = (
+    "20240201_20240220",
+    "20240220_20240301",
+    "20240301_20240320",
+    "20240320_20240401",
+    "20240401_20240501",
+    "20240501_20240601",
+    "20240601_20240620",
+    "20240620_20240701",
+)
 #: ZsRE's edit target (``DatasetConfig.target``): the first gold answer, or MEND's alternative answer.
 Target = Literal["answers", "alt"]
 #: What a benchmark is called in messages.
-_LABEL = {"counterfact": "CounterFact", "zsre": "ZsRE", "qaedit": "QAEdit", "mquake": "MQuAKE"}
+_LABEL = {
+    "counterfact": "CounterFact",
+    "zsre": "ZsRE",
+    "qaedit": "QAEdit",
+    "mquake": "MQuAKE",
+    "wikibigedit": "WikiBigEdit",
+    "ultraeditbench": "UltraEditBench",
+}
 #: The project's own demo set: 30 counterfactual records about facts SmolLM2-135M gets right.
 DEMO = Path(__file__).parent.parent / "data" / "demo_counterfact.json"
 
@@ -258,11 +284,77 @@ def parse_qaedit(rec: dict[str, Any], cid: int) -> Record:
     )
 
 
+class SubjectNotInQuestion(DatasetError):
+    """A WikiBigEdit record whose subject is not in its question: no key position for the
+    subject-keyed methods; the loader skips it and counts it."""
+
+
+def _optional_text(value: Any) -> str | None:
+    """A string field that may be missing, ``null`` or ``NaN`` in the released files -> text or None."""
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def parse_wikibigedit(rec: dict[str, Any], cid: int) -> Record:
+    """One WikiBigEdit record -> :class:`Record`, as the UltraEdit and EasyEdit loaders map it: prompt =
+    ``update`` with the subject as ``{}``; target_new = target_true = ``ans`` (the new fact's answer;
+    ``object`` may be longer); paraphrase = ``rephrase``; neighbourhood = ``loc`` answered by ``loc_ans``
+    (a similar subject, same relation); portability = ``personas`` answered by ``ans`` and ``mhop``
+    answered by ``mhop_ans`` where present (``null`` in many released records). ``tag`` and the
+    Wikidata ids are not needed (``tag`` is sometimes ``null`` or ``NaN`` in the release)."""
+    subject = _text(_field(rec, "subject", cid), "subject", cid)
+    question = _text(_field(rec, "update", cid), "update", cid)
+    if subject not in question:
+        raise SubjectNotInQuestion(f"case {cid}: field 'subject' {subject!r} is not in field 'update' {question!r}")
+    ans = _text(_field(rec, "ans", cid), "ans", cid).strip()
+    portability = []
+    if (persona := _optional_text(rec.get("personas"))) is not None:
+        portability.append((persona, ans))
+    hop, hop_ans = _optional_text(rec.get("mhop")), _optional_text(rec.get("mhop_ans"))
+    if hop is not None and hop_ans is not None:
+        portability.append((hop, hop_ans))
+    return Record(
+        case_id=cid,
+        prompt=_template(question, subject, "update", cid),
+        subject=subject,
+        target_new=ans,
+        target_true=ans,
+        paraphrase_prompts=(_text(_field(rec, "rephrase", cid), "rephrase", cid),),
+        neighborhood_prompts=(_text(_field(rec, "loc", cid), "loc", cid),),
+        neighborhood_answer=_text(_field(rec, "loc_ans", cid), "loc_ans", cid).strip(),
+        relation_id=_optional_text(rec.get("relation_id")),
+        dataset="wikibigedit",
+        portability=tuple(portability),
+    )
+
+
+def parse_ultraeditbench(rec: dict[str, Any], cid: int) -> Record:
+    """One UltraEditBench record -> :class:`Record` (``data/ultraeditbench.py``'s mapping): prompt =
+    ``prompt`` with the subject as ``{}``; target_new = target_true = ``ans``; paraphrase =
+    ``rephrase_prompt``; neighbourhood = ``loc`` answered by ``loc_ans``."""
+    subject = _text(_field(rec, "subject", cid), "subject", cid)
+    ans = _text(_field(rec, "ans", cid), "ans", cid).strip()
+    return Record(
+        case_id=cid,
+        prompt=_template(_text(_field(rec, "prompt", cid), "prompt", cid), subject, "prompt", cid),
+        subject=subject,
+        target_new=ans,
+        target_true=ans,
+        paraphrase_prompts=(_text(_field(rec, "rephrase_prompt", cid), "rephrase_prompt", cid),),
+        neighborhood_prompts=(_text(_field(rec, "loc", cid), "loc", cid),),
+        neighborhood_answer=_text(_field(rec, "loc_ans", cid), "loc_ans", cid).strip(),
+        dataset="ultraeditbench",
+    )
+
+
 def looks_like(rec: Any) -> str | None:
     """The benchmark a record's fields suggest (``None``: none recognisable), to catch a file read as
     the wrong benchmark."""
     if not isinstance(rec, dict):
         return None
+    if "update" in rec and "ans" in rec:
+        return "wikibigedit"
+    if "rephrase_prompt" in rec and "ans" in rec:
+        return "ultraeditbench"
     if "requested_rewrite" in rec or "locality_prompt" in rec:
         return "counterfact"
     if "src" in rec or isinstance(rec.get("locality"), dict):
@@ -289,6 +381,10 @@ def parse_qa_record(rec: Any, cid: int, name: str, target: Target = "answers") -
     _check_benchmark(rec, cid, name)
     if name == "qaedit":
         return parse_qaedit(rec, cid)
+    if name == "wikibigedit":
+        return parse_wikibigedit(rec, cid)
+    if name == "ultraeditbench":
+        return parse_ultraeditbench(rec, cid)
     if "src" in rec:
         return parse_zsre_mend(rec, cid, target)
     if "prompt" in rec:
@@ -297,17 +393,29 @@ def parse_qa_record(rec: Any, cid: int, name: str, target: Target = "answers") -
 
 
 def parse_qa_records(data: Any, name: str, target: Target = "answers", source: str = "dataset") -> list[Record]:
-    """A JSON list of ZsRE (``name="zsre"``) or QAEdit records -> records, case id = position.
+    """A JSON list of question-answering records (ZsRE, QAEdit, WikiBigEdit, UltraEditBench) -> records,
+    case id = position.
 
     Under ``target="alt"`` ZsRE records with an empty ``alt`` are skipped (EasyEdit's ZsRE loader does the
-    same) and the count is logged; the others keep their positions as case ids."""
-    if name not in ("zsre", "qaedit"):
-        raise DatasetError(f"dataset.name: {name!r} is not a question-answering benchmark (zsre, qaedit)")
+    same) and the count is logged; so are WikiBigEdit records whose subject is not in their question;
+    the others keep their positions as case ids."""
+    if name not in QA_BENCHMARKS:
+        raise DatasetError(f"dataset.name: {name!r} is not a question-answering benchmark {QA_BENCHMARKS}")
     if target == "alt" and name != "zsre":
         raise DatasetError(f"dataset.target: 'alt' applies to zsre only; {_LABEL[name]} records have one edit target")
     if not isinstance(data, list) or not data:
         raise DatasetError(f"{source}: expected a non-empty JSON list of {_LABEL[name]} records")
-    parsed = [parse_qa_record(rec, i, name, target) for i, rec in enumerate(data)]
+    parsed: list[Record | None] = []
+    no_subject = 0
+    for i, rec in enumerate(data):
+        try:
+            parsed.append(parse_qa_record(rec, i, name, target))
+        except SubjectNotInQuestion as e:
+            if no_subject == 0:
+                log.warning("%s: %s (skipped; the subject-keyed methods need it in the question)", source, e)
+            no_subject += 1
+    if no_subject:
+        log.warning("%s: skipped %d of %d records whose subject is not in the question", source, no_subject, len(data))
     records = [r for r in parsed if r is not None]
     if len(records) < len(parsed):
         log.info(
@@ -316,6 +424,8 @@ def parse_qa_records(data: Any, name: str, target: Target = "answers", source: s
             len(parsed) - len(records),
             len(parsed),
         )
+    if not records and no_subject:
+        raise DatasetError(f"{source}: no record has its subject in its question; nothing to edit")
     if not records:
         raise DatasetError(f"{source}: every record has an empty 'alt'; nothing to edit with dataset.target: alt")
     return records
@@ -392,11 +502,19 @@ def resolve_source(source: str, sha256: str | None = None) -> Path:
 
 
 def _read_json(source: str, sha256: str | None = None) -> tuple[Path, Any]:
+    """The file's JSON, or its JSON lines as a list (UltraEditBench was released in both forms)."""
     path = resolve_source(source, sha256)
+    text = path.read_text(encoding="utf-8")
     try:
-        return path, json.loads(path.read_text(encoding="utf-8"))
+        return path, json.loads(text)
     except json.JSONDecodeError as e:
-        raise DatasetError(f"dataset.source: {path} is not valid JSON ({e})") from None
+        lines = [line for line in text.splitlines() if line.strip()]
+        if len(lines) > 1 and lines[0].lstrip().startswith("{"):
+            try:
+                return path, [json.loads(line) for line in lines]
+            except json.JSONDecodeError:
+                pass
+        raise DatasetError(f"dataset.source: {path} is not valid JSON or JSON lines ({e})") from None
 
 
 def load_counterfact(source: str = "demo", sha256: str | None = None) -> list[Record]:
@@ -434,7 +552,7 @@ def _load(name: str, source: str, sha256: str | None, target: Target) -> tuple[l
 
 
 def load_dataset(name: str, source: str, sha256: str | None = None, target: Target = "answers") -> list[Record]:
-    """All records of benchmark ``name`` (``counterfact``, ``zsre`` or ``qaedit``) in ``source`` (a path,
+    """All records of benchmark ``name`` (one of :data:`BENCHMARKS`) in ``source`` (a path,
     a URL, or ``"demo"`` for CounterFact), validated before any model work.
 
     ``target`` is ZsRE's edit target: ``"answers"`` (the first gold answer: ROME/MEMIT/AlphaEdit) or

@@ -13,8 +13,9 @@ Per record, ×100 after averaging over records:
 - EM/PM: mean of exp(−nll_new) − exp(−nll_true) (geometric-mean token probabilities); NM: the reverse;
 - ``*_acc``: every target token is the argmax (new target for ES/PS, true answer for NS);
 - S: the harmonic mean of ES, PS and NS (``scipy.stats.hmean``);
-- ZsRE and QAEdit (:func:`score_qa`): ES/PS/NS are token accuracies of the target after the question
-  and its paraphrase, and of the unrelated question's own answer (memit ``eval_utils_zsre.py``);
+- ZsRE, QAEdit, WikiBigEdit and UltraEditBench (:func:`score_qa`): ES/PS/NS are token accuracies of
+  the target after the question and its paraphrase, and of the unrelated question's own answer (memit
+  ``eval_utils_zsre.py``); WikiBigEdit's portability questions give ``port``;
 - under ``scoring.generated``, ``gen_es gen_ps gen_ns`` (:func:`generated_scores`) beside them;
 - GE: generation entropy, mean over texts of ((2/3)·H₂ + (4/3)·H₃)/2 in bits over word n-grams,
   ×100 (memit ``n_gram_entropy``).
@@ -261,6 +262,7 @@ class RecordScores:
     gen_es: float | None = None
     gen_ps: float | None = None
     gen_ns: float | None = None
+    port: float | None = None
 
     def fields(self) -> dict[str, float]:
         """The defined scores without the case id (what the pre-edit scores store keeps per fact)."""
@@ -382,27 +384,28 @@ def score_counterfact(
 def score_qa(
     model: nn.Module, tok: Any, spec: ModelSpec, records: Sequence[Record], *, batch_size: int = 64
 ) -> list[RecordScores]:
-    """ZsRE and QAEdit as ROME/MEMIT/AlphaEdit score them (memit ``eval_utils_zsre.py``): per record, the
-    token accuracy (:func:`token_accuracy`) of the new target after the rewrite question (ES), after its
-    paraphrases (PS, their mean) and of each neighbourhood question's own answer (NS, their mean:
-    accuracy against the dataset's answer, not agreement with the unedited model)."""
+    """The question-answering benchmarks as ROME/MEMIT/AlphaEdit score ZsRE (memit ``eval_utils_zsre.py``;
+    UltraEdit's ``succ_ratios`` is the same measure): per record, the token accuracy
+    (:func:`token_accuracy`) of the new target after the rewrite question (ES), after its paraphrases
+    (PS, their mean) and of each neighbourhood question's own answer (NS, their mean: accuracy against
+    the dataset's answer, not agreement with the unedited model); WikiBigEdit's portability questions
+    the same way against their answers (``port``, their mean; None for a record without any)."""
     pairs: list[tuple[str, str]] = []
-    spans: list[tuple[int, int, int]] = []  # per record: rewrite + paraphrases, neighbourhood counts
+    spans: list[tuple[int, int, int]] = []  # per record: paraphrase, neighbourhood, portability counts
     for r in records:
-        pp = (r.rewrite_prompt, *r.paraphrase_prompts)
         nb = r.neighbourhood_pairs()
-        pairs += [(p, r.target_new) for p in pp] + list(nb)
-        spans.append((1, len(r.paraphrase_prompts), len(nb)))
+        pairs += [(p, r.target_new) for p in (r.rewrite_prompt, *r.paraphrase_prompts)] + list(nb)
+        pairs += list(r.portability)
+        spans.append((len(r.paraphrase_prompts), len(nb), len(r.portability)))
     acc = token_accuracy(model, tok, spec, pairs, batch_size=batch_size).tolist()
     out, at = [], 0
-    for r, (n_rw, n_pp, n_nb) in zip(records, spans):
-        rw, pp, nb = (
-            acc[at : at + n_rw],
-            acc[at + n_rw : at + n_rw + n_pp],
-            acc[at + n_rw + n_pp : at + n_rw + n_pp + n_nb],
+    for r, (n_pp, n_nb, n_port) in zip(records, spans):
+        part = acc[at : at + 1 + n_pp + n_nb + n_port]
+        at += len(part)
+        pp, nb, port = part[1 : 1 + n_pp], part[1 + n_pp : 1 + n_pp + n_nb], part[1 + n_pp + n_nb :]
+        out.append(
+            RecordScores(case_id=r.case_id, es=part[0], ps=_mean(pp), ns=_mean(nb), port=_mean(port) if port else None)
         )
-        at += n_rw + n_pp + n_nb
-        out.append(RecordScores(case_id=r.case_id, es=rw[0], ps=_mean(pp), ns=_mean(nb)))
     return out
 
 

@@ -10,7 +10,9 @@ from typing import Any
 from editors.requests import EditRequest
 
 #: The benchmarks a trial can edit (``DatasetConfig.name``; :func:`sweep.evals.data.load_dataset`).
-BENCHMARKS = ("counterfact", "zsre", "qaedit", "mquake")
+BENCHMARKS = ("counterfact", "zsre", "qaedit", "mquake", "wikibigedit", "ultraeditbench")
+#: the question-answering benchmarks, scored by token accuracy (the ZsRE lineage)
+QA_BENCHMARKS = ("zsre", "qaedit", "wikibigedit", "ultraeditbench")
 
 
 class DatasetError(ValueError):
@@ -35,6 +37,9 @@ class Record:
             Relation_Specificity); empty: every prompt's answer is ``neighborhood_answer``.
         target_aliases: other answers that count as ``target_new`` under exact match (ZsRE's other
             gold answers when the target is the first one).
+        portability: (question, answer) pairs that follow from the edit without stating it
+            (WikiBigEdit's persona-styled paraphrase, answered by the new answer, and its multi-hop
+            question), scored as ``port``.
     """
 
     case_id: int
@@ -50,6 +55,7 @@ class Record:
     dataset: str = "counterfact"
     neighborhood_answers: tuple[str, ...] = ()
     target_aliases: tuple[str, ...] = ()
+    portability: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.dataset not in BENCHMARKS:

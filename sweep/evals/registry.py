@@ -55,6 +55,9 @@ class Metric:
     summary: bool = True
 
 
+#: the question-answering benchmarks (scored by token accuracy) and their names in labels
+QA_NAMES = {"zsre": "ZsRE", "qaedit": "QAEdit", "wikibigedit": "WikiBigEdit", "ultraeditbench": "UltraEditBench"}
+
 METRICS: tuple[Metric, ...] = (
     Metric("es", "counterfact", "teacher_forced", "percent", True, True, "ES (efficacy)",
            "the rewrite prompt gives the new target a higher probability than the true one"),
@@ -80,7 +83,7 @@ METRICS: tuple[Metric, ...] = (
            "n-gram entropy of sampled continuations: low means repetitive, broken text"),
     Metric("ppl", "any", "model", "perplexity", False, False, "perplexity",
            "held-out perplexity of the model on a fixed text slice"),
-    *(m for ds, name in (("zsre", "ZsRE"), ("qaedit", "QAEdit")) for m in (
+    *(m for ds, name in QA_NAMES.items() for m in (
         Metric("es", ds, "teacher_forced", "percent", True, True, f"{name} efficacy (token acc.)",
                "fraction of the new answer's tokens that are the argmax after the edited question (teacher forcing)"),
         Metric("ps", ds, "teacher_forced", "percent", True, True, f"{name} generalisation (token acc.)",
@@ -89,6 +92,8 @@ METRICS: tuple[Metric, ...] = (
                "token accuracy of an unrelated question's own answer (against the answer, not the unedited model)"),
         Metric("s", ds, "teacher_forced", "percent", True, False, f"{name} score",
                "harmonic mean of ES, PS and NS"))),
+    Metric("port", "wikibigedit", "teacher_forced", "percent", True, True, "WikiBigEdit portability (token acc.)",
+           "token accuracy of the answers to the persona-styled and the multi-hop question (where present)"),
     Metric("gen_es", "any", "generated", "percent", True, True, "ES generated (WILD)",
            "greedy generation to a natural stop after the edited prompt exactly matches the new target"),
     Metric("gen_ps", "any", "generated", "percent", True, True, "PS generated (WILD)",
@@ -139,8 +144,7 @@ METRICS += tuple(
 TEACHER_FORCED = {
     "counterfact": "probability",
     "mquake": "probability",
-    "zsre": "token_accuracy",
-    "qaedit": "token_accuracy",
+    **dict.fromkeys(QA_NAMES, "token_accuracy"),
 }
 
 BY_NAME = {m.name: m for m in reversed(METRICS)}  # a name's first declaration (CounterFact's, for es ps ns s)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..evals.registry import CORE, GEN_CORE, NAMES, STAGES
+from ..evals.registry import CORE, GEN_CORE, NAMES, QA_NAMES, STAGES
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ HPARAM_FILES = ("hparam_*.csv", "hparam_*.md", "fig_hparam_*.png")
 #: settings that make separate lines in a hyperparameter figure
 HPARAM_DIMS = ("mode", "batch_size", "layers", "n_edits", "model", "hparams")
 #: the benchmarks' names in words, as the runs' descriptions write them (:data:`sweep.tune.tracking.DATASET_NAMES`)
-DATASET_TITLES = {"counterfact": "CounterFact", "zsre": "ZsRE", "qaedit": "QAEdit", "mquake": "MQuAKE"}
+DATASET_TITLES = {"counterfact": "CounterFact", "mquake": "MQuAKE", **QA_NAMES}
 RUN_ID = re.compile(r"^[0-9a-zA-Z_-]+$")
 
 

@@ -43,7 +43,7 @@ from editors.config import to_dict
 
 from ..cells import planned_of
 from ..colors import method_color
-from ..evals.registry import RECORD_FIELDS, STAGES
+from ..evals.registry import QA_NAMES, RECORD_FIELDS, STAGES
 from ..result import REPORT_KEY, TrialResult
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ def _finite(x: Any) -> bool:
 
 
 #: the benchmarks' names in words
-DATASET_NAMES = {"counterfact": "CounterFact", "zsre": "ZsRE", "qaedit": "QAEdit", "mquake": "MQuAKE"}
+DATASET_NAMES = {"counterfact": "CounterFact", "mquake": "MQuAKE", **QA_NAMES}
 
 
 def describe(result: TrialResult) -> str:
