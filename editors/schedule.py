@@ -41,16 +41,20 @@ class StopSchedule(Exception):
 @dataclass(frozen=True)
 class WeightHealth:
     """One edited matrix after a batch: ``drift`` ‖W − W₀‖_F, ``sigma_max`` σ_max(W), ``cond`` its
-    condition number σ_max/σ_min, and ``delta_sigma_max`` σ_max(W − W₀) (PRUNE's quantity)."""
+    condition number σ_max/σ_min, ``delta_sigma_max`` σ_max(W − W₀) (PRUNE's quantity), ``norm`` ‖W‖_F
+    and ``hyperspherical_energy`` of its neurons (:func:`hyperspherical_energy`; SPHERE's measure)."""
 
     drift: float
     sigma_max: float
     cond: float
     delta_sigma_max: float
+    norm: float = float("nan")
+    hyperspherical_energy: float = float("nan")
 
     @classmethod
-    def of(cls, w: torch.Tensor, w0: torch.Tensor) -> WeightHealth:
-        """From the weight now and before the schedule (any orientation; computed in float64)."""
+    def of(cls, w: torch.Tensor, w0: torch.Tensor, transposed: bool = False) -> WeightHealth:
+        """From the parameter now and before the schedule (computed in float64); ``transposed``: the
+        parameter is stored [d_in, d_out] (GPT-2's ``Conv1D``), so its neurons are its columns."""
         d = w.double() - w0.double()
         s = torch.linalg.svdvals(w.double())
         return cls(
@@ -58,7 +62,24 @@ class WeightHealth:
             sigma_max=float(s[0]),
             cond=float(s[0] / s[-1].clamp_min(1e-300)),
             delta_sigma_max=float(torch.linalg.matrix_norm(d, ord=2)),
+            norm=float(s.square().sum().sqrt()),
+            hyperspherical_energy=hyperspherical_energy(w.T if transposed else w),
         )
+
+
+def hyperspherical_energy(w: torch.Tensor) -> float:
+    """The mean inverse distance between W's neurons on the unit sphere, 1/(N(N−1)) Σ_{i≠j} 1/‖ŵ_i − ŵ_j‖
+    (Liu et al. 2018's energy with s = 1, averaged over pairs; rows of W [d_out, d_in] in ``nn.Linear``
+    orientation, each scaled to unit norm). Uniformly spread neurons give a low energy; neurons that
+    crowd into a few directions (what SPHERE, arXiv 2510.01172, ties to collapse) a high one. Computed
+    from the Gram matrix: ‖ŵ_i − ŵ_j‖² = 2 − 2 ŵ_iᵀŵ_j."""
+    a = w.double()
+    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    n = a.shape[0]
+    dist2 = (2 - 2 * (a @ a.T)).clamp_min(1e-12)
+    inv = dist2.rsqrt()
+    inv.fill_diagonal_(0)
+    return float(inv.sum() / (n * (n - 1)))
 
 
 @dataclass
@@ -187,7 +208,10 @@ def run_schedule(
             unrestrained = _restrain(model, spec, out.original, hparams.prune_base)
             event = BatchEvent(b, chunk, applied, result, norms, _drift(model, out.original))
             if health_every and ((b + 1) % health_every == 0 or b == len(plan) - 1):
-                event.health = {n: WeightHealth.of(get_module(model, n).weight, w0) for n, w0 in out.original.items()}
+                tr = spec.weight_transposed
+                event.health = {
+                    n: WeightHealth.of(get_module(model, n).weight, w0, tr) for n, w0 in out.original.items()
+                }
             try:
                 if callback is not None:
                     callback(event)

@@ -27,7 +27,8 @@ class CurvePoint:
         at_edit: ES/PS/NS/S of every fact so far, each scored right after its own batch.
         batch_scores: ES/PS/NS/S of this batch's facts.
         forget: the forgetting curve's point when measured (``all_*``, ``first_*``), else empty.
-        health: the edited matrices' health when measured (``drift sigma_max cond delta_sigma_max ppl``).
+        health: the edited matrices' health when measured (``drift sigma_max cond delta_sigma_max norm he
+            ppl``).
         probes: the capability probes when measured (``probe_<task>_<metric>``, :mod:`sweep.evals.probes`).
     """
 
@@ -93,9 +94,13 @@ class TrialResult:
         retention: the forgetting curve, every ``scoring.retention_every`` batches: ``edits`` and
             ES/PS/NS/S of every fact edited so far (``all_*``) and of the first batch's (``first_*``).
         health: every ``scoring.health_every`` batches: ``edits``, ``drift`` ‖W − W₀‖_F,
-            ``sigma_max``, ``cond``, ``delta_sigma_max`` (the largest over the edited matrices), ``ppl``.
+            ``sigma_max``, ``cond``, ``delta_sigma_max``, ``norm`` ‖W‖_F, ``he`` (hyperspherical energy;
+            each the largest over the edited matrices), ``ppl``.
         collapsed_at, collapse_reason: edits in the model when the collapse guard stopped the trial,
             and why (None: it ran to the end).
+        collapse_points: CP@60 of each measure its curves hold (:mod:`sweep.evals.collapse`): the edits
+            at which it fell below 60% of its start (perplexity: rose above start / 0.6); None: never.
+            Sequential modes only.
         method: the method's name in reports (:func:`sweep.config.method_name`).
         trial_key, node, pid, stats_zero_copy: set by a sweep's worker.
         dataset: the benchmark the facts come from (``dataset.name``).
@@ -120,6 +125,7 @@ class TrialResult:
     health: list[dict[str, Any]] = field(default_factory=list)
     collapsed_at: int | None = None
     collapse_reason: str | None = None
+    collapse_points: dict[str, int | None] = field(default_factory=dict)
     method: str | None = None
     trial_key: str | None = None
     node: str | None = None

@@ -34,6 +34,7 @@ from editors.schedule import BatchEvent, StopSchedule
 from editors.templates import TemplateCache, TemplateGroups
 
 from .config import TrialConfig, resolve_device
+from .evals.collapse import cohort_size, collapse_points
 from .evals.data import Record, load_selection
 from .evals.metrics import (
     RecordScores,
@@ -278,7 +279,9 @@ def periodic_points(
     forget: dict[str, float] = {}
     if sc.retention_every and cfg.mode != "batch" and ((ev.index + 1) % sc.retention_every == 0 or last):
         per_so_far, _ = scorer(records[: ev.applied])
-        log_.retention.append(retention_point(ev.applied, per_so_far, cfg.batch_size))
+        n_batches = -(-cfg.n_edits // cfg.batch_size)
+        cohort = cohort_size(n_batches, cfg.batch_size)
+        log_.retention.append(retention_point(ev.applied, per_so_far, cfg.batch_size, cohort))
         forget = {k: v for k, v in log_.retention[-1].items() if k != "edits"}
     probes: dict[str, float] = {}
     if sc.probes and (last or (sc.probe_every and (ev.index + 1) % sc.probe_every == 0)):
@@ -296,13 +299,18 @@ def periodic_points(
     return forget, probes, health, ppl
 
 
-def retention_point(edits: int, per: list[RecordScores], first_batch: int) -> dict[str, Any]:
-    """A forgetting-curve point: every fact edited so far (``all_*``) and the first batch's facts
-    (``first_*``) re-scored on the model after ``edits`` edits (ES/PS/NS/S in percent)."""
+def retention_point(edits: int, per: list[RecordScores], first_batch: int, cohort: int) -> dict[str, Any]:
+    """A forgetting-curve point: every fact edited so far (``all_*``), the first batch's facts
+    (``first_*``) and each cohort of ``cohort`` facts in edit order (``c<j>_es``, ``c<j>_s``: a column of
+    the retention matrix, :mod:`sweep.evals.collapse`) re-scored on the model after ``edits`` edits
+    (percent)."""
     point: dict[str, Any] = {"edits": edits}
     for prefix, group in (("all", per), ("first", per[:first_batch])):
         agg = aggregate(group)
         point.update({f"{prefix}_{m}": agg[m] for m in CORE})
+    for j in range(0, len(per), cohort):
+        agg = aggregate(per[j : j + cohort])
+        point.update({f"c{j // cohort}_{m}": agg[m] for m in ("es", "s")})
     return point
 
 
@@ -316,6 +324,8 @@ def health_point(ev: BatchEvent, ppl: float | None) -> dict[str, Any]:
         "sigma_max": max(h.sigma_max for h in hs),
         "cond": max(h.cond for h in hs),
         "delta_sigma_max": max(h.delta_sigma_max for h in hs),
+        "norm": max(h.norm for h in hs),
+        "he": max(h.hyperspherical_energy for h in hs),
     }
     if ppl is not None:
         point["ppl"] = ppl
@@ -541,6 +551,7 @@ def run_trial(
         health=log_.health,
         collapsed_at=log_.collapsed_at,
         collapse_reason=log_.collapse_reason,
+        collapse_points=collapse_points(log_.curves, metrics.get("pre", {})) if cfg.mode != "batch" else {},
         method=cfg.method_name,
         update_norms=UpdateNorms([p["update_norm"] for p in log_.curves], norms),
         solver_fallbacks=log_.solver_fallbacks,

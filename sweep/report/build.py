@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from .files import write_csv, write_text
-from .lifelong import forgetting_section, health_section
+from .lifelong import collapse_section, forgetting_section, health_section
 from .probes import probes_section
 from .protocols import protocols_section
 from .repeats import PerRecordLoader, paired_section, repeats_section
@@ -95,6 +95,7 @@ def _dataset_sections(
         "curves": curves_section(curves, out, dataset),
         "forgetting": forgetting_section(curves, out, dataset),
         "health": health_section(trials, curves, out),
+        "collapse": collapse_section(trials, curves, out),
     }
     for col in swept_hparams(trials):
         sec = hparam_section(trials, col, out, dataset)

@@ -1,4 +1,5 @@
-"""The lifelong-editing sections: forgetting curves, and the edited model's health with edits-to-collapse.
+"""The lifelong-editing sections: forgetting curves, the edited model's health with edits-to-collapse, and
+the collapse analytics (CP@60 per measure, the retention matrix; :mod:`sweep.evals.collapse`).
 
 Both read the sequential trials' curves (:data:`.schema.FORGET_CURVES`, :data:`.schema.HEALTH_CURVES`,
 step = edits applied) and draw one colour per method (:func:`.figures.method_color`), the same in every
@@ -8,6 +9,7 @@ figure of a report.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +20,15 @@ from matplotlib.figure import Figure
 from ..colors import method_color
 from ..evals.registry import CORE, label
 from .files import markdown_table, write_csv, write_figure, write_text
-from .schema import COLLAPSED_AT, DEFAULT_DATASET, METHOD_ORDER, SEQUENTIAL_MODES, Section
+from .schema import (
+    COLLAPSED_AT,
+    CP_PREFIX,
+    DEFAULT_DATASET,
+    METHOD_ORDER,
+    RETENTION_PREFIX,
+    SEQUENTIAL_MODES,
+    Section,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +169,7 @@ def _with_first_batch(curves: pd.DataFrame, runs: Sequence[str]) -> pd.DataFrame
 def health_section(trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Section | None:
     """The edited matrix's health against the edits applied (‖W − W₀‖_F, σ_max(W), its condition number,
     held-out perplexity) and a table of edits-to-collapse per method with the final scores."""
-    keys = ["curve.drift", "curve.health_sigma_max", "curve.health_cond", "curve.health_ppl"]
+    keys = ["curve.drift", "curve.health_sigma_max", "curve.health_cond", "curve.health_ppl", "curve.health_he"]
     runs = _runs(curves, keys)
     if not runs:
         return None
@@ -205,6 +215,8 @@ def health_section(trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Sec
         ("Largest singular value σ_max(W)", [("curve.health_sigma_max", "-")], "σ_max"),
         ("Condition number σ_max / σ_min of W", [("curve.health_cond", "-")], "condition number"),
         ("Held-out perplexity", [("curve.health_ppl", "-")], "perplexity (Wikipedia slice)"),
+        ("Frobenius norm ‖W‖_F of the edited matrix", [("curve.health_norm", "-")], "‖W‖_F"),
+        ("Hyperspherical energy of W's neurons", [("curve.health_he", "-")], "mean 1/‖ŵ_i − ŵ_j‖"),
     ]
     fig = _curve_panels(curves, runs, panels, sec.title, log_y=("curve.health_cond",))
     pre = pd.to_numeric(sel.get("pre.ppl"), errors="coerce").dropna() if "pre.ppl" in sel else pd.Series(dtype=float)
@@ -214,3 +226,69 @@ def health_section(trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Sec
         ax.annotate("unedited", (ax.get_xlim()[0], float(pre.iloc[0])), color="0.4", fontsize="small", va="bottom")
     sec.paths["fig_health.png"] = write_figure(out / "fig_health.png", fig)
     return sec
+
+
+def collapse_section(trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Section | None:
+    """CP@60 of every measure per sequential run (edits at which it fell below 60% of its start; 'none':
+    it never did; '—': not measured) and the retention matrix of each run: every cohort of facts (in edit
+    order) re-scored at every forgetting point, efficacy as colour."""
+    cp_cols = sorted(c for c in trials.columns if c.startswith(CP_PREFIX))
+    runs = _runs(curves, [k for k in curves["key"].unique() if str(k).startswith(RETENTION_PREFIX)])
+    seq = trials[trials["mode"].isin(SEQUENTIAL_MODES)] if "mode" in trials else trials.iloc[0:0]
+    if not runs and not cp_cols:
+        return None
+    sec = Section("collapse", "Collapse points and the retention matrix")
+    measured = _measured(curves)
+    rows = []
+    for _, t in seq.iterrows():
+        row = {"method": t["method"], "batch_size": t["batch_size"], "n_edits": t["n_edits"]}
+        have = measured.get(t["run_id"], set())
+        for name in sorted({c.removeprefix(CP_PREFIX) for c in cp_cols} | have):
+            v = t.get(CP_PREFIX + name)
+            row[f"cp60.{name}"] = str(int(v)) if v is not None and not pd.isna(v) else ("none" if name in have else "—")
+        rows.append(row)
+    if rows:
+        table = pd.DataFrame(rows).fillna("—")
+        sec.paths["collapse.csv"] = write_csv(out / "collapse.csv", table)
+        sec.paths["collapse.md"] = write_text(out / "collapse.md", markdown_table(table))
+        sec.table = table
+    sec.notes.append(
+        "cp60.<measure>: the edits at which the measure first fell below 60% of its start (the NAS paper's CP@60; "
+        "for perplexity: rose above its start / 0.6); the start is the unedited model's value where it has one "
+        "(perplexity, probes), else the first point. 'none': it never fell that far; '—': not measured."
+    )
+    if runs:
+        sec.paths["fig_retention.png"] = write_figure(out / "fig_retention.png", _retention_figure(curves, runs))
+    return sec
+
+
+def _measured(curves: pd.DataFrame) -> dict[str, set[str]]:
+    """run_id -> the curve names (``batch_es``, ``health_ppl``...) the run has points of."""
+    keys = curves.assign(name=curves["key"].str.removeprefix("curve."))
+    return {rid: set(g["name"]) for rid, g in keys.groupby("run_id")}
+
+
+def _retention_figure(curves: pd.DataFrame, runs: Sequence[str]) -> Figure:
+    """One heatmap per run: cohort (rows, in edit order) × forgetting point (columns), ES in percent."""
+    cols = min(3, len(runs))
+    rows = (len(runs) + cols - 1) // cols
+    fig = Figure(figsize=(5.2 * cols, 3.8 * rows), layout="constrained")
+    fig.suptitle("Retention matrix: each cohort's efficacy (ES, %) re-scored as edits accumulate")
+    grid = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in grid[len(runs) :]:
+        ax.remove()
+    info = curves.drop_duplicates("run_id").set_index("run_id")
+    image = None
+    for ax, rid in zip(grid, runs):
+        d = curves[(curves["run_id"] == rid) & curves["key"].str.match(rf"^{re.escape(RETENTION_PREFIX)}\d+_es$")]
+        d = d.assign(cohort=d["key"].str.removeprefix(RETENTION_PREFIX).str.split("_").str[0].astype(int))
+        m = d.pivot_table(index="cohort", columns="step", values="value", aggfunc="last").sort_index()
+        image = ax.imshow(m.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=100, origin="upper")
+        ax.set_xticks(range(len(m.columns)), [str(int(c)) for c in m.columns], rotation=45, fontsize="small")
+        ax.set_yticks(range(len(m.index)), [str(i) for i in m.index], fontsize="small")
+        ax.set_xlabel("edits applied")
+        ax.set_ylabel("cohort (edit order)")
+        ax.set_title(_label(info.loc[rid], False), color=method_color(str(info.loc[rid, "method"])))
+    if image is not None:
+        fig.colorbar(image, ax=grid[: len(runs)], label="ES (%)", shrink=0.8)
+    return fig

@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..evals.registry import STAGES
 from .schema import (
+    CP_PREFIX,
     CURVES,
     DATASET,
     DEFAULT_DATASET,
@@ -25,6 +26,7 @@ from .schema import (
     PARAMS,
     PROBE_CURVE_PREFIX,
     PROBE_PREFIX,
+    RETENTION_PREFIX,
     RUN_ID,
     SETTINGS,
     STOP_REASON,
@@ -130,8 +132,9 @@ def _maybe_numeric(col: pd.Series) -> pd.Series:
     return num if num.notna().sum() == col.notna().sum() else col
 
 
-#: the stage metrics of the capability probes (``pre.probe_sst2_f1``...): their names vary with the tasks
-_PROBE_METRICS = tuple(f"{st}.{PROBE_PREFIX}" for st in STAGES)
+#: metrics kept by prefix, their names varying with what ran: the probes of every stage
+#: (``pre.probe_sst2_f1``...) and the collapse points (``collapse.cp60.batch_es``...)
+_PREFIXED_METRICS = (*(f"{st}.{PROBE_PREFIX}" for st in STAGES), CP_PREFIX)
 
 
 def trials_frame(runs: Sequence[Any]) -> pd.DataFrame:
@@ -155,12 +158,12 @@ def trials_frame(runs: Sequence[Any]) -> pd.DataFrame:
         if STOP_REASON in r.data.tags:
             row[STOP_REASON] = r.data.tags[STOP_REASON]
         row.update({k: v for k, v in params.items() if k.startswith(SETTINGS)})
-        row.update({k: v for k, v in r.data.metrics.items() if k in METRIC_COLUMNS or k.startswith(_PROBE_METRICS)})
+        row.update({k: v for k, v in r.data.metrics.items() if k in METRIC_COLUMNS or k.startswith(_PREFIXED_METRICS)})
         rows.append(row)
     df = pd.DataFrame(rows)
     hp_cols = sorted(c for c in df.columns if c.startswith(SETTINGS))
     metric_cols = [c for c in METRIC_COLUMNS if c in df.columns]
-    metric_cols += sorted(c for c in df.columns if c.startswith(_PROBE_METRICS) and c not in metric_cols)
+    metric_cols += sorted(c for c in df.columns if c.startswith(_PREFIXED_METRICS) and c not in metric_cols)
     for c in PARAMS:
         if c not in df.columns:
             df[c] = None
@@ -191,7 +194,14 @@ def curve_keys(run: Any) -> list[str]:
     ``run.data.metrics`` holds each key's latest value, so only histories that exist are fetched."""
     have = run.data.metrics
     probes = sorted(k for k in have if k.startswith(PROBE_CURVE_PREFIX) and is_probe_score(k))
-    return [*(k for k in CURVES if k in have), *probes]
+    cohorts = sorted((k for k in have if k.startswith(RETENTION_PREFIX)), key=_cohort_order)
+    return [*(k for k in CURVES if k in have), *probes, *cohorts]
+
+
+def _cohort_order(key: str) -> tuple[int, str]:
+    """``curve.forget_c<j>_<m>`` in cohort order (c10 after c9)."""
+    j, _, m = key.removeprefix(RETENTION_PREFIX).partition("_")
+    return (int(j) if j.isdigit() else -1, m)
 
 
 def curves_frame(client: Any, runs: Sequence[Any], trials: pd.DataFrame) -> pd.DataFrame:

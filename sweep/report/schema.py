@@ -42,8 +42,14 @@ HEALTH_CURVES = (
     "curve.health_sigma_max",
     "curve.health_cond",
     "curve.health_delta_sigma_max",
+    "curve.health_norm",
+    "curve.health_he",
     "curve.health_ppl",
 )
+#: the retention matrix: each cohort of facts re-scored at every forgetting point (``curve.forget_c<j>_es``)
+RETENTION_PREFIX = "curve.forget_c"
+#: CP@60 of each measure (``collapse.cp60.<curve name>``, :mod:`sweep.evals.collapse`), edits
+CP_PREFIX = "collapse.cp60."
 #: the generation-based (WILD) curves: every fact so far at its own edit, and each batch's facts
 GEN_CURVES = (*(f"curve.at_edit_{m}" for m in GEN_CORE), *(f"curve.batch_{m}" for m in GEN_CORE))
 CURVES = (
@@ -153,6 +159,7 @@ SECTION_FILES = {
     "curves": ("curves.csv", "fig_curves.png"),
     "forgetting": ("forgetting.csv", "forgetting.md", "fig_forgetting.png"),
     "health": ("health.csv", "health.md", "fig_health.png"),
+    "collapse": ("collapse.csv", "collapse.md", "fig_retention.png"),
     "protocols": ("protocols.csv", "protocols.md", "fig_protocols.png"),
     "probes": ("probes.csv", "probes.md", "fig_probes.png"),
     "search": ("search.csv", "search.md", "search_trials.csv", "fig_search_*.png"),

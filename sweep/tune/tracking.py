@@ -336,6 +336,9 @@ def log_trial(
     if result.collapsed_at is not None:  # the collapse guard stopped it (the reason is a tag)
         metrics.append(Metric("collapsed_at", float(result.collapsed_at), now, 0))
         metrics.append(Metric("stopped_at", float(result.collapsed_at), now, 0))
+    for name, edits in result.collapse_points.items():  # CP@60 reached (a measure that never fell: none)
+        if edits is not None:
+            metrics.append(Metric(f"collapse.cp60.{name}", float(edits), now, 0))
     for point in result.curves[streamed:]:
         metrics += curve_metrics(point, now)
     plist = [Param(k, str(v)[:6000]) for k, v in params.items()]

@@ -13,7 +13,7 @@ from editors import EditRequest, EditState, load_hparams, run_schedule, spec_for
 from editors.algorithms import nas, prune, rect
 from editors.model import hooks, weight
 from editors.requests import encode_at, fill, target_ids
-from editors.schedule import StopSchedule, WeightHealth
+from editors.schedule import StopSchedule, WeightHealth, hyperspherical_energy
 from editors.targets import ValueHParams, optimize_values, reprs_at_subject
 from tests.editors.test_editors import REQUESTS, TEMPLATES, random_stats
 
@@ -275,6 +275,8 @@ def test_stop_schedule_keeps_the_edits_so_far_and_health_matches_direct_svd(mode
         sigma_max=pytest.approx(float(s[0])),
         cond=pytest.approx(float(s[0] / s[-1])),
         delta_sigma_max=pytest.approx(float(torch.linalg.svdvals((w - w0).double())[0])),
+        norm=pytest.approx(float(w.double().norm())),
+        hyperspherical_energy=pytest.approx(hyperspherical_energy(w)),
     )
     out.restore(model)
     assert torch.equal(weight(model, spec, 1), w0)

@@ -186,6 +186,7 @@ def test_variants_and_a_collapsed_trial_do_not_stop_the_sweep(assets, local_ray)
     assert "collapsed_at" not in free.data.metrics
     steps = lambda r, k: sorted(m.step for m in c.get_metric_history(r.info.run_id, k))  # noqa: E731
     assert steps(free, "curve.forget_all_es") == [2, 4] and steps(free, "curve.health_cond") == [2, 4]
+    assert steps(free, "curve.forget_c1_es") == [4] and steps(free, "curve.health_he") == [2, 4]  # cohorts, energy
     assert steps(guarded, "curve.forget_all_es") == [2]
 
 
