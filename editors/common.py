@@ -39,6 +39,8 @@ class AlgorithmTraits:
         uses_values: whether the algorithm edits towards optimised target values v* (UltraEdit
             does not: nothing to share or precompute).
         uses_stats: whether the algorithm ever reads the second moments C (UltraEdit does not).
+        state_matrices: how many [d_key, d_key] float64 matrices per edited layer it keeps across
+            batches (AlphaEdit's projector, RLSEdit's P_t), for memory planning.
     """
 
     name: str
@@ -47,6 +49,7 @@ class AlgorithmTraits:
     stats_switch: str | None = None
     uses_values: bool = True
     uses_stats: bool = True
+    state_matrices: int = 0
 
     def needs_stats(self, hparams: Any) -> bool:
         """Whether a run with ``hparams`` needs the second moments C."""

@@ -510,9 +510,11 @@ def _print_summary(
     exp: str,
 ) -> None:
     """The sweep's printed result: one line per trial, the shared work and where to look."""
-    print(f"\n{'method':<13} {'phase':<8} {'layers':<8} {'B':>5} {'mode':<17} {'S final':>8} {'S at edit':>9}  sampled")
+    wm = max([13, *(len(str(r[0])) for r in rows)])  # as wide as the longest method name
+    head = f"{'phase':<8} {'layers':<8} {'B':>5} {'mode':<17} {'S final':>8} {'S at edit':>9}  sampled"
+    print(f"\n{'method':<{wm}} {head}")
     for a, ph, ly, b, mo, sa_, sf, sa in sorted(rows, key=lambda r: str(r)):
-        print(f"{a!s:<13} {ph:<8} {ly!s:<8} {b!s:>5} {mo!s:<17} {_fmt(sf):>8} {_fmt(sa):>9}  {sa_}")
+        print(f"{a!s:<{wm}} {ph:<8} {ly!s:<8} {b!s:>5} {mo!s:<17} {_fmt(sf):>8} {_fmt(sa):>9}  {sa_}")
     print(f"\nsweep {cfg.name}: {len(rows)} trials run, {errors} failed, {wall:.0f}s; shared work {work}")
     print(f"MLflow: {uri} (experiment {cfg.mlflow.experiment!r}, parent run {parent})")
     if not uri.startswith(("http://", "https://")):

@@ -153,7 +153,8 @@ def estimate(
 ) -> dict[str, float]:
     """Rough GPU memory (GB) and time (s) of a trial, from shapes alone.
 
-    Memory: weights in the model dtype + C of each edited layer (fp32) and its fp64 solve copy + the value
+    Memory: weights in the model dtype + C of each edited layer (fp32) and its fp64 solve copy + the
+    algorithm's d_key² fp64 state per layer (``TRAITS.state_matrices``) + the value
     optimisation's saved activations (rows × ~12 tokens after the cached prefix × layers above the edit
     × ~(10·d + 4·dk) values in the model dtype). Time: the value optimisation (none when the sweep shares
     the values) plus the scoring forwards (at edit and, in sequential modes, final; pre-edit scores
@@ -166,7 +167,9 @@ def estimate(
     rows = min(t.batch_size, hp.value_batch) * n_prompts
     above = shape.n_layers - hp.layers[-1]
     act = rows * 12 * above * (10 * shape.d_model + 4 * shape.d_key) * bytes_w
-    stats_mem = len(hp.layers) * shape.d_key**2 * (4 + 8) if traits(t.algorithm).needs_stats(hp) else 0
+    tr = traits(t.algorithm)
+    stats_mem = len(hp.layers) * shape.d_key**2 * (4 + 8) if tr.needs_stats(hp) else 0
+    stats_mem += len(hp.layers) * shape.d_key**2 * 8 * tr.state_matrices  # P of AlphaEdit, P_t of RLSEdit
     mem = shape.params * bytes_w + stats_mem + act
     values_shared = needs is not None and needs.values is not None
     scores_shared = needs is not None and needs.scores is not None
@@ -232,15 +235,18 @@ def format_plan(cfg: SweepConfig, plan: Plan) -> str:
     searching = plan.cells.searching
     what = "stand-in trial(s) of a search" if searching else "trials"
     lines = [f"sweep {cfg.name}: {s['trials']} {what} (id {sweep_id(cfg)})"]
+    wm = max([13, *(len(t.method_name) for t in plan.trials)])  # columns as wide as their longest entry
+    wd = max([11, *(len(t.dataset.name) for t in plan.trials)])
+    wl = max([10, *(len(str(list(t.edit_hparams.layers))) for t in plan.trials)])
     lines.append(
-        f"{'#':>3} {'method':<13} {'data':<11} {'layers':<10} {'B':>5} {'mode':<17} {'n':>5} {'GPU GB':>7} "
+        f"{'#':>3} {'method':<{wm}} {'data':<{wd}} {'layers':<{wl}} {'B':>5} {'mode':<17} {'n':>5} {'GPU GB':>7} "
         f"{'est. s':>8}  hp"
     )
     for i, (t, e) in enumerate(zip(plan.trials, plan.estimates)):
         hp = ", ".join(f"{k}={v}" for k, v in t.hp.items())
         lines.append(
-            f"{i:>3} {t.method_name:<13} {t.dataset.name:<11} {list(t.edit_hparams.layers)!s:<10} {t.batch_size:>5} "
-            f"{t.mode:<17} {t.n_edits:>5} {e['gpu_memory_gb']:>7.1f} {e['time_s']:>8.0f}  {hp}"
+            f"{i:>3} {t.method_name:<{wm}} {t.dataset.name:<{wd}} {list(t.edit_hparams.layers)!s:<{wl}} "
+            f"{t.batch_size:>5} {t.mode:<17} {t.n_edits:>5} {e['gpu_memory_gb']:>7.1f} {e['time_s']:>8.0f}  {hp}"
         )
     if searching:
         lines += _search_lines(cfg, plan.cells)

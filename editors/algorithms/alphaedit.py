@@ -22,7 +22,7 @@ from ..solvers import alphaedit_delta, null_space_projector
 from ..templates import TemplateGroups
 from .layered import keys_after_edit, layered_update
 
-TRAITS = AlgorithmTraits("alphaedit")
+TRAITS = AlgorithmTraits("alphaedit", state_matrices=1)
 
 
 def compute_deltas(

@@ -30,7 +30,7 @@ from ..solvers import rls_initial_inverse, rls_step
 from ..templates import TemplateGroups
 from .layered import layered_update
 
-TRAITS = AlgorithmTraits("rlsedit")
+TRAITS = AlgorithmTraits("rlsedit", state_matrices=1)
 
 
 def compute_deltas(

@@ -521,9 +521,12 @@ def _digests(recs: Sequence[Record | None], dkey: tuple, digest_of: Any) -> tupl
 
 def value_seconds(t: TrialConfig, shape: Shape, tflops: float, n_facts: int) -> float:
     """Time of ``n_facts`` target-value optimisations: 6 · params · tokens per step (forward + backward)
-    × steps, with ~12 tokens per prompt after the cached prefix."""
+    × steps, with ~12 tokens per prompt after the cached prefix. An algorithm without target values
+    (UltraEdit) runs one forward and backward of each request's prompt and answer instead (~16 tokens)."""
 
     hp = t.edit_hparams
+    if not traits(t.algorithm).uses_values:
+        return 6 * shape.params * n_facts * 16 / (tflops * 1e12)
     n_prompts = N_TEMPLATES[hp.context_templates] + 1
     return 6 * shape.params * n_facts * n_prompts * 12 * hp.v_num_grad_steps / (tflops * 1e12)
 
