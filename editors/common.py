@@ -152,7 +152,7 @@ class RunningStats:
         n = self.n + m
         delta = x.mean(0) - self.mean
         self.mean = self.mean + m * delta / n
-        self.m2 = self.m2 + m * x.var(0) + self.n * m * delta.pow(2) / n
+        self.m2 = self.m2 + (m * x.var(0) + self.n * m * delta.pow(2) / n)  # their grouping, to the bit
         self.std = (self.m2 / (n - 1 + torch.finfo(x.dtype).eps)).sqrt()
         self.n = n
 

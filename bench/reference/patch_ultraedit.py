@@ -50,7 +50,8 @@ PATCHES: list[tuple[str, str, str, int]] = [
     (
         "editor/base.py",
         "from transformers import AutoTokenizer\n",
-        "from transformers import AutoTokenizer\nfrom transformers import LlamaTokenizerFast  # patched: used below, never imported\n",
+        "from transformers import AutoTokenizer\n"
+        "from transformers import LlamaTokenizerFast  # patched: used below, never imported\n",
         1,
     ),
 ]

@@ -19,9 +19,8 @@ produce: the running statistics after each turn, the keys/gradients they cache, 
 
 Our side: ``editors.load_model()`` (SmolLM2 from the GGUF), ``sweep.evals.data.parse_qa_records`` for the
 requests, ``editors.run_schedule(..., "ultraedit", hp, None, batch_size=n_edits, mode="sequential-batch",
-state=..., callback=...)``. The authors' collate sorts the edits of a turn by token length (longest first)
-before cutting sub-batches; our schedule keeps the caller's order, so the runner hands our side each
-turn's requests in that sorted order: both sides then form the same sub-batches. Our
+state=..., callback=...)`` in file order: the authors' collate sorts the edits of a turn by token length
+(longest first) before cutting sub-batches, and so does ``editors.algorithms.ultraedit``. Our
 ``editors.algorithms.ultraedit.capture`` is wrapped (module attribute) only to copy the keys and
 gradients it returns.
 
@@ -108,7 +107,9 @@ def encode_records(tok: Any, records: Sequence[dict[str, Any]]) -> list[dict[str
     return out
 
 
-def plan(encoded: Sequence[dict[str, dict[str, list[int]]]], n_edits: int, sub: int) -> dict[str, list[list[list[int]]]]:
+def plan(
+    encoded: Sequence[dict[str, dict[str, list[int]]]], n_edits: int, sub: int
+) -> dict[str, list[list[list[int]]]]:
     """key -> turn -> sub-batch -> global record indices, as the authors' DataLoader (``n_edits`` per
     turn, drop_last) + ``collate_fn`` (each key sorted by its own lengths) form them."""
     n_turns = len(encoded) // n_edits
@@ -166,7 +167,12 @@ def score(model, encoded, batches: dict[str, list[list[list[int]]]]) -> dict[str
 
 
 def snapshot_stats(n, mean_, m2, std) -> dict[str, Any]:
-    return {"n": n.detach().clone(), "mean": mean_.detach().clone(), "m2": m2.detach().clone(), "std": std.detach().clone()}
+    return {
+        "n": n.detach().clone(),
+        "mean": mean_.detach().clone(),
+        "m2": m2.detach().clone(),
+        "std": std.detach().clone(),
+    }
 
 
 def versions() -> dict[str, Any]:
@@ -379,7 +385,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     pre = score(model, encoded, batches)
     parsed = parse_qa_records(json.loads(Path(spec["records"]).read_text())[: spec["n_records"]], "zsre")
     requests = [r.request() for r in parsed]
-    order = [i for turn in batches["edit"] for b in turn for i in b]  # each turn sorted as the authors'
+    # file order: editors.algorithms.ultraedit sorts each batch as the authors' collate_fn does
+    order = list(range(len(requests)))
     reqs = [requests[i] for i in order]
     # the texts and ids our side feeds must be the authors'
     mismatch = []

@@ -5,7 +5,8 @@ No target values, no Wikipedia statistics, no earlier keys. For each edited proj
 output projection of every layer in ``layers``) and each batch ("turn"):
 
 1. Teacher-force prompt + " " + answer (the last answer token not fed); the loss is the mean
-   cross-entropy over the answer tokens of each sub-batch of ``ultra_sub_batch`` requests. At the
+   cross-entropy over the answer tokens of each sub-batch of ``ultra_sub_batch`` requests, cut after
+   the batch is sorted by the number of tokens fed, longest first (the authors' ``collate_fn``). At the
    positions whose next token is an answer token, capture the projection's input k (the key) and the
    gradient g of the loss with respect to its output.
 2. After each sub-batch, every module updates the lifelong running statistics of the rows [k, g]
@@ -119,6 +120,8 @@ def compute_deltas(
     keys: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     sub = hparams.ultra_sub_batch
+    fed = [len(seq) for seq in teacher_forced_rows(tok, reqs)[0]]
+    reqs = [reqs[i] for i in sorted(range(len(reqs)), key=lambda i: fed[i], reverse=True)]  # stable
     running = {shape: r.clone() for shape, r in state.running.items()}
     for shape in shapes.values():
         running.setdefault(shape, RunningStats.zeros(sum(shape), device))

@@ -54,7 +54,7 @@ def test_patch_refuses_changed_anchors_and_writes_nothing(tmp_path, mutate):
     f = root / "editor" / "ultraedit.py"
     before_base = (root / "editor" / "base.py").read_text()
     f.write_text(f.read_text().replace("import wandb\n", "" if mutate == "missing" else "import wandb\nimport wandb\n"))
-    with pytest.raises(SystemExit, match="editor/ultraedit.py"):
+    with pytest.raises(SystemExit, match=r"editor/ultraedit\.py"):
         patch.apply(root)
     assert (root / "editor" / "base.py").read_text() == before_base
     assert not (root / patch.MARKER).exists()
@@ -131,12 +131,21 @@ def fake_results() -> dict:
             "rel_std": 3e-7,
         },
         "modules": {
-            m: {"delta_norm": {"ours": 0.5, "theirs": 0.5}, "delta_fro_rel": 1e-6, "keys_rel": 0.0, "grads_rel": 1e-7}
+            m: {
+                "delta_norm": {"ours": 0.5, "theirs": 0.5},
+                "delta_fro_rel": 1e-6,
+                "delta_vs_exact": {"ours": 1e-7, "theirs": 2e-5},
+                "keys_rel": 0.0,
+                "grads_rel": 1e-7,
+            }
             for m in modules
         },
     }
     per = [{"record": i, **{lab: {"ours": 1.0, "theirs": 1.0 if i else 0.5} for _, lab in ua.KEYS}} for i in range(2)]
-    metrics = {lab: {"ours": 100.0, "theirs": 75.0, "ours_pre": 10.0, "theirs_pre": 10.0, "differing": [0]} for _, lab in ua.KEYS}
+    metrics = {
+        lab: {"ours": 100.0, "theirs": 75.0, "ours_pre": 10.0, "theirs_pre": 10.0, "differing": [0]}
+        for _, lab in ua.KEYS
+    }
     return {
         "date": "2026-12-07",
         "spec": {"n_records": 2, "n_edits": 2, "sub_batch": 1, "layers": [17, 18], "lr": 1e-4},
@@ -165,11 +174,13 @@ def fake_results() -> dict:
 
 def test_fmt_table():
     text = ua.fmt_table(fake_results())
-    assert "Machine: x86_64, 2 cores, 2 torch threads" in text
+    assert "Machine: x86_64, 2 cores, 2 torch threads per side" in text
     assert "| seconds per edit | 1.000 | 2.000 | **2.0×** |" in text
     assert "| ES after / before editing | 100.0 / 10.0 | 75.0 / 10.0 | |" in text
     assert "| records differing (ES / GS / LS) | 1 / 1 / 1 of 2 | | |" in text
-    assert "| 1 | L17 | 0.5000 | 0.5000 | 1e-06 | 0 | 1e-07 |" in text
+    assert "| 1 | L17 | 0.5000 | 0.5000 | 1e-06 | 1e-07 / 2e-05 | 0 | 1e-07 |" in text
+    assert "| 1 | 40 / 40 | 1e-07 | 2e-06 | 1e-08 / 3e-07 |" in text
+    assert "equal, record for record" in text
     assert "| 0 | 1998 | **1.00 / 0.50** | **1.00 / 0.50** | **1.00 / 0.50** |" in text
     assert "| 1 | Lecanorales | 1.00 / 1.00 |" in text
     assert text.rstrip().endswith("A note.")
