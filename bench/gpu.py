@@ -12,7 +12,10 @@ GPU machine may have nothing else. It records, each with its wall time and peak 
 - ``stats_all_layers``: all 32 layers in the passes :func:`sweep.shared.needs.split_passes` plans for this
   card's memory (the same rule as a sweep's pre-pass), tokens/s of the whole set;
 - ``values``: target values at B = 100 (25 fixed steps, no early stop), s/edit;
-- ``solves``: MEMIT, EMMET and AlphaEdit updates at B = 4,096 from layer 1's C;
+- ``solves``: MEMIT, EMMET, AlphaEdit and RLSEdit updates at B = 4,096 from layer 1's C, SPHERE's
+  projection of one update, UltraEdit's solve from 3 answer tokens per edit;
+- ``per_edit``: values + AlphaEdit's solve per edit at B = 100, beside AlphaEdit's Table 7 (≈ 2.2 s per
+  edit for MEMIT/AlphaEdit at batch 100 on Llama-3-8B, an A100);
 - ``scoring``: CounterFact scoring of 256 facts, s/fact.
 
 The weights are random, so the timings are honest and the edits meaningless.
@@ -35,8 +38,17 @@ from typing import Any
 import torch
 
 from editors import EditRequest, load_hparams, spec_for
+from editors.algorithms import sphere
 from editors.common import sync
-from editors.solvers import alphaedit_delta, emmet_delta, memit_delta, null_space_projector
+from editors.solvers import (
+    alphaedit_delta,
+    emmet_delta,
+    memit_delta,
+    null_space_projector,
+    rls_initial_inverse,
+    rls_step,
+    ultraedit_delta,
+)
 from editors.stats import collect_second_moments
 from editors.store import write_json_atomic
 from editors.targets import optimize_values
@@ -211,8 +223,21 @@ def run(kind: str, device: str, with_tests: bool) -> dict[str, Any]:
     _, solves["emmet"] = measure(device, lambda: emmet_delta(keys, resid, c, 1.0, 0.1))
     proj, solves["alphaedit_projector"] = measure(device, lambda: null_space_projector(c, 2e-2))
     _, solves["alphaedit"] = measure(device, lambda: alphaedit_delta(keys, resid, proj.to(c.dtype), None, 10.0))
+    p0, solves["rlsedit_initial_inverse"] = measure(device, lambda: rls_initial_inverse(c, 15_000.0, 0.0, 1.0))
+    _, solves["rlsedit_step"] = measure(device, lambda: rls_step(p0, keys, resid))
+    w = torch.randn(dm, dk, generator=g, device=cov.device)
+    delta = torch.randn(dm, dk, generator=g, device=cov.device)
+    _, solves["sphere_projection"] = measure(device, lambda: sphere.project(delta, w, 0.5, 0.5))
+    rows = torch.randn(3 * b_values, dk, generator=g, device=cov.device)
+    targets = torch.randn(3 * b_values, dm, generator=g, device=cov.device) * 1e-3
+    _, solves["ultraedit_b100"] = measure(device, lambda: ultraedit_delta(rows, targets))
     out["solves"] = {"batch": b_solve, **solves}
     log.info("solves: %s", out["solves"])
+    b = min(b_values, b_solve)
+    _, small = measure(device, lambda: alphaedit_delta(keys[:, :b], resid[:, :b], proj.to(c.dtype), None, 10.0))
+    per_edit = out["values"]["s_per_edit"] + small["seconds"] / b
+    out["per_edit"] = {"batch": b, "alphaedit_s": per_edit, "alphaedit_table7_s": 2.2}
+    log.info("per edit at B=%d: values + AlphaEdit solve %.3f s (AlphaEdit's Table 7: ~2.2 s)", b, per_edit)
 
     facts = [
         Record(

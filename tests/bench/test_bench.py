@@ -107,5 +107,6 @@ def test_gpu_check_runs_in_tiny_mode(tmp_path):
         assert res[part]["seconds"] > 0, part
     assert res["stats_one_layer"]["tokens_per_s"] > 0
     assert res["stats_all_layers"]["passes"][0]["layers"] == [0, 3]
-    assert {"memit", "emmet", "alphaedit"} <= set(res["solves"]) and res["values"]["s_per_edit"] > 0
+    assert {"memit", "emmet", "alphaedit", "rlsedit_step", "sphere_projection", "ultraedit_b100"} <= set(res["solves"])
+    assert res["values"]["s_per_edit"] > 0 and res["per_edit"]["alphaedit_s"] > res["values"]["s_per_edit"]
     assert gpu.main(["--device", "cpu", "--out", str(tmp_path / "x.json")]) == 2  # full size needs CUDA
