@@ -120,7 +120,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     """One method on our side: ``editors.run_schedule`` (sequential-batch) with a scoring callback."""
     import torch
 
-    from editors import TemplateCache, run_schedule
+    from editors import BatchEvent, TemplateCache, run_schedule
     from editors.stats import StatsStore
     from sweep.config import SweepConfig, parse_config, trial_key
     from sweep.evals.metrics import score_records
@@ -150,13 +150,14 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     batches: list[dict[str, Any]] = []
     mark = [time.perf_counter()]
 
-    def callback(ev) -> None:  # noqa: ANN001  (editors.BatchEvent)
+    def callback(ev: BatchEvent) -> None:
         edit_s = time.perf_counter() - mark[0]
         info = ev.result.info
         t = time.perf_counter()
         recs = records[ev.index * spec["batch_size"] : ev.index * spec["batch_size"] + len(ev.requests)]
         for s in score_records(model, tok, mspec, recs):
-            per_record[s.case_id] = {"case_id": s.case_id, "batch": ev.index, "at_edit": {m: getattr(s, m) for m in METRICS}}
+            at_edit = {m: getattr(s, m) for m in METRICS}
+            per_record[s.case_id] = {"case_id": s.case_id, "batch": ev.index, "at_edit": at_edit}
         keys, values = info.get("time_keys", 0.0), info.get("time_values", 0.0)
         batches.append(
             {
@@ -292,6 +293,17 @@ def fmt_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from runs of single methods (the first one's header; their settings must agree)."""
+    out = dict(parts[0], methods={})
+    for p in parts:
+        if any(p[k] != out[k] for k in ("n", "batch", "layer", "steps")):
+            raise SystemExit("--from-json: the runs differ in --n/--batch/--layer/--steps; merge like with like")
+        out["machine"] = {**p["machine"], **out["machine"]}
+        out["methods"].update(p["methods"])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # The driver
 
@@ -347,7 +359,8 @@ def run_method(name: str, args: argparse.Namespace, records: Path, env: dict[str
     asp.write_text(json.dumps(aspec))
     log.info("%s: authors' code", name)
     a_out = OUT / f"authors.{name}.authors.json"
-    entry["authors"] = t = subprocess_json([str(REF_PY), str(RUNNER), "--spec", str(asp), "--out", str(a_out)], a_out, env)
+    cmd = [str(REF_PY), str(RUNNER), "--spec", str(asp), "--out", str(a_out)]
+    entry["authors"] = t = subprocess_json(cmd, a_out, env)
     entry["source"] = f"{t['repo']} @ {t['commit'][:7]}"
     entry["diff"] = compare(o, t)
     log.info("%s: authors %.2f s/edit; differing %s", name, per_edit(t), entry["diff"])
@@ -363,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="fixed value steps (loss stop off on both sides)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-results", action="store_true", help="replace the bench:authors section of RESULTS.md")
+    ap.add_argument("--json", default=str(OUT / "authors.json"), help="where the results JSON goes")
+    ap.add_argument("--from-json", help="only rebuild the table from results JSON(s), comma-separated (merged)")
     ap.add_argument("--side", choices=["ours"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -371,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.side:
         res = run_ours(json.loads(Path(args.spec).read_text()))
         Path(args.out).write_text(json.dumps(res, default=str))
+        return 0
+    if args.from_json:  # one results JSON, or several (comma-separated) whose methods are merged
+        table = fmt_table(merge_results([json.loads(Path(p).read_text()) for p in args.from_json.split(",")]))
+        print(table)
+        if args.write_results:
+            write_results(table, BEGIN, END)
         return 0
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     unknown = [n for n in names if n not in METHODS]
@@ -408,9 +429,9 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s: %s", name, e)
             entry = {"error": f"{type(e).__name__}: {e}"}
         results["methods"][name] = entry
-        (OUT / "authors.json").write_text(json.dumps(results, indent=1, default=str))
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     table = fmt_table(results)
-    (OUT / "authors.md").write_text(table)
+    Path(args.json).with_suffix(".md").write_text(table)
     print(table)
     if args.write_results:
         write_results(table, BEGIN, END)

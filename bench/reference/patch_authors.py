@@ -133,9 +133,9 @@ SOURCES: dict[str, Source] = {
         "6e3ba9a87978a23b6db2676ba7540216bf5d4fd0",
         "knowledge-editing-regularization",
         ("encore", "rome", "util", "hparams/ENCORE", "globals.yml"),
-        tuple(
-            _common("encore", "encore_main.py", to=8, dot_cuda=1, dev_main=0, dev_z=1)
-            + [("rome/layer_stats_dynamic.py", "from datasets import load_dataset\n", LAZY_DATASETS_NEW, 1)]
+        (
+            *_common("encore", "encore_main.py", to=8, dot_cuda=1, dev_main=0, dev_z=1),
+            ("rome/layer_stats_dynamic.py", "from datasets import load_dataset\n", LAZY_DATASETS_NEW, 1),
         ),
     ),
 }
@@ -181,7 +181,7 @@ def find_mirror(src: Source, explicit: dict[str, str], root: str | None) -> Path
     raise SystemExit(
         f"{src.method}: no git clone of {src.repo} found (tried {tried}). Clone it once:\n"
         f"  git clone --bare https://github.com/{src.repo} .ref/{src.mirror_name}.git\n"
-        "or pass --mirror {src.method}=PATH / --mirror-root DIR."
+        f"or pass --mirror {src.method}=PATH / --mirror-root DIR."
     )
 
 
@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default=",".join(SOURCES), help=f"comma-separated, of {', '.join(SOURCES)}")
     ap.add_argument("--mirror", action="append", default=[], metavar="METHOD=PATH", help="a clone's git folder")
-    ap.add_argument("--mirror-root", default=os.environ.get("AUTHORS_MIRROR_ROOT"), help="folder of <owner>+<name> clones")
+    ap.add_argument(
+        "--mirror-root", default=os.environ.get("AUTHORS_MIRROR_ROOT"), help="folder of <owner>+<name> clones"
+    )
     ap.add_argument("--force", action="store_true", help="extract and patch again")
     args = ap.parse_args(argv)
     explicit = dict(m.split("=", 1) for m in args.mirror)

@@ -108,7 +108,7 @@ def test_table_rows_and_a_method_that_did_not_run():
         "steps": 10,
         "machine": {"cpu": "x86_64", "cores": 2, "threads": 2, "torch": "2", "transformers": "5"},
         "methods": {
-            "alphaedit": {"ours": ours, "authors": theirs, "diff": authors.compare(ours, theirs), "source": "o/r @ abc"},
+            "alphaedit": {"ours": ours, "authors": theirs, "diff": authors.compare(ours, theirs), "source": "o/r"},
             "rlsedit": {"error": "RuntimeError: boom\nthe reason"},
         },
     }
@@ -117,3 +117,14 @@ def test_table_rows_and_a_method_that_did_not_run():
     assert "| 2.00 | 8.00 | **4.0x** |" in row and "0/0/0 of 2" in row
     assert "not run: the reason" in next(line for line in text.splitlines() if line.startswith("| rlsedit"))
     assert "Machine: x86_64, 2 cores" in text
+
+
+def test_merge_results_of_single_method_runs():
+    head = {"date": "d", "n": 4, "batch": 2, "layer": 2, "steps": 2, "machine": {"cpu": "x"}}
+    a = {**head, "methods": {"alphaedit": {"error": "x"}}}
+    b = {**head, "machine": {"cpu": "x", "authors_transformers": "4.46.3"}, "methods": {"sphere": {"error": "y"}}}
+    merged = authors.merge_results([a, b])
+    assert list(merged["methods"]) == ["alphaedit", "sphere"]
+    assert merged["machine"]["authors_transformers"] == "4.46.3"
+    with pytest.raises(SystemExit):
+        authors.merge_results([a, {**b, "steps": 10}])
