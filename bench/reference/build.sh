@@ -29,7 +29,7 @@ sha() { sha256sum "$@" | sha256sum | cut -c1-16; }
 mkdir -p .ref
 
 # 1-2. source + patches -------------------------------------------------------------------------------
-want_src="$REF_COMMIT $(sha "$HERE/patch_reference.py")"
+want_src="$REF_COMMIT $(sha "$HERE/patch_reference.py" "$HERE/anchors.py")"
 if [[ -f "$REF/.patched" && -f "$REF/.build_stamp" && "$(cat "$REF/.build_stamp")" == "$want_src" ]]; then
     echo "[build] $REF up to date ($REF_COMMIT)"
 else

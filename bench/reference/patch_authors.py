@@ -43,18 +43,14 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path: its siblings
+from anchors import EARLY_STOP_NEW, EARLY_STOP_OLD, Patch, PatchError, marker_text, patched_texts
+
 ROOT = Path(__file__).resolve().parents[2]
 REF = ROOT / ".ref"
 MARKER = ".patched"
 STAMP = ".build_stamp"
 
-# (relative path, old, new, expected number of occurrences of old)
-Patch = tuple[str, str, str, int]
-
-EARLY_STOP_OLD = "        if loss < 5e-2:\n            break\n"
-EARLY_STOP_NEW = (
-    '        if loss < float(__import__("os").environ.get("REF_EARLY_STOP_LOSS", "5e-2")):\n            break\n'
-)
 LAZY_DATASETS_NEW = (
     "try:\n"
     "    from datasets import load_dataset\n"
@@ -141,25 +137,9 @@ SOURCES: dict[str, Source] = {
 }
 
 
-class PatchError(RuntimeError):
-    """An anchor is missing, miscounted or its file absent: upstream changed."""
-
-
-def apply_to_texts(texts: dict[str, str], patches: list[Patch] | tuple[Patch, ...]) -> dict[str, str]:
-    """The patched texts (a new dict); every anchor is counted on the text as the earlier patches left it.
-
-    Raises:
-        PatchError: a file is missing from ``texts`` or an anchor does not occur exactly as often as expected.
-    """
-    out = dict(texts)
-    for rel, old, new, count in patches:
-        if rel not in out:
-            raise PatchError(f"patch anchor file missing: {rel}")
-        found = out[rel].count(old)
-        if found != count:
-            raise PatchError(f"{rel}: expected {count} occurrence(s) of {old!r}, found {found}; upstream changed?")
-        out[rel] = out[rel].replace(old, new)
-    return out
+#: the patching itself (every anchor counted before anything is written): :mod:`anchors`
+apply_to_texts = patched_texts
+__all__ = ["EARLY_STOP_NEW", "EARLY_STOP_OLD", "Patch", "PatchError", "apply_to_texts"]
 
 
 def script_hash() -> str:
@@ -218,7 +198,7 @@ def patch_tree(src: Source, root: Path) -> int:
     new = apply_to_texts(texts, src.patches)
     for rel, text in new.items():
         (root / rel).write_text(text)
-    (root / MARKER).write_text("\n".join(f"{rel}: {old!r} -> {n!r} x{c}" for rel, old, n, c in src.patches) + "\n")
+    (root / MARKER).write_text(marker_text(src.patches))
     return len(src.patches)
 
 

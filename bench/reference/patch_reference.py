@@ -38,10 +38,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-EARLY_STOP_OLD = "        if loss < 5e-2:\n            break\n"
-EARLY_STOP_NEW = (
-    '        if loss < float(__import__("os").environ.get("REF_EARLY_STOP_LOSS", "5e-2")):\n            break\n'
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path: its siblings
+from anchors import EARLY_STOP_NEW, EARLY_STOP_OLD, Patch, marker_text, patched_texts
 
 LAZY_DATASETS_NEW = (
     "try:\n"
@@ -53,7 +51,7 @@ LAZY_DATASETS_NEW = (
 )
 
 # (relative path, old, new, expected number of occurrences of old)
-PATCHES: list[tuple[str, str, str, int]] = [
+PATCHES: list[Patch] = [
     # 1. CUDA -> CPU in the editing algorithms
     ("memit/memit_main.py", '.to("cuda")', '.to("cpu")', 5),
     ("memit/compute_z.py", '.to("cuda")', '.to("cpu")', 2),
@@ -142,22 +140,15 @@ def apply(root: Path) -> int:
     if (root / MARKER).exists():
         print(f"{root} is already patched ({MARKER} exists)")
         return 0
-    # Check every anchor on the original text first, so a failure leaves the tree untouched.
-    texts: dict[str, str] = {}
-    for rel, _old, _new, _count in PATCHES:
-        path = root / rel
-        if rel not in texts:
-            if not path.is_file():
-                raise SystemExit(f"patch anchor file missing: {rel}")
-            texts[rel] = path.read_text()
-    for rel, old, new, count in PATCHES:
-        found = texts[rel].count(old)
-        if found != count:
-            raise SystemExit(f"{rel}: expected {count} occurrence(s) of {old!r}, found {found}; upstream changed?")
-        texts[rel] = texts[rel].replace(old, new)
+    # Every anchor checked on the original text first, so a failure leaves the tree untouched.
+    files = dict.fromkeys(rel for rel, *_ in PATCHES)
+    missing = [rel for rel in files if not (root / rel).is_file()]
+    if missing:
+        raise SystemExit(f"patch anchor file missing: {missing[0]}")
+    texts = patched_texts({rel: (root / rel).read_text() for rel in files}, PATCHES)
     for rel, text in texts.items():
         (root / rel).write_text(text)
-    (root / MARKER).write_text("\n".join(f"{rel}: {old!r} -> {new!r} x{n}" for rel, old, new, n in PATCHES) + "\n")
+    (root / MARKER).write_text(marker_text(PATCHES))
     print(f"patched {len(PATCHES)} anchors in {len(texts)} files under {root}")
     return len(PATCHES)
 

@@ -31,6 +31,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path: its siblings
+from anchors import Patch, marker_text, patched_texts
+
 WANDB_OLD = "import wandb\n"
 WANDB_NEW = (
     "try:  # patched: wandb is optional (it only logs)\n"
@@ -42,7 +45,7 @@ WANDB_NEW = (
 )
 
 # (relative path, old, new, expected number of occurrences of old)
-PATCHES: list[tuple[str, str, str, int]] = [
+PATCHES: list[Patch] = [
     # 1. optional wandb
     ("editor/base.py", WANDB_OLD, WANDB_NEW, 1),
     ("editor/ultraedit.py", WANDB_OLD, WANDB_NEW, 1),
@@ -60,17 +63,9 @@ MARKER = ".patched"
 
 
 def check(texts: dict[str, str]) -> dict[str, str]:
-    """Apply every patch to ``texts`` (relative path -> file text) in memory; SystemExit on a missing
-    file or an anchor whose count differs from the expected one. Returns the patched texts."""
-    out = dict(texts)
-    for rel, old, new, count in PATCHES:
-        if rel not in out:
-            raise SystemExit(f"patch anchor file missing: {rel}")
-        found = out[rel].count(old)
-        if found != count:
-            raise SystemExit(f"{rel}: expected {count} occurrence(s) of {old!r}, found {found}; upstream changed?")
-        out[rel] = out[rel].replace(old, new)
-    return out
+    """Apply every patch to ``texts`` (relative path -> file text) in memory (:func:`anchors.patched_texts`):
+    SystemExit on a missing file or an anchor whose count differs from the expected one."""
+    return patched_texts(texts, PATCHES)
 
 
 def apply(root: Path) -> int:
@@ -83,7 +78,7 @@ def apply(root: Path) -> int:
     patched = check(texts)  # every anchor checked before anything is written
     for rel, text in patched.items():
         (root / rel).write_text(text)
-    (root / MARKER).write_text("\n".join(f"{rel}: {old!r} -> {new!r} x{n}" for rel, old, new, n in PATCHES) + "\n")
+    (root / MARKER).write_text(marker_text(PATCHES))
     print(f"patched {len(PATCHES)} anchors in {len(patched)} files under {root}")
     return len(PATCHES)
 
