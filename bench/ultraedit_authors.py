@@ -6,8 +6,7 @@
 
 Needs ``bash bench/reference/build.sh`` once (the SmolLM2 HF folder ``.ref/smollm2-hf``). Builds what is
 missing of the authors' side itself: the code at the pinned commit extracted from a local git clone
-(``ULTRAEDIT_MIRROR``, default ``.ref/ultraedit.git``, else the machine's mirror
-``/work/.mirror/XiaojieGu+UltraEdit/repo``) into ``.ref/ultraedit`` and patched by
+(``ULTRAEDIT_MIRROR``, default ``.ref/ultraedit.git``) into ``.ref/ultraedit`` and patched by
 ``bench/reference/patch_ultraedit.py``; its venv ``.ref/venv-ultraedit`` from
 ``bench/reference/requirements-ultraedit.txt``. Nothing of it is committed (``.ref/`` is git-ignored).
 
@@ -50,7 +49,8 @@ OUT = ROOT / "bench" / "out"
 RESULTS = ROOT / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- bench:ultraedit:begin -->", "<!-- bench:ultraedit:end -->"
 COMMIT = "0beb222559b01c6dc025aede801c1fc496ec2920"
-MIRRORS = (REF / "ultraedit.git", Path("/work/.mirror/XiaojieGu+UltraEdit/repo"))
+#: the git folder of a clone of XiaojieGu/UltraEdit: $ULTRAEDIT_MIRROR, else .ref/ultraedit.git
+MIRRORS = (Path(os.environ["ULTRAEDIT_MIRROR"]),) if os.environ.get("ULTRAEDIT_MIRROR") else (REF / "ultraedit.git",)
 KEYS = (("edit", "ES"), ("equiv", "GS"), ("unrel", "LS"))
 STATS_KEY = "(1536, 576)"  # (d_in, d_out) of SmolLM2's down_proj: one normaliser shared by the six modules
 
@@ -93,8 +93,7 @@ def sha(*paths: Path) -> str:
 
 
 def mirror() -> Path:
-    env = os.environ.get("ULTRAEDIT_MIRROR")
-    for m in [Path(env)] if env else MIRRORS:
+    for m in MIRRORS:
         ok = subprocess.run(
             ["git", "--git-dir", str(m), "cat-file", "-e", f"{COMMIT}^{{commit}}"], capture_output=True
         ).returncode
