@@ -244,23 +244,33 @@ def rls_initial_inverse(cov: torch.Tensor, weight: float, lambda_reg: float, mu_
     return (p0 + p0.T) / 2
 
 
+def rls_inverse_update(inverse: torch.Tensor, keys: torch.Tensor, info: dict[str, Any] | None = None) -> torch.Tensor:
+    """RLSEdit's P_t = (P_{t-1}⁻¹ + K Kᵀ)⁻¹ by Woodbury (``RLSEdit_main.py`` L363-367): [d_in, d_in].
+
+    inverse P_{t-1}: [d_in, d_in] = (M_0 + Σ_{s<t} K_s K_sᵀ)⁻¹; keys K: [d_in, n]. With F = P_{t-1} K and
+    S = I + Kᵀ F: P_t = P_{t-1} − F S⁻¹ Fᵀ (an n×n solve), symmetrised.
+    """
+    p = _check("inverse", inverse, 2)
+    k = _check("keys", keys, 2)
+    f = p @ k
+    s = torch.eye(k.shape[1], dtype=k.dtype, device=k.device) + k.T @ f
+    p_new = p - f @ spd_solve((s + s.T) / 2, f.T, info)
+    return (p_new + p_new.T) / 2
+
+
 def rls_step(
     inverse: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor, *, info: dict[str, Any] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One recursive least-squares step of RLSEdit (``RLSEdit_main.py`` L363-373): (ΔW, P_t).
 
-    inverse P_{t-1}: [d_in, d_in] = (M_0 + Σ_{s<t} K_s K_sᵀ)⁻¹; keys K: [d_in, n]; residuals R: [d_out, n].
-    With F = P_{t-1} K and S = I + Kᵀ F: P_t = P_{t-1} − F S⁻¹ Fᵀ (Woodbury: P_t = (P_{t-1}⁻¹ + K Kᵀ)⁻¹),
-    ΔW = R (P_t K)ᵀ: [d_out, d_in], the block-RLS gain. Over T steps from P_0 the weights reach the ridge
-    solution on every key so far, argmin Σ_s ‖W K_s − Ṽ_s‖² + tr((W − W₀) M_0 (W − W₀)ᵀ).
+    inverse P_{t-1}: [d_in, d_in]; keys K: [d_in, n]; residuals R: [d_out, n]. P_t is
+    :func:`rls_inverse_update`'s, and ΔW = R (P_t K)ᵀ: [d_out, d_in], the block-RLS gain. Over T steps from
+    P_0 the weights reach the ridge solution on every key so far,
+    argmin Σ_s ‖W K_s − Ṽ_s‖² + tr((W − W₀) M_0 (W − W₀)ᵀ).
     """
-    p = _check("inverse", inverse, 2)
     k = _check("keys", keys, 2)
     r = _check("residuals", residuals, 2)
-    f = p @ k
-    s = torch.eye(k.shape[1], dtype=k.dtype, device=k.device) + k.T @ f
-    p_new = p - f @ spd_solve((s + s.T) / 2, f.T, info)
-    p_new = (p_new + p_new.T) / 2
+    p_new = rls_inverse_update(inverse, k, info)
     return _finite("rls_step", r @ (p_new @ k).T), p_new
 
 

@@ -26,7 +26,7 @@ from ..common import AlgorithmTraits, EditResult, EditState, prepare
 from ..hparams import RLSEditHParams
 from ..model import ModelSpec, weight
 from ..requests import EditRequest
-from ..solvers import rls_initial_inverse, rls_step
+from ..solvers import rls_initial_inverse, rls_inverse_update, rls_step
 from ..templates import TemplateGroups
 from .layered import layered_update
 
@@ -81,11 +81,10 @@ def update_state(
     spec: ModelSpec,
     templates: TemplateGroups,
 ) -> None:
-    """After a batch is applied: P_t ← (P_{t-1}⁻¹ + K Kᵀ)⁻¹ with the keys of each layer's solve (the same
-    Woodbury step the solve took; nothing is kept without ``rls_memory``)."""
+    """After a batch is applied: P_t ← (P_{t-1}⁻¹ + K Kᵀ)⁻¹ with the keys of each layer's solve (the
+    Woodbury update the solve took for its gain; nothing is kept without ``rls_memory``)."""
     if hparams.rls_memory:
         for layer, keys in result.keys.items():
             prev = state.rls_inverse[layer]
-            k = keys.to(prev.device, torch.float64)
-            _, state.rls_inverse[layer] = rls_step(prev, k, k.new_zeros(1, k.shape[1]))
+            state.rls_inverse[layer] = rls_inverse_update(prev, keys.to(prev.device, torch.float64))
     state.batches += 1
