@@ -161,6 +161,11 @@ class TrialConfig:
         return "+".join(parts)
 
     @property
+    def n_batches(self) -> int:
+        """How many batches the schedule edits ``n_edits`` in (the last may be smaller)."""
+        return -(-self.n_edits // self.batch_size)
+
+    @property
     def needs_stats(self) -> bool:
         """Whether the trial's algorithm needs the statistics (as its ``TRAITS`` declare)."""
         return traits(self.algorithm).needs_stats(self.edit_hparams)

@@ -185,8 +185,7 @@ def estimate(
             * rounds
         )
     if sc.probes:  # before editing, every probe_every batches, after the last
-        n_batches = -(-t.n_edits // t.batch_size)
-        points = 2 + (n_batches // sc.probe_every if sc.probe_every else 0)
+        points = 2 + (t.n_batches // sc.probe_every if sc.probe_every else 0)
         score += points * probe_seconds(
             shape, len(sc.probes), sc.probe_items, sc.gen_batch_size, tflops, bandwidth, bytes_w
         )

@@ -279,8 +279,7 @@ def periodic_points(
     forget: dict[str, float] = {}
     if sc.retention_every and cfg.mode != "batch" and ((ev.index + 1) % sc.retention_every == 0 or last):
         per_so_far, _ = scorer(records[: ev.applied])
-        n_batches = -(-cfg.n_edits // cfg.batch_size)
-        cohort = cohort_size(n_batches, cfg.batch_size)
+        cohort = cohort_size(cfg.n_batches, cfg.batch_size)
         log_.retention.append(retention_point(ev.applied, per_so_far, cfg.batch_size, cohort))
         forget = {k: v for k, v in log_.retention[-1].items() if k != "edits"}
     probes: dict[str, float] = {}
@@ -358,7 +357,6 @@ def edit_and_score(
     """Run the schedule, scoring each batch's facts right after their batch (the reference's protocol);
     returns the log and the schedule's result (the model is left edited in sequential modes)."""
     log_ = BatchLog()
-    n_batches = (cfg.n_edits + cfg.batch_size - 1) // cfg.batch_size
     shareable = traits(cfg.algorithm).values_shareable(cfg.mode, cfg.batch_size)
 
     def provide(b: int, chunk: list) -> torch.Tensor | None:
@@ -375,7 +373,7 @@ def edit_and_score(
         log_.scores.extend(per)
         if "ge" in agg:
             log_.ge.append((len(recs), agg["ge"]))
-        last = ev.index == n_batches - 1
+        last = ev.index == cfg.n_batches - 1
         if cfg.scoring.ppl and cfg.mode == "batch" and last:
             log_.ppl_at_edit = scorer.ppl()  # batch mode: the last batch's model stands for all of them
         so_far = aggregate(log_.scores)
