@@ -24,6 +24,7 @@ from .schema import (
     COLLAPSED_AT,
     CP_PREFIX,
     DEFAULT_DATASET,
+    HEALTH_CURVES,
     METHOD_ORDER,
     RETENTION_PREFIX,
     SEQUENTIAL_MODES,
@@ -169,8 +170,7 @@ def _with_first_batch(curves: pd.DataFrame, runs: Sequence[str]) -> pd.DataFrame
 def health_section(trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Section | None:
     """The edited matrix's health against the edits applied (‖W − W₀‖_F, σ_max(W), its condition number,
     held-out perplexity) and a table of edits-to-collapse per method with the final scores."""
-    keys = ["curve.drift", "curve.health_sigma_max", "curve.health_cond", "curve.health_ppl", "curve.health_he"]
-    runs = _runs(curves, keys)
+    runs = _runs(curves, HEALTH_CURVES)
     if not runs:
         return None
     sec = Section("health", "Health of the edited model and edits to collapse")
