@@ -34,7 +34,7 @@ from torch import nn
 
 from ..common import AlgorithmTraits, EditResult, EditState, RunningStats, prepare, timed
 from ..hparams import UltraEditHParams
-from ..model import ModelSpec, get_module, model_device, no_weight_grads
+from ..model import ModelSpec, get_module, hooks, model_device, no_weight_grads
 from ..requests import EditRequest, encode, fill, pad_id, pad_right, target_ids
 from ..solvers import ultraedit_delta
 from ..templates import TemplateGroups
@@ -66,26 +66,13 @@ def capture(
     rows = torch.tensor([i for i, pos in enumerate(positions) for _ in pos], device=device)
     cols = torch.tensor([p for pos in positions for p in pos], device=device)
     labels = ids.new_tensor([t for r in requests for t in target_ids(tok, r.target_new)])
-    inputs: dict[str, torch.Tensor] = {}
-    outputs: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in names:
-
-        def hook(mod, args, out, _n=name):
-            inputs[_n], outputs[_n] = args[0], out
-
-        handles.append(get_module(model, name).register_forward_hook(hook))
-    try:
-        with no_weight_grads(model), torch.enable_grad():
-            for name in names:  # gradients must reach every edited module's output (the authors' setting)
-                get_module(model, name).weight.requires_grad_(True)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits[rows, cols].float(), labels)
-            grads = torch.autograd.grad(loss, [outputs[n] for n in names])
-    finally:
-        for h in handles:
-            h.remove()
-    keys = {n: inputs[n][rows, cols].detach().float() for n in names}
+    with hooks(model, inputs=names, outputs=names) as st, no_weight_grads(model), torch.enable_grad():
+        for name in names:  # gradients must reach every edited module's output (the authors' setting)
+            get_module(model, name).weight.requires_grad_(True)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[rows, cols].float(), labels)
+        grads = torch.autograd.grad(loss, [st[f"out:{n}"] for n in names])
+    keys = {n: st[f"in:{n}"][rows, cols].detach().float() for n in names}
     return keys, {n: g[rows, cols].detach().float() for n, g in zip(names, grads, strict=True)}
 
 
