@@ -41,7 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .run import FACTS, OUT, REF_MODEL, REF_PY, ROOT, peak_rss_mb, rome_records, stats_npz, write_results
+from .run import OUT, REF_MODEL, REF_PY, ROOT, peak_rss_mb, rome_records, stats_npz, write_results
+from .run import trial_config as run_trial_config
 
 RUNNER = ROOT / "bench" / "reference" / "run_authors.py"
 BEGIN, END = "<!-- bench:authors:begin -->", "<!-- bench:authors:end -->"
@@ -101,19 +102,9 @@ def authors_hparams(algorithm: str, hp: dict[str, Any]) -> dict[str, Any]:
 
 
 def trial_config(spec: dict[str, Any]) -> dict[str, Any]:
-    """The sweep.trial configuration whose statistics and records our side uses."""
-    return {
-        "algorithm": spec["algorithm"],
-        "hparams": "smollm2-135m",
-        "hp": {**spec["hp"], "v_num_grad_steps": spec["steps"], "early_stop_loss": 0.0},
-        "layers": [spec["layer"]],
-        "n_edits": spec["n_edits"],
-        "batch_size": spec["batch_size"],
-        "mode": "sequential-batch",
-        "model": {"device": "cpu"},
-        "dataset": {"source": str(FACTS)},
-        "scoring": {"pre": False, "ppl": False},
-    }
+    """The sweep.trial configuration whose statistics and records our side uses (``bench.run``'s, in
+    sequential-batch mode)."""
+    return run_trial_config(spec, mode="sequential-batch")
 
 
 def run_ours(spec: dict[str, Any]) -> dict[str, Any]:

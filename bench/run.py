@@ -85,11 +85,12 @@ def peak_rss_mb() -> float:
 # Our side (runs in a fresh process: ``python -m bench.run --side ours --spec ... --out ...``)
 
 
-def trial_config(spec: dict[str, Any]) -> dict[str, Any]:
-    """The sweep.trial configuration of one benchmark configuration."""
-    hp: dict[str, Any] = {}
+def trial_config(spec: dict[str, Any], mode: str = "batch") -> dict[str, Any]:
+    """The sweep.trial configuration of one benchmark configuration: ``spec``'s algorithm, layer, facts and
+    batch size, its ``hp`` overrides and, with ``steps``, that many value steps with no early stop."""
+    hp: dict[str, Any] = dict(spec.get("hp", {}))
     if spec["steps"]:
-        hp = {"v_num_grad_steps": spec["steps"], "early_stop_loss": 0.0}
+        hp.update(v_num_grad_steps=spec["steps"], early_stop_loss=0.0)
     return {
         "algorithm": spec["algorithm"],
         "hparams": "smollm2-135m",
@@ -97,7 +98,7 @@ def trial_config(spec: dict[str, Any]) -> dict[str, Any]:
         "layers": [spec["layer"]],
         "n_edits": spec["n_edits"],
         "batch_size": spec["batch_size"],
-        "mode": "batch",
+        "mode": mode,
         "model": {"device": "cpu"},
         "dataset": {"source": str(FACTS)},
         "scoring": {"pre": False, "ppl": False},
