@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from editors.store import atomic_write, write_text_atomic
 
-from .records import BENCHMARKS, QA_BENCHMARKS, DatasetError, Record, check_unique
+from .records import BENCHMARKS, QA_BENCHMARKS, DatasetError, Record, SourceUnavailable, check_unique
 
 if TYPE_CHECKING:
     from ..config import DatasetConfig
@@ -476,7 +476,7 @@ def fetch(url: str, sha256: str | None = None, cache: Path | None = None) -> Pat
                 while block := resp.read(1 << 20):
                     out.write(block)
         except OSError as e:
-            raise DatasetError(
+            raise SourceUnavailable(
                 f"dataset.source: could not download {url} ({e}); offline? Put the file at {path} "
                 "or set dataset.source to a local copy"
             ) from None
@@ -497,7 +497,7 @@ def resolve_source(source: str, sha256: str | None = None) -> Path:
         return fetch(source, sha256)
     path = Path(source).expanduser()
     if not path.is_file():
-        raise DatasetError(f"dataset.source: {source!r} is not a file (give a path, a URL, or 'demo')")
+        raise SourceUnavailable(f"dataset.source: {source!r} is not a file (give a path, a URL, or 'demo')")
     return path
 
 

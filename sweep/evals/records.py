@@ -19,6 +19,12 @@ class DatasetError(ValueError):
     """A dataset record or selection is invalid; the message names the case id and the field."""
 
 
+class SourceUnavailable(DatasetError):
+    """The dataset's file is not at hand: a local path that is not a file, or a URL that could not be
+    downloaded. A dry run plans without it (facts counted by position); every other :class:`DatasetError`
+    (a bad record, more edits than the selection holds) stops a dry run as it stops a launch."""
+
+
 @dataclass(frozen=True)
 class Record:
     """One edit case of any benchmark.

@@ -422,8 +422,10 @@ def plan_shared(
 
 def _selection(t: TrialConfig, datasets: dict[tuple, list[Any]], dry_run: bool) -> tuple[tuple, list[Any]]:
     """(the selection's key, its records) of trial ``t``, loaded once per selection; in a dry run, a
-    dataset not at hand gives ``None`` per fact (counted by position)."""
-    from ..evals.data import DatasetError, load_selection
+    dataset not at hand gives ``None`` per fact (counted by position); a selection that is wrong (more
+    edits than it holds, a bad record) is an error in a dry run too."""
+    from ..evals.data import load_selection
+    from ..evals.records import SourceUnavailable
 
     d = t.dataset
     dkey = (
@@ -442,10 +444,10 @@ def _selection(t: TrialConfig, datasets: dict[tuple, list[Any]], dry_run: bool) 
     if dkey not in datasets:
         try:
             datasets[dkey] = load_selection(d, t.n_edits)
-        except DatasetError:
+        except SourceUnavailable as e:
             if not dry_run:
                 raise
-            log.warning("dry run: dataset %s is not at hand; facts counted by position", d.source)
+            log.warning("dry run: %s; facts counted by position", e)
             datasets[dkey] = [None] * t.n_edits
     return dkey, datasets[dkey]
 

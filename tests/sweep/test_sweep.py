@@ -150,6 +150,21 @@ def test_every_shipped_config_dry_runs(path, capsys):
     assert "trials" in out and "statistics" in out
 
 
+def test_a_dry_run_plans_without_a_missing_dataset_but_refuses_more_edits_than_it_holds(assets, capsys):
+    """A dataset file not at hand (planned on a laptop for a cluster's disk) is counted by position; a
+    file at hand with fewer records than ``n_edits`` is the launch's error, so the dry run reports it."""
+    held = len(json.loads((assets / "cf.json").read_text()))
+    path = sweep_yaml(assets, "toomany", {"n_edits": [held + 1], "batch_size": [1]})
+    assert launch.main(["--config", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "n_edits" in err and f"only {held} records" in err
+    cfg = yaml.safe_load(path.read_text())
+    cfg["base"]["dataset"]["source"] = str(assets / "elsewhere.json")
+    path.write_text(yaml.safe_dump(cfg))
+    assert launch.main(["--config", str(path), "--dry-run"]) == 0
+    assert "1 trials" in capsys.readouterr().out
+
+
 def test_bad_sweep_config_names_the_field(assets, capsys):
     path = sweep_yaml(assets, "bad", {"algorithm": ["memit", "mend"], "batch_size": [2]})
     assert launch.main(["--config", str(path), "--dry-run"]) == 2
