@@ -43,9 +43,10 @@ def overrides(d, **kw):
 
 
 def test_batch_trial_alone_and_with_handed_inputs(tiny_dir):
-    """Alone, a trial's fulfilment computes its statistics (through the store) and pre-scores, and its
-    schedule its values; handed complete inputs (a one-trial plan fulfilled in-process, with the values
-    shared) it computes none of it and gets the same metrics; incomplete inputs are one clear error."""
+    """Alone, a trial's fulfilment computes its statistics (through the store), its pre-scores and (batch
+    mode) every batch's values up front, which its schedule reuses; handed complete inputs (a one-trial
+    plan fulfilled in-process through the stores) it computes none of it and gets the same metrics;
+    incomplete inputs are one clear error."""
     from editors import load_model
     from sweep.config import SweepConfig, trial_key
     from sweep.shared.fulfil import fulfil_local
@@ -61,10 +62,11 @@ def test_batch_trial_alone_and_with_handed_inputs(tiny_dir):
         "stats_computed": 1,
         "stats_reused": 0,
         "values_optimised": 4,
-        "values_reused": 0,
+        "values_reused": 4,
         "scores_computed": 4,
         "scores_reused": 0,
     }
+    assert first.timings["values"] > 0  # optimised up front, still the trial's value time
     assert first.stats_tokens == {1: 3000}
     assert [c["edits"] for c in first.curves] == [2, 4] and [c["applied"] for c in first.curves] == [2, 2]
     assert len(first.per_record) == 4 and "final_es" in first.per_record[0]
@@ -97,6 +99,35 @@ def test_batch_trial_alone_and_with_handed_inputs(tiny_dir):
         run_trial(cfg, inputs=inputs[key], model=model, tok=tok)
     with pytest.raises(ValueError, match="inputs: run_trial needs its shared inputs"):
         run_trial(cfg, inputs=None, model=model, tok=tok)  # type: ignore[arg-type]
+
+
+def test_single_rome_edits_alone_optimise_their_values_together_with_the_same_results(tiny_dir):
+    """A trial of single ROME edits optimises every fact's v* up front in one chunk (the fast path of
+    ``trial_alone``); the schedule then reuses them and each fact's scores and v* equal those of the
+    schedule optimising each fact's value on its own (inputs without values)."""
+    from editors import load_model
+    from sweep.config import SweepConfig, trial_key
+    from sweep.shared.fulfil import fulfil_local
+    from sweep.shared.needs import plan_shared
+
+    cfg = load_config(None, overrides(tiny_dir, algorithm="rome", batch_size=1, **{"scoring.ppl": "false"}))
+    model, tok = load_model(str(tiny_dir / "model"))
+    fast = trial_alone(cfg, model=model, tok=tok, progress=False)
+    assert (fast.work["values_optimised"], fast.work["values_reused"]) == (4, 4)
+    sweep = SweepConfig(name="t", share_values=False, values_store=None, scores_store=None)  # type: ignore[arg-type]
+    key = trial_key(cfg)
+    inputs, _ = fulfil_local(plan_shared(sweep, [cfg], [key]), sweep, model, tok, progress=False)
+    one_by_one = run_trial(cfg, inputs=inputs[key], model=model, tok=tok)
+    assert one_by_one.work["values_optimised"] == 4 and one_by_one.work["values_reused"] == 0
+    for a, b in zip(fast.per_record, one_by_one.per_record, strict=True):
+        # every score the same; the margins (log-probability differences) within float32 rounding
+        # of the differently batched forward passes (about 1e-10 here)
+        assert {k: v for k, v in a.items() if k[-2:] not in ("em", "pm", "nm")} == {
+            k: v for k, v in b.items() if k[-2:] not in ("em", "pm", "nm")
+        }
+        assert [a[k] for k in a if k[-2:] in ("em", "pm", "nm")] == pytest.approx(
+            [b[k] for k in b if k[-2:] in ("em", "pm", "nm")], rel=1e-5, abs=1e-8
+        )
 
 
 def test_sequential_trial_reports_both_and_restores_the_model(tiny_dir, tok_bos):
