@@ -203,12 +203,17 @@ class UltraEditHParams(EditHParams):
     ``ultra_lr``: the step size in V = −lr·‖k̂‖²·ĝ (the authors' 1e-6); ``ultra_ridge``: the ridge of
     the solve (hard-coded 1 there); ``ultra_sub_batch``: requests per forward/backward, over which the
     loss is averaged and after each of which the statistics are updated (the authors' dataset
-    ``batch_size``: 10). The value optimisation's fields are not used."""
+    ``batch_size``: 10); ``ultra_modules``: the projection edited in each layer, a module path inside
+    the block (``mlp.gate_proj``), one for every layer or one per entry of ``layers`` in its order
+    (empty: the MLP output projection, ``ModelSpec.rewrite_module``; the authors' Llama-3-8B setting is
+    ``gate_proj`` at layers 11-15 and ``up_proj`` at 18-24). The value optimisation's fields are not
+    used."""
 
     context_templates: Literal["rome", "memit", "none"] = "none"
     ultra_lr: float = 1e-6
     ultra_ridge: float = 1.0
     ultra_sub_batch: int = 10
+    ultra_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -220,6 +225,14 @@ class UltraEditHParams(EditHParams):
             raise ValueError(f"ultra_sub_batch: must be >= 1, got {self.ultra_sub_batch}")
         if self.nas or self.beta_hse:
             raise ValueError("nas / beta_hse: act on target values and a layered solve UltraEdit does not have")
+        if len(self.ultra_modules) not in (0, 1, len(self.layers)):
+            raise ValueError(
+                f"ultra_modules: give one module for every layer or one per layer of layers ({len(self.layers)}), "
+                f"got {len(self.ultra_modules)}"
+            )
+        for m in self.ultra_modules:
+            if not isinstance(m, str) or not m or "{" in m or m.startswith(".") or m.endswith("."):
+                raise ValueError(f"ultra_modules: {m!r} is not a module path inside a block, e.g. 'mlp.up_proj'")
 
 
 HPARAMS: dict[str, type[EditHParams]] = {

@@ -182,6 +182,8 @@ def run_schedule(
     spec = spec or spec_for(model)
     for layer in hparams.layers:
         spec.check_layer(layer, "layers")
+    if (check := getattr(alg, "check_model", None)) is not None:  # settings the model's layout must allow
+        check(model, spec, hparams)
     validate_requests(tok, reqs)
     if templates is None:  # once, on the unedited model, for every batch
         templates = TemplateCache().get(model, tok, hparams.context_templates, hparams.template_seed)

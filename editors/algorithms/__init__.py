@@ -14,7 +14,8 @@
 ``sphere``     SPHERE: each update kept off the weight's principal directions (``beta_hse``)
 =============  =======================================================================================
 
-Each algorithm module has ``compute_deltas``, ``update_state`` and ``TRAITS``; the settings modules
+Each algorithm module has ``compute_deltas``, ``update_state`` and ``TRAITS`` (and may have
+``check_model(model, spec, hparams)``, which ``run_schedule`` calls before the first batch); the settings modules
 hold the pure functions the algorithms and :func:`editors.schedule.run_schedule` call.
 """
 

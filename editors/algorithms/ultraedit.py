@@ -1,8 +1,9 @@
 """UltraEdit: training-, subject- and memory-free lifelong editing (Gu et al., arXiv 2505.14679;
 ``XiaojieGu/UltraEdit`` @ 0beb222, ``editor/ultraedit.py``, ``nets.py``, ``util.py``).
 
-No target values, no Wikipedia statistics, no earlier keys. For each edited projection (the MLP's
-output projection of every layer in ``layers``) and each batch ("turn"):
+No target values, no Wikipedia statistics, no earlier keys. For each edited projection (by default the
+MLP's output projection of every layer in ``layers``; ``ultra_modules`` names another per layer, as the
+authors' ``edit_modules``: :func:`module_names`) and each batch ("turn"):
 
 1. Teacher-force prompt + " " + answer (the last answer token not fed); the loss is the mean
    cross-entropy over the answer tokens of each sub-batch of ``ultra_sub_batch`` requests, cut after
@@ -19,9 +20,7 @@ output projection of every layer in ``layers``) and each batch ("turn"):
 Every module's ΔW comes from the same forward/backward on the model before the batch and all are
 applied together. Where this differs from the authors' code (docs/ALGORITHMS.md): the solve is float64 in
 its N×N dual form (theirs: float32, d_in×d_in); the model runs in its own dtype (theirs: bf16, and the
-update is cast to bf16 before it is added); the edited modules are the MLP output projections of
-``layers`` (the authors' Mistral-7B, GPT-J and Phi-4 settings; on Llama-3-8B they edit gate_proj and
-up_proj instead).
+update is cast to bf16 before it is added).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from torch import nn
 
 from ..common import AlgorithmTraits, EditResult, EditState, RunningStats, prepare, timed
 from ..hparams import UltraEditHParams
-from ..model import ModelSpec, get_module, hooks, model_device, no_weight_grads
+from ..model import ModelSpec, ModelSpecError, get_module, hooks, model_device, no_weight_grads
 from ..requests import EditRequest, encode, fill, pad_id, pad_right, target_ids
 from ..solvers import ultraedit_delta
 from ..templates import TemplateGroups
@@ -76,6 +75,32 @@ def capture(
     return keys, {n: g[rows, cols].detach().float() for n, g in zip(names, grads, strict=True)}
 
 
+def module_names(model: nn.Module, spec: ModelSpec, hparams: UltraEditHParams) -> list[str]:
+    """The edited module of each layer of ``hparams.layers``, in order: ``ultra_modules`` (one for all,
+    or one per layer) inside each block, else the MLP output projection. A module that does not exist
+    or has no 2-D weight is a ValueError naming ``ultra_modules``, before any forward."""
+    mods = hparams.ultra_modules
+    if not mods:
+        names = [spec.rewrite_name(layer) for layer in hparams.layers]
+    else:
+        per_layer = mods * len(hparams.layers) if len(mods) == 1 else mods
+        names = [f"{spec.block_name(layer)}.{m}" for layer, m in zip(hparams.layers, per_layer, strict=True)]
+    for name in names:
+        try:
+            w = get_module(model, name).weight
+        except (ModelSpecError, AttributeError):
+            raise ValueError(f"ultra_modules: {name} is not a module with a weight in this model") from None
+        if w.ndim != 2:
+            raise ValueError(f"ultra_modules: {name} has a {w.ndim}-D weight; UltraEdit edits 2-D projections")
+    return names
+
+
+def check_model(model: nn.Module, spec: ModelSpec, hparams: UltraEditHParams) -> None:
+    """Called by :func:`editors.schedule.run_schedule` before the first batch: every module of
+    ``ultra_modules`` exists with a 2-D weight (else one ValueError naming the field)."""
+    module_names(model, spec, hparams)
+
+
 def compute_deltas(
     model: nn.Module,
     tok: Any,
@@ -95,12 +120,10 @@ def compute_deltas(
     spec, reqs, _, templates = prepare(model, tok, requests, hparams, None, spec, templates, need_stats=False)
     state = state if state is not None else EditState()
     device = model_device(model)
-    names = [spec.rewrite_name(layer) for layer in hparams.layers]
-    shapes = {}
+    names = module_names(model, spec, hparams)
+    shapes = {}  # module -> (d_in, d_out): modules of one shape share one normaliser (the authors')
     for name in names:
         w = get_module(model, name).weight
-        if w.ndim != 2:
-            raise ValueError(f"ultraedit: {name} has a {w.ndim}-D weight; UltraEdit edits 2-D projections")
         d_out, d_in = w.shape if not spec.weight_transposed else w.shape[::-1]
         shapes[name] = (int(d_in), int(d_out))
     info: dict[str, Any] = {"solver": {}}

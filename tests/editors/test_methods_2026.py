@@ -313,6 +313,77 @@ def test_out_of_range_settings_name_their_field(alg, overrides, field):
         load_hparams(alg, "smollm2-135m", **overrides)
 
 
+def test_ultraedit_edits_the_named_module_of_each_layer_with_one_normaliser_per_shape(model, tok):
+    """``ultra_modules`` as the authors' Llama-3-8B setting (gate_proj, then up_proj): each named module
+    gets ΔWᵀ = (KᵀK + I)⁻¹KᵀV from its own keys and gradients, normalised by ONE running statistic that
+    both modules feed (same shape), in module order per sub-batch, computed here by hand; naming the
+    output projection explicitly is bit-identical to the default."""
+    spec = spec_for(model)
+    reqs = REQUESTS[:3]
+    hp = load_hparams(
+        "ultraedit",
+        None,
+        layers=[1, 2],
+        ultra_modules=["mlp.gate_proj", "mlp.up_proj"],
+        ultra_lr=1e-2,
+        ultra_sub_batch=3,
+    )
+    state = EditState()
+    res = compute_deltas("ultraedit", model, tok, reqs, hp, None, state=state)
+    names = ["model.layers.1.mlp.gate_proj", "model.layers.2.mlp.up_proj"]
+    assert list(res.deltas) == names
+    d_ff = model.config.intermediate_size
+    assert all(res.deltas[n].shape == (d_ff, spec.d_model) for n in names)
+    assert list(state.running) == [(spec.d_model, d_ff)]  # one normaliser for both
+
+    fed = [len(x) for x in ultraedit.teacher_forced_rows(tok, reqs)[0]]
+    order = [reqs[i] for i in sorted(range(3), key=lambda i: fed[i], reverse=True)]
+    k, g = ultraedit.capture(model, tok, names, order, torch.device("cpu"))
+    stats = RunningStats.zeros(spec.d_model + d_ff)
+    for n in names:
+        stats.update(torch.cat([k[n], g[n]], dim=1))
+    assert torch.equal(stats.mean, state.running[(spec.d_model, d_ff)].mean)
+    for n in names:
+        z = stats.normalise(torch.cat([k[n], g[n]], dim=1))
+        k_hat, g_hat = z[:, : spec.d_model], z[:, spec.d_model :]
+        v = -1e-2 * (k_hat * k_hat).sum(-1, keepdim=True) * g_hat
+        want = torch.linalg.solve(
+            k[n].double().T @ k[n].double() + torch.eye(spec.d_model, dtype=torch.float64), k[n].double().T @ v.double()
+        )
+        torch.testing.assert_close(res.deltas[n].double(), want.T, rtol=1e-5, atol=1e-9)
+
+    default = load_hparams("ultraedit", None, layers=[1, 2], ultra_lr=1e-2, ultra_sub_batch=3)
+    named = load_hparams(
+        "ultraedit", None, layers=[1, 2], ultra_modules=["mlp.down_proj"], ultra_lr=1e-2, ultra_sub_batch=3
+    )
+    a = compute_deltas("ultraedit", model, tok, reqs, default, None, state=EditState())
+    b = compute_deltas("ultraedit", model, tok, reqs, named, None, state=EditState())
+    assert a.deltas.keys() == b.deltas.keys() and all(torch.equal(a.deltas[n], b.deltas[n]) for n in a.deltas)
+
+
+@pytest.mark.parametrize(
+    ("modules", "message"),
+    [
+        (["mlp.up_proj", "mlp.gate_proj", "mlp.down_proj"], "one per layer of layers \\(2\\), got 3"),
+        (["mlp.{}.up_proj"], "not a module path"),
+        (["mlp.nothing"], "model.layers.1.mlp.nothing is not a module"),
+        (["mlp"], "model.layers.1.mlp is not a module with a weight"),
+    ],
+)
+def test_ultraedit_modules_it_cannot_edit_are_one_error_naming_the_field(model, tok, modules, message):
+    state = EditState()
+    with pytest.raises(ValueError, match=message) as e:
+        hp = load_hparams("ultraedit", None, layers=[1, 2], ultra_modules=modules)
+        compute_deltas("ultraedit", model, tok, REQUESTS[:3], hp, None, state=state)
+    assert "ultra_modules" in str(e.value) and state.running == {}
+    if modules == ["mlp.nothing"]:  # a schedule refuses it before its first batch, the model untouched
+        snap = {k: v.clone() for k, v in model.state_dict().items()}
+        hp = load_hparams("ultraedit", None, layers=[1, 2], ultra_modules=modules)
+        with pytest.raises(ValueError, match="ultra_modules"):
+            run_schedule(model, tok, REQUESTS[:3], "ultraedit", hp, None, batch_size=3, mode="sequential-batch")
+        assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
 def test_ultraedit_refuses_a_sub_batch_with_one_answer_token(model, tok):
     """One request with a one-token answer gives one row: its variance is undefined (the authors' code
     would write NaN into the statistics for good); here it is an error and the state is untouched."""
