@@ -310,9 +310,9 @@ def subprocess_json(cmd: list[str], out: Path, env: dict[str, str]) -> dict[str,
     return res
 
 
-def run_method(name: str, args: argparse.Namespace, records: Path, env: dict[str, str]) -> dict[str, Any]:
-    algorithm, hp, extra = METHODS[name]
-    spec = {
+def ours_spec(algorithm: str, hp: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The spec of our side (and of its trial configuration) from the command line's protocol."""
+    return {
         "algorithm": algorithm,
         "hp": hp,
         "layer": args.layer,
@@ -321,16 +321,49 @@ def run_method(name: str, args: argparse.Namespace, records: Path, env: dict[str
         "batch_size": args.batch,
         "threads": args.threads,
     }
-    sp = OUT / f"authors.{name}.ours.spec.json"
+
+
+def run_ours_side(tag: str, spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """Our side of one method in a fresh process (``bench/out/<tag>.ours.{spec.json,json}``); it must hand
+    over its statistics file."""
+    sp = OUT / f"{tag}.ours.spec.json"
     sp.write_text(json.dumps(spec))
-    log.info("%s: ours", name)
-    ours_out = OUT / f"authors.{name}.ours.json"
+    log.info("%s: ours", tag)
+    ours_out = OUT / f"{tag}.ours.json"
     cmd = [sys.executable, "-m", "bench.authors", "--side", "ours", "--spec", str(sp), "--out", str(ours_out)]
-    entry: dict[str, Any] = {"ours": subprocess_json(cmd, ours_out, env)}
-    o = entry["ours"]
-    log.info("%s: ours %.2f s/edit", name, per_edit(o))
+    o = subprocess_json(cmd, ours_out, env)
+    log.info("%s: ours %.2f s/edit", tag, per_edit(o))
     if not o.get("stats_file"):
         raise RuntimeError("our side wrote no statistics file to hand over")
+    return o
+
+
+def results_header(args: argparse.Namespace) -> dict[str, Any]:
+    """A results dict before any method ran: the date, the protocol's settings and the machine."""
+    import torch
+    import transformers
+
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "n": args.n,
+        "batch": args.batch,
+        "layer": args.layer,
+        "steps": args.steps,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "methods": {},
+    }
+
+
+def run_method(name: str, args: argparse.Namespace, records: Path, env: dict[str, str]) -> dict[str, Any]:
+    algorithm, hp, extra = METHODS[name]
+    o = run_ours_side(f"authors.{name}", ours_spec(algorithm, hp, args), env)
+    entry: dict[str, Any] = {"ours": o}
     theirs = AUTHORS_METHOD.get(name, name)
     aspec = {
         "method": theirs,
@@ -393,24 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {', '.join(missing)} missing: run bash bench/reference/build.sh")
     OUT.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    import torch
-    import transformers
-
-    results: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"),
-        "n": args.n,
-        "batch": args.batch,
-        "layer": args.layer,
-        "steps": args.steps,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "threads": args.threads,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "methods": {},
-    }
+    results = results_header(args)
     records = rome_records(args.n)
     for name in names:
         try:

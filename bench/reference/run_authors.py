@@ -96,14 +96,18 @@ METHODS = {
 
 
 def function_from_source(path: Path, name: str, namespace: dict) -> object:
-    """The top-level function ``name`` of the file ``path``, compiled alone into ``namespace`` (so a driver
-    whose module imports are unavailable still lends its function, verbatim)."""
-    tree = ast.parse(path.read_text())
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name == name:
+    """The top-level function ``name`` of the file ``path`` (or, for ``"Class.method"``, that method as a plain
+    function of ``self``), compiled alone into ``namespace`` (so a driver whose module imports are unavailable
+    still lends its function, verbatim)."""
+    *owners, fname = name.split(".")
+    body = ast.parse(path.read_text()).body
+    for owner in owners:
+        body = next((n.body for n in body if isinstance(n, ast.ClassDef) and n.name == owner), [])
+    for node in body:
+        if isinstance(node, ast.FunctionDef) and node.name == fname:
             mod = ast.Module(body=[node], type_ignores=[])
             exec(compile(mod, str(path), "exec"), namespace)  # the authors' own function, verbatim
-            return namespace[name]
+            return namespace[fname]
     raise SystemExit(f"{path}: no function {name}")
 
 
