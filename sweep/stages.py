@@ -254,6 +254,9 @@ class BatchLog:
     collapsed_at: int | None = None
     collapse_reason: str | None = None
     final_drift: dict[str, float] = field(default_factory=dict)  # module -> ‖W − W₀‖_F after the last batch
+    # the last batch's retention point and perplexity: the final model's, which final_scores reuses
+    scored_last: tuple[int, list[RecordScores], dict[str, float]] | None = None
+    ppl_last: float | None = None
     probes_final: dict[str, float] = field(default_factory=dict)  # the probes after the last batch
     multihop_final: dict[str, float] = field(default_factory=dict)  # MQuAKE, after the last batch
 
@@ -278,7 +281,9 @@ def periodic_points(
     sc = cfg.scoring
     forget: dict[str, float] = {}
     if sc.retention_every and cfg.mode != "batch" and ((ev.index + 1) % sc.retention_every == 0 or last):
-        per_so_far, _ = scorer(records[: ev.applied])
+        per_so_far, agg = scorer(records[: ev.applied])
+        if last:
+            log_.scored_last = (ev.applied, per_so_far, agg)
         cohort = cohort_size(cfg.n_batches, cfg.batch_size)
         log_.retention.append(retention_point(ev.applied, per_so_far, cfg.batch_size, cohort))
         forget = {k: v for k, v in log_.retention[-1].items() if k != "edits"}
@@ -293,6 +298,8 @@ def periodic_points(
     health: dict[str, float] = {}
     if ev.health is not None:
         ppl = scorer.ppl() if sc.ppl else None
+        if last:
+            log_.ppl_last = ppl
         log_.health.append(health_point(ev, ppl))
         health = {k: v for k, v in log_.health[-1].items() if k != "edits"}
     return forget, probes, health, ppl
@@ -459,7 +466,9 @@ def final_scores(
 ) -> tuple[dict[str, float], dict[str, float], list[RecordScores]]:
     """(at-edit metrics, final metrics, final per-record scores) of the model the schedule left: in
     ``batch`` mode final = at edit (each batch on the unedited model); otherwise the facts whose edits
-    are in the model (all of them unless the guard stopped the trial) are scored again."""
+    are in the model (all of them unless the guard stopped the trial) are scored again, unless the last
+    batch's retention point already scored them on this model (and its health point took the
+    perplexity): then those are the final scores, not a second pass of the same forward passes."""
     at_edit = aggregate(log_.scores)
     if log_.ge:
         at_edit["ge"] = sum(n * g for n, g in log_.ge) / sum(n for n, _ in log_.ge)
@@ -467,9 +476,12 @@ def final_scores(
         at_edit["ppl"] = log_.ppl_at_edit
     if cfg.mode == "batch":
         return at_edit, {**at_edit, **log_.probes_final, **log_.multihop_final}, log_.scores
-    per, final = scorer(records[: sched.applied])
+    if log_.scored_last is not None and log_.scored_last[0] == sched.applied:
+        per, final = log_.scored_last[1], dict(log_.scored_last[2])
+    else:
+        per, final = scorer(records[: sched.applied])
     if cfg.scoring.ppl:
-        final["ppl"] = scorer.ppl()
+        final["ppl"] = log_.ppl_last if log_.ppl_last is not None else scorer.ppl()
     final.update(log_.probes_final or (scorer.probes() if cfg.scoring.probes else {}))  # a guard stop: now
     final.update(log_.multihop_final or scorer.multihop(records[: sched.applied]))
     return at_edit, final, per

@@ -186,11 +186,14 @@ def test_bad_configs_fail_with_one_line_and_no_file(bad, field, tiny_dir, tmp_pa
     assert not out.exists()
 
 
-def test_forgetting_curve_equals_a_direct_rescoring_and_health_is_recorded(tiny_dir, tok_bos):
+def test_forgetting_curve_equals_a_direct_rescoring_and_health_is_recorded(tiny_dir, tok_bos, monkeypatch):
     """The forgetting points re-score every fact edited so far: the last equals the final scores and,
     for the first batch, the mean of its facts' final per-record scores; the first equals the first
-    batch's scores at edit (the same model). Health points come every ``health_every`` batches."""
+    batch's scores at edit (the same model). The last point IS the final scoring: the 4 facts are
+    scored once on the final model, its perplexity taken once. Health points come every
+    ``health_every`` batches."""
     from editors import load_model
+    from sweep import stages
     from sweep.evals.metrics import aggregate, score_records
     from sweep.stages import load_records
 
@@ -199,7 +202,16 @@ def test_forgetting_curve_equals_a_direct_rescoring_and_health_is_recorded(tiny_
     )
     cfg = load_config(None, ov)
     model, tok = load_model(str(tiny_dir / "model"), device="cpu")
+    calls: list[int] = []
+    ppl_calls: list[int] = []
+    score, ppl = stages.Scorer.__call__, stages.Scorer.ppl
+    monkeypatch.setattr(stages.Scorer, "__call__", lambda self, recs: calls.append(len(recs)) or score(self, recs))
+    monkeypatch.setattr(stages.Scorer, "ppl", lambda self: ppl_calls.append(1) or ppl(self))
     res = trial_alone(cfg, model=model, tok=tok, progress=False)
+    assert calls == [1, 1, 2, 1, 1, 4]  # each batch at edit, the points after batches 2 and 4; no final pass
+    assert len(ppl_calls) == 4  # one per health point; the final perplexity is the last one's
+    assert res.metrics["final"]["ppl"] == res.health[-1]["ppl"]
+    monkeypatch.undo()
     assert [p["edits"] for p in res.retention] == [2, 4]  # every 2 batches
     last = res.retention[-1]
     for m in ("es", "ps", "ns", "s"):
