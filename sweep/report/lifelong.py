@@ -250,16 +250,44 @@ def collapse_section(trials: pd.DataFrame, curves: pd.DataFrame, out: Path) -> S
     if rows:
         table = pd.DataFrame(rows).fillna("—")
         sec.paths["collapse.csv"] = write_csv(out / "collapse.csv", table)
-        sec.paths["collapse.md"] = write_text(out / "collapse.md", markdown_table(table))
+        sec.paths["collapse.md"] = write_text(out / "collapse.md", markdown_table(headline_collapse(table)))
         sec.table = table
     sec.notes.append(
         "cp60.<measure>: the edits at which the measure first fell below 60% of its start (the NAS paper's CP@60; "
         "for perplexity: rose above its start / 0.6); the start is the unedited model's value where it has one "
-        "(perplexity, probes), else the first point. 'none': it never fell that far; '—': not measured."
+        "(perplexity, probes), else the first point. 'none': it never fell that far; '—': not measured. "
+        "collapse.md shows the headline measures and the first probe to fall; collapse.csv has every measure."
     )
     if runs:
         sec.paths["fig_retention.png"] = write_figure(out / "fig_retention.png", _retention_figure(curves, runs))
     return sec
+
+
+#: the measures collapse.md shows (when measured), in this order; every one is in collapse.csv
+CP_HEADLINE = ("batch_es", "batch_s", "forget_all_es", "forget_all_s", "forget_first_es", "health_ppl")
+#: the probe measure whose earliest collapse collapse.md shows (the likelihood accuracy: readable on a small
+#: model, whose generated answers rarely parse)
+CP_PROBE = re.compile(r"^cp60\.probe_(\w+?)_lik_acc$")
+
+
+def headline_collapse(table: pd.DataFrame) -> pd.DataFrame:
+    """The collapse table's headline columns (:data:`CP_HEADLINE`) and ``cp60.first_probe``: the fewest
+    edits at which any probe task's likelihood accuracy fell below 60% of the unedited model's, with the
+    task (``400 (rte)``), or 'none' / '—' as the columns say."""
+    keep = ["method", "batch_size", "n_edits"] + [f"cp60.{m}" for m in CP_HEADLINE if f"cp60.{m}" in table]
+    out = table[[c for c in keep if c in table]].copy()
+    probes = {m.group(1): c for c in table.columns if (m := CP_PROBE.match(c))}
+    if probes:
+
+        def first(row: pd.Series) -> str:
+            hits = [(int(row[c]), task) for task, c in probes.items() if str(row[c]).isdigit()]
+            if hits:
+                n, task = min(hits)
+                return f"{n} ({task})"
+            return "none" if any(row[c] == "none" for c in probes.values()) else "—"
+
+        out["cp60.first_probe"] = table.apply(first, axis=1)
+    return out
 
 
 def _measured(curves: pd.DataFrame) -> dict[str, set[str]]:

@@ -59,8 +59,12 @@ def collapse_report(tmp_path_factory):
         for j in range(4):  # cohort j is scored from its own batch on
             m[f"curve.forget_c{j}_es"] = [(2 * (i + 1), es[i] - 5 * (i - j)) for i in range(j, 4)]
         m["curve.health_he"] = [(2 * (i + 1), 1.0 + 0.1 * i) for i in range(4)]
+        for task in ("rte", "sst2"):
+            m[f"curve.probe_{task}_lik_acc"] = [(4, 60.0), (8, 30.0 if alg == "memit" else 58.0)]
         if alg == "memit":
             m["collapse.cp60.batch_es"] = 6
+            m["collapse.cp60.probe_sst2_lik_acc"] = 4
+            m["collapse.cp60.probe_rte_lik_acc"] = 8
         _log_trial(client, exp, pid, f"{alg}-seq", _params(alg, 1, 2, "sequential-batch"), m)
     _log_trial(client, exp, pid, "memit-b", _params("memit", 1, 2, "batch"), _stage_metrics(_scores(90, 80, 70)))
     out = tmp / "report"
@@ -76,6 +80,11 @@ def test_the_collapse_section_tables_cp60_and_draws_the_retention_matrix(collaps
     assert len(table) == 2  # the sequential runs only
     assert by.loc["memit", "cp60.batch_es"] == "6" and by.loc["alphaedit", "cp60.batch_es"] == "none"
     assert by.loc["alphaedit", "cp60.forget_all_es"] == "none"  # measured, never fell
+    assert by.loc["alphaedit", "cp60.health_he"] == "none"
+    md = (out / "collapse.md").read_text()  # the headline measures and the first probe to fall
+    assert "cp60.health_he" not in md and "cp60.batch_es" in md and "cp60.forget_all_es" in md
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines()[2:]}
+    assert rows["memit"].rstrip(" |").endswith("4 (sst2)") and rows["alphaedit"].rstrip(" |").endswith("none")
     assert (out / "fig_retention.png").stat().st_size > 10_000 and "fig_retention.png" in {
         p.name for p in paths.values()
     }
