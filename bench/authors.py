@@ -34,14 +34,13 @@ import argparse
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .run import OUT, REF_MODEL, REF_PY, ROOT, peak_rss_mb, rome_records, stats_npz, write_results
+from .run import OUT, REF_MODEL, REF_PY, ROOT, machine_info, peak_rss_mb, rome_records, stats_npz, write_results
 from .run import trial_config as run_trial_config
 
 RUNNER = ROOT / "bench" / "reference" / "run_authors.py"
@@ -340,8 +339,6 @@ def run_ours_side(tag: str, spec: dict[str, Any], env: dict[str, str]) -> dict[s
 
 def results_header(args: argparse.Namespace) -> dict[str, Any]:
     """A results dict before any method ran: the date, the protocol's settings and the machine."""
-    import torch
-    import transformers
 
     return {
         "date": time.strftime("%Y-%m-%d"),
@@ -349,13 +346,7 @@ def results_header(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch,
         "layer": args.layer,
         "steps": args.steps,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "threads": args.threads,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        "machine": machine_info(args.threads),
         "methods": {},
     }
 

@@ -76,6 +76,20 @@ ALG_HP = {
 log = logging.getLogger("bench.run")
 
 
+def machine_info(threads: int) -> dict[str, Any]:
+    """The machine line's facts: CPU, cores, torch threads per side, torch and transformers versions."""
+    import torch
+    import transformers
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
 def peak_rss_mb() -> float:
     """Peak resident set of this process (Linux reports kB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -433,20 +447,12 @@ def main(argv: list[str] | None = None) -> int:
         check_reference()
     OUT.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    import torch
-    import transformers
 
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "steps": args.steps,
         "layer": args.layer,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "threads": args.threads,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        "machine": machine_info(args.threads),
         "configs": {},
     }
     n_max = max((CONFIGS[n][2] if n != "rome-1" else args.rome_edits for n in names), default=0)
