@@ -43,6 +43,7 @@ import importlib
 import importlib.util
 import io
 import json
+import logging
 import os
 import random
 import sys
@@ -175,16 +176,6 @@ def run_spec(spec: dict, quiet: bool) -> dict:
 
     T: dict[str, float] = defaultdict(float)
 
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                T[name] += time.perf_counter() - t
-
-        return wrapper
-
     # C: our matrix, read by the authors' own runningstats classes, in place of the Wikipedia pass.
     from util.runningstats import CombinedStat, SecondMoment
 
@@ -206,8 +197,8 @@ def run_spec(spec: dict, quiet: bool) -> dict:
 
     main.layer_stats = given_layer_stats
     main.COV_CACHE.clear()
-    main.compute_ks = timed("keys", main.compute_ks)
-    main.compute_z = timed("values", main.compute_z)
+    main.compute_ks = timed(main.compute_ks, T, "keys")
+    main.compute_z = timed(main.compute_z, T, "values")
 
     weight_names = [f"{hparams.rewrite_module_tmp.format(layer)}.weight" for layer in hparams.layers]
     from util import nethook
@@ -325,17 +316,38 @@ def run_spec(spec: dict, quiet: bool) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description="Run/time the authors' code (see the module docstring).")
+def timed(fn, totals, key):
+    """``fn`` with its wall time added to ``totals[key]``."""
+
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            totals[key] += time.perf_counter() - t
+
+    return wrapper
+
+
+def serve(run, whose, log=False):
+    """A runner's command line: ``--spec`` (a run's JSON) in, ``run(spec, quiet)``'s result JSON to ``--out``;
+    ``whose``: the code run, for the help text; ``log``: configure logging first."""
+    ap = argparse.ArgumentParser(description=f"Run/time {whose} (see the module docstring).")
     ap.add_argument("--spec", required=True, help="JSON file of a run")
     ap.add_argument("--out", required=True, help="write the result JSON here")
-    ap.add_argument("--verbose", action="store_true", help="keep the authors' own prints")
+    ap.add_argument("--verbose", action="store_true", help=f"keep {whose}'s own prints")
     args = ap.parse_args()
+    if log:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     spec = json.loads(rr.resolve(args.spec).read_text())
     out = rr.resolve(args.out)
-    res = run_spec(spec, quiet=not args.verbose)
+    res = run(spec, quiet=not args.verbose)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=str) + "\n")
+
+
+def main() -> None:
+    serve(run_spec, "the authors' code")
 
 
 if __name__ == "__main__":

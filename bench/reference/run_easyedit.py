@@ -43,7 +43,6 @@ twice per batch: the solve's keys and ``cache_c``'s), ``values`` = ``compute_z``
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -55,7 +54,6 @@ import tempfile
 import time
 import types
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -65,7 +63,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-import run_authors as ra  # noqa: E402  (function_from_source)
+import run_authors as ra  # noqa: E402  (function_from_source, timed, serve)
 import run_reference as rr  # noqa: E402  (install_stats, npz_moment, LLAMA_TEMPLATES, versions, ...)
 
 EE_DIR = Path(os.environ.get("EASYEDIT_DIR", ROOT / ".ref" / "easyedit"))
@@ -132,19 +130,6 @@ def ee_requests(records: list[dict[str, Any]]) -> dict[str, list[str]]:
     }
 
 
-def timed(fn: Callable[..., Any], totals: dict[str, float], key: str) -> Callable[..., Any]:
-    """``fn`` with its wall time added to ``totals[key]``."""
-
-    def wrapper(*a: Any, **k: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            totals[key] += time.perf_counter() - t
-
-    return wrapper
-
-
 def run_spec(spec: dict[str, Any], quiet: bool) -> dict[str, Any]:
     """One method, sequential-batch, through EasyEdit's ``batch_edit``; timings, norms and weight files."""
     import importlib
@@ -204,8 +189,8 @@ def run_spec(spec: dict[str, Any], quiet: bool) -> dict[str, Any]:
 
     main.layer_stats = checked_layer_stats
     main.COV_CACHE.clear()
-    main.compute_ks = timed(main.compute_ks, T, "keys")
-    main.compute_z = timed(main.compute_z, T, "values")
+    main.compute_ks = ra.timed(main.compute_ks, T, "keys")
+    main.compute_z = ra.timed(main.compute_z, T, "values")
     apply_fn = getattr(main, apply_name)
 
     weight_names = [f"{hparams.rewrite_module_tmp.format(layer)}.weight" for layer in hparams.layers]
@@ -318,17 +303,7 @@ def run_spec(spec: dict[str, Any], quiet: bool) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Run/time EasyEdit's MEMIT/AlphaEdit (see the module docstring).")
-    ap.add_argument("--spec", required=True, help="JSON file of a run")
-    ap.add_argument("--out", required=True, help="write the result JSON here")
-    ap.add_argument("--verbose", action="store_true", help="keep EasyEdit's own prints")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    spec = json.loads(rr.resolve(args.spec).read_text())
-    out = rr.resolve(args.out)
-    res = run_spec(spec, quiet=not args.verbose)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    ra.serve(run_spec, "EasyEdit's MEMIT/AlphaEdit", log=True)
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ def test_a_method_is_compiled_alone_from_source(tmp_path):
 
 def test_timed_adds_wall_time():
     totals = {"k": 0.0}
-    f = runner.timed(lambda x: x * 2, totals, "k")
+    f = load("run_authors").timed(lambda x: x * 2, totals, "k")  # both runners' timer
     assert f(3) == 6 and totals["k"] >= 0.0
 
 
