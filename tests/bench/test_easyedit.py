@@ -4,25 +4,16 @@ neither EasyEdit nor its venv (one test reads the pinned commit from a local clo
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench import easyedit as ee
+from tests.bench.reference_code import fake_tree, load
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def load(name: str):
-    sys.path.insert(0, str(ROOT / "bench" / "reference"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "reference" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 patch = load("patch_easyedit")
@@ -48,17 +39,6 @@ OURS_HP = {
 }
 
 
-def fake_tree(tmp_path: Path) -> Path:
-    """Files holding each anchor exactly as often as expected."""
-    texts: dict[str, str] = {}
-    for rel, old, _new, count in patch.PATCHES:
-        texts[rel] = texts.get(rel, "# head\n") + old * count + "\nx = 1\n"
-    for rel, text in texts.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(text)
-    return tmp_path
-
-
 def test_the_source_is_pinned_and_every_patched_file_is_extracted():
     assert len(patch.COMMIT) == 40 and int(patch.COMMIT, 16) >= 0
     for rel, *_ in patch.PATCHES:
@@ -68,7 +48,7 @@ def test_the_source_is_pinned_and_every_patched_file_is_extracted():
 
 
 def test_patches_apply_to_a_tree_and_only_once(tmp_path):
-    root = fake_tree(tmp_path)
+    root = fake_tree(tmp_path, patch.PATCHES, "\n")
     assert patch.patch_tree(patch.SOURCE, root) == len(patch.PATCHES)
     models = (root / "easyeditor/models/__init__.py").read_text()
     assert "from .memit import *" in models and "from .peft" not in models and "from .ft import" not in models

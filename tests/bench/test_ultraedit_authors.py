@@ -4,7 +4,6 @@ the authors' code nor its venv (one test reads the pinned commit from a local mi
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
 
@@ -12,34 +11,17 @@ import pytest
 import torch
 
 from bench import ultraedit_authors as ua
+from tests.bench.reference_code import fake_tree, load
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "reference" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 patch = load("patch_ultraedit")
 runner = load("run_ultraedit")
 
 
-def fake_tree(tmp_path: Path) -> Path:
-    """Files holding each anchor exactly as often as expected."""
-    texts: dict[str, str] = {}
-    for rel, old, _new, count in patch.PATCHES:
-        texts[rel] = texts.get(rel, "# head\n") + old * count + "x = 1\n"
-    for rel, text in texts.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(text)
-    return tmp_path
-
-
 def test_patch_applies_once_and_is_idempotent(tmp_path):
-    root = fake_tree(tmp_path)
+    root = fake_tree(tmp_path, patch.PATCHES)
     assert patch.apply(root) == len(patch.PATCHES)
     base = (root / "editor" / "base.py").read_text()
     assert "except ImportError:" in base and "LlamaTokenizerFast" in base
@@ -50,7 +32,7 @@ def test_patch_applies_once_and_is_idempotent(tmp_path):
 
 @pytest.mark.parametrize("mutate", ["missing", "doubled"])
 def test_patch_refuses_changed_anchors_and_writes_nothing(tmp_path, mutate):
-    root = fake_tree(tmp_path)
+    root = fake_tree(tmp_path, patch.PATCHES)
     f = root / "editor" / "ultraedit.py"
     before_base = (root / "editor" / "base.py").read_text()
     f.write_text(f.read_text().replace("import wandb\n", "" if mutate == "missing" else "import wandb\nimport wandb\n"))
