@@ -114,7 +114,7 @@ def test_table_rows_and_a_method_that_did_not_run():
     }
     text = authors.fmt_table(results)
     row = next(line for line in text.splitlines() if line.startswith("| alphaedit"))
-    assert "| 2.00 | 8.00 | **4.0x** |" in row and "0/0/0 of 2" in row
+    assert "| 2.00 | 8.00 | **4.0x** | 1.500 ; 7.000 |" in row and "0/0/0 of 2" in row
     assert "not run: the reason" in next(line for line in text.splitlines() if line.startswith("| rlsedit"))
     assert "Machine: x86_64, 2 cores" in text
 
