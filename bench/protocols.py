@@ -2,10 +2,12 @@
 
     python -m bench.protocols --facts 64 --write-results
 
-- per fact, on the unedited model: teacher-forced scoring (``sweep.evals.metrics.score_records``: every
-  prompt's target tokens in batched forwards) against generation-based scoring (``scoring.generated``:
-  the WILD protocol, greedy decoding on the KV cache to a natural stop, ``sweep.evals.generation``), on the
-  same CounterFact and ZsRE facts (rewrite, paraphrase and neighbourhood prompts alike);
+- per fact: teacher-forced scoring (``sweep.evals.metrics.score_records``: every prompt's target tokens in
+  batched forwards) against generation-based scoring (``scoring.generated``: the WILD protocol, greedy
+  decoding on the KV cache to a natural stop, ``sweep.evals.generation``), on the same CounterFact and ZsRE
+  facts: once as the shared pre-edit work pays it (every prompt decoded) and as a trial pays it (the
+  neighbourhood against that reference: decoded and compared, before, or checked by one forward,
+  ``decodes_to``);
 - one probe point (AlphaEdit's six ``glue_eval`` tasks, ``--probe-items`` each, ``sweep.evals.probes``)
   against one batch of edits (MEMIT at layer 0, ``--edit-batch`` facts, 10 value steps on the bare
   prompt: the value settings of the SmolLM2 studies), the edit restored afterwards.
@@ -38,8 +40,27 @@ def _timed(fn: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - t
 
 
+def _decode_and_compare(model: Any, tok: Any, questions: Any, references: Any, *args: Any) -> list[bool]:
+    """An edited model's neighbourhood as it was scored before :func:`sweep.evals.generation.decodes_to`:
+    each prompt decoded to its natural stop, then its ids compared with the reference's."""
+    from sweep.evals import generation
+
+    gens = generation._generate_questions(model, tok, questions, *args)
+    return [tuple(g) == tuple(r) for g, r in zip(gens, references)]
+
+
+def _scores(g: Any) -> tuple[float, float, float]:
+    return (g.gen_es, g.gen_ps, g.gen_ns)
+
+
 def scoring_costs(model: Any, tok: Any, records: list[Any], gen_tokens: int) -> dict[str, float]:
-    """Seconds per fact of each protocol on ``records`` (one dataset), and the generated scores' means."""
+    """Seconds per fact of each protocol on ``records`` (one dataset), and the generated scores' means.
+
+    Generation is timed as a trial pays it: with the reference (the unedited model's neighbourhood
+    generations, made once by the shared pre-edit work, timed too): before, every question decoded to its
+    natural stop and the neighbourhood compared with the reference; now, a question's decoding ends once
+    its exact match is settled (``answer_settled``) and the neighbourhood is checked by one teacher-forced
+    forward (``decodes_to``)."""
     from editors import spec_for
     from sweep.evals import generation
     from sweep.evals.metrics import GenSettings, aggregate, generated_scores, score_records
@@ -48,24 +69,30 @@ def scoring_costs(model: Any, tok: Any, records: list[Any], gen_tokens: int) -> 
     score_records(model, tok, spec, records[:2])  # warm-up
     tf, tf_s = _timed(lambda: score_records(model, tok, spec, records, batch_size=64))
     gs = GenSettings("bare", gen_tokens, 64)
-    right = generation._prefill_right_padded
-    generation._prefill_right_padded = lambda *a: None  # before: the prompts prefilled left-padded and masked
-    try:
-        gen0, gen0_s = _timed(lambda: generated_scores(model, tok, records, gs, None))
+    pre, pre_s = _timed(lambda: generated_scores(model, tok, records, gs, None))
+    reference = [g.neighbour_ids for g in pre]
+    check, settled = generation._check_questions, generation.answer_settled
+    generation._check_questions, generation.answer_settled = _decode_and_compare, lambda *a: False
+    try:  # before: every question decoded to its stop, the neighbourhood compared with the reference after
+        gen0, gen0_s = _timed(lambda: generated_scores(model, tok, records, gs, reference))
     finally:
-        generation._prefill_right_padded = right
-    gen, gen_s = _timed(lambda: generated_scores(model, tok, records, gs, None))
+        generation._check_questions, generation.answer_settled = check, settled
+    gen, gen_s = _timed(lambda: generated_scores(model, tok, records, gs, reference))
     n = len(records)
     return {
         "facts": n,
         "teacher_forced_s_per_fact": tf_s / n,
+        "pre_edit_generated_s_per_fact": pre_s / n,
         "generated_before_s_per_fact": gen0_s / n,
         "generated_s_per_fact": gen_s / n,
-        "generated_same": sum(a == b for a, b in zip(gen0, gen)),
+        "generated_same": sum(
+            (a.gen_es, a.gen_ps, a.gen_ns) == (b.gen_es, b.gen_ps, b.gen_ns) for a, b in zip(gen0, gen)
+        ),
         "ratio_before": gen0_s / tf_s,
         "ratio": gen_s / tf_s,
         "es": aggregate(tf)["es"],
         "gen_es": 100 * sum(g.gen_es for g in gen) / n,
+        "gen_ns": 100 * sum(g.gen_ns for g in gen) / n,
     }
 
 
@@ -151,17 +178,20 @@ def table(res: dict[str, Any]) -> str:
     lines = [
         f"### Protocol costs, SmolLM2-135M fp32, {m['threads']} threads ({m['cpu']})",
         "",
-        "| dataset | facts | teacher-forced s/fact | generated (WILD) s/fact, left-padded prefill (before) "
-        "| generated s/fact, right-padded prefill | generated ÷ teacher-forced (before → now) "
-        "| facts scored the same | ES teacher-forced | ES generated |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| dataset | facts | teacher-forced s/fact | generated s/fact, the unedited model (every prompt decoded: "
+        "the shared pre-edit work, once) | generated s/fact in a trial, neighbourhood decoded (before) "
+        "| generated s/fact in a trial, neighbourhood checked by one forward | generated ÷ teacher-forced in a "
+        "trial (before → now) | facts scored the same | ES teacher-forced | ES / NS generated |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in ("counterfact", "zsre"):
         r = res[name]
         lines.append(
-            f"| {name} | {r['facts']} | {r['teacher_forced_s_per_fact']:.3f} | {r['generated_before_s_per_fact']:.3f} "
-            f"| {r['generated_s_per_fact']:.3f} | {r['ratio_before']:.1f}× → {r['ratio']:.1f}× "
-            f"| {r['generated_same']} / {r['facts']} | {r['es']:.1f} | {r['gen_es']:.1f} |"
+            f"| {name} | {r['facts']} | {r['teacher_forced_s_per_fact']:.3f} "
+            f"| {r['pre_edit_generated_s_per_fact']:.3f} "
+            f"| {r['generated_before_s_per_fact']:.3f} | {r['generated_s_per_fact']:.3f} "
+            f"| {r['ratio_before']:.1f}× → {r['ratio']:.1f}× | {r['generated_same']} / {r['facts']} | {r['es']:.1f} "
+            f"| {r['gen_es']:.1f} / {r['gen_ns']:.1f} |"
         )
     p = res["probe_vs_edit"]
     lines += [

@@ -17,7 +17,10 @@ WILD protocol scores what the model actually says (docs/ALGORITHMS.md §9):
 Per fact (:func:`generated_scores`), each in [0, 1]: ``gen_es`` the rewrite question's exact match,
 ``gen_ps`` the mean over its paraphrases, ``gen_ns`` the mean over neighbourhood prompts of [the generated
 token ids equal the unedited model's] (its own ``neighbour_ids``, kept once, before editing, with the
-pre-edit scores). The registry's ``gen_*`` metrics are these ×100.
+pre-edit scores). The registry's ``gen_*`` metrics are these ×100. On an edited model ``gen_ns`` needs no
+decoding: whether greedy decoding would return the unedited model's ids is decided by one teacher-forced
+forward of prompt + those ids (:func:`decodes_to`), so a neighbourhood prompt costs what teacher forcing
+costs; the rewrite and paraphrase questions, scored by exact match of the text, are decoded.
 
 The first ``"."`` stops, as in the authors' ``stop_strings``: an answer such as ``"3.5 million"`` is cut to
 ``"3"``. A model that starts its reply with a newline (common for ``bare`` questions) answers ``""``; that is
@@ -71,12 +74,22 @@ def pad_left(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> t
     return ids.to(device), mask.to(device)
 
 
-def _stop_hits(tok: Any, seqs: Sequence[Sequence[int]], stop_texts: Sequence[str]) -> list[bool]:
-    """Whether the decoded text of each of ``seqs`` (the new tokens of a row) holds a stop text."""
-    if not stop_texts or not seqs:
+def _stop_hits(
+    tok: Any,
+    seqs: Sequence[Sequence[int]],
+    stop_texts: Sequence[str],
+    decided: Callable[[int, str], bool] | None = None,
+    rows: Sequence[int] = (),
+) -> list[bool]:
+    """Whether the decoded text of each of ``seqs`` (the new tokens of a row) holds a stop text, or
+    (with ``decided``) whether ``decided(rows[i], text)``: the caller's score of that row is settled."""
+    if not (stop_texts or decided) or not seqs:
         return [False] * len(seqs)
     texts = tok.batch_decode([list(s) for s in seqs])
-    return [any(s in t for s in stop_texts) for t in texts]
+    hits = [any(s in t for s in stop_texts) for t in texts]
+    if decided is not None:
+        hits = [h or decided(r, t) for h, r, t in zip(hits, rows, texts)]
+    return hits
 
 
 def _last_logits(model: nn.Module, keep_last: bool, **batch: Any) -> torch.Tensor:
@@ -130,11 +143,12 @@ def _generate_batch(
     stop_texts: Sequence[str],
     keep_end: bool = False,
     on_prefill: Callable[[torch.Tensor], None] | None = None,
+    decided: Callable[[int, str], bool] | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of one batch of prompts on a ``DynamicCache``: one prefill forward over the
     prompts (right-padded, unmasked: :func:`_prefill_right_padded`), then one forward of one token per
-    still-running row. Finished rows leave the
-    batch (and the cache), so a long-running row does not carry the finished ones. ``on_prefill`` gets
+    still-running row. Finished rows leave the batch (and the cache), so a long-running row does not
+    carry the finished ones; so do rows for which ``decided(row, new text)`` is true. ``on_prefill`` gets
     the prefill's last-position logits [rows, vocab] float32 (what else a caller reads of the prompt)."""
     from transformers import DynamicCache
 
@@ -165,7 +179,7 @@ def _generate_batch(
                     new[live[r]].append(t)
         for r, t in grown:
             new[live[r]].append(t)
-        hits = _stop_hits(tok, [new[live[r]] for r, _ in grown], stop_texts)
+        hits = _stop_hits(tok, [new[live[r]] for r, _ in grown], stop_texts, decided, [live[r] for r, _ in grown])
         keep = [r for (r, _), hit in zip(grown, hits) if not hit]
         if not keep or step == max_new_tokens - 1:
             break
@@ -194,6 +208,7 @@ def greedy_generate(
     batch_size: int = 32,
     keep_end: bool = False,
     on_prefill: Callable[[Sequence[int], torch.Tensor], None] | None = None,
+    decided: Callable[[int, str], bool] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of token-id prompts, batched on the KV cache.
 
@@ -208,6 +223,9 @@ def greedy_generate(
         on_prefill: called per batch with the batch's prompt indices and the logits at their last
             tokens [rows, vocab] float32, from the prefill the generation continues from: a caller that
             also scores what follows each prompt reads it here instead of running the prompt again.
+        decided: ``decided(i, text)`` (prompt index, decoded new text so far) true ends the row there:
+            for a caller whose score of the row can no longer change (:func:`may_still_match`). The
+            row's returned ids are then cut short.
 
     Returns:
         The new token ids of each prompt, in input order; an end id (:func:`end_ids`: EOS, a chat
@@ -231,7 +249,10 @@ def greedy_generate(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         hook = None if on_prefill is None else (lambda logits, chunk=chunk: on_prefill(chunk, logits))
-        gens = _generate_batch(model, tok, [prompts[i] for i in chunk], max_new_tokens, stop_texts, keep_end, hook)
+        settled = None if decided is None else (lambda r, text, chunk=chunk: decided(chunk[r], text))
+        gens = _generate_batch(
+            model, tok, [prompts[i] for i in chunk], max_new_tokens, stop_texts, keep_end, hook, settled
+        )
         for i, g in zip(chunk, gens):
             out[i] = g
     log.debug(
@@ -240,6 +261,94 @@ def greedy_generate(
         sum(len(g) for g in out),
         time.perf_counter() - t0,
     )
+    return out
+
+
+def _stop_index(tok: Any, ids: Sequence[int], stop_texts: Sequence[str]) -> int | None:
+    """The first count t >= 1 of new tokens ``ids[:t]`` whose decoded text holds a stop text (where the
+    decoding of :func:`greedy_generate` ends a row), else None."""
+    for t in range(1, len(ids) + 1):
+        if _stop_hits(tok, [ids[:t]], stop_texts)[0]:
+            return t
+    return None
+
+
+def _decodes_to(ref: Sequence[int], picks: Sequence[int], stop_at: int | None, cap: int, eos: set[int]) -> bool:
+    """Whether greedy decoding returns exactly ``ref``, given ``picks[t]``: the arg-max after the prompt
+    and ``ref[:t]`` (t = 0 .. len(ref)). Follows :func:`_generate_batch` step by step while its tokens are
+    ``ref``'s: a picked end id ends the row (not kept), a stop text or the cap ends it after a token."""
+    n = len(ref)
+    if cap == 0 or n > cap:
+        return n == 0  # no token can be generated; a reference longer than the cap cannot be
+    for t in range(n + 1):
+        if t > 0 and (t == stop_at or t == cap):
+            return t == n
+        if picks[t] in eos:
+            return t == n
+        if t == n or picks[t] != ref[t]:
+            return False  # the decoding goes past the reference, or leaves it here
+    return False
+
+
+@torch.no_grad()
+def decodes_to(
+    model: nn.Module,
+    tok: Any,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop_texts: Sequence[str] = STOP_TEXTS,
+    batch_size: int = 32,
+) -> list[bool]:
+    """Whether :func:`greedy_generate` (same cap and stop rule) would return exactly ``continuations[i]``
+    for ``prompts[i]``, decided without decoding: one teacher-forced forward of prompt + continuation
+    gives the arg-max after every prefix of it, and greedy decoding returns the continuation if and only
+    if each arg-max is its next token and the row ends exactly at its end (:func:`_decodes_to`).
+
+    This is what an edited model's neighbourhood score asks (are its generations the unedited model's?):
+    one forward per prompt instead of one per new token, the cost of teacher forcing. The arg-maxes come
+    from one forward over the whole sequence instead of a KV-cached step per token: the same up to
+    floating-point ties.
+
+    Args:
+        prompts: token ids, as for :func:`greedy_generate`.
+        continuations: the new token ids to check per prompt (end id excluded, as it returns them).
+        max_new_tokens: the generation cap the continuations were made under.
+    Returns:
+        One bool per prompt.
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError(f"decodes_to: {len(prompts)} prompts but {len(continuations)} continuations")
+    if empty := [i for i, p in enumerate(prompts) if not len(p)]:
+        raise ValueError(f"decodes_to: prompt {empty[0]} has no tokens, so nothing conditions its continuation")
+    device = model_device(model)
+    eos = end_ids(model, tok)
+    try:
+        spec = spec_for(model)
+        head = get_module(model, spec.lm_head)
+    except ModelSpecError:
+        spec = head = None
+    out = [False] * len(prompts)
+    seqs = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        # right-padded, no mask: a real token never attends to a later pad (causal attention)
+        ids, _ = pad_right([seqs[i] for i in chunk], pad_id(tok), device)
+        rows = [r for r, i in enumerate(chunk) for _ in range(len(continuations[i]) + 1)]
+        cols = [len(prompts[i]) - 1 + t for i in chunk for t in range(len(continuations[i]) + 1)]
+        r_idx, c_idx = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+        if spec is not None:
+            picks = head(final_hidden(model, spec, input_ids=ids)[r_idx, c_idx]).argmax(-1).tolist()
+        else:
+            picks = model(input_ids=ids).logits[r_idx, c_idx].argmax(-1).tolist()
+        at = 0
+        for i in chunk:
+            n = len(continuations[i])
+            stop_at = _stop_index(tok, continuations[i], stop_texts)
+            out[i] = _decodes_to(continuations[i], picks[at : at + n + 1], stop_at, max_new_tokens, eos)
+            at += n + 1
     return out
 
 
@@ -310,6 +419,40 @@ def exact_match(pred: str, answers: Sequence[str]) -> float:
     return float(any(p == normalize_answer(a) for a in answers))
 
 
+#: the starts of an article: an open word equal to one of these may still be removed by normalisation
+_ARTICLE_STARTS = frozenset({"a", "an", "t", "th", "the"})
+
+
+def answer_settled(text: str, answer_words: Sequence[Sequence[str]], cut_texts: Sequence[str]) -> bool:
+    """Whether the exact match (:func:`exact_match`) of the answer cut from ``text`` plus any further
+    generation is already decided: ``text`` holds a cut text (its answer is fixed), or no continuation can
+    make the normalised answer one of ``answer_words`` (each answer's :func:`normalize_answer` split into
+    words). Sound, not complete: where it cannot tell, it says not settled.
+
+    Normalisation acts on each whitespace-separated run alone, so the runs that are complete (followed by
+    whitespace) fix the first words; the open last run, once lower-cased and stripped of punctuation, is
+    the start of the next word unless it may still become an article or holds a non-word character. A
+    cut text may also begin at the end of ``text`` and be completed later, leaving the answer a prefix of it.
+    """
+    if any(c and c in text for c in cut_texts):
+        return True
+    for c in cut_texts:  # the answer cut inside the text, where a cut text the next tokens complete begins
+        for j in range(1, len(c)):
+            if text.endswith(c[:j]) and normalize_answer(text[:-j]).split() in answer_words:
+                return False
+    runs = text.split()
+    open_run = runs.pop() if runs and not text[-1].isspace() else None
+    done = [w for r in runs for w in normalize_answer(r).split()]
+    k = len(done)
+    heads = [list(a) for a in answer_words if list(a[:k]) == done]
+    if open_run is None or not heads:
+        return not heads
+    start = "".join(ch for ch in open_run.lower() if ch not in _PUNCTUATION)
+    if start in _ARTICLE_STARTS or not re.fullmatch(r"\w+", start):
+        return False
+    return not any(len(a) > k and a[k].startswith(start) for a in heads)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Per-fact scores
 
@@ -349,9 +492,11 @@ class GenScores:
         gen_ps: mean exact match over the paraphrases (nan without any).
         gen_ns: mean over neighbourhood prompts of [generated ids == reference ids] (nan without a
             reference or without neighbourhood prompts).
-        texts: the cut answers, rewrite first, then the paraphrases, then the neighbourhood prompts.
-        neighbour_ids: the generated token ids of each neighbourhood prompt (EOS excluded), to keep as
-            the reference when the model is the unedited one.
+        texts: the cut answers, rewrite first, then the paraphrases, then (scored without a reference
+            only) the neighbourhood prompts.
+        neighbour_ids: without a reference, the generated token ids of each neighbourhood prompt (EOS
+            excluded), to keep as the reference when the model is the unedited one; () with a reference
+            (the neighbourhood is checked against it, not decoded: :func:`decodes_to`).
     """
 
     gen_es: float
@@ -366,15 +511,64 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def _generate_questions(
-    model: nn.Module, tok: Any, questions: Sequence[str], context: GenContext, max_new_tokens: int, batch_size: int
+    model: nn.Module,
+    tok: Any,
+    questions: Sequence[str],
+    context: GenContext,
+    max_new_tokens: int,
+    batch_size: int,
+    answers: Sequence[Sequence[str] | None] | None = None,
+    cut_texts: Sequence[str] = (*STOP_TEXTS, *EOS_TEXTS),
 ) -> list[tuple[int, ...]]:
     """Generated ids of each question in ``context``, one :func:`greedy_generate` call; a question asked
-    more than once (a neighbourhood prompt shared by facts) is generated once."""
-    encoded = [tuple(encode_context(tok, context_prompt(tok, q, context), context)) for q in questions]
+    more than once (a neighbourhood prompt shared by facts) is generated once. With ``answers`` (per
+    question, the strings its exact match accepts, or None where its whole generation is needed) a row
+    ends as soon as its match is settled (:func:`answer_settled`), its ids cut short there (not for a
+    tokenizer that cleans up spaces when decoding: there a later token can change the text before it)."""
+    encoded = [_encode_question(tok, q, context) for q in questions]
     unique = list(dict.fromkeys(encoded))
-    gens = greedy_generate(model, tok, unique, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    decided = None
+    # a tokenizer that cleans up spaces (" 's" -> "'s") may join a finished word to a later one, so a
+    # text's start does not settle its answer there: decode those to the stop
+    if answers is not None and not getattr(tok, "clean_up_tokenization_spaces", False):
+        words: dict[tuple[int, ...], list[list[str]] | None] = {}
+        for p, ans in zip(encoded, answers):
+            if ans is None or (p in words and words[p] is None):
+                words[p] = None  # a use that needs the whole generation
+            else:
+                words[p] = [*words.get(p, []), *(normalize_answer(a).split() for a in ans)]
+        per_row = [words[p] for p in unique]
+
+        def decided(i: int, text: str) -> bool:
+            return per_row[i] is not None and answer_settled(text, per_row[i], cut_texts)
+
+    gens = greedy_generate(model, tok, unique, max_new_tokens=max_new_tokens, batch_size=batch_size, decided=decided)
     by_prompt = {p: tuple(g) for p, g in zip(unique, gens)}
     return [by_prompt[p] for p in encoded]
+
+
+def _encode_question(tok: Any, question: str, context: GenContext) -> tuple[int, ...]:
+    return tuple(encode_context(tok, context_prompt(tok, question, context), context))
+
+
+def _check_questions(
+    model: nn.Module,
+    tok: Any,
+    questions: Sequence[str],
+    references: Sequence[Sequence[int]],
+    context: GenContext,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[bool]:
+    """Whether each question's greedy generation in ``context`` is exactly its reference ids
+    (:func:`decodes_to`, one check per distinct question and reference)."""
+    pairs = [(_encode_question(tok, q, context), tuple(r)) for q, r in zip(questions, references)]
+    unique = list(dict.fromkeys(pairs))
+    same = decodes_to(
+        model, tok, [p for p, _ in unique], [r for _, r in unique], max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    by_pair = dict(zip(unique, same))
+    return [by_pair[pr] for pr in pairs]
 
 
 def _check_reference(facts: Sequence[GenFact], reference: Sequence[Sequence[Sequence[int]]]) -> None:
@@ -398,40 +592,56 @@ def generated_scores(
     batch_size: int = 32,
     reference: Sequence[tuple[tuple[int, ...], ...]] | None = None,
 ) -> list[GenScores]:
-    """WILD scores of every fact (see the module docstring); all prompts of all facts go through one
-    :func:`greedy_generate` call.
+    """WILD scores of every fact (see the module docstring): the prompts that are decoded go through one
+    :func:`greedy_generate` call, the neighbourhood prompts with a reference through one :func:`decodes_to`.
 
     Args:
         context: ``bare``, ``qa`` or ``chat`` (:func:`context_prompt`).
         max_new_tokens: the generation cap (50 in the WILD protocol).
         batch_size: prompts per generation batch.
         reference: per fact, the unedited model's generated ids of each neighbourhood prompt
-            (the ``neighbour_ids`` of a run on the unedited model); None: ``gen_ns`` is nan.
+            (the ``neighbour_ids`` of a run on the unedited model), checked by :func:`decodes_to`;
+            None: the neighbourhood prompts are decoded and ``gen_ns`` is nan.
     """
     if reference is not None:
         _check_reference(facts, reference)
-    questions = [q for f in facts for q in (f.rewrite, *f.paraphrases, *f.neighbourhood)]
-    gens = _generate_questions(model, tok, questions, context, max_new_tokens, batch_size)
     eos_texts = (*EOS_TEXTS, tok.eos_token) if getattr(tok, "eos_token", None) else EOS_TEXTS
+    asked = [q for f in facts for q in (f.rewrite, *f.paraphrases)]
+    answers: list[tuple[str, ...] | None] = [f.answers for f in facts for _ in range(1 + len(f.paraphrases))]
+    if reference is None:  # the unedited model: its neighbourhood generations become the reference
+        asked += [q for f in facts for q in f.neighbourhood]
+        answers += [None] * (len(asked) - len(answers))
+        same: list[bool] = []
+    else:  # an edited model: only whether each neighbourhood generation is still the reference's
+        neighbours = [q for f in facts for q in f.neighbourhood]
+        refs = [r for ref in reference for r in ref]
+        same = _check_questions(model, tok, neighbours, refs, context, max_new_tokens, batch_size)
+    gens = _generate_questions(
+        model, tok, asked, context, max_new_tokens, batch_size, answers, (*STOP_TEXTS, *eos_texts)
+    )
+    texts = [cut_answer(t, eos_texts=eos_texts) for t in tok.batch_decode([list(g) for g in gens])]
     out: list[GenScores] = []
-    at = 0
-    for i, f in enumerate(facts):
+    at = at_neigh = 0
+    n_asked = sum(1 + len(f.paraphrases) for f in facts)
+    for f in facts:
         n_para, n_neigh = len(f.paraphrases), len(f.neighbourhood)
-        ids = gens[at : at + 1 + n_para + n_neigh]
-        at += len(ids)
-        texts = tuple(cut_answer(t, eos_texts=eos_texts) for t in tok.batch_decode([list(g) for g in ids]))
-        neighbours = tuple(ids[1 + n_para :])
+        own = texts[at : at + 1 + n_para]
+        at += 1 + n_para
         if reference is None:
+            neighbour_ids = tuple(gens[n_asked + at_neigh : n_asked + at_neigh + n_neigh])
+            own = own + texts[n_asked + at_neigh : n_asked + at_neigh + n_neigh]
             ns = math.nan
         else:
-            ns = _mean([float(g == tuple(r)) for g, r in zip(neighbours, reference[i])])
+            neighbour_ids = ()
+            ns = _mean([float(x) for x in same[at_neigh : at_neigh + n_neigh]])
+        at_neigh += n_neigh
         out.append(
             GenScores(
-                gen_es=exact_match(texts[0], f.answers),
-                gen_ps=_mean([exact_match(t, f.answers) for t in texts[1 : 1 + n_para]]),
+                gen_es=exact_match(own[0], f.answers),
+                gen_ps=_mean([exact_match(t, f.answers) for t in own[1 : 1 + n_para]]),
                 gen_ns=ns,
-                texts=texts,
-                neighbour_ids=neighbours,
+                texts=tuple(own),
+                neighbour_ids=neighbour_ids,
             )
         )
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import math
 
 import pytest
@@ -16,9 +17,12 @@ from conftest import make_model
 from editors.requests import encode
 from sweep.evals import generation
 from sweep.evals.generation import (
+    STOP_TEXTS,
     GenFact,
+    answer_settled,
     context_prompt,
     cut_answer,
+    decodes_to,
     encode_context,
     exact_match,
     generated_scores,
@@ -178,6 +182,87 @@ def test_stop_rules_eos_stop_text_and_cap(tok):
         greedy_generate(model, tok, [[a0], []], max_new_tokens=3)
 
 
+def _variants(gen: list[int], other: int) -> list[list[int]]:
+    """The generation itself and continuations that differ from it: each proper prefix, one token more,
+    its last token replaced."""
+    out = [list(gen), [*gen, other]] + [list(gen[:k]) for k in range(len(gen))]
+    if gen:
+        out.append([*gen[:-1], other if other != gen[-1] else other + 1])
+    return out
+
+
+@pytest.mark.parametrize(("which", "arch"), [("tok", "llama"), ("tok_bos", "llama"), ("tok", "gpt2")])
+def test_decodes_to_is_whether_greedy_decoding_returns_it(request, which, arch):
+    """One teacher-forced forward decides what decoding returns: True for the generation itself only,
+    under the stop texts and the cap (rows that stop early, rows that run to it)."""
+    tok = request.getfixturevalue(which)
+    model = sharp_llama(len(tok), seed=3) if arch == "llama" else make_gpt2(len(tok), seed=3)
+    prompts = [encode(tok, p)[0] for p in PROMPTS]
+    stops = (".", "\n", tok.decode(uncached_greedy(model, tok, prompts[0], 3, ())[2:]))
+    gens = greedy_generate(model, tok, prompts, max_new_tokens=6, stop_texts=stops)
+    assert len({len(g) for g in gens}) > 1, gens
+    rows = [(p, c) for p, g in zip(prompts, gens) for c in _variants(g, 5)]
+    got = decodes_to(
+        model, tok, [p for p, _ in rows], [c for _, c in rows], max_new_tokens=6, stop_texts=stops, batch_size=4
+    )
+    assert got == [c == g for (p, c) in rows for g in [gens[prompts.index(p)]]]
+    assert sum(got) == len(prompts)
+
+
+def test_decodes_to_under_eos_stop_text_and_cap(tok):
+    a0, a1, b0, b1, c0, d0, d1 = word_ids(tok, 7)
+    dot, eos = tok.convert_tokens_to_ids("."), tok.eos_token_id
+    model = bigram_model(tok, {a0: a1, a1: eos, b0: b1, b1: dot, dot: b1, d0: d1, d1: d0, c0: eos})
+    cases = [
+        ([d0, a0], [a1], True),  # ends at EOS, which is not part of it
+        ([d0, a0], [a1, eos], False),
+        ([d0, a0], [], False),  # the decoding goes on to a1
+        ([c0], [], True),  # EOS first: nothing generated
+        ([b0], [b1, dot], True),  # "." stops, kept
+        ([b0], [b1, dot, b1], False),  # decoding stops at "." before this
+        ([b0], [b1], False),
+        ([d0], [d1, d0, d1, d0], True),  # the cap (4)
+        ([d0], [d1, d0, d1], False),
+        ([d0], [d1, d0, d1, d0, d1], False),  # longer than the cap
+    ]
+    got = decodes_to(model, tok, [p for p, _, _ in cases], [c for _, c, _ in cases], max_new_tokens=4, batch_size=3)
+    assert got == [w for _, _, w in cases]
+    assert got == [greedy_generate(model, tok, [p], max_new_tokens=4)[0] == c for p, c, _ in cases]
+    assert decodes_to(model, tok, [[d0], [d0]], [[], [d1]], max_new_tokens=0) == [True, False]
+    with pytest.raises(ValueError, match="2 prompts but 1 continuations"):
+        decodes_to(model, tok, [[a0], [b0]], [[a1]], max_new_tokens=3)
+
+
+def test_edited_neighbourhood_is_checked_not_decoded(tok_bos, monkeypatch):
+    """With a reference the neighbourhood prompts are not decoded, and gen_ns is what decoding them gives."""
+    tok = tok_bos
+    model = sharp_llama(len(tok), seed=3)
+    facts = [GenFact(PROMPTS[0], (PROMPTS[1],), (PROMPTS[2], PROMPTS[3], PROMPTS[4]), ("x",))]
+    unedited = generated_scores(model, tok, facts, context="bare", max_new_tokens=5)
+    ref = [unedited[0].neighbour_ids]
+    torch.manual_seed(0)
+    w = model.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():  # "edit" the model: its generations of some neighbourhood prompts change
+        w.add_(0.05 * torch.randn_like(w))
+    by_decoding = [
+        float(tuple(g) == r)
+        for g, r in zip(
+            greedy_generate(model, tok, [encode(tok, q)[0] for q in facts[0].neighbourhood], max_new_tokens=5),
+            ref[0],
+        )
+    ]
+    assert 0 < sum(by_decoding) < 3, by_decoding  # some changed, some did not
+    decoded = []
+    real = generation.greedy_generate
+    monkeypatch.setattr(
+        generation, "greedy_generate", lambda m, t, p, **kw: decoded.append(len(p)) or real(m, t, p, **kw)
+    )
+    (s,) = generated_scores(model, tok, facts, context="bare", max_new_tokens=5, reference=ref)
+    assert decoded == [2]  # the rewrite and the paraphrase only
+    assert s.gen_ns == pytest.approx(sum(by_decoding) / 3)
+    assert s.neighbour_ids == () and len(s.texts) == 2
+
+
 # ----------------------------------------------------------------------------------------------------
 # Answers
 
@@ -233,6 +318,70 @@ def test_context_prompt_and_encoding(tok, tok_bos):
         context_prompt(tok, q, "plain")  # type: ignore[arg-type]
 
 
+def _words(*answers):
+    return [normalize_answer(a).split() for a in answers]
+
+
+@pytest.mark.parametrize(
+    ("text", "answers", "settled"),
+    [
+        ("", ("Paris",), False),
+        (" Par", ("Paris",), False),
+        (" Paris", ("Paris",), False),  # matches as it is
+        (" Paris Hilton", ("Paris",), True),  # one word too many
+        (" Lon", ("Paris",), True),
+        (" London", ("Paris", "London"), False),  # an alias
+        (" The", ("Paris",), False),  # "the" is dropped by the normalisation, or starts "Theodore"
+        (" the city", ("Paris",), True),
+        (" the Par", ("Paris",), False),
+        (" a", ("Paris",), False),
+        (" New York", ("New York City",), False),
+        (" New Jersey", ("New York City",), True),
+        (" New ", ("New York City",), False),
+        (" Paris, France", ("Paris",), True),
+        (" Paris,", ("Paris",), False),  # "Paris,ian" would still be "parisian"
+        (" Jean-", ("Jean-Paul",), False),
+        (" Jean-Pi", ("Jean-Paul",), True),
+        (" Pa—", ("Paris",), False),  # a non-word character: normalisation may split there
+        (" Paris.", ("Paris",), True),  # a stop: the answer is fixed
+        (" Paris<", ("Paris",), False),  # "<|endoftext|>" may follow: the answer would be "Paris"
+        (" Lyon<", ("Paris",), True),
+    ],
+)
+def test_answer_settled_by_hand(text, answers, settled):
+    cut = (*STOP_TEXTS, "<|endoftext|>")
+    assert answer_settled(text, _words(*answers), cut) is settled
+
+
+def test_answer_settled_never_cuts_a_match_short():
+    """Every prefix of a text whose answer matches is unsettled, up to its stop."""
+    for full, answers in [(" The Eiffel Tower, Paris.", ("Eiffel Tower Paris",)), (" a New York.", ("new york",))]:
+        assert exact_match(cut_answer(full), answers) == 1.0
+        stop = full.index(".")
+        assert not any(answer_settled(full[:i], _words(*answers), STOP_TEXTS) for i in range(stop))
+
+
+def test_settled_rows_end_early_with_the_same_scores(tok, monkeypatch):
+    """A rewrite question whose answer cannot match any more stops decoding; its score is unchanged."""
+    words = word_ids(tok, 9)
+    chain = dict(itertools.pairwise(words))  # each word is followed by the next: no stop until the cap
+    model = bigram_model(tok, chain)
+    q = tok.decode([words[0]])
+    want = tok.decode(words[1:3]).strip()  # the model says words 1, 2, 3, ...: "w1 w2" matches only up to w2
+    fact_hit, fact_miss = GenFact(q, (), (), (want + tok.decode([words[3]]),)), GenFact(q, (), (), ("zzz",))
+    steps = []
+    real = generation._generate_batch
+    monkeypatch.setattr(generation, "_generate_batch", lambda *a: steps.append(1) or real(*a))
+    full = greedy_generate(model, tok, [encode(tok, q)[0]], max_new_tokens=8)[0]
+    assert len(full) == 8
+    hit, miss = generated_scores(model, tok, [fact_hit, fact_miss], context="bare", max_new_tokens=8)
+    # the same prompt, two answers: it runs while either may match; each fact scored as by full decoding
+    assert hit.gen_es == exact_match(cut_answer(tok.decode(full)), fact_hit.answers)
+    assert miss.gen_es == 0.0
+    (alone,) = generated_scores(model, tok, [fact_miss], context="bare", max_new_tokens=8)
+    assert alone.gen_es == 0.0 and len(alone.texts[0].split()) < len(tok.decode(full).split())
+
+
 # ----------------------------------------------------------------------------------------------------
 # Per-fact scores
 
@@ -265,7 +414,10 @@ def test_generated_scores_by_hand(tok_bos, context):
     assert scores[0].gen_es == 1.0
     for f, s in zip(facts, scores):
         texts = [by_hand(q)[1] for q in (f.rewrite, *f.paraphrases, *f.neighbourhood)]
-        assert s.texts == tuple(texts)
+        n_own = 1 + len(f.paraphrases)
+        assert s.texts[n_own:] == tuple(texts[n_own:])  # no reference: the neighbourhood decoded to its stop
+        # a question whose answer was settled early stopped there: its text is the start of the full one
+        assert all(full.startswith(t) for t, full in zip(s.texts[:n_own], texts[:n_own]))
         assert s.gen_es == exact_match(texts[0], f.answers)
         para = [exact_match(t, f.answers) for t in texts[1 : 1 + len(f.paraphrases)]]
         assert s.gen_ps == pytest.approx(sum(para) / len(para))
