@@ -177,13 +177,13 @@ def estimate(
     rounds = (1 if t.mode == "batch" else 2) + (1 if t.scoring.pre and not scores_shared else 0)
     score = score_seconds(shape, t.n_edits, tflops) * rounds
     sc = t.scoring
-    if sc.generated:  # rewrite, paraphrase and neighbourhood prompts, greedy to the stop or the cap
-        score += (
-            generation_seconds(
-                shape, 3 * t.n_edits, sc.gen_max_new_tokens, sc.gen_batch_size, tflops, bandwidth, bytes_w
-            )
-            * rounds
+    if sc.generated:  # rewrite and paraphrase prompts greedy to the stop or the cap; the neighbourhood
+        # prompts checked against the unedited model's generations by one forward each (decodes_to)
+        check = 2 * shape.params * t.n_edits * (20 + sc.gen_max_new_tokens) / (tflops * 1e12)
+        gen = generation_seconds(
+            shape, 2 * t.n_edits, sc.gen_max_new_tokens, sc.gen_batch_size, tflops, bandwidth, bytes_w
         )
+        score += (gen + check) * rounds
     if sc.probes:  # before editing, every probe_every batches, after the last
         points = 2 + (t.n_batches // sc.probe_every if sc.probe_every else 0)
         score += points * probe_seconds(
