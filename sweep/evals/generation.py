@@ -224,7 +224,7 @@ def greedy_generate(
             tokens [rows, vocab] float32, from the prefill the generation continues from: a caller that
             also scores what follows each prompt reads it here instead of running the prompt again.
         decided: ``decided(i, text)`` (prompt index, decoded new text so far) true ends the row there:
-            for a caller whose score of the row can no longer change (:func:`may_still_match`). The
+            for a caller whose score of the row can no longer change (:func:`answer_settled`). The
             row's returned ids are then cut short.
 
     Returns:
