@@ -85,9 +85,7 @@ def scoring_costs(model: Any, tok: Any, records: list[Any], gen_tokens: int) -> 
         "pre_edit_generated_s_per_fact": pre_s / n,
         "generated_before_s_per_fact": gen0_s / n,
         "generated_s_per_fact": gen_s / n,
-        "generated_same": sum(
-            (a.gen_es, a.gen_ps, a.gen_ns) == (b.gen_es, b.gen_ps, b.gen_ns) for a, b in zip(gen0, gen)
-        ),
+        "generated_same": sum(_scores(a) == _scores(b) for a, b in zip(gen0, gen)),
         "ratio_before": gen0_s / tf_s,
         "ratio": gen_s / tf_s,
         "es": aggregate(tf)["es"],
